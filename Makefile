@@ -1,0 +1,44 @@
+# quant-abliterate — every target creates the virtualenv it needs by itself.
+# `make pipeline` runs the main job on the embedded testbed; `make test` runs the tests.
+
+PYTHON    ?= python3
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+
+MODEL     ?= testbed/model
+OUT       ?= outputs/$(notdir $(MODEL))-$(FORMAT)
+MIX       ?= datasets_yaml/offline_mix.yaml
+FORMAT    ?= nvfp4
+TRIALS    ?= 200
+PIPELINE  ?= pipelines/testbed_default.yaml
+
+.PHONY: setup test pipeline quantize abliterate testbed bench-cpu clean
+
+# requirements.lock pins every transitive dependency so a fresh install
+# resolves exactly as it did when the lock was written.
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+pipeline: $(STAMP)
+	$(PY) -m pipelines.cli run $(PIPELINE)
+
+quantize: $(STAMP)
+	$(PY) -m pipelines.cli quantize --model $(MODEL) --output $(OUT) --mix $(MIX) --format $(FORMAT)
+
+abliterate: $(STAMP)
+	$(PY) -m pipelines.cli abliterate --model $(MODEL) --n_trials $(TRIALS)
+
+testbed: $(STAMP)
+	$(PY) -m testbed.build --out testbed/model --overwrite
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,68 @@
+"""Write an output directory so that it exists only when it is complete.
+
+Outputs are built in a hidden sibling directory (same filesystem, so the final
+``rename`` is atomic) and moved into place at the end. An interrupted run leaves
+no partial output, only the hidden temporary directory, which the next run
+removes. An existing output is never replaced unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from quantize.errors import UserError
+
+TEMP_PREFIX = ".tmp-"
+
+
+def temporary_sibling(final_dir: Path) -> Path:
+    return final_dir.parent / f"{TEMP_PREFIX}{final_dir.name}"
+
+
+def check_writable_output(final_dir: Path, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Fail early (before any expensive work) if the output already exists."""
+    final_dir = Path(final_dir)
+    if final_dir.exists() and not overwrite:
+        raise UserError(
+            str(final_dir),
+            "the output directory already exists",
+            f"choose another output path, or pass {flag} to replace it",
+        )
+    if final_dir.exists() and not final_dir.is_dir():
+        raise UserError(str(final_dir), "the output path exists and is not a directory", "choose another output path")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it becomes ``final_dir``.
+
+    On any exception (including KeyboardInterrupt) the temporary directory is
+    removed and ``final_dir`` is left exactly as it was.
+    """
+    final_dir = Path(final_dir).absolute()
+    check_writable_output(final_dir, overwrite)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    temp_dir = temporary_sibling(final_dir)
+    if temp_dir.exists():
+        shutil.rmtree(temp_dir)
+    temp_dir.mkdir()
+    try:
+        yield temp_dir
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    if final_dir.exists():
+        # Replace: move the old output aside first so there is never a moment
+        # with neither the old nor the new directory in place.
+        old_dir = final_dir.parent / f"{TEMP_PREFIX}old-{final_dir.name}"
+        if old_dir.exists():
+            shutil.rmtree(old_dir)
+        final_dir.rename(old_dir)
+        temp_dir.rename(final_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    else:
+        temp_dir.rename(final_dir)
