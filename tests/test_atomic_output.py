@@ -1,0 +1,61 @@
+"""The output-directory contract every stage relies on: all or nothing, no silent overwrite."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantize.atomic_output import atomic_output_dir, temporary_sibling
+from quantize.errors import UserError
+
+
+def test_success_moves_complete_directory_into_place(tmp_path):
+    final = tmp_path / "out"
+    with atomic_output_dir(final) as work:
+        (work / "a.txt").write_text("hello")
+        assert not final.exists(), "the final path must not appear before completion"
+    assert (final / "a.txt").read_text() == "hello"
+    assert not temporary_sibling(final).exists()
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(final) as work:
+            (work / "partial.bin").write_bytes(b"x" * 10)
+            raise KeyboardInterrupt
+    assert not final.exists()
+    assert not temporary_sibling(final).exists()
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "keep.txt").write_text("user data")
+    with pytest.raises(UserError, match="--overwrite"):
+        with atomic_output_dir(final):
+            pass
+    assert (final / "keep.txt").read_text() == "user data"
+
+
+def test_overwrite_replaces_only_on_success(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(final, overwrite=True) as work:
+            (work / "new.txt").write_text("new")
+            raise RuntimeError("boom")
+    assert (final / "old.txt").exists(), "a failed overwrite must keep the old output"
+    with atomic_output_dir(final, overwrite=True) as work:
+        (work / "new.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+
+
+def test_stale_temporary_directory_from_a_killed_run_is_cleared(tmp_path):
+    final = tmp_path / "out"
+    stale = temporary_sibling(final)
+    stale.mkdir()
+    (stale / "junk").write_text("from a killed run")
+    with atomic_output_dir(final) as work:
+        assert list(work.iterdir()) == []
+    assert final.exists() and not stale.exists()
