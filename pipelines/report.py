@@ -1,0 +1,55 @@
+"""The table a user reads at the end of a pipeline: every model's quality and size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+METRIC_COLUMNS = (
+    ("refusals", "refusals"),
+    ("compliance", "compliance"),
+    ("kl", "KL"),
+    ("perplexity", "perplexity"),
+    ("size_bytes", "size"),
+)
+
+
+def _format(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "size_bytes":
+        return f"{value / 2**20:.1f} MiB"
+    if key in {"refusals", "compliance"} and isinstance(value, (int, float)) and value <= 1:
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def evaluation_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every evaluation any stage reported, in pipeline order (original -> ... -> re-exported)."""
+    rows = []
+    for stage_name, record in manifest.get("stages", {}).items():
+        for evaluation in record.get("evaluations", []):
+            rows.append({"stage": stage_name, **evaluation})
+    return rows
+
+
+def print_final_table(console: Console, manifest: dict[str, Any]) -> None:
+    table = Table(title=f"pipeline {manifest.get('pipeline', {}).get('name', '')}: metrics by stage")
+    table.add_column("stage")
+    table.add_column("model")
+    for _, header in METRIC_COLUMNS:
+        table.add_column(header, justify="right")
+    for row in evaluation_rows(manifest):
+        table.add_row(row["stage"], row.get("label", ""), *(_format(key, row.get(key)) for key, _ in METRIC_COLUMNS))
+    console.print(table)
+    timing = Table(title="stages")
+    for header in ("stage", "status", "seconds", "peak RSS"):
+        timing.add_column(header, justify="right" if header != "stage" else "left")
+    for name, record in manifest.get("stages", {}).items():
+        timing.add_row(name, record.get("status", "?"), _format("s", record.get("seconds")),
+                       f"{record.get('peak_rss_mib', 0):.0f} MiB")
+    console.print(timing)

@@ -1,0 +1,137 @@
+"""The pipeline YAML: which model, which stages in which order, each stage's settings.
+
+A pipeline file is a *recipe* (what to do); the stages' own code is the *how*.
+Each stage's settings block is validated by the very settings class that
+stage's CLI uses (see ``pipelines.stages``), so there is one definition of
+every option, not a second copy here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from quantize.errors import UserError
+
+STAGE_ORDER = ("quantize", "abliterate", "export")
+# A stage may only run after the stages it reads from.
+STAGE_NEEDS = {"quantize": (), "abliterate": (), "export": ("abliterate",)}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class StageEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineSpec(BaseModel):
+    """What a pipeline YAML may contain (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Short name, used in tables and the manifest.")
+    model: str = Field(description="Source model: a local folder or a Hugging Face Hub id.")
+    output_dir: str = Field(description="Where the stage subdirectories and manifest.json are written.")
+    description: str = ""
+    hardware: str = Field("", description="What the pipeline needs to run (documentation only).")
+    trust_remote_code: bool = False
+    stages: list[StageEntry]
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stages_from_mapping_list(cls, value: Any) -> Any:
+        """Accept the readable YAML form ``- quantize: {...}`` for each stage."""
+        if not isinstance(value, list):
+            return value
+        entries = []
+        for item in value:
+            if isinstance(item, str):
+                entries.append({"name": item})
+            elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
+                (name, settings), = item.items()
+                entries.append({"name": name, "settings": settings or {}})
+            else:
+                entries.append(item)
+        return entries
+
+
+def _format_validation_error(path: Path, error: ValidationError) -> UserError:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    problem = first["msg"]
+    if first["type"] == "extra_forbidden":
+        problem = "unknown key"
+        fix = "remove it or check its spelling; allowed top-level keys: " + ", ".join(PipelineSpec.model_fields)
+    elif first["type"] == "missing":
+        fix = "add this key"
+    else:
+        fix = "correct this value"
+    return UserError(f"{path}: field '{location}'", problem, fix)
+
+
+def check_stage_order(path: Path, names: list[str]) -> None:
+    """Stages must be known, unique, in pipeline order, and have their inputs."""
+    seen: list[str] = []
+    for name in names:
+        if name not in STAGE_ORDER:
+            raise UserError(f"{path}: stages", f"unknown stage '{name}'", f"use some of: {', '.join(STAGE_ORDER)}")
+        if name in seen:
+            raise UserError(f"{path}: stages", f"stage '{name}' appears twice", "list each stage once")
+        for needed in STAGE_NEEDS[name]:
+            if needed not in seen:
+                raise UserError(
+                    f"{path}: stages",
+                    f"stage '{name}' needs stage '{needed}' before it",
+                    f"put '{needed}' earlier in the list (order: {' -> '.join(STAGE_ORDER)})",
+                )
+        if seen and STAGE_ORDER.index(name) < STAGE_ORDER.index(seen[-1]):
+            raise UserError(
+                f"{path}: stages",
+                f"stage '{name}' cannot come after '{seen[-1]}'",
+                f"order the stages as {' -> '.join(STAGE_ORDER)}",
+            )
+        seen.append(name)
+    if not seen:
+        raise UserError(f"{path}: stages", "no stage listed", f"list at least one of: {', '.join(STAGE_ORDER)}")
+
+
+def resolve_model(path: Path, model: str) -> str:
+    """A local folder (relative to the YAML or the working directory) or a Hub id."""
+    for candidate in (Path(model), path.parent / model):
+        if candidate.is_dir():
+            if not (candidate / "config.json").is_file():
+                raise UserError(f"{path}: field 'model'", f"{candidate} has no config.json", "point at a Hugging Face model folder")
+            return str(candidate.resolve())
+    if _HUB_ID.match(model) and not model.startswith((".", "/")):
+        return model
+    raise UserError(
+        f"{path}: field 'model'",
+        f"'{model}' is neither an existing folder nor a Hub id (org/name)",
+        "fix the path (relative paths are tried from the working directory and from the YAML's folder)",
+    )
+
+
+def load_pipeline(path: str | Path) -> PipelineSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(str(path), "pipeline file not found", "pass the path of a pipeline YAML, e.g. pipelines/testbed_default.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(str(path), f"invalid YAML: {error}", "fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(str(path), "the file must hold a mapping (model:, output_dir:, stages:)", "see pipelines/testbed_default.yaml")
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as error:
+        raise _format_validation_error(path, error) from None
+    check_stage_order(path, [stage.name for stage in spec.stages])
+    spec.model = resolve_model(path, spec.model)
+    return spec
