@@ -1,0 +1,85 @@
+"""The calibration forward loop: the mix's token ids, batched, through the model.
+
+ModelOpt collects activation ranges through hooks during whatever forward
+passes we run, so the loop is just "run every calibration batch once". It
+sends each batch to the device of the model's input embedding, which is
+right for a model on one device and for an accelerate device map alike
+(accelerate's hooks move activations between devices from there on).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+
+class SamplesPerSecondColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- samples/s" if speed is None else f"{speed:.1f} samples/s")
+
+
+def model_input_device(model: torch.nn.Module) -> torch.device:
+    """Device where input ids must live: the embedding's, else the first parameter's.
+
+    With an accelerate map whose embedding sits on "disk"/"meta", the hook's
+    execution device is the truth.
+    """
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for module in (embedding, model):
+        if module is None:
+            continue
+        hook = getattr(module, "_hf_hook", None)
+        execution_device = getattr(hook, "execution_device", None)
+        if execution_device is not None:
+            return torch.device(execution_device)
+        for parameter in module.parameters():
+            if parameter.device.type != "meta":
+                return parameter.device
+    return torch.device("cpu")
+
+
+def make_forward_loop(
+    calibration_set,
+    batch_size: int,
+    pad_token_id: int,
+    console: Console | None = None,
+    description: str = "calibrating",
+) -> Callable[[torch.nn.Module], None]:
+    """A ``forward_loop(model)`` for ``mtq.quantize``; each call is one full pass.
+
+    Layerwise calibration calls it once per decoder layer, so every call gets
+    its own progress bar line and counts its own pass number.
+    """
+    passes = {"count": 0}
+    total = len(calibration_set.samples)
+
+    @torch.no_grad()
+    def forward_loop(model: torch.nn.Module) -> None:
+        passes["count"] += 1
+        device = model_input_device(model)
+        label = description if passes["count"] == 1 else f"{description} (pass {passes['count']})"
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), SamplesPerSecondColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False, disable=console is None,
+        ) as progress:
+            task = progress.add_task(label, total=total)
+            for input_ids, attention_mask in calibration_set.batches(batch_size, pad_token_id):
+                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+                progress.advance(task, input_ids.shape[0])
+
+    return forward_loop
+
+
+def calibrate(model: torch.nn.Module, quant_config: dict, forward_loop) -> tuple[torch.nn.Module, float]:
+    """Insert quantizers and calibrate them; returns the model and the seconds taken."""
+    import modelopt.torch.quantization as mtq
+
+    started = time.perf_counter()
+    model = mtq.quantize(model, quant_config, forward_loop)
+    return model, time.perf_counter() - started

@@ -1,0 +1,221 @@
+"""Placement of a model too big for the GPUs: GPUs first, then CPU, then disk.
+
+accelerate's ``infer_auto_device_map`` does the packing. We then make two
+corrections that the offload path needs in practice: the map is expressed in
+whole decoder layers plus the small non-layer modules (embeddings, final norm,
+head), and those non-layer modules never go to disk (a model whose root or
+embedding is disk-offloaded cannot be exported by ModelOpt's streaming
+exporter). Budgets of 0 are allowed: ``--max_cpu_memory 0`` sends every decoder
+layer that does not fit on a GPU to disk, which is also how the tests force
+the disk path on a machine without GPUs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quantize.errors import UserError
+
+DISK_BUDGET_BYTES = 1 << 50
+GIB = 1 << 30
+
+
+def parse_memory(value: str | int | None, flag: str) -> int | None:
+    """Bytes from '80GiB' / '200GB' / '0'; accelerate's parser does the units."""
+    if value is None:
+        return None
+    if isinstance(value, int) or str(value).strip().isdigit():
+        return int(value)
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(str(value).replace(" ", ""))
+    except ValueError:
+        raise UserError(flag, f"{value!r} is not a memory size", "write e.g. 80GiB, 200GB or 0") from None
+
+
+@dataclass
+class PlacementPlan:
+    device_map: dict[str, str | int]
+    layer_devices: dict[str, str]
+    bytes_per_device: dict[str, int]
+    total_weight_bytes: int
+    largest_layer_bytes: int
+    activation_bytes: int
+    max_memory: dict[str | int, int] = field(default_factory=dict)
+
+    @property
+    def layers_per_device(self) -> Counter:
+        return Counter(self.layer_devices.values())
+
+    @property
+    def main_device(self) -> str:
+        return "cuda:0" if any(isinstance(key, int) for key in self.max_memory) else "cpu"
+
+
+def format_bytes(size: int) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def device_name(device: str | int) -> str:
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def placement_units(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(decoder layer names, other top-most modules) covering every parameter once."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers: list[str] = []
+    others: list[str] = []
+
+    def contains_layer(module: torch.nn.Module) -> bool:
+        return any(type(sub).__name__ in layer_classes for sub in module.modules())
+
+    def walk(prefix: str, module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if type(child).__name__ in layer_classes:
+                layers.append(full)
+            elif contains_layer(child):
+                walk(f"{full}.", child)
+            else:
+                others.append(full)
+
+    walk("", model)
+    if not layers:
+        raise UserError("--offload_folder", f"cannot find the decoder layers of {type(model).__name__} (no _no_split_modules)",
+                        "this architecture is not supported by the offload path; try --backend llmcompressor")
+    return layers, others
+
+
+def lookup_device(device_map: dict[str, str | int], module_name: str) -> str | int:
+    """Device of the longest device-map key that is ``module_name`` or one of its parents."""
+    best_key, best = None, None
+    for key, device in device_map.items():
+        if key == "" or module_name == key or module_name.startswith(key + "."):
+            if best_key is None or len(key) > len(best_key):
+                best_key, best = key, device
+    if best_key is None:
+        raise KeyError(module_name)
+    return best
+
+
+def build_max_memory(gpu_budgets: list[int], cpu_budget: int) -> dict[str | int, int]:
+    max_memory: dict[str | int, int] = {index: budget for index, budget in enumerate(gpu_budgets)}
+    max_memory["cpu"] = cpu_budget
+    max_memory["disk"] = DISK_BUDGET_BYTES
+    return max_memory
+
+
+def default_budgets(max_gpu_memory: str | None, max_cpu_memory: str | None) -> tuple[list[int], int]:
+    """Budgets from the flags, else 90% of what is free now."""
+    import psutil
+
+    gpu_budgets = []
+    for index in range(torch.cuda.device_count()):
+        flagged = parse_memory(max_gpu_memory, "--max_gpu_memory")
+        gpu_budgets.append(flagged if flagged is not None else int(torch.cuda.mem_get_info(index)[0] * 0.9))
+    flagged_cpu = parse_memory(max_cpu_memory, "--max_cpu_memory")
+    cpu_budget = flagged_cpu if flagged_cpu is not None else int(psutil.virtual_memory().available * 0.9)
+    return gpu_budgets, cpu_budget
+
+
+def plan_placement(
+    model_config,
+    dtype: torch.dtype,
+    max_memory: dict[str | int, int],
+    *,
+    batch_size: int,
+    max_seq_len: int,
+    trust_remote_code: bool = False,
+) -> PlacementPlan:
+    """Plan where every decoder layer goes, without loading any weight."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import compute_module_sizes
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    packed = infer_auto_device_map(
+        empty, max_memory=dict(max_memory), no_split_module_classes=list(empty._no_split_modules or []), dtype=dtype
+    )
+    layers, others = placement_units(empty)
+    main = 0 if any(isinstance(key, int) for key in max_memory) else "cpu"
+    device_map: dict[str, str | int] = {}
+    for name in others:
+        device = lookup_device(packed, name)
+        device_map[name] = main if device == "disk" else device
+    for name in layers:
+        device_map[name] = lookup_device(packed, name)
+    sizes = compute_module_sizes(empty, dtype=dtype)
+    bytes_per_device: Counter = Counter()
+    for name, device in device_map.items():
+        bytes_per_device[device_name(device)] += sizes.get(name, 0)
+    hidden = getattr(model_config, "hidden_size", 0) or 0
+    intermediate = getattr(model_config, "intermediate_size", hidden * 4) or hidden * 4
+    element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
+    return PlacementPlan(
+        device_map=device_map,
+        layer_devices={name: device_name(device_map[name]) for name in layers},
+        bytes_per_device=dict(bytes_per_device),
+        total_weight_bytes=sizes.get("", 0),
+        largest_layer_bytes=max(sizes.get(name, 0) for name in layers),
+        # Residual stream + the widest MLP intermediate, a few live copies each.
+        activation_bytes=4 * batch_size * max_seq_len * (hidden + intermediate) * element_bytes,
+        max_memory=dict(max_memory),
+    )
+
+
+def print_placement(console, plan: PlacementPlan) -> None:
+    from rich.table import Table
+
+    table = Table(title="planned placement (offload)")
+    table.add_column("device", style="bold")
+    table.add_column("decoder layers", justify="right")
+    table.add_column("weights", justify="right")
+    table.add_column("budget", justify="right")
+    layer_counts = plan.layers_per_device
+    budgeted = {device_name(key) for key in plan.max_memory if key != "disk"}
+    devices = sorted(set(plan.bytes_per_device) | set(layer_counts) | budgeted, key=_device_order)
+    for device in devices:
+        budget_key = int(device.split(":")[1]) if device.startswith("cuda:") else device
+        budget = plan.max_memory.get(budget_key)
+        budget_text = "-" if budget is None or budget >= DISK_BUDGET_BYTES else format_bytes(budget)
+        table.add_row(device, str(layer_counts.get(device, 0)), format_bytes(plan.bytes_per_device.get(device, 0)), budget_text)
+    console.print(table)
+    console.print(
+        f"estimate: weights {format_bytes(plan.total_weight_bytes)} in total; on {plan.main_device} "
+        f"at least one decoder layer ({format_bytes(plan.largest_layer_bytes)}) + calibration activations "
+        f"(~{format_bytes(plan.activation_bytes)}) beyond the modules placed there; "
+        "disk-resident layers are read again for every calibration batch."
+    )
+
+
+def _device_order(device: str) -> tuple[int, str]:
+    return (0 if device.startswith("cuda") else 1 if device == "cpu" else 2, device)
+
+
+WORK_SUBDIR = "quant_abliterate_offload"
+
+
+def offload_work_dir(offload_folder: str | Path) -> Path:
+    """Our own subfolder of --offload_folder: the only thing --clean_offload ever deletes.
+
+    Users point --offload_folder at big scratch disks that may hold other
+    things; cleaning a folder we did not create would be a disaster.
+    """
+    return Path(offload_folder) / WORK_SUBDIR
+
+
+def clean_offload_folder(offload_folder: str | Path) -> None:
+    """Delete the offloaded weights and layerwise checkpoints of earlier runs."""
+    work_dir = offload_work_dir(offload_folder)
+    if work_dir.is_dir() and not work_dir.is_symlink():
+        shutil.rmtree(work_dir)

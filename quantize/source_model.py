@@ -1,0 +1,78 @@
+"""Load the source model's config, tokenizer and weights, with load failures as UserError."""
+
+from __future__ import annotations
+
+import torch
+
+from quantize.errors import UserError
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> first GPU if any; 'cuda' without a GPU is a user error."""
+    cuda = torch.cuda.is_available()
+    if requested == "cuda" and not cuda:
+        raise UserError("--device", "cuda was requested but no CUDA GPU is visible", "use --device cpu or auto")
+    if requested == "auto":
+        return "cuda:0" if cuda else "cpu"
+    return "cuda:0" if requested == "cuda" else "cpu"
+
+
+def _load_error(input_model: str, error: Exception) -> UserError:
+    return UserError(
+        "--input_model",
+        f"cannot load {input_model!r}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+        "check the path or Hub id (and HF_TOKEN for gated models; no network means only local directories work)",
+    )
+
+
+def load_config(input_model: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(input_model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise _load_error(input_model, error) from error
+
+
+def load_tokenizer(input_model: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(input_model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise _load_error(input_model, error) from error
+
+
+def load_model(
+    input_model: str,
+    *,
+    dtype: str,
+    revision: str | None,
+    trust_remote_code: bool,
+    device_map: dict | str | None = None,
+    offload_folder: str | None = None,
+) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            input_model,
+            dtype=TORCH_DTYPES[dtype],
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+            offload_folder=offload_folder,
+        )
+    except (OSError, ValueError) as error:
+        raise _load_error(input_model, error) from error
+    model.eval()
+    return model
+
+
+def pad_token_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate[0] if isinstance(candidate, list) else candidate)
+    return 0

@@ -1,0 +1,162 @@
+"""Stage 1 end to end: check, load, calibrate, export, record.
+
+The order matters for the user's time: everything that can be wrong with the
+flags is checked before the model is loaded (minutes to hours for a 405B
+model), and the output directory only appears, complete, at the very end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from quantize import calibrate as calibration_loop
+from quantize import export as checkpoint_export
+from quantize import manifest as run_manifest
+from quantize import offload as offload_planning
+from quantize import skip_layers
+from quantize.atomic_output import atomic_output_dir, check_writable_output
+from quantize.recipes import build_quant_config, check_device_supports, get_recipe
+from quantize.settings import QuantizeSettings, check_paths
+from quantize.source_model import TORCH_DTYPES, load_config, load_model, load_tokenizer, pad_token_id, resolve_device
+
+
+def build_calibration(settings: QuantizeSettings, tokenizer, console: Console):
+    from quantize.calibration import build_calibration_set
+
+    calibration_set = build_calibration_set(
+        str(settings.dataset_yaml), tokenizer, max_samples=settings.max_samples, max_seq_len=settings.max_seq_len,
+        seed=settings.seed, oversample_ratio=settings.oversample_ratio, min_token_length=settings.min_token_length,
+        console=console,
+    )
+    calibration_set.print_summary(console)
+    return calibration_set
+
+
+def preflight(settings: QuantizeSettings) -> None:
+    """Every check that needs no model: fails in seconds, not after the load."""
+    check_paths(settings)
+    recipe = get_recipe(settings.format)
+    device = resolve_device(settings.device)
+    check_device_supports(recipe, cuda_available=device.startswith("cuda") or (settings.offload and torch.cuda.is_available()))
+    check_writable_output(Path(settings.output_model), settings.overwrite)
+
+
+def run_quantize(settings: QuantizeSettings, console: Console | None = None, calibration_set=None) -> Path:
+    """Quantize ``settings.input_model`` into ``settings.output_model``; returns the output path."""
+    console = console or Console()
+    preflight(settings)
+    if settings.backend == "llmcompressor":
+        from quantize.llmcompressor_backend import run_llmcompressor
+
+        return run_llmcompressor(settings, console, calibration_set)
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    recipe = get_recipe(settings.format)
+    model_config = load_config(settings.input_model, settings.revision, settings.trust_remote_code)
+    tokenizer = load_tokenizer(settings.input_model, settings.revision, settings.trust_remote_code)
+    if calibration_set is None:
+        calibration_set = build_calibration(settings, tokenizer, console)
+    timings["calibration_data"] = time.perf_counter() - started
+
+    placement = None
+    load_started = time.perf_counter()
+    if settings.offload:
+        placement = plan_offload(settings, model_config, calibration_set, console)
+        model = load_model(settings.input_model, dtype=settings.dtype, revision=settings.revision,
+                           trust_remote_code=settings.trust_remote_code, device_map=placement.device_map,
+                           offload_folder=str(offload_planning.offload_work_dir(settings.offload_folder)))
+    else:
+        device = resolve_device(settings.device)
+        model = load_model(settings.input_model, dtype=settings.dtype, revision=settings.revision,
+                           trust_remote_code=settings.trust_remote_code,
+                           device_map={"": device} if device != "cpu" else None)
+    timings["load"] = time.perf_counter() - load_started
+
+    module_names = skip_layers.quantizable_module_names(model)
+    default_matches = skip_layers.detect_default_skips(module_names)
+    user_matches = skip_layers.resolve_user_skips(list(settings.skip_layers), module_names)
+    skip_layers.print_skip_table(console, default_matches, user_matches)
+    layerwise_dir = layerwise_checkpoint_dir(settings, calibration_set)
+    quant_config = build_quant_config(
+        recipe, kv_cache=settings.kv_cache,
+        disabled_quantizer_patterns=skip_layers.disabled_quantizer_patterns([*default_matches, *user_matches]),
+        layerwise=settings.layerwise, layerwise_checkpoint_dir=layerwise_dir,
+    )
+    forward_loop = calibration_loop.make_forward_loop(
+        calibration_set, settings.batch_size, pad_token_id(tokenizer), console, description=f"calibrating {recipe.name}"
+    )
+    model, timings["calibrate"] = calibration_loop.calibrate(model, quant_config, forward_loop)
+
+    output = Path(settings.output_model)
+    with atomic_output_dir(output, settings.overwrite) as staging:
+        timings["export"] = checkpoint_export.export_modelopt_checkpoint(model, staging)
+        copied = checkpoint_export.copy_tokenizer_files(settings.input_model, tokenizer, staging)
+        hf_quant = checkpoint_export.read_quant_config(staging)
+        timings["total"] = time.perf_counter() - started
+        manifest = run_manifest.build_manifest(
+            source=run_manifest.source_description(settings.input_model, settings.revision, model_config),
+            mix_path=str(settings.dataset_yaml),
+            calibration=run_manifest.calibration_description(calibration_set, settings.batch_size),
+            quantization={
+                "backend": "modelopt", "format": recipe.name, "modelopt_config": recipe.modelopt_config,
+                "quant_algo": hf_quant.get("quantization", {}).get("quant_algo"), "kv_cache": settings.kv_cache,
+                "dtype": settings.dtype, "layerwise": settings.layerwise,
+                "skipped": {match.module_glob: list(match.modules) for match in [*default_matches, *user_matches]},
+                "exclude_modules": hf_quant.get("quantization", {}).get("exclude_modules"),
+                "copied_files": copied,
+            },
+            timings_s=timings,
+            placement=_placement_summary(placement),
+        )
+        run_manifest.write_manifest(staging, manifest)
+    if settings.offload and settings.clean_offload:
+        offload_planning.clean_offload_folder(settings.offload_folder)
+    console.print(f"[green]wrote[/] {output} ({recipe.name}, {len(calibration_set.samples)} calibration samples, "
+                  f"calibration {timings['calibrate']:.1f} s, export {timings['export']:.1f} s)")
+    return output
+
+
+def plan_offload(settings: QuantizeSettings, model_config, calibration_set, console: Console, use_gpus: bool = True):
+    """Print and return the placement; ``use_gpus=False`` plans CPU + disk only (llm-compressor onloads by itself)."""
+    if settings.clean_offload:
+        offload_planning.clean_offload_folder(settings.offload_folder)
+    offload_planning.offload_work_dir(settings.offload_folder).mkdir(parents=True, exist_ok=True)
+    gpu_budgets, cpu_budget = offload_planning.default_budgets(settings.max_gpu_memory, settings.max_cpu_memory)
+    if not use_gpus:
+        gpu_budgets = []
+    longest = max((len(sample) for sample in calibration_set.samples), default=1)
+    dtype = TORCH_DTYPES[settings.dtype] if settings.dtype != "auto" else torch.bfloat16
+    plan = offload_planning.plan_placement(
+        model_config, dtype, offload_planning.build_max_memory(gpu_budgets, cpu_budget),
+        batch_size=settings.batch_size, max_seq_len=longest, trust_remote_code=settings.trust_remote_code,
+    )
+    offload_planning.print_placement(console, plan)
+    return plan
+
+
+def layerwise_checkpoint_dir(settings: QuantizeSettings, calibration_set) -> str | None:
+    """Per-layer resume checkpoints, keyed by what they depend on so a changed run never resumes stale state."""
+    if not (settings.layerwise and settings.offload):
+        return None
+    import hashlib
+
+    inputs = "|".join([str(settings.input_model), settings.format, settings.kv_cache, settings.dtype,
+                       *sorted(settings.skip_layers), calibration_set.token_ids_sha256])
+    run_key = f"{settings.format}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}"
+    return str(offload_planning.offload_work_dir(settings.offload_folder) / "layerwise_checkpoints" / run_key)
+
+
+def _placement_summary(plan) -> dict | None:
+    if plan is None:
+        return None
+    return {
+        "layers_per_device": dict(plan.layers_per_device),
+        "bytes_per_device": plan.bytes_per_device,
+        "total_weight_bytes": plan.total_weight_bytes,
+        "device_map": {name: offload_planning.device_name(device) for name, device in plan.device_map.items()},
+    }

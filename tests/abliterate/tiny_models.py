@@ -1,0 +1,96 @@
+"""Tiny random models of each layout stage 2 must handle, made from configs (no Hub)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    GptOssConfig,
+    LlamaConfig,
+    NemotronHConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+VOCAB = 96
+HIDDEN = 64
+
+
+def _build(config) -> nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def dense_llama(layers: int = 4) -> nn.Module:
+    return _build(LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+
+
+def fused_moe() -> nn.Module:
+    """Qwen3-MoE: experts stored as one [experts, hidden, in] parameter per layer."""
+    return _build(Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=32,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 num_experts=4, num_experts_per_tok=2))
+
+
+def transposed_fused_moe() -> nn.Module:
+    """gpt-oss: experts stored [experts, in, hidden] (is_transposed)."""
+    return _build(GptOssConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2))
+
+
+class _ExpertMLP(nn.Module):
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ModuleListExperts(nn.ModuleList):
+    """The older / remote-code MoE layout: one Linear-based MLP per expert in a ModuleList."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        output = torch.zeros_like(hidden_states)
+        for expert_index, expert in enumerate(self):
+            token_index, slot = torch.where(top_k_index == expert_index)
+            if token_index.numel():
+                contribution = expert(hidden_states[token_index]) * top_k_weights[token_index, slot, None]
+                output.index_add_(0, token_index, contribution.to(output.dtype))
+        return output
+
+
+def modulelist_moe() -> nn.Module:
+    """Qwen2-MoE with its experts replaced by a ModuleList of MLPs; keeps its shared expert."""
+    model = _build(Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=32,
+                                  shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, num_experts=4, num_experts_per_tok=2))
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        layer.mlp.experts = ModuleListExperts([_ExpertMLP(HIDDEN, 32) for _ in range(4)])
+    return model.eval()
+
+
+def nemotron_h_hybrid() -> nn.Module:
+    """Mamba, attention, MLP and MoE layers (the NemotronH pattern)."""
+    return _build(NemotronHConfig(vocab_size=VOCAB, hidden_size=HIDDEN,
+                                  layers_block_type=["mamba", "attention", "mlp", "moe"],
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                  mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=1,
+                                  n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1))
+
+
+ALL_MODELS = {
+    "dense_llama": dense_llama,
+    "modulelist_moe": modulelist_moe,
+    "fused_moe": fused_moe,
+    "transposed_fused_moe": transposed_fused_moe,
+    "nemotron_h": nemotron_h_hybrid,
+}
