@@ -12,6 +12,9 @@ MIX       ?= datasets_yaml/offline_mix.yaml
 FORMAT    ?= nvfp4
 TRIALS    ?= 200
 PIPELINE  ?= pipelines/testbed_default.yaml
+ABL_OUT   ?= outputs/$(notdir $(MODEL))-abliterate
+SELECT    ?=
+ARGS      ?=
 
 .PHONY: setup test pipeline quantize abliterate testbed bench-cpu clean
 
@@ -29,13 +32,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 pipeline: $(STAMP)
-	$(PY) -m pipelines.cli run $(PIPELINE)
+	$(PY) -m pipelines.cli run $(PIPELINE) $(ARGS)
 
 quantize: $(STAMP)
-	$(PY) -m pipelines.cli quantize --model $(MODEL) --output $(OUT) --mix $(MIX) --format $(FORMAT)
+	$(PY) -m pipelines.cli quantize --model $(MODEL) --output $(OUT) --mix $(MIX) --format $(FORMAT) $(ARGS)
 
 abliterate: $(STAMP)
-	$(PY) -m pipelines.cli abliterate --model $(MODEL) --n_trials $(TRIALS)
+	$(PY) -m pipelines.cli abliterate --model $(MODEL) --n_trials $(TRIALS) --out $(ABL_OUT) \
+	    $(if $(SELECT),--select "$(SELECT)") $(ARGS)
 
 testbed: $(STAMP)
 	$(PY) -m testbed.build --out testbed/model --overwrite

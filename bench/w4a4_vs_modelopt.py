@@ -1,0 +1,153 @@
+"""Our W4A4 (NVFP4 weights + activations) simulation vs ModelOpt's own fake-quant forward.
+
+One random Llama is calibrated with ``mtq.quantize(NVFP4_DEFAULT_CFG)``; ModelOpt's
+quantized model gives reference logits (its forward needs CUDA), then the model
+is exported and loaded back with ``quantize.formats.load_checkpoint`` keeping
+weights packed and simulating activation rounding. Reported: distance of our
+logits from ModelOpt's, next to the distance of both from the bf16 model (the
+quantization error itself), so "how close" has a scale.
+
+GPU:  python bench/w4a4_vs_modelopt.py --out $OUT/w4a4.json
+CPU smoke test (ModelOpt's forward fails on CPU, so only our side runs):
+      python bench/w4a4_vs_modelopt.py --device cpu --small --out /tmp/w4a4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantize.formats.cli_verify import compare_logits  # noqa: E402
+from quantize.formats.loader import load_checkpoint  # noqa: E402
+
+SIZES = {
+    "small": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "default": dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+    ),
+}
+
+
+def build_model(size: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(max_position_embeddings=2048, **SIZES[size])
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+
+
+def timed(fn, device: str, repeats: int = 3) -> tuple[torch.Tensor, float]:
+    out = fn()  # warm-up (Triton compile on the first ModelOpt call)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out, (time.perf_counter() - start) / repeats
+
+
+def as_dict(comparison) -> dict:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in vars(comparison).items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON file for the results")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="toy model (CPU smoke test)")
+    parser.add_argument("--calib-batches", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+
+    import modelopt
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+
+    size = "small" if args.small else "default"
+    seq_len = 32 if args.small else args.seq_len
+    model = build_model(size, args.device)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, vocab, (args.calib_batches, seq_len), generator=gen).to(args.device)
+    eval_ids = torch.randint(0, vocab, (4, seq_len), generator=gen).to(args.device)
+
+    with torch.no_grad():
+        bf16_logits = model(eval_ids).logits.float()
+
+    def forward_loop(m):
+        for row in calib:
+            m(row[None])
+
+    quantized = mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, forward_loop)
+    modelopt_logits, modelopt_seconds, modelopt_error = None, None, None
+    try:
+        with torch.no_grad():
+            logits, modelopt_seconds = timed(lambda: quantized(eval_ids).logits, args.device)
+        modelopt_logits = logits.float()
+    except Exception as error:  # on CPU: "amax must be a CUDA tensor for dynamic block quantization"
+        modelopt_error = f"{type(error).__name__}: {error}"
+
+    with tempfile.TemporaryDirectory() as export_dir:
+        export_hf_checkpoint(quantized, export_dir=export_dir)
+        ours, fmt = load_checkpoint(export_dir, device_map=args.device, simulate_activations=True)
+        weights_only, _ = load_checkpoint(export_dir, device_map=args.device)
+        auto_placed, _ = load_checkpoint(export_dir, device_map="auto", simulate_activations=True)
+        with torch.no_grad():
+            ours_logits, ours_seconds = timed(lambda: ours(eval_ids).logits, args.device)
+            weights_only_logits = weights_only(eval_ids).logits.float()
+            auto_logits = auto_placed(eval_ids.to(auto_placed.device)).logits.to(ours_logits.device)
+    ours_logits = ours_logits.float()
+
+    results = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "modelopt": modelopt.__version__,
+        "model": {"size": size, **SIZES[size], "eval_tokens": eval_ids.numel()},
+        "format": fmt.kind.value,
+        "ours_w4a4_vs_bf16": as_dict(compare_logits(ours_logits, bf16_logits)),
+        "ours_w4a16_vs_bf16": as_dict(compare_logits(weights_only_logits, bf16_logits)),
+        "ours_forward_seconds": ours_seconds,
+        "device_map_auto_same_logits": bool(torch.equal(auto_logits, ours_logits)),
+    }
+    if modelopt_logits is not None:
+        results["modelopt_w4a4_vs_bf16"] = as_dict(compare_logits(modelopt_logits, bf16_logits))
+        results["ours_w4a4_vs_modelopt_w4a4"] = as_dict(compare_logits(ours_logits, modelopt_logits))
+        results["ours_w4a16_vs_modelopt_w4a4"] = as_dict(compare_logits(weights_only_logits, modelopt_logits))
+        results["modelopt_forward_seconds"] = modelopt_seconds
+        quant_error = results["modelopt_w4a4_vs_bf16"]["relative_l2"]
+        sim_error = results["ours_w4a4_vs_modelopt_w4a4"]["relative_l2"]
+        results["simulation_error_over_quantization_error"] = sim_error / quant_error if quant_error else None
+    else:
+        results["modelopt_skipped"] = modelopt_error
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

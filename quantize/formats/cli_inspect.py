@@ -1,0 +1,133 @@
+"""``quant-abliterate inspect PATH``: format, producer, and what each kind of module costs.
+
+Reads only safetensors headers, so it is instant on any size of checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from quantize.formats.detect import detect_format
+from quantize.formats.reader import CheckpointReader
+
+_QUANT_SUFFIXES = (
+    "weight_packed",
+    "weight_scale_2",
+    "weight_global_scale",
+    "input_global_scale",
+    "weight_scale",
+    "input_scale",
+    "k_scale",
+    "v_scale",
+)
+
+
+@dataclass
+class ModuleTypeRow:
+    module_type: str  # e.g. "layers.*.self_attn.q_proj"
+    count: int
+    format: str  # "nvfp4", "fp8", "bf16", ... (joined when mixed)
+    bytes: int
+    bf16_bytes: int  # what the same weights cost in bf16
+
+
+def _split(name: str) -> tuple[str, str]:
+    prefix, _, suffix = name.rpartition(".")
+    return (prefix, suffix) if prefix else (name, "")
+
+
+def _module_type(prefix: str) -> str:
+    return re.sub(r"\.\d+(?=\.|$)", ".*", prefix.removeprefix("model."))
+
+
+def _tensor_format(reader: CheckpointReader, prefix: str, dtype: torch.dtype) -> str:
+    if f"{prefix}.weight_packed" in reader or (dtype == torch.uint8 and f"{prefix}.weight_scale_2" in reader):
+        return "nvfp4"
+    return {torch.float8_e4m3fn: "fp8", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
+
+
+def summarize(reader: CheckpointReader) -> list[ModuleTypeRow]:
+    """One row per module type; quantization scales count towards their module's bytes."""
+    rows: dict[str, dict] = {}
+    modules_seen: dict[str, set[str]] = {}
+    for name in reader.names():
+        dtype, shape = reader.metadata(name)
+        prefix, suffix = _split(name)
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        size = numel * (torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1)
+        key = _module_type(prefix)
+        row = rows.setdefault(key, {"formats": set(), "bytes": 0, "bf16_bytes": 0})
+        row["bytes"] += size
+        if suffix in _QUANT_SUFFIXES:
+            continue
+        fmt = _tensor_format(reader, prefix, dtype)
+        row["formats"].add(fmt)
+        row["bf16_bytes"] += numel * 2 * (2 if fmt == "nvfp4" else 1)
+        modules_seen.setdefault(key, set()).add(prefix)
+    return [
+        ModuleTypeRow(
+            key,
+            len(modules_seen.get(key, ())),
+            "+".join(sorted(row["formats"])) or "-",
+            row["bytes"],
+            row["bf16_bytes"],
+        )
+        for key, row in sorted(rows.items())
+    ]
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="quant-abliterate inspect", description="Show a checkpoint's format and size per module type."
+    )
+    parser.add_argument("path", help="checkpoint directory")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    fmt = detect_format(args.path)
+    with CheckpointReader(fmt) as reader:
+        rows = summarize(reader)
+    total, bf16_total = sum(r.bytes for r in rows), sum(r.bf16_bytes for r in rows)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "format": fmt.kind.value,
+                    "producer": fmt.producer,
+                    "quant_algo": fmt.quant_algo,
+                    "total_bytes": total,
+                    "bf16_bytes": bf16_total,
+                    "module_types": [asdict(r) for r in rows],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{fmt.path}[/]: {fmt.describe()}; {len(fmt.weight_files)} safetensors file(s)")
+    table = Table("module type", "count", "format", "bytes", "bf16 bytes")
+    for r in rows:
+        table.add_row(r.module_type, str(r.count), r.format, _human(r.bytes), _human(r.bf16_bytes))
+    console.print(table)
+    ratio = bf16_total / total if total else 0.0
+    console.print(f"total {_human(total)} vs {_human(bf16_total)} in bf16 ({ratio:.2f}x smaller)")
+    return 0

@@ -1,0 +1,146 @@
+"""Linear layers that keep their quantized weights packed and dequantize on the fly.
+
+They hold exactly the tensors of the checkpoint (same names, so ``state_dict``
+reads like the file) and cost ~3.5x less memory than bf16. The forward pass
+dequantizes the weight into the compute dtype, optionally rounding the input
+the way the deployed kernel would (``simulate_activations``): NVFP4 blocks for
+W4A4, FP8 per tensor for W4A8 and FP8 checkpoints. That lets a CPU predict the
+numerics of the served model. PEFT cannot attach LoRA to these; load with
+``dequantize=True`` for that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantize.formats import fp8, nvfp4
+
+ACTIVATION_MODES = (None, "nvfp4", "fp8")
+
+
+class _QuantizedLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        activation_mode: str | None,
+        simulate: bool,
+    ) -> None:
+        super().__init__()
+        if activation_mode not in ACTIVATION_MODES:
+            raise ValueError(f"activation_mode must be one of {ACTIVATION_MODES}")
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype
+        self.activation_mode = activation_mode  # how the deployed kernel rounds inputs
+        self.simulate_activations = simulate and activation_mode is not None
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta")) if bias else None
+        self.register_buffer("input_scale", None)
+        self.register_buffer("pre_quant_scale", None)  # AWQ smoothing left unfolded by the export
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _round_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.simulate_activations or self.input_scale is None:
+            return x
+        if self.activation_mode == "nvfp4":
+            return nvfp4.fake_quantize_activation(x, self.input_scale)
+        return fp8.fake_quantize_activation(x, self.input_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale.to(x.dtype)
+        x = self._round_input(x)
+        weight = self.dequantized_weight(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def to_linear(self) -> nn.Linear:
+        """A plain Linear with the dequantized weight (what ``dequantize=True`` loads)."""
+        weight = self.dequantized_weight(torch.float32)
+        if self.pre_quant_scale is not None:
+            weight = weight * self.pre_quant_scale.float()
+        weight = weight.to(self.compute_dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        simulated = self.activation_mode if self.simulate_activations else None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, simulated_activations={simulated}"
+
+
+class NVFP4Linear(_QuantizedLinear):
+    """Buffers: ``weight`` uint8 [out, in/2], ``weight_scale`` e4m3 [out, in/block],
+    ``weight_scale_2`` float32 [], ``input_scale`` float32 [] or None."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        block_size: int = nvfp4.DEFAULT_BLOCK_SIZE,
+        dtype: torch.dtype = torch.bfloat16,
+        activation_mode: str | None = None,
+        simulate_activations: bool = False,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, dtype, activation_mode, simulate_activations)
+        self.block_size = block_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device="meta"))
+        self.register_buffer(
+            "weight_scale",
+            torch.empty(out_features, in_features // block_size, dtype=torch.float8_e4m3fn, device="meta"),
+        )
+        self.register_buffer("weight_scale_2", torch.empty((), dtype=torch.float32, device="meta"))
+
+    @property
+    def quantized(self) -> nvfp4.NVFP4Weight:
+        return nvfp4.NVFP4Weight(self.weight, self.weight_scale, self.weight_scale_2)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return nvfp4.dequantize_weight(self.quantized, dtype or self.compute_dtype)
+
+
+class FP8Linear(_QuantizedLinear):
+    """Buffers: ``weight`` float8_e4m3fn [out, in], ``weight_scale`` float32 [] (or [out, 1])."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        scale_shape: tuple[int, ...] = (),
+        dtype: torch.dtype = torch.bfloat16,
+        activation_mode: str | None = None,
+        simulate_activations: bool = False,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, dtype, activation_mode, simulate_activations)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device="meta"))
+        self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=torch.float32, device="meta"))
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return fp8.dequantize_weight(fp8.FP8Weight(self.weight, self.weight_scale), dtype or self.compute_dtype)
+
+
+def set_activation_simulation(model: nn.Module, enabled: bool) -> int:
+    """Switch activation rounding on or off in every packed Linear; returns how many can simulate.
+
+    With it off the model computes exactly what ``dequantize=True`` loads, so
+    one loaded model serves as both the W4A4 simulation and its reference.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, _QuantizedLinear) and module.activation_mode is not None:
+            module.simulate_activations = enabled
+            count += 1
+    return count
