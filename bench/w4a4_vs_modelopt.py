@@ -73,6 +73,49 @@ def as_dict(comparison) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in vars(comparison).items()}
 
 
+LAYER_CHECKS = ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj", "model.layers.3.self_attn.q_proj",
+                "model.layers.3.mlp.gate_proj")
+
+
+def capture_layer_inputs(model, input_ids, names) -> dict[str, torch.Tensor]:
+    """The real inputs of a few Linear layers, so each layer can be compared on identical data."""
+    captured, handles = {}, []
+    modules = dict(model.named_modules())
+    for name in (name for name in names if name in modules):
+        handles.append(modules[name].register_forward_pre_hook(
+            lambda module, args, name=name: captured.__setitem__(name, args[0].detach().clone())))
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    except Exception:  # ModelOpt's forward fails on CPU; no per-layer check there
+        pass
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def compare_layers(modelopt_model, our_model, inputs) -> dict:
+    """One Linear at a time, same input: ModelOpt's fake-quant module vs our NVFP4Linear (W4A4 and W4A16)."""
+    theirs, ours = dict(modelopt_model.named_modules()), dict(our_model.named_modules())
+    results = {}
+    for name, x in inputs.items():
+        with torch.no_grad():
+            reference = theirs[name](x).float()
+            ours[name].simulate_activations = True
+            simulated = ours[name](x.to(next(ours[name].buffers()).device)).float()
+            ours[name].simulate_activations = False
+            weights_only = ours[name](x.to(next(ours[name].buffers()).device)).float()
+            ours[name].simulate_activations = True
+        norm = reference.norm().clamp_min(1e-30)
+        results[name] = {
+            "w4a4_relative_l2": float((simulated - reference).norm() / norm),
+            "w4a4_max_abs": float((simulated - reference).abs().max()),
+            "w4a4_exact_fraction": float((simulated == reference).float().mean()),
+            "w4a16_relative_l2": float((weights_only - reference).norm() / norm),
+        }
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file for the results")
@@ -110,9 +153,26 @@ def main() -> int:
     except Exception as error:  # on CPU: "amax must be a CUDA tensor for dynamic block quantization"
         modelopt_error = f"{type(error).__name__}: {error}"
 
+    layer_inputs = capture_layer_inputs(quantized, eval_ids, LAYER_CHECKS)
+    # The export shares one weight amax across q/k/v and across gate/up (its
+    # own requantize_resmooth_fused_llm_layers step) and then packs the
+    # weights in place. A copy with that same step applied, but not packed,
+    # runs ModelOpt's forward with exactly the checkpoint's scales: the fair
+    # reference for our simulation.
+    modelopt_after_logits, fused_reference = None, None
+    if modelopt_logits is not None:
+        import copy
+
+        from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+        fused_reference = copy.deepcopy(quantized)
+        requantize_resmooth_fused_llm_layers(fused_reference)
+        with torch.no_grad():
+            modelopt_after_logits = fused_reference(eval_ids).logits.float()
     with tempfile.TemporaryDirectory() as export_dir:
         export_hf_checkpoint(quantized, export_dir=export_dir)
         ours, fmt = load_checkpoint(export_dir, device_map=args.device, simulate_activations=True)
+        layer_results = compare_layers(fused_reference, ours, layer_inputs) if fused_reference is not None else None
         weights_only, _ = load_checkpoint(export_dir, device_map=args.device)
         auto_placed, _ = load_checkpoint(export_dir, device_map="auto", simulate_activations=True)
         with torch.no_grad():
@@ -140,6 +200,10 @@ def main() -> int:
         quant_error = results["modelopt_w4a4_vs_bf16"]["relative_l2"]
         sim_error = results["ours_w4a4_vs_modelopt_w4a4"]["relative_l2"]
         results["simulation_error_over_quantization_error"] = sim_error / quant_error if quant_error else None
+        results["modelopt_after_export_vs_bf16"] = as_dict(compare_logits(modelopt_after_logits, bf16_logits))
+        results["ours_w4a4_vs_modelopt_after_export"] = as_dict(compare_logits(ours_logits, modelopt_after_logits))
+        results["ours_w4a16_vs_modelopt_after_export"] = as_dict(compare_logits(weights_only_logits, modelopt_after_logits))
+        results["per_layer_same_input"] = layer_results
     else:
         results["modelopt_skipped"] = modelopt_error
 
