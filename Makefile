@@ -16,7 +16,7 @@ ABL_OUT   ?= outputs/$(notdir $(MODEL))-abliterate
 SELECT    ?=
 ARGS      ?=
 
-.PHONY: setup test pipeline quantize abliterate testbed bench-cpu clean
+.PHONY: setup test pipeline quantize abliterate testbed testbed-data clean
 
 # requirements.lock pins every transitive dependency so a fresh install
 # resolves exactly as it did when the lock was written.
@@ -41,8 +41,13 @@ abliterate: $(STAMP)
 	$(PY) -m pipelines.cli abliterate --model $(MODEL) --n_trials $(TRIALS) --out $(ABL_OUT) \
 	    $(if $(SELECT),--select "$(SELECT)") $(ARGS)
 
+# Rebuild the committed testbed model bit for bit (about 10 minutes on 2 cores).
 testbed: $(STAMP)
 	$(PY) -m testbed.build --out testbed/model --overwrite
+
+# Regenerate the testbed's prompt sets and offline corpora under datasets_yaml/.
+testbed-data: $(STAMP)
+	$(PY) -m testbed.datasets --out datasets_yaml
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

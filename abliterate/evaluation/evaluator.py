@@ -1,0 +1,220 @@
+"""One object that scores a model (or an edit of it) against its unedited self.
+
+Built once per model with the prompt sets: it renders the prompts, picks a
+batch size, fixes the unedited model's greedy continuations of the harmless
+prompts and their log-probabilities (the KL reference), and scores the
+unedited model itself (``base``). Each ``evaluate(model)`` then costs one
+early-stopping generation pass over the harmful prompts and one
+teacher-forced forward pass over the harmless ones. Stage 2 calls it once per
+trial on the same model object with different adapters applied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from abliterate.evaluation.batch_size import find_fastest_batch_size
+from abliterate.evaluation.generation import format_chat_prompts, generate_greedy, pad_token_id
+from abliterate.evaluation.kl import continuation_log_probs, first_position_kl, mean_kl_divergence
+from abliterate.evaluation.markers import (
+    DEFAULT_REFUSAL_MARKERS,
+    ComplianceRule,
+    contains_refusal_marker,
+    is_refusal,
+)
+from abliterate.evaluation.perplexity import perplexity
+from quantize.errors import UserError
+
+# (prompts, answers) -> one "is a real answer" verdict per answer.
+ComplianceJudge = Callable[[Sequence[str], Sequence[str]], Sequence[bool]]
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    refusal_markers: tuple[str, ...] = DEFAULT_REFUSAL_MARKERS
+    compliance_openers: tuple[str, ...] = ()  # prefixes of a well-formed answer
+    compliance_patterns: tuple[str, ...] = ()  # regexes; either kind of match counts
+    max_new_tokens: int = 100  # longest answer generated for refusal/compliance
+    kl_tokens: int = 8  # generated positions compared for KL
+    batch_size: int | None = None  # None: the fastest that fits, found on a probe
+    max_batch_size: int = 128
+    system_prompt: str | None = None
+    count_harmless_refusals: bool = False  # also generate full harmless answers
+    perplexity_max_length: int = 512
+
+    def __post_init__(self) -> None:
+        if self.kl_tokens < 1:
+            raise UserError("kl_tokens", f"must be at least 1, got {self.kl_tokens}", "use e.g. --kl_tokens 8")
+        if self.max_new_tokens < 1:
+            raise UserError("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}", "use e.g. 100")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError("batch_size", f"must be positive, got {self.batch_size}", "omit it to pick automatically")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    refusals: int
+    n_harmful: int
+    compliance: int | None  # None when no openers, patterns or judge are configured
+    kl: float  # mean KL(unedited || model) over the first kl_tokens answer positions
+    kl_first_token: float
+    kl_tokens: int
+    n_harmless: int
+    harmless_refusals: int | None = None
+    perplexity: float | None = None
+    responses: tuple[str, ...] = field(default=(), repr=False)  # answers to the harmful prompts
+    seconds: float = 0.0
+
+    @property
+    def refusal_rate(self) -> float:
+        return self.refusals / self.n_harmful if self.n_harmful else 0.0
+
+    @property
+    def compliance_rate(self) -> float | None:
+        if self.compliance is None or not self.n_harmful:
+            return None
+        return self.compliance / self.n_harmful
+
+    @property
+    def harmless_refusal_rate(self) -> float | None:
+        if self.harmless_refusals is None or not self.n_harmless:
+            return None
+        return self.harmless_refusals / self.n_harmless
+
+
+class Evaluator:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        harmful_prompts: Sequence[str],
+        harmless_prompts: Sequence[str],
+        config: EvaluationConfig | None = None,
+        *,
+        perplexity_texts: Sequence[str] = (),
+        compliance_judge: ComplianceJudge | None = None,
+    ) -> None:
+        if not harmful_prompts or not harmless_prompts:
+            raise UserError(
+                "prompt sets",
+                f"evaluation needs harmful and harmless prompts (got {len(harmful_prompts)} and {len(harmless_prompts)})",
+                "point the prompt-set spec at non-empty files",
+            )
+        self.config = config or EvaluationConfig()
+        self.tokenizer = tokenizer
+        self.harmful_prompts = list(harmful_prompts)
+        self.harmless_prompts = list(harmless_prompts)
+        self.perplexity_texts = list(perplexity_texts)
+        self.compliance_rule = ComplianceRule(self.config.compliance_openers, self.config.compliance_patterns)
+        self.compliance_judge = compliance_judge
+        self.pad_id = pad_token_id(tokenizer)
+        self.harmful_ids = format_chat_prompts(tokenizer, self.harmful_prompts, self.config.system_prompt)
+        self.harmless_ids = format_chat_prompts(tokenizer, self.harmless_prompts, self.config.system_prompt)
+        model.eval()
+        self.batch_size = self.config.batch_size or self._find_batch_size(model)
+        continuations = generate_greedy(
+            model, tokenizer, self.harmless_ids, max_new_tokens=self.config.kl_tokens, batch_size=self.batch_size
+        )
+        self.reference_continuations = [response.token_ids for response in continuations]
+        self.reference_log_probs = self._log_probs(model)
+        self.base = self.evaluate(model, with_perplexity=bool(self.perplexity_texts))
+
+    @property
+    def base_refusals(self) -> int:
+        return self.base.refusals
+
+    def relative_refusals(self, result: EvalResult) -> float:
+        """Refusals as a fraction of the unedited model's refusals (stage 2's first objective).
+
+        When the unedited model refused nothing there is nothing to remove:
+        the score falls back to the fraction of harmful prompts refused, and
+        ``refusal_note`` says so.
+        """
+        if self.base.refusals == 0:
+            return result.refusal_rate
+        return result.refusals / self.base.refusals
+
+    @property
+    def refusal_note(self) -> str | None:
+        if self.base.refusals:
+            return None
+        return (
+            f"the unedited model refused none of the {self.base.n_harmful} harmful prompts: "
+            "refusals are scored as a fraction of all harmful prompts, and there is nothing to abliterate "
+            "with these prompts and markers"
+        )
+
+    def evaluate(self, model, *, with_perplexity: bool = False) -> EvalResult:
+        start = time.perf_counter()
+        model.eval()
+        config = self.config
+        answers = [response.text for response in self._answers(model, self.harmful_ids)]
+        refused = [is_refusal(answer, config.refusal_markers) for answer in answers]
+        compliance = self._count_compliant(answers, refused)
+        log_probs = self._log_probs(model)
+        harmless_refusals = None
+        if config.count_harmless_refusals:
+            harmless_answers = self._answers(model, self.harmless_ids)
+            harmless_refusals = sum(is_refusal(answer.text, config.refusal_markers) for answer in harmless_answers)
+        ppl = None
+        if with_perplexity and self.perplexity_texts:
+            ppl = perplexity(
+                model,
+                self.tokenizer,
+                self.perplexity_texts,
+                batch_size=self.batch_size,
+                max_length=config.perplexity_max_length,
+            )
+        return EvalResult(
+            refusals=sum(refused),
+            n_harmful=len(answers),
+            compliance=compliance,
+            kl=mean_kl_divergence(self.reference_log_probs, log_probs),
+            kl_first_token=first_position_kl(self.reference_log_probs, log_probs),
+            kl_tokens=config.kl_tokens,
+            n_harmless=len(self.harmless_ids),
+            harmless_refusals=harmless_refusals,
+            perplexity=ppl,
+            responses=tuple(answers),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _answers(self, model, prompt_ids):
+        markers = self.config.refusal_markers
+        return generate_greedy(
+            model,
+            self.tokenizer,
+            prompt_ids,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.batch_size,
+            is_decided=lambda text: contains_refusal_marker(text, markers),
+        )
+
+    def _count_compliant(self, answers: list[str], refused: list[bool]) -> int | None:
+        if self.compliance_judge is not None:
+            verdicts = self.compliance_judge(self.harmful_prompts, answers)
+            return sum(bool(verdict) and not refusal for verdict, refusal in zip(verdicts, refused, strict=True))
+        if not self.compliance_rule.is_configured:
+            return None
+        return sum(not refusal and self.compliance_rule.matches(a) for a, refusal in zip(answers, refused, strict=True))
+
+    def _log_probs(self, model):
+        return continuation_log_probs(
+            model,
+            self.harmless_ids,
+            self.reference_continuations,
+            n_positions=self.config.kl_tokens,
+            pad_id=self.pad_id,
+            batch_size=self.batch_size,
+        )
+
+    def _find_batch_size(self, model) -> int:
+        prompts = self.harmful_ids + self.harmless_ids
+
+        def probe(size: int) -> None:
+            batch = [prompts[index % len(prompts)] for index in range(size)]
+            generate_greedy(model, self.tokenizer, batch, max_new_tokens=4, batch_size=size)
+
+        return find_fastest_batch_size(probe, len(prompts), self.config.max_batch_size)

@@ -1,0 +1,97 @@
+"""Prompt-set specs: one YAML file naming the prompt files and how to score them.
+
+The spec keeps *what* is evaluated (files, markers, openers) out of code, so
+the testbed's offline default (``datasets_yaml/testbed_prompts.yaml``) and a
+user's own sets are read the same way. Paths are relative to the spec file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from abliterate.evaluation.markers import DEFAULT_REFUSAL_MARKERS
+from quantize.errors import UserError
+
+DEFAULT_SPEC = Path(__file__).resolve().parents[2] / "datasets_yaml" / "testbed_prompts.yaml"
+
+
+class PromptSetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    harmful_train: str
+    harmless_train: str
+    harmful_test: str
+    harmless_test: str
+    prompt_field: str = "prompt"
+    perplexity_text: str | None = None
+    text_field: str = "text"
+    refusal_markers: list[str] = list(DEFAULT_REFUSAL_MARKERS)
+    compliance_openers: list[str] = []
+    compliance_patterns: list[str] = []
+
+
+class PromptSets(BaseModel):
+    """The spec with its files read: what ``Evaluator`` and direction finding need."""
+
+    harmful_train: list[str]
+    harmless_train: list[str]
+    harmful_test: list[str]
+    harmless_test: list[str]
+    perplexity_texts: list[str]
+    refusal_markers: tuple[str, ...]
+    compliance_openers: tuple[str, ...]
+    compliance_patterns: tuple[str, ...]
+
+
+def read_field(path: Path, field: str, where: str) -> list[str]:
+    """One string per line of a JSONL file (``field`` of each object), or per line of a .txt file."""
+    if not path.is_file():
+        raise UserError(where, f"file not found: {path}", "fix the path (relative to the spec file)")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".txt":
+        return lines
+    values = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}", f"not valid JSON ({error.msg})", "write one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise UserError(f"{path}:{number}", f"no string field '{field}'", f"give each line a '{field}' string")
+        values.append(record[field])
+    if not values:
+        raise UserError(str(path), "the file holds no prompts", "add at least one line")
+    return values
+
+
+def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> PromptSets:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(str(path), "prompt-set spec not found", "pass an existing YAML file")
+    try:
+        spec = PromptSetSpec.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise UserError(f"{path}: {field}", first["msg"], "see datasets_yaml/testbed_prompts.yaml for the format") from None
+    base = path.parent
+
+    def prompts(name: str) -> list[str]:
+        return read_field(base / getattr(spec, name), spec.prompt_field, f"{path}: {name}")
+
+    texts = read_field(base / spec.perplexity_text, spec.text_field, f"{path}: perplexity_text") if spec.perplexity_text else []
+    return PromptSets(
+        harmful_train=prompts("harmful_train"),
+        harmless_train=prompts("harmless_train"),
+        harmful_test=prompts("harmful_test"),
+        harmless_test=prompts("harmless_test"),
+        perplexity_texts=texts,
+        refusal_markers=tuple(marker.lower() for marker in spec.refusal_markers),
+        compliance_openers=tuple(spec.compliance_openers),
+        compliance_patterns=tuple(spec.compliance_patterns),
+    )

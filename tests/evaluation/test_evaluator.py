@@ -1,0 +1,95 @@
+import copy
+
+import pytest
+import torch
+
+from abliterate.evaluation import EvaluationConfig, Evaluator, is_refusal
+from quantize.errors import UserError
+
+from .conftest import HARMFUL, HARMLESS
+
+
+@pytest.fixture(scope="module")
+def answers(model, tokenizer):
+    """The model's own greedy answers, to build markers and openers that really occur."""
+    from abliterate.evaluation import format_chat_prompts, generate_greedy
+
+    ids = format_chat_prompts(tokenizer, HARMFUL)
+    return [r.text for r in generate_greedy(model, tokenizer, ids, max_new_tokens=12, batch_size=8)]
+
+
+def test_base_evaluation_counts_refusals_and_compliance(model, tokenizer, answers):
+    marker = answers[0].split()[1]
+    opener = answers[1].split()[0]
+    config = EvaluationConfig(
+        refusal_markers=(marker,), compliance_openers=(opener,), max_new_tokens=12, kl_tokens=4, batch_size=4,
+        count_harmless_refusals=True,
+    )
+    evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config)
+    base = evaluator.base
+    assert base.n_harmful == len(HARMFUL) and base.n_harmless == len(HARMLESS)
+    assert base.refusals == sum(is_refusal(text, (marker,)) for text in base.responses) >= 1
+    assert base.refusals == evaluator.base_refusals
+    compliant = sum(
+        not is_refusal(text, (marker,)) and text.lower().startswith(opener) for text in base.responses
+    )
+    assert base.compliance == compliant
+    assert base.harmless_refusals is not None
+    # The unedited model against itself: no divergence, identical answers.
+    assert base.kl == 0.0 and base.kl_first_token == 0.0
+    again = evaluator.evaluate(model)
+    assert again.responses == base.responses and again.kl == 0.0
+    assert evaluator.relative_refusals(again) == 1.0
+    assert evaluator.refusal_note is None
+
+
+def test_an_edit_changes_kl_and_refusals_are_relative_to_base(model, tokenizer, answers):
+    marker = answers[0].split()[1]
+    config = EvaluationConfig(refusal_markers=(marker,), max_new_tokens=12, kl_tokens=6, batch_size=3)
+    evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config)
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in edited.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.3)
+    result = evaluator.evaluate(edited)
+    assert result.kl > 1e-3
+    assert result.kl_tokens == 6
+    assert result.compliance is None  # nothing configured to recognise an answer
+    assert evaluator.relative_refusals(result) == pytest.approx(result.refusals / evaluator.base.refusals)
+
+
+def test_zero_base_refusals_do_not_divide_by_zero(model, tokenizer):
+    config = EvaluationConfig(refusal_markers=("no such marker",), max_new_tokens=5, kl_tokens=2, batch_size=8)
+    evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config)
+    assert evaluator.base.refusals == 0
+    assert evaluator.relative_refusals(evaluator.base) == 0.0
+    assert "refused none" in evaluator.refusal_note
+
+
+def test_automatic_batch_size_and_perplexity(model, tokenizer):
+    config = EvaluationConfig(max_new_tokens=4, kl_tokens=2, max_batch_size=8)
+    evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config, perplexity_texts=["one two three four"])
+    assert evaluator.batch_size in {1, 2, 4, 8}
+    assert evaluator.base.perplexity is not None and evaluator.base.perplexity > 1.0
+    assert evaluator.evaluate(model).perplexity is None  # only on request
+    assert evaluator.evaluate(model, with_perplexity=True).perplexity == pytest.approx(evaluator.base.perplexity)
+
+
+def test_judge_overrides_rules(model, tokenizer):
+    calls = []
+
+    def judge(prompts, answers):
+        calls.append(len(answers))
+        return [index % 2 == 0 for index in range(len(answers))]
+
+    config = EvaluationConfig(refusal_markers=("no such marker",), max_new_tokens=4, kl_tokens=2, batch_size=8)
+    evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config, compliance_judge=judge)
+    assert calls == [len(HARMFUL)]
+    assert evaluator.base.compliance == (len(HARMFUL) + 1) // 2
+
+
+def test_bad_settings_are_user_errors(model, tokenizer):
+    with pytest.raises(UserError, match="kl_tokens"):
+        EvaluationConfig(kl_tokens=0)
+    with pytest.raises(UserError, match="prompt"):
+        Evaluator(model, tokenizer, [], HARMLESS)
