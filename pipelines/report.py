@@ -9,9 +9,9 @@ from rich.table import Table
 
 METRIC_COLUMNS = (
     ("refusals", "refusals"),
-    ("compliance", "compliance"),
+    ("compliance", "compliant"),
     ("kl", "KL"),
-    ("perplexity", "perplexity"),
+    ("perplexity", "ppl"),
     ("size_bytes", "size"),
 )
 
@@ -24,7 +24,7 @@ def _format(key: str, value: Any) -> str:
     if key in {"refusals", "compliance"} and isinstance(value, (int, float)) and value <= 1:
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.3g}"
     return str(value)
 
 
@@ -38,13 +38,18 @@ def evaluation_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def print_final_table(console: Console, manifest: dict[str, Any]) -> None:
-    table = Table(title=f"pipeline {manifest.get('pipeline', {}).get('name', '')}: metrics by stage")
-    table.add_column("stage")
-    table.add_column("model")
+    table = Table(title=f"pipeline {manifest.get('pipeline', {}).get('name', '')}: every model, one ruler",
+                  caption="refusals / compliance: share of the harmful test prompts; KL: mean over the first "
+                          "generated tokens of the harmless test prompts, against the model in 'KL vs'")
+    table.add_column("model", no_wrap=True)
     for _, header in METRIC_COLUMNS:
-        table.add_column(header, justify="right")
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("KL vs", no_wrap=True)
     for row in evaluation_rows(manifest):
-        table.add_row(row["stage"], row.get("label", ""), *(_format(key, row.get(key)) for key, _ in METRIC_COLUMNS))
+        table.add_row(row.get("label", row["stage"]), *(_format(key, row.get(key)) for key, _ in METRIC_COLUMNS),
+                      row.get("reference") or "-")
+    if not console.is_terminal:  # a log or CI: rich would assume 80 columns and crop the numbers
+        console = Console(file=console.file, width=max(console.width, 110))
     console.print(table)
     timing = Table(title="stages")
     for header in ("stage", "status", "seconds", "peak RSS"):

@@ -89,7 +89,8 @@ def validate_all(spec: PipelineSpec, output_dir: Path) -> None:
     """Build every stage's settings before running anything: errors come first."""
     previous = None
     for stage in spec.stages:
-        context = StageContext(spec.name, spec.model, previous, str(output_dir / stage.name), spec.trust_remote_code)
+        context = StageContext(spec.name, spec.model, previous, str(output_dir / stage.name), spec.trust_remote_code,
+                               spec.evaluate_original)
         adapter_for(stage.name).build_settings(dict(stage.settings), context)
         previous = str(output_dir / stage.name)
 
@@ -124,7 +125,8 @@ def main(argv: list[str]) -> int:
             console.print(f"[green]✓ {stage.name}[/]: up to date (inputs and settings unchanged), skipped")
         else:
             console.rule(f"[bold]stage: {stage.name}")
-            context = StageContext(spec.name, spec.model, previous_dir, str(stage_dir), spec.trust_remote_code, previous_results)
+            context = StageContext(spec.name, spec.model, previous_dir, str(stage_dir), spec.trust_remote_code,
+                                   spec.evaluate_original, previous_results)
             record = {"status": "running", "fingerprint": stage_fingerprint, "settings": stage.settings,
                       "input_sha256": input_hash, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             manifest.stages[stage.name] = record

@@ -42,6 +42,7 @@ class PipelineSpec(BaseModel):
     description: str = ""
     hardware: str = Field("", description="What the pipeline needs to run (documentation only).")
     trust_remote_code: bool = False
+    evaluate_original: bool = Field(True, description="Also measure the source model, so the final table starts from it.")
     stages: list[StageEntry]
 
     @field_validator("stages", mode="before")

@@ -29,9 +29,9 @@ def execute(request_path: Path) -> int:
     adapter = importlib.import_module(request["adapter"])
     started = time.perf_counter()
     try:
-        settings = adapter.build_settings(request["settings"], context)
         with atomic_output_dir(final_stage_dir, overwrite=True) as work_dir:
             context.stage_dir = str(work_dir)
+            settings = adapter.build_settings(request["settings"], context)
             outcome = adapter.run(settings, context)
         status, error = "complete", None
     except UserError as problem:

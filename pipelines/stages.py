@@ -26,6 +26,7 @@ class StageContext:
     input_dir: str | None  # the previous stage's artifact (None for the first stage)
     stage_dir: str  # an empty directory that becomes <output_dir>/<stage> on success
     trust_remote_code: bool = False
+    evaluate_original: bool = True
     previous_results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 

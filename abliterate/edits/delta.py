@@ -1,0 +1,113 @@
+"""The weight change of one component, as a pure function of its weight.
+
+Both the search (through LoRA factors) and the streaming merge (on
+full-precision weights, shard by shard, without the model) call these, so the
+merged checkpoint carries exactly the edit that was evaluated.
+
+Orientation: a component's weight maps into the residual stream. In the
+canonical layout the residual axis comes first, ``[hidden, in]`` (a Linear
+weight) or ``[experts, hidden, in]`` (fused experts). ``transposed=True``
+means the stored layout has the residual axis last (``[in, hidden]`` /
+``[experts, in, hidden]``, e.g. gpt-oss experts); inputs and outputs then use
+that stored layout.
+
+Methods:
+
+* ``rank1``: ``W' = (I - lambda v v^T) W``; delta ``= (-lambda v)(v^T W)``,
+  exactly rank one.
+* ``norm_preserving``: the rank-1 edit, then each row of ``W'`` (one residual
+  feature) rescaled to its original norm, so the edit changes directions, not
+  magnitudes; the resulting delta is replaced by its best rank-``rank``
+  approximation (randomized SVD with a fixed CPU seed, so every device and the
+  merge compute the same factors up to float rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Method = Literal["rank1", "norm_preserving"]
+METHODS: tuple[str, ...] = ("rank1", "norm_preserving")
+_OVERSAMPLE = 8
+_POWER_ITERATIONS = 2
+
+
+def _canonical(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """fp32 weight with the residual axis second to last ([..., hidden, in])."""
+    weight = weight.float()
+    return weight.transpose(-2, -1) if transposed else weight
+
+
+def _low_rank(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left [m, r], right [r, n])`` with ``left @ right`` ~ best rank-r approximation of ``matrix``."""
+    rows, columns = matrix.shape
+    sketch_size = min(rank + _OVERSAMPLE, rows, columns)
+    if sketch_size == min(rows, columns):
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        probe = torch.randn(columns, sketch_size, generator=generator).to(matrix)
+        basis = torch.linalg.qr(matrix @ probe).Q
+        for _ in range(_POWER_ITERATIONS):
+            basis = torch.linalg.qr(matrix @ (matrix.T @ basis)).Q
+        u_small, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+        u = basis @ u_small
+    rank = min(rank, s.shape[0])
+    return u[:, :rank] * s[:rank], vh[:rank]
+
+
+def abliteration_factors(
+    weight: torch.Tensor,
+    direction: torch.Tensor,
+    strength: float,
+    *,
+    method: Method = "rank1",
+    rank: int = 3,
+    transposed: bool = False,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left [..., hidden, r], right [..., r, in])`` fp32 with canonical delta ``left @ right``.
+
+    ``weight`` is 2-D or 3-D (fused experts, one edit per expert); ``direction``
+    a unit vector of the residual size; ``strength`` is lambda.
+    """
+    canonical = _canonical(weight, transposed)
+    v = direction.to(device=canonical.device, dtype=torch.float32)
+    if canonical.shape[-2] != v.shape[0]:
+        raise ValueError(f"direction has {v.shape[0]} features, weight's residual axis has {canonical.shape[-2]}")
+    projection = torch.einsum("h,...hi->...i", v, canonical).unsqueeze(-2)  # v^T W: [..., 1, in]
+    left = (-strength * v).unsqueeze(-1).expand(*canonical.shape[:-2], v.shape[0], 1)  # [..., hidden, 1]
+    if method == "rank1":
+        return left.contiguous(), projection
+    if method != "norm_preserving":
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    edited = canonical + left @ projection
+    row_norms = canonical.norm(dim=-1, keepdim=True)
+    edited_norms = edited.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    full_delta = edited * (row_norms / edited_norms) - canonical
+    if full_delta.ndim == 2:
+        return _low_rank(full_delta, rank, seed)
+    pairs = [_low_rank(matrix, rank, seed + index) for index, matrix in enumerate(full_delta)]
+    return torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])
+
+
+def abliteration_delta(
+    weight: torch.Tensor,
+    direction: torch.Tensor,
+    strength: float,
+    *,
+    method: Method = "rank1",
+    rank: int = 3,
+    transposed: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
+    """fp32 delta in ``weight``'s own layout: the merged weight is ``(weight.float() + delta).to(weight.dtype)``."""
+    if strength == 0.0:
+        return torch.zeros_like(weight, dtype=torch.float32)
+    left, right = abliteration_factors(
+        weight, direction, strength, method=method, rank=rank, transposed=transposed, seed=seed
+    )
+    delta = left @ right
+    return delta.transpose(-2, -1) if transposed else delta

@@ -1,0 +1,169 @@
+"""Edits applied as PEFT LoRA adapters: the base weights never change.
+
+One adapter ("abliteration") covers every component: ``lora.Linear`` on
+2-D projections and PEFT's ``target_parameters`` wrapper on fused 3-D expert
+parameters (one low-rank pair per expert). A trial writes the factors of
+``edits.delta`` into the adapter (``lora_B @ lora_A`` = delta, scaling 1);
+resetting zeroes ``lora_B``, which gives back the base model's logits exactly.
+This works the same on bf16 weights and on dequantized NVFP4 weights (the
+formats loader with ``dequantize=True``), because PEFT only needs a Linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from torch.nn.utils import parametrize
+
+from abliterate.architectures import Component
+from abliterate.edits.delta import Method, abliteration_factors
+from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
+from abliterate.quantization.lora_support import dequantized_weight, is_quantized_linear, register_quantized_lora_layers
+
+ADAPTER_NAME = "abliteration"
+
+
+@dataclass(frozen=True)
+class SkippedComponent:
+    component: Component
+    reason: str  # "meta device", "NaN/inf weights" or "quantized weight-level component"
+
+
+def _weight_of(model: nn.Module, component: Component) -> torch.Tensor:
+    return getattr(model.get_submodule(component.module_name), component.parameter_name)
+
+
+def usable_components(model: nn.Module, components: list[Component]) -> tuple[list[Component], list[SkippedComponent]]:
+    """Split off components that cannot be edited: weights on the meta device, or non-finite weights."""
+    usable, skipped = [], []
+    for component in components:
+        weight = _weight_of(model, component)
+        module = model.get_submodule(component.module_name)
+        if is_quantized_linear(module):  # --quantization: check what the layer computes with
+            if component.weight_level:
+                skipped.append(SkippedComponent(component, "quantized weight-level component (keep it unquantized "
+                                                           "with --quantization_overrides)"))
+                continue
+            weight = dequantized_weight(module)
+        if weight.device.type == "meta":
+            skipped.append(SkippedComponent(component, "meta device"))
+        elif not bool(torch.isfinite(weight).all()):
+            skipped.append(SkippedComponent(component, "NaN/inf weights"))
+        else:
+            usable.append(component)
+    return usable, skipped
+
+
+class LowRankWeightDelta(nn.Module):
+    """Weight parametrization ``W -> W + left @ right`` for projections a LoRA forward cannot reach."""
+
+    def __init__(self, weight: torch.Tensor, rank: int) -> None:
+        super().__init__()
+        self.register_buffer("left", torch.zeros(weight.shape[0], rank, device=weight.device, dtype=torch.float32))
+        self.register_buffer("right", torch.zeros(rank, weight.shape[1], device=weight.device, dtype=torch.float32))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight.float() + self.left @ self.right).to(weight.dtype)
+
+
+class _WeightLevelSlot:
+    """The same interface as a PEFT LoRA layer (base weight, A, B) for a parametrized weight."""
+
+    def __init__(self, module: nn.Module, rank: int) -> None:
+        self.delta = LowRankWeightDelta(module.weight, rank)
+        parametrize.register_parametrization(module, "weight", self.delta)
+        self.module = module
+
+    def base_weight(self) -> torch.Tensor:
+        return self.module.parametrizations.weight.original
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.delta.right, self.delta.left
+
+
+class LoraAbliterator:
+    """Owns the adapter on ``model`` (modified in place) and writes one trial's edit into it."""
+
+    def __init__(self, model: nn.Module, components: list[Component], *, method: Method = "rank1", rank: int = 3, seed: int = 0):
+        self.model = model
+        self.method = method
+        self.rank = 1 if method == "rank1" else rank
+        self.seed = seed
+        self.components, self.skipped = usable_components(model, components)
+        linear = [c.module_name for c in self.components if c.num_experts is None and not c.weight_level]
+        fused = [c.parameter_path for c in self.components if c.num_experts is not None]
+        config = LoraConfig(
+            r=self.rank,
+            lora_alpha=self.rank,  # scaling alpha / r = 1: the factors are the delta itself
+            lora_dropout=0.0,
+            target_modules=linear or None,
+            target_parameters=fused or None,
+            bias="none",
+        )
+        register_quantized_lora_layers(config)  # our NVFP4Linear (--quantization nvfp4); PEFT knows torchao and bnb
+        if any(c.num_experts is None and not c.weight_level for c in self.components) or fused:
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        self._layers = {
+            c.parameter_path: _WeightLevelSlot(model.get_submodule(c.module_name), self.rank)
+            if c.weight_level
+            else model.get_submodule(c.module_name)
+            for c in self.components
+        }
+        self.reset()
+
+    def _base_weight(self, component: Component) -> torch.Tensor:
+        layer = self._layers[component.parameter_path]
+        if component.weight_level:
+            return layer.base_weight()
+        if component.num_experts is not None:
+            return layer.get_param()
+        return dequantized_weight(layer.get_base_layer())
+
+    def _factor_tensors(self, component: Component) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) storage: A [r(*experts), in], B [hidden, r(*experts)]."""
+        layer = self._layers[component.parameter_path]
+        if component.weight_level:
+            return layer.factors()
+        return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for component in self.components:
+            self._factor_tensors(component)[1].zero_()
+
+    @torch.no_grad()
+    def apply(self, parameters: AbliterationParameters, directions: torch.Tensor) -> int:
+        """Replace the adapter's content with this trial's edit; returns the number of components edited."""
+        self.reset()
+        vectors = edit_directions(parameters, directions)
+        edits = plan_edits(parameters, self.components)
+        for edit in edits:
+            component = edit.component
+            weight = self._base_weight(component)
+            left, right = abliteration_factors(
+                weight, vectors[edit.direction_key].to(weight.device), edit.strength,
+                method=self.method, rank=self.rank, transposed=component.transposed, seed=self.seed,
+            )
+            self._write(component, left, right)
+        return len(edits)
+
+    def _write(self, component: Component, left: torch.Tensor, right: torch.Tensor) -> None:
+        lora_a, lora_b = self._factor_tensors(component)
+        rank = left.shape[-1]
+        if rank < self.rank:  # a tiny matrix can have fewer singular values than the adapter's rank
+            lora_a.zero_()
+            lora_b.zero_()
+        if component.num_experts is None:
+            lora_a[:rank].copy_(right)
+            lora_b[:, :rank].copy_(left)
+            return
+        # PEFT keeps expert e's factors as rows e*r..e*r+r of lora_A and as
+        # lora_B.reshape(out, r, experts)[:, :, e]; see ParamWrapper.get_delta_weight.
+        experts = component.num_experts
+        a_view = lora_a.view(experts, self.rank, -1)
+        b_view = lora_b.view(lora_b.shape[0], self.rank, experts)
+        a_view[:, :rank].copy_(right)
+        b_view[:, :rank].copy_(left.permute(1, 2, 0))

@@ -1,0 +1,71 @@
+"""Which checkpoint tensors the chosen trial rewrites, found by name before any weight is read.
+
+The trial names each edited parameter as the loaded transformers model names
+it. On disk that is usually the same name; experts that transformers fuses
+into one 3-D parameter at load time may be stored one tensor per expert
+(``<experts>.<e>.<name>.weight``), and then each of those is edited with its
+expert's slice of the edit. An edited parameter found nowhere on disk is an
+error, never a silent skip (the reference's failure on fused experts).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from abliterate.artifacts import ChosenTrial, EditRecord
+from quantize.formats.experts import FUSED_PARTS
+from quantize.errors import UserError
+
+
+@dataclass(frozen=True)
+class TensorEdit:
+    tensor_name: str  # name on disk
+    record: EditRecord  # the trial's edit of the whole parameter
+    expert: int | None = None  # set when the file stores this expert of a fused parameter alone
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    edits: dict[str, TensorEdit]  # on-disk tensor name -> edit
+
+    def touches(self, name: str) -> bool:
+        return name in self.edits
+
+    def summary(self) -> dict[str, int]:
+        """Edited on-disk tensors per component group (attn / mlp)."""
+        return dict(Counter(edit.record.group for edit in self.edits.values()))
+
+
+def _on_disk(record: EditRecord, names: set[str]) -> list[tuple[str, int | None]]:
+    if record.parameter in names:
+        return [(record.parameter, None)]
+    if record.num_experts is None:
+        return []
+    module, _, parameter = record.parameter.rpartition(".")
+    # the per-expert names a fused parameter may have on disk (down_proj or w2), as the formats loader reads them
+    alternatives = [name for part in FUSED_PARTS.get(parameter, ((parameter,),)) for name in part]
+    per_expert = re.compile(re.escape(module) + r"\.(\d+)\.(?:" + "|".join(map(re.escape, alternatives)) + r")\.weight$")
+    found = [(name, int(m.group(1))) for name in names if (m := per_expert.match(name))]
+    return sorted(found, key=lambda item: item[1]) if len(found) == record.num_experts else []
+
+
+def plan_merge(trial: ChosenTrial, names: set[str], where: str) -> MergePlan:
+    """``names``: the full-precision tensor names of the merge source (``FullPrecisionSource.names``)."""
+    edits: dict[str, TensorEdit] = {}
+    missing: list[str] = []
+    for record in trial.edits.values():
+        targets = _on_disk(record, names)
+        if not targets:
+            missing.append(record.parameter)
+        for name, expert in targets:
+            edits[name] = TensorEdit(name, record, expert)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(
+            where,
+            f"the chosen trial edits parameters with no tensor in this checkpoint: {shown}",
+            "merge into the model the trial was searched on (same architecture, same parameter names)",
+        )
+    return MergePlan(edits)

@@ -1,0 +1,139 @@
+"""Reload an export and check that it behaves like the trial the user chose.
+
+The search measured the trial on the model it loaded plus a LoRA edit; the
+export is that edit merged (into bf16, or re-quantized). Both are scored with
+the same evaluator, on the same test prompts, against the same unedited model,
+so refusals, compliance and KL must agree within a tolerance. The tolerance
+is stated (and recorded in the manifest) because merging into the bf16 base
+instead of dequantized weights, and re-quantizing, legitimately moves the
+numbers a little; a larger gap means the export is not the chosen edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from abliterate.artifacts import ChosenTrial
+from quantize.errors import UserError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far the export may be from the trial; refusals/compliance: a count if >= 1, else a fraction of prompts.
+
+    The defaults come from the testbed: re-quantizing the edited weights to
+    NVFP4 moved 3 of 32 borderline answers (refusal <-> answer) while KL stayed
+    within 2x; a broken export (edit missing, doubled or on the wrong layers)
+    moves refusals to the base count or KL by orders of magnitude.
+    """
+
+    refusals: float = 0.1
+    compliance: float = 0.1
+    kl_absolute: float = 0.02
+    kl_relative: float = 0.5  # of the trial's KL
+
+    @staticmethod
+    def allowed(value: float, n_prompts: int) -> float:
+        return value if value >= 1 else value * n_prompts
+
+    def kl_allowed(self, trial_kl: float) -> float:
+        return self.kl_absolute + self.kl_relative * abs(trial_kl)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    passed: bool
+    trial: dict[str, Any]
+    export: dict[str, Any]
+    tolerance: dict[str, Any]
+    problems: list[str]
+    model: str
+    unedited: dict[str, Any]  # the unedited model re-measured here (with perplexity when the spec has texts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare(trial_metrics: dict[str, Any], export_metrics: dict[str, Any], tolerance: Tolerance) -> list[str]:
+    """Each metric outside its tolerance, in words (empty: the export matches)."""
+    problems = []
+    n_harmful = int(trial_metrics.get("n_harmful") or export_metrics.get("n_harmful") or 0)
+    for metric, allowed in (("refusals", tolerance.allowed(tolerance.refusals, n_harmful)),
+                            ("compliance", tolerance.allowed(tolerance.compliance, n_harmful))):
+        trial_value, export_value = trial_metrics.get(metric), export_metrics.get(metric)
+        if trial_value is None or export_value is None:
+            continue
+        if abs(export_value - trial_value) > allowed:
+            problems.append(f"{metric} {export_value} vs trial {trial_value} (tolerance ±{allowed:g} of {n_harmful})")
+    allowed_kl = tolerance.kl_allowed(trial_metrics["kl"])
+    if abs(export_metrics["kl"] - trial_metrics["kl"]) > allowed_kl:
+        problems.append(f"KL {export_metrics['kl']:.4g} vs trial {trial_metrics['kl']:.4g} (tolerance ±{allowed_kl:.3g})")
+    return problems
+
+
+MAX_PERPLEXITY_TEXTS = 64
+
+
+def perplexity_texts(spec: Path | None) -> list[str]:
+    """The prompt spec's held-out general text (testbed specs name one), capped; [] when it has none."""
+    from abliterate.evaluation.prompt_sets import load_prompt_spec
+
+    if spec is None or not Path(spec).is_file():
+        return []
+    try:
+        return load_prompt_spec(spec).perplexity_texts[:MAX_PERPLEXITY_TEXTS]
+    except UserError:
+        return []  # a spec stage 2 reads but without perplexity text: nothing to add
+
+
+def _stage2_settings(trial: ChosenTrial):
+    from abliterate.settings import AbliterateSettings
+
+    settings = trial.data.get("settings")
+    if not settings:
+        raise UserError("chosen_trial.json", "no 'settings' recorded: cannot rebuild the evaluation",
+                        "re-run the abliterate stage with this version, or export with --no-verify")
+    return AbliterateSettings.model_validate(settings)
+
+
+def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
+                  device_map: str | None = None) -> VerifyResult:
+    """Score the export exactly as the search scored the trial; never raises on a mismatch (see ``passed``)."""
+    from abliterate.evaluation import Evaluator
+    from abliterate.loading import load_model
+    from abliterate.prompts import load_prompt_sets
+    from abliterate.run import evaluation_config
+    from abliterate.search.objectives import TrialMetrics
+
+    settings = _stage2_settings(trial)
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    prompts = load_prompt_sets(settings.prompt_spec(), {name: getattr(settings, name) for name in
+                               ("harmful_train", "harmless_train", "harmful_test", "harmless_test")},
+                               settings.max_train_prompts, settings.max_test_prompts)
+    config = evaluation_config(settings, prompts)
+    device_map = device_map if device_map is not None else settings.device_map
+    reference = load_model(settings.model, dtypes=settings.dtypes, device_map=device_map,
+                           max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code)
+    texts = perplexity_texts(settings.prompt_spec())
+    evaluator = Evaluator(reference.model, reference.tokenizer, prompts.harmful_test, prompts.harmless_test, config,
+                          perplexity_texts=texts)
+    unedited = {**TrialMetrics.from_eval_result(evaluator.base).to_dict(), "perplexity": evaluator.base.perplexity}
+    del reference  # the evaluator keeps the unedited model's KL reference, not the model
+    exported = load_model(str(export_dir), dtypes=settings.dtypes, device_map=device_map,
+                          max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code)
+    with torch.no_grad():
+        result = evaluator.evaluate(exported.model, with_perplexity=bool(texts))
+    metrics = {**TrialMetrics.from_eval_result(result).to_dict(), "perplexity": result.perplexity}
+    trial_metrics = dict(trial.data["metrics"])
+    problems = compare(trial_metrics, metrics, tolerance)
+    n_harmful = int(trial_metrics.get("n_harmful") or 0)
+    stated = {**asdict(tolerance), "refusals_allowed": tolerance.allowed(tolerance.refusals, n_harmful),
+              "compliance_allowed": tolerance.allowed(tolerance.compliance, n_harmful),
+              "kl_allowed": tolerance.kl_allowed(trial_metrics["kl"])}
+    return VerifyResult(not problems, trial_metrics, metrics, stated, problems,
+                        f"{export_dir} ({exported.source_format})", unedited)

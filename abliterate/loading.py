@@ -1,0 +1,136 @@
+"""Loading the model to abliterate, whatever form it comes in.
+
+Quantized checkpoints (ModelOpt NVFP4 / W4A16 / FP8, compressed-tensors) go
+through our formats loader with ``dequantize=True``: LoRA needs a plain
+Linear, and transformers cannot read ModelOpt NVFP4 at all. Everything else
+goes through ``from_pretrained``. Dtypes are tried in order; a dtype that
+loads but gives NaN/inf logits on a one-token test generation (fp16 overflow,
+broken scales) is rejected before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from abliterate.quantization.options import NVFP4, QuantizationRequest
+from quantize.errors import UserError
+
+_DTYPES = {
+    "auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+    "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source_format: str  # "plain" or the formats loader's name for the checkpoint
+    dtype: str
+
+
+def _quantized_format(path: str) -> str | None:
+    """The checkpoint's format description if the formats loader should read it, else None."""
+    if not Path(path).is_dir():
+        return None
+    from quantize.formats.detect import detect_format
+
+    checkpoint_format = detect_format(path)
+    return checkpoint_format.describe() if checkpoint_format.kind.is_quantized else None
+
+
+def _load_once(path: str, dtype_name: str, quantized: str | None, device_map, max_memory, trust_remote_code: bool,
+               quantization: QuantizationRequest | None = None):
+    if quantization is not None and quantization.enabled:
+        return _load_quantizing(path, dtype_name, quantization, device_map, max_memory, trust_remote_code)
+    if quantized is not None:
+        from quantize.formats.loader import load_checkpoint
+
+        dtype = torch.bfloat16 if dtype_name in {"auto", "fp8"} else _DTYPES[dtype_name]
+        model, _ = load_checkpoint(path, dequantize=True, dtype=dtype, device_map=device_map,
+                                   max_memory=max_memory, trust_remote_code=trust_remote_code)
+        return model
+    # 'fp8' on an ordinary checkpoint: keep whatever the checkpoint stores (its
+    # own quantization config decides); never pass 'fp8' on as a torch dtype.
+    dtype = "auto" if dtype_name == "fp8" else _DTYPES[dtype_name]
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                                trust_remote_code=trust_remote_code)
+
+
+def _load_quantizing(path: str, dtype_name: str, quantization: QuantizationRequest, device_map, max_memory,
+                     trust_remote_code: bool):
+    """--quantization: torchao / bitsandbytes inside from_pretrained, NVFP4 packed after a CPU load."""
+    from abliterate.quantization.apply import compute_dtype, load_nvfp4, quantization_config
+    from abliterate.quantization.device_check import target_device_type
+
+    dtype = compute_dtype("auto" if dtype_name == "fp8" else _DTYPES[dtype_name])
+    if quantization.option == NVFP4:
+        return load_nvfp4(path, quantization, dtype, device_map, max_memory, trust_remote_code)
+    config = quantization_config(quantization, dtype, target_device_type(device_map))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                                trust_remote_code=trust_remote_code, quantization_config=config)
+
+
+def _check_quantization(quantized: str | None, quantization: QuantizationRequest, device_map) -> None:
+    """Refuse before loading: a checkpoint that is quantized already, or a config this device cannot run."""
+    from abliterate.quantization.device_check import check_runs_here, device_facts
+
+    if quantized is not None:
+        raise UserError("--quantization", f"the model is already quantized ({quantized}); quantizing it again on load "
+                        "would stack two rounding errors", "drop --quantization (stage-1 checkpoints load as they are)")
+    check_runs_here(quantization, device_facts(device_map))
+
+
+@torch.inference_mode()
+def check_generates_finite(model, tokenizer) -> None:
+    """One token of a real chat prompt; raises ValueError on NaN/inf logits."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer("Hello", return_tensors="pt")["input_ids"]
+    device = next(model.parameters()).device
+    output = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), max_new_tokens=1,
+                            do_sample=False, output_logits=True, return_dict_in_generate=True,
+                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    logits = output.logits[0]
+    if not torch.isfinite(logits).all():
+        raise ValueError("NaN/inf logits on a one-token test generation")
+
+
+def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "auto", max_memory: dict | None = None,
+               trust_remote_code: bool = False, quantization: QuantizationRequest | None = None) -> LoadedModel:
+    if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") > 1):
+        raise UserError("--model", f"{path} does not exist", "give a local model folder or a Hub id (org/name)")
+    quantized = _quantized_format(path)
+    if quantization is not None and quantization.enabled:
+        _check_quantization(quantized, quantization, device_map)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError("--model", f"cannot load the tokenizer of {path}: {error}", "check the path / Hub id") from None
+    tokenizer.padding_side = "left"
+    memory = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()} if max_memory else None
+    errors = []
+    for dtype_name in dtypes:
+        try:
+            model = _load_once(path, dtype_name, quantized, device_map, memory, trust_remote_code, quantization)
+            model.eval()
+            check_generates_finite(model, tokenizer)
+        except UserError:
+            raise
+        except (ValueError, RuntimeError, TypeError, OSError) as error:
+            errors.append(f"{dtype_name}: {str(error).splitlines()[0][:200]}")
+            continue
+        source_format = quantized or "plain"
+        if quantization is not None and quantization.enabled:
+            source_format = f"plain, quantized on load: {quantization.describe()}"
+        return LoadedModel(model, tokenizer, source_format, dtype_name)
+    raise UserError("--model", f"{path} did not load with any dtype of --dtypes:\n    " + "\n    ".join(errors),
+                    "try another --dtypes list (e.g. '[\"float32\"]'), or check the checkpoint")

@@ -1,0 +1,53 @@
+"""The four prompt sets and the marker lists for a run: a spec YAML plus per-set overrides.
+
+The spec format and its reader belong to the evaluator
+(``abliterate.evaluation.prompt_sets``: ``harmful_train``, ``harmless_train``,
+``harmful_test``, ``harmless_test`` relative to the spec, ``prompt_field``,
+``refusal_markers``, ``compliance_openers`` / ``compliance_patterns``). This
+module adds what the stage's flags need on top: any set replaced by a file of
+its own (``.txt`` one prompt per line, or ``.jsonl`` with ``prompt_field``),
+and a cap on the number of train / test prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from abliterate.evaluation.prompt_sets import load_prompt_spec, read_field
+from quantize.errors import UserError
+
+SETS = ("harmful_train", "harmless_train", "harmful_test", "harmless_test")
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    harmful_train: tuple[str, ...]
+    harmless_train: tuple[str, ...]
+    harmful_test: tuple[str, ...]
+    harmless_test: tuple[str, ...]
+    refusal_markers: tuple[str, ...] | None  # None: no spec, the evaluator's default list applies
+    compliance_openers: tuple[str, ...]
+    compliance_patterns: tuple[str, ...]
+
+
+def load_prompt_sets(spec: Path | None, overrides: dict[str, Path | None], limit_train: int | None = None,
+                     limit_test: int | None = None) -> PromptSets:
+    overrides = {name: path for name, path in overrides.items() if path is not None}
+    if spec is not None and Path(spec).is_file():
+        loaded = load_prompt_spec(spec)
+        sets = {name: tuple(getattr(loaded, name)) for name in SETS}
+        markers, openers, patterns = loaded.refusal_markers, loaded.compliance_openers, loaded.compliance_patterns
+    elif all(name in overrides for name in SETS):
+        sets, markers, openers, patterns = {}, None, (), ()
+    else:
+        raise UserError("--prompts", f"prompt spec {spec} does not exist",
+                        "pass --prompts SPEC.yaml, or all of --harmful_train --harmless_train --harmful_test --harmless_test")
+    for name, path in overrides.items():
+        sets[name] = tuple(read_field(Path(path), "prompt", f"--{name}"))
+    for name in SETS:
+        limit = limit_train if name.endswith("train") else limit_test
+        if limit:
+            sets[name] = sets[name][:limit]
+    return PromptSets(**sets, refusal_markers=markers, compliance_openers=tuple(openers),
+                      compliance_patterns=tuple(patterns))

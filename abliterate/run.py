@@ -1,0 +1,236 @@
+"""The abliterate stage from settings to output directory: the edge where I/O and printing live."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.prompt import IntPrompt
+from safetensors.torch import load_file, save_file
+
+from abliterate.architectures import Architecture, discover
+from abliterate.architectures.report import print_architecture
+from abliterate.artifacts import write_chosen_trial
+from abliterate.directions import refusal_directions
+from abliterate.edits.lora import LoraAbliterator
+from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
+from abliterate.evaluation import DEFAULT_REFUSAL_MARKERS, EvaluationConfig, Evaluator
+from abliterate.loading import load_model
+from abliterate.prompts import PromptSets, load_prompt_sets
+from abliterate.residuals import prompt_residuals
+from abliterate.search.objectives import TrialMetrics, broken_answers, zero_base_refusals_note
+from abliterate.search.selection import (
+    DEFAULT_RULE,
+    Candidate,
+    effective_refusals,
+    front_table,
+    pareto_front,
+    plot_front,
+    select_trial,
+)
+from abliterate.search.space import suggest_parameters
+from abliterate.search.study import TrialOutcome, completed_trials, open_study, run_trials, trial_metrics, trial_parameters
+from abliterate.settings import AbliterateSettings
+from quantize.atomic_output import atomic_output_dir, check_writable_output
+from quantize.errors import UserError
+
+SVD_SEED = 0
+
+
+def evaluation_config(settings: AbliterateSettings, prompts: PromptSets) -> EvaluationConfig:
+    return EvaluationConfig(
+        refusal_markers=tuple(settings.refusal_markers or prompts.refusal_markers or DEFAULT_REFUSAL_MARKERS),
+        compliance_openers=tuple(settings.compliance_openers if settings.compliance_openers is not None else prompts.compliance_openers),
+        compliance_patterns=tuple(settings.compliance_patterns if settings.compliance_patterns is not None else prompts.compliance_patterns),
+        max_new_tokens=settings.max_response_length,
+        kl_tokens=settings.kl_tokens,
+        batch_size=settings.batch_size,
+        max_batch_size=settings.max_batch_size,
+        system_prompt=settings.system_prompt,
+    )
+
+
+def study_name(settings: AbliterateSettings, prompts: PromptSets, config: EvaluationConfig) -> str:
+    """Same model + prompts + objective-defining settings -> same study, so a re-run continues it."""
+    identity = {
+        "model": str(Path(settings.model).resolve()) if Path(settings.model).exists() else settings.model,
+        "prompts": asdict(prompts),
+        "evaluation": asdict(config) | {"batch_size": None, "max_batch_size": None},
+        "edit": [settings.method, settings.lowrank_rank, settings.direction_scope, settings.direction_projected],
+        "objective": [settings.kl_target, settings.seed],
+    }
+    if settings.quantization != "none":  # a quantized model is another model: its own study (older studies keep their names)
+        identity["quantization"] = settings.quantization_request().describe()
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"abliterate-{Path(settings.model.rstrip('/')).name}-{digest}"
+
+
+def load_or_compute_directions(path: Path, model, architecture: Architecture, tokenizer, prompts: PromptSets,
+                               settings: AbliterateSettings, batch_size: int, console: Console) -> torch.Tensor:
+    """Directions are computed once per study and kept next to its journal, so a resumed run edits identically."""
+    if path.is_file():
+        console.print(f"directions: reusing {path}")
+        return load_file(str(path))["refusal_directions"]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        harmful = prompt_residuals(model, architecture.layers, tokenizer, prompts.harmful_train, batch_size=batch_size,
+                                   system_prompt=settings.system_prompt, progress=progress, description="harmful residuals")
+        harmless = prompt_residuals(model, architecture.layers, tokenizer, prompts.harmless_train, batch_size=batch_size,
+                                    system_prompt=settings.system_prompt, progress=progress, description="harmless residuals")
+    for label, residuals in (("harmful", harmful), ("harmless", harmless)):
+        for index, count in residuals.nonfinite_layers().items():
+            console.print(f"[yellow]warning:[/] {label} residual index {index} (after layer {index - 1}) is NaN/inf "
+                          f"for {count} prompts; its direction is zeroed and edits using it do nothing")
+    directions = refusal_directions(harmful.values, harmless.values, projected=settings.direction_projected)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"refusal_directions": directions.contiguous()}, str(path))
+    return directions
+
+
+def describe_parameters(parameters: AbliterationParameters) -> str:
+    scope = f"global@{parameters.direction_index:.2f}" if parameters.direction_index is not None else "per-layer"
+    kernels = " ".join(
+        f"{group}(max {k.max_weight:.2f}@{k.max_weight_position:.1f} min {k.min_weight:.2f} d {k.min_weight_distance:.1f})"
+        for group, k in sorted(parameters.kernels.items())
+    )
+    return f"{scope} {kernels}"
+
+
+def describe_metrics(metrics: TrialMetrics) -> str:
+    n = metrics.n_harmful
+    compliance = "-" if metrics.compliance is None else f"{metrics.compliance}/{n}"
+    broken = broken_answers(metrics)
+    return (f"refusals {metrics.refusals}/{n} compliance {compliance} fragments {'-' if broken is None else broken} "
+            f"KL {metrics.kl:.4f} (1st token {metrics.kl_first_token:.1e})")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def candidates_of(study, base: TrialMetrics) -> list[Candidate]:
+    result = []
+    for trial in completed_trials(study):
+        metrics, parameters = trial_metrics(trial), trial_parameters(trial)
+        result.append(Candidate(trial.number, metrics, effective_refusals(metrics, base), parameters.direction_scope,
+                                parameters.direction_index))
+    return result
+
+
+def choose(settings: AbliterateSettings, candidates: list[Candidate], front: list[Candidate], n_harmful: int,
+           console: Console) -> tuple[Candidate, str]:
+    if settings.select is not None:
+        return select_trial(settings.select, candidates, n_harmful)
+    suggested, reason = select_trial(DEFAULT_RULE, candidates, n_harmful)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return suggested, f"{reason} (default rule '{DEFAULT_RULE}'; pass --select to choose)"
+    numbers = [str(c.number) for c in candidates]
+    number = IntPrompt.ask(f"trial to save (suggested: {reason})", choices=numbers, default=suggested.number,
+                           console=console, show_choices=False)
+    return next(c for c in candidates if c.number == number), "chosen interactively"
+
+
+def run_abliteration(settings: AbliterateSettings, console: Console) -> Path:
+    out = settings.output_dir()
+    check_writable_output(out, settings.overwrite)
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    prompts = load_prompt_sets(settings.prompt_spec(), {name: getattr(settings, name) for name in
+                               ("harmful_train", "harmless_train", "harmful_test", "harmless_test")},
+                               settings.max_train_prompts, settings.max_test_prompts)
+    console.print(f"prompts: {len(prompts.harmful_train)}+{len(prompts.harmless_train)} train, "
+                  f"{len(prompts.harmful_test)}+{len(prompts.harmless_test)} test (harmful+harmless)")
+    loaded = load_model(settings.model, dtypes=settings.dtypes, device_map=settings.device_map,
+                        max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code,
+                        quantization=settings.quantization_request())
+    model, tokenizer = loaded.model, loaded.tokenizer
+    console.print(f"model: {settings.model} ({loaded.source_format}, dtype {loaded.dtype})")
+    architecture = discover(model)
+    print_architecture(architecture, console)
+
+    config = evaluation_config(settings, prompts)
+    evaluator = Evaluator(model, tokenizer, prompts.harmful_test, prompts.harmless_test, config)
+    base = TrialMetrics.from_eval_result(evaluator.base)
+    console.print(f"unedited model: {describe_metrics(base)} ({base.seconds:.1f}s, batch size {evaluator.batch_size})")
+    note = zero_base_refusals_note(base)
+    if note:
+        console.print(f"[yellow]note:[/] {note}")
+    if base.compliance is None:
+        console.print("[yellow]note:[/] no compliance openers/patterns: the search cannot tell fragments from answers")
+
+    name = study_name(settings, prompts, config)
+    study_dir = settings.study_path()
+    study = open_study(study_dir / "journal.log", name)
+    directions = load_or_compute_directions(study_dir / f"{name}.directions.safetensors", model, architecture,
+                                            tokenizer, prompts, settings, evaluator.batch_size, console)
+    abliterator = LoraAbliterator(model, architecture.components, method=settings.method, rank=settings.lowrank_rank,
+                                  seed=SVD_SEED)
+    for skipped in abliterator.skipped:
+        console.print(f"[yellow]skipped:[/] {skipped.component.parameter_path} ({skipped.reason})")
+    console.print(f"editing {len(abliterator.components)} components, skipped {len(abliterator.skipped)}; "
+                  f"study {name} in {study_dir} ({len(completed_trials(study))}/{settings.n_trials} trials done)")
+
+    groups = sorted({c.group for c in abliterator.components})
+
+    def evaluate(parameters: AbliterationParameters) -> TrialMetrics:
+        abliterator.apply(parameters, directions)
+        try:
+            return TrialMetrics.from_eval_result(evaluator.evaluate(model))
+        finally:
+            abliterator.reset()
+
+    with Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("trials", total=settings.n_trials, completed=len(completed_trials(study)))
+
+        def report(outcome: TrialOutcome, done: int, total: int, eta: float | None) -> None:
+            progress.update(task, completed=done)
+            progress.console.print(f"trial {outcome.number:>3} {describe_parameters(outcome.parameters)} | "
+                                   f"{describe_metrics(outcome.metrics)} | {outcome.seconds:.1f}s ETA {_duration(eta)}")
+
+        def failed(number: int, error: BaseException) -> None:
+            progress.console.print(f"[red]trial {number} failed:[/] {error}")
+
+        run_trials(study, suggest=lambda trial: suggest_parameters(trial, architecture.num_layers, groups, settings.direction_scope),
+                   evaluate=evaluate, base=base, n_trials=settings.n_trials, n_startup_trials=settings.n_startup_trials,
+                   seed=settings.seed, kl_target=settings.kl_target, report=report, on_failure=failed)
+
+    candidates = candidates_of(study, base)
+    front = pareto_front(candidates)
+    console.print(front_table(front))
+    chosen, reason = choose(settings, candidates, front, base.n_harmful, console)
+    console.print(f"chosen: trial {chosen.number} - {reason}")
+    parameters = trial_parameters(next(t for t in completed_trials(study) if t.number == chosen.number))
+    with atomic_output_dir(out, settings.overwrite) as temporary:
+        write_chosen_trial(
+            temporary,
+            header={
+                "model": settings.model, "source_format": loaded.source_format, "trial_number": chosen.number,
+                "study_name": name, "journal": str((study_dir / "journal.log").absolute()), "selection": reason,
+                "method": settings.method, "rank": abliterator.rank, "svd_seed": SVD_SEED,
+                "parameters": parameters.to_dict(), "layers_path": architecture.layers_path,
+                "num_layers": architecture.num_layers, "hidden_size": architecture.hidden_size,
+                "skipped": [{"parameter": s.component.parameter_path, "reason": s.reason} for s in abliterator.skipped],
+                "metrics": chosen.metrics.to_dict(), "base_metrics": base.to_dict(),
+                "settings": json.loads(settings.model_dump_json()),
+            },
+            edits=plan_edits(parameters, abliterator.components),
+            directions=directions,
+            edit_vectors=edit_directions(parameters, directions),
+        )
+        front_records = [{"trial": c.number, "effective_refusals": c.effective_refusals, **c.metrics.to_dict()} for c in front]
+        (temporary / "pareto_front.json").write_text(json.dumps(front_records, indent=2) + "\n")
+        if settings.plot:
+            plot_front(candidates, front, temporary / "pareto.png", base.refusals)
+    console.print(f"wrote {out}")
+    return out

@@ -1,0 +1,171 @@
+"""Every setting of the abliterate stage, in one typed place.
+
+Sources, strongest first: command-line flags (``--n_trials 60``),
+environment variables (``QA_N_TRIALS=60``), the ``[abliterate]`` table of
+``config.toml`` in the working directory, then the defaults below. The
+README's settings table is generated from these descriptions
+(``python -m abliterate.settings``), so they are the documentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from abliterate.quantization.options import OPTIONS as QUANTIZATION_OPTIONS
+from abliterate.quantization.options import QuantizationRequest, check_overrides
+from quantize.errors import UserError
+
+DEFAULT_PROMPT_SPEC = Path("datasets_yaml/testbed_prompts.yaml")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class AbliterateSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="QA_",
+        toml_file="config.toml",
+        extra="forbid",
+        cli_implicit_flags=True,
+        cli_prog_name="quant-abliterate abliterate",
+        cli_kebab_case=False,
+        nested_model_default_partial_update=False,
+    )
+
+    # --- what to load ---
+    model: str = Field(description="Model to abliterate: a local folder (bf16, ModelOpt NVFP4/FP8, compressed-tensors) or a Hub id.")
+    dtypes: list[str] = Field(
+        default=["auto", "bfloat16", "float16", "float32"],
+        description="Dtypes tried in order until the model loads and generates finite logits. 'fp8' (the seed's spelling) loads a pre-quantized FP8 checkpoint in its own format, dequantized to bf16 for the edits; it is never passed on as a torch dtype.",
+    )
+    device_map: str = Field(default="auto", description="accelerate device_map ('auto', 'cpu', 'cuda:0', ...).")
+    max_memory: dict[str, str] | None = Field(default=None, description="Per-device memory caps for device_map, e.g. {\"0\": \"70GiB\", \"cpu\": \"200GiB\"}.")
+    trust_remote_code: bool = Field(default=False, description="Run the model repository's own Python code. Only set it for repositories you trust.")
+    cpu_threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None = torch's default). 1 is far faster for small models on a busy shared CPU.")
+
+    # --- on-the-fly quantization (a plain model quantized as it loads; see abliterate/quantization) ---
+    quantization: Literal[QUANTIZATION_OPTIONS] = Field(default="none", description="Quantize a plain model as it loads, to fit a larger one: none, bnb_4bit (NF4, double quant), nvfp4 (our stage-1 codec, weight-only), torchao_int4_weight_only, torchao_int8_weight_only, torchao_int8_dynamic, torchao_float8_weight_only, torchao_float8_dynamic, torchao_autoquant. A choice the device cannot run is refused before loading. The merge always starts from the full-precision model.")
+    torchao_group_size: int = Field(default=128, ge=1, description="Group size of torchao_int4_weight_only (a Linear's input size must be a multiple of it).")
+    torchao_include_embedding: bool = Field(default=False, description="torchao: quantize the input/output embeddings too (untied first).")
+    quantization_overrides: dict[str, str] = Field(default_factory=dict, description="Per-module choice: {regex of the full module name: option or 'none'}, first match wins, e.g. {\"model\\\\.layers\\\\.0\\\\..*\": \"none\"}. torchao options may be mixed; bnb_4bit and nvfp4 accept only 'none'.")
+
+    # --- prompts and evaluation ---
+    prompts: Path = Field(default=DEFAULT_PROMPT_SPEC, description="Prompt spec YAML naming the harmful/harmless train/test prompt files, refusal markers and compliance openers.")
+    harmful_train: Path | None = Field(default=None, description="Override: harmful prompts for the directions (.txt one per line, or .jsonl with a 'prompt' field).")
+    harmless_train: Path | None = Field(default=None, description="Override: harmless prompts for the directions.")
+    harmful_test: Path | None = Field(default=None, description="Override: harmful prompts for counting refusals and compliance.")
+    harmless_test: Path | None = Field(default=None, description="Override: harmless prompts for the KL divergence.")
+    max_train_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts of each train set (None = all).")
+    max_test_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts of each test set (None = all).")
+    system_prompt: str | None = Field(default=None, description="System message put before every prompt (None = the chat template's default).")
+    refusal_markers: list[str] | None = Field(default=None, description="Lowercase substrings that mark a refusal (None = the prompt spec's, else the built-in list).")
+    compliance_openers: list[str] | None = Field(default=None, description="Case-insensitive openers of a well-formed answer (None = the prompt spec's).")
+    compliance_patterns: list[str] | None = Field(default=None, description="Regular expressions of a well-formed answer (None = the prompt spec's).")
+    max_response_length: int = Field(default=100, ge=1, description="Most tokens generated per harmful prompt; generation stops earlier once the answer is decided.")
+    kl_tokens: int = Field(default=8, ge=1, description="KL divergence is averaged over this many generated positions of each harmless prompt.")
+    batch_size: int | None = Field(default=None, ge=1, description="Prompts per batch (None = the fastest that fits, found automatically).")
+    max_batch_size: int = Field(default=128, ge=1, description="Largest batch the automatic batch size tries.")
+
+    # --- directions and edits ---
+    direction_projected: bool = Field(default=False, description="Remove the harmless-mean component from each refusal direction before use.")
+    direction_scope: Literal["search", "global", "per_layer"] = Field(default="search", description="One interpolated direction for all layers, each layer's own, or let the search choose.")
+    method: Literal["rank1", "norm_preserving"] = Field(default="norm_preserving", description="rank1: W' = (I - lambda v v^T) W. norm_preserving: same, then each row's norm restored, delta approximated at rank lowrank_rank.")
+    lowrank_rank: int = Field(default=3, ge=1, description="Rank of the norm-preserving delta's approximation (and of its LoRA adapter).")
+
+    # --- search ---
+    n_trials: int = Field(default=200, ge=1, description="Total trials of the study (a re-run continues until this many are complete).")
+    n_startup_trials: int = Field(default=60, ge=0, description="Random trials before TPE starts modelling (capped at n_trials).")
+    seed: int = Field(default=42, description="Seed of the sampler (each trial's sampler is seeded from it and the trial number, so a resumed run proposes what an uninterrupted one would).")
+    kl_target: float = Field(default=0.01, gt=0, description="KL below this is 'good enough': the damage objective is max(KL, kl_target).")
+
+    # --- output and selection ---
+    out: Path | None = Field(default=None, description="Output directory (chosen_trial.json, directions.safetensors, pareto.png); default outputs/<model name>-abliterate.")
+    study_dir: Path | None = Field(default=None, description="Where the resumable Optuna journal lives; default <out>.study.")
+    overwrite: bool = Field(default=False, description="Replace an existing output directory.")
+    select: str | None = Field(default=None, description="Non-interactive choice: 'best_kl_under R' (R a refusal count, or a fraction like 0.05 of the harmful test prompts) or 'trial N'. None = ask on a TTY, else 'best_kl_under 0.05'.")
+    plot: bool = Field(default=True, description="Write pareto.png (matplotlib).")
+
+    @field_validator("dtypes")
+    @classmethod
+    def _known_dtypes(cls, value: list[str]) -> list[str]:
+        known = {"auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float", "fp8"}
+        unknown = [item for item in value if item not in known]
+        if unknown or not value:
+            raise ValueError(f"unknown dtype(s) {unknown or value}; choose from {sorted(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _known_overrides(self) -> AbliterateSettings:
+        check_overrides(self.quantization, self.quantization_overrides)
+        return self
+
+    def quantization_request(self) -> QuantizationRequest:
+        return QuantizationRequest(self.quantization, self.torchao_group_size, self.torchao_include_embedding,
+                                   check_overrides(self.quantization, self.quantization_overrides))
+
+    @model_validator(mode="after")
+    def _startup_within_trials(self) -> AbliterateSettings:
+        self.n_startup_trials = min(self.n_startup_trials, self.n_trials)
+        return self
+
+    def prompt_spec(self) -> Path:
+        """The spec as given; a relative path missing here is looked up in the repository (the bundled default)."""
+        if self.prompts.is_file() or self.prompts.is_absolute():
+            return self.prompts
+        bundled = REPO_ROOT / self.prompts
+        return bundled if bundled.is_file() else self.prompts
+
+    def output_dir(self) -> Path:
+        return self.out or Path("outputs") / f"{Path(self.model.rstrip('/')).name}-abliterate"
+
+    def study_path(self) -> Path:
+        return self.study_dir or self.output_dir().with_name(self.output_dir().name + ".study")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_table_header=("abliterate",))
+        return (init_settings, env_settings, toml)
+
+
+def parse_settings(argv: list[str]) -> AbliterateSettings:
+    """Settings from argv > env > config.toml; a bad value becomes a UserError naming the flag."""
+    try:
+        return CliApp.run(AbliterateSettings, cli_args=argv, cli_exit_on_error=False)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise UserError(f"--{field}", first["msg"], "see 'quant-abliterate abliterate --help'") from None
+    except SystemExit:
+        raise
+    except Exception as error:  # argparse-level errors from the CLI source
+        if type(error).__name__ == "SettingsError":
+            raise UserError("command line", str(error), "see 'quant-abliterate abliterate --help'") from None
+        raise
+
+
+def settings_table_markdown() -> str:
+    """The README's table of every setting, its default and its meaning."""
+    lines = ["| flag | env | default | meaning |", "|---|---|---|---|"]
+    for name, field in AbliterateSettings.model_fields.items():
+        default = "(required)" if field.is_required() else (str(field.default) if isinstance(field.default, Path) else repr(field.default))
+        lines.append(f"| `--{name}` | `QA_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_table_markdown())

@@ -1,0 +1,59 @@
+"""Pipeline stage 'abliterate': stage 2 with the same AbliterateSettings as its CLI.
+
+The Optuna journal lives beside the stage directory (``<output_dir>/abliterate.study``),
+not inside it: a killed stage leaves no partial stage directory, yet a re-run
+resumes the study where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipelines.adapters import validate_stage_settings
+from pipelines.evaluations import original_and_input_rows, row
+from pipelines.stages import StageContext
+from abliterate.settings import AbliterateSettings
+
+TRIAL = "trial"
+PROVIDED = ("model", "out", "study_dir", "overwrite")
+
+
+def build_settings(user_settings: dict[str, Any], context: StageContext) -> AbliterateSettings:
+    for key in PROVIDED:
+        if key in user_settings:
+            validate_stage_settings("abliterate", AbliterateSettings, user_settings, provided_by_pipeline=(key,))
+    stage_dir = Path(context.stage_dir)
+    data = {
+        "select": "best_kl_under 0.05",  # a pipeline never waits for a person
+        **user_settings,
+        "model": context.input_dir or context.source_model,
+        "out": str(stage_dir / TRIAL),
+        "study_dir": str(stage_dir.parent / "abliterate.study"),
+        "trust_remote_code": context.trust_remote_code or user_settings.get("trust_remote_code", False),
+    }
+    return validate_stage_settings("abliterate", AbliterateSettings, data)
+
+
+def run(settings: AbliterateSettings, context: StageContext) -> dict[str, Any]:
+    from rich.console import Console
+
+    from abliterate.run import run_abliteration
+
+    evaluations = []
+    if context.evaluate_original and context.input_dir and context.input_dir != context.source_model:
+        quantized = context.previous_results.get("quantize", {}).get("format")
+        label = f"quantized ({quantized})" if quantized else "searched model"
+        evaluations += original_and_input_rows(settings, context.source_model, context.input_dir, label)
+    out = run_abliteration(settings, Console())
+    trial = json.loads((Path(out) / "chosen_trial.json").read_text())
+    metrics, base = trial["metrics"], trial["base_metrics"]
+    if not evaluations:
+        evaluations.append(row("searched model", None, refusals=base["refusals"], n_harmful=base["n_harmful"],
+                               compliance=base["compliance"], kl=None))
+    evaluations.append(row(f"abliterated #{trial['trial_number']}", "searched",
+                           refusals=metrics["refusals"], n_harmful=metrics["n_harmful"],
+                           compliance=metrics["compliance"], kl=metrics["kl"]))
+    return {"artifact": TRIAL, "evaluations": evaluations, "trial_number": trial["trial_number"],
+            "parameters": trial["parameters"], "base_metrics": trial["base_metrics"], "metrics": metrics}

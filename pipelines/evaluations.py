@@ -1,0 +1,67 @@
+"""Rows of the pipeline's final table: one model measured with the stage-2 evaluator.
+
+The same ``Evaluator`` that scores every trial scores the original and the
+quantized model too, so the whole chain (original -> quantized -> abliterated
+-> re-exported) is measured with one ruler. KL is always against the row's
+stated reference model.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+from abliterate.settings import AbliterateSettings
+
+
+def size_bytes(model_dir: str | Path) -> int | None:
+    path = Path(model_dir)
+    if not path.is_dir():
+        return None
+    return sum(file.stat().st_size for file in path.glob("*.safetensors"))
+
+
+def row(label: str, reference: str | None, *, refusals: int, n_harmful: int, compliance: int | None, kl: float | None,
+        perplexity: float | None = None, size: int | None = None) -> dict[str, Any]:
+    return {
+        "label": label, "reference": reference, "refusals": refusals / n_harmful if n_harmful else None,
+        "refusal_count": refusals, "n_harmful": n_harmful,
+        "compliance": None if compliance is None else compliance / n_harmful, "kl": kl,
+        "perplexity": perplexity, "size_bytes": size,
+    }
+
+
+def original_and_input_rows(settings: AbliterateSettings, original: str, searched: str,
+                            searched_label: str = "quantized") -> list[dict[str, Any]]:
+    """Measure the source model, then the model stage 2 searches on with the original as KL reference."""
+    from abliterate.evaluation import Evaluator
+    from abliterate.evaluation.prompt_sets import load_prompt_spec
+    from abliterate.loading import load_model
+    from abliterate.prompts import load_prompt_sets
+    from abliterate.run import evaluation_config
+
+    prompts = load_prompt_sets(settings.prompt_spec(), {name: getattr(settings, name) for name in
+                               ("harmful_train", "harmless_train", "harmful_test", "harmless_test")},
+                               settings.max_train_prompts, settings.max_test_prompts)
+    texts = load_prompt_spec(settings.prompt_spec()).perplexity_texts if settings.prompt_spec() else []
+    config = evaluation_config(settings, prompts)
+
+    def load(path: str):
+        return load_model(path, dtypes=settings.dtypes, device_map=settings.device_map, max_memory=settings.max_memory,
+                          trust_remote_code=settings.trust_remote_code)
+
+    loaded = load(original)
+    evaluator = Evaluator(loaded.model, loaded.tokenizer, prompts.harmful_test, prompts.harmless_test, config,
+                          perplexity_texts=tuple(texts))
+    base = evaluator.evaluate(loaded.model, with_perplexity=bool(texts))
+    rows = [row("original", None, refusals=base.refusals, n_harmful=base.n_harmful, compliance=base.compliance,
+                kl=None, perplexity=base.perplexity, size=size_bytes(original))]
+    del loaded
+    gc.collect()
+    searched_model = load(searched)
+    result = evaluator.evaluate(searched_model.model, with_perplexity=bool(texts))
+    rows.append(row(searched_label, "original", refusals=result.refusals,
+                    n_harmful=result.n_harmful, compliance=result.compliance, kl=result.kl,
+                    perplexity=result.perplexity, size=size_bytes(searched)))
+    return rows

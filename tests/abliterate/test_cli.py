@@ -1,0 +1,79 @@
+"""End to end on a tiny random chat model: the command runs, resumes, and its output reproduces the edit."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from abliterate.architectures import discover
+from abliterate.artifacts import load_chosen_trial
+from abliterate.cli import main
+from abliterate.edits.lora import LoraAbliterator
+from abliterate.settings import parse_settings
+from tiny_chat import write_prompts, write_tiny_chat_model
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("abliterate_cli")
+    return write_tiny_chat_model(root / "model"), write_prompts(root / "prompts"), root
+
+
+def _argv(model, spec, out, trials, *extra):
+    return ["--model", str(model), "--prompts", str(spec), "--out", str(out), "--n_trials", str(trials),
+            "--n_startup_trials", "2", "--max_response_length", "6", "--kl_tokens", "3", "--dtypes", "float32",
+            "--device_map", "cpu", "--batch_size", "4", *extra]
+
+
+def test_command_writes_a_chosen_trial_that_reproduces_the_search_edit(workspace, capsys):
+    model_dir, spec, root = workspace
+    out = root / "out"
+    assert main(_argv(model_dir, spec, out, 3, "--method", "norm_preserving")) == 0
+    printed = capsys.readouterr().out
+    assert "refused none of the 4 harmful test prompts" in printed  # a random model: zero base refusals
+    assert {p.name for p in out.iterdir()} == {"chosen_trial.json", "directions.safetensors", "pareto.png", "pareto_front.json"}
+
+    chosen = load_chosen_trial(out)
+    assert chosen.data["trial_number"] in range(3) and chosen.method == "norm_preserving" and chosen.rank == 3
+    assert chosen.edits, "the chosen trial edits something"
+
+    # What the merge will do (weights + pure delta) equals what the search evaluated (LoRA).
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, weight in merged.named_parameters():
+            delta = chosen.delta(name, weight)
+            if delta is not None:
+                weight.add_(delta)
+        merged_logits = merged(ids).logits
+    searched = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    abliterator = LoraAbliterator(searched, discover(searched).components, method="norm_preserving", rank=3, seed=chosen.svd_seed)
+    abliterator.apply(chosen.parameters, chosen.directions["refusal_directions"])
+    with torch.no_grad():
+        torch.testing.assert_close(searched(ids).logits, merged_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_rerun_continues_the_study_and_select_is_non_interactive(workspace, capsys):
+    model_dir, spec, root = workspace
+    out = root / "out2"
+    assert main(_argv(model_dir, spec, out, 2, "--method", "rank1")) == 0
+    capsys.readouterr()
+    from quantize.errors import UserError
+
+    with pytest.raises(UserError, match="already exists"):
+        main(_argv(model_dir, spec, out, 3, "--method", "rank1"))
+    assert main(_argv(model_dir, spec, out, 3, "--method", "rank1", "--overwrite", "--select", "trial 2")) == 0
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "(2/3 trials done)" in printed and "trial   2" in printed
+    assert "trial   0" not in printed  # finished trials are not run again
+    assert json.loads((out / "chosen_trial.json").read_text())["trial_number"] == 2
+
+
+def test_settings_precedence_cli_over_env_over_config_toml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text('[abliterate]\nmodel = "from-toml"\nn_trials = 11\nkl_target = 0.5\nseed = 3\n')
+    monkeypatch.setenv("QA_N_TRIALS", "22")
+    monkeypatch.setenv("QA_KL_TARGET", "0.25")
+    settings = parse_settings(["--n_trials", "33"])
+    assert (settings.model, settings.n_trials, settings.kl_target, settings.seed) == ("from-toml", 33, 0.25, 3)

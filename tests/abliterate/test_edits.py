@@ -1,0 +1,103 @@
+"""Edits: the delta equals the matrix formula, LoRA reproduces it on every layout, reset is exact."""
+
+import copy
+
+import pytest
+import torch
+
+from abliterate.architectures import discover
+from abliterate.edits.delta import abliteration_delta, abliteration_factors
+from abliterate.edits.kernel import KernelParameters, layer_strength
+from abliterate.edits.lora import LoraAbliterator
+from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
+from tiny_models import ALL_MODELS, dense_llama
+
+PARAMETERS = AbliterationParameters(
+    "per_layer", None,
+    {"attn": KernelParameters(1.0, 1.0, 0.5, 2.0), "mlp": KernelParameters(1.2, 1.0, 0.3, 3.0)},
+)
+
+
+def _unit(size, seed):
+    return torch.nn.functional.normalize(torch.randn(size, generator=torch.Generator().manual_seed(seed)), dim=0)
+
+
+def test_rank1_delta_equals_explicit_projection_formula():
+    weight = torch.randn(64, 40, generator=torch.Generator().manual_seed(1))
+    v = _unit(64, 2)
+    strength = 0.8
+    explicit = (torch.eye(64) - strength * torch.outer(v, v)) @ weight
+    torch.testing.assert_close(weight + abliteration_delta(weight, v, strength), explicit, atol=1e-5, rtol=1e-5)
+    # With lambda = 1 the edited weight writes nothing along v.
+    full = weight + abliteration_delta(weight, v, 1.0)
+    assert (v @ full).abs().max() < 1e-5
+
+
+def test_fused_and_transposed_experts_are_edited_per_expert():
+    experts = torch.randn(3, 64, 20, generator=torch.Generator().manual_seed(3))
+    v = _unit(64, 4)
+    delta = abliteration_delta(experts, v, 1.1)
+    for index in range(3):
+        torch.testing.assert_close(delta[index], abliteration_delta(experts[index], v, 1.1))
+    transposed = experts.transpose(1, 2).contiguous()  # [experts, in, hidden]
+    torch.testing.assert_close(abliteration_delta(transposed, v, 1.1, transposed=True), delta.transpose(1, 2))
+
+
+def test_norm_preserving_keeps_row_norms_at_full_rank_and_approximates_at_low_rank():
+    weight = torch.randn(32, 24, generator=torch.Generator().manual_seed(5))
+    v = _unit(32, 6)
+    full_rank = weight + abliteration_delta(weight, v, 1.0, method="norm_preserving", rank=24)
+    torch.testing.assert_close(full_rank.norm(dim=1), weight.norm(dim=1), atol=1e-4, rtol=1e-4)
+    left, right = abliteration_factors(weight, v, 1.0, method="norm_preserving", rank=3)
+    assert left.shape == (32, 3) and right.shape == (3, 24)
+    # Deterministic: the merge recomputes the same factors.
+    again = abliteration_factors(weight, v, 1.0, method="norm_preserving", rank=3)
+    assert torch.equal(left, again[0]) and torch.equal(right, again[1])
+
+
+def test_layer_kernel_shape():
+    kernel = KernelParameters(max_weight=1.2, max_weight_position=4.0, min_weight=0.4, min_weight_distance=2.0)
+    assert layer_strength(4, kernel) == pytest.approx(1.2)
+    assert layer_strength(3, kernel) == pytest.approx(0.8)
+    assert layer_strength(6, kernel) == pytest.approx(0.4)
+    assert layer_strength(7, kernel) == 0.0
+    assert layer_strength(1, kernel) == 0.0
+
+
+@pytest.mark.parametrize("method", ["rank1", "norm_preserving"])
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_lora_edit_matches_explicit_weights_and_reset_restores_exact_logits(name, method):
+    model = ALL_MODELS[name]()
+    architecture = discover(model)
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+    directions = torch.nn.functional.normalize(torch.randn(architecture.num_layers + 1, 64), dim=-1)
+    abliterator = LoraAbliterator(model, architecture.components, method=method, rank=3)
+    edited_count = abliterator.apply(PARAMETERS, directions)
+    assert edited_count == len(plan_edits(PARAMETERS, architecture.components)) > 0
+    vectors = edit_directions(PARAMETERS, directions)
+    with torch.no_grad():
+        edited = model(ids).logits
+        for edit in plan_edits(PARAMETERS, architecture.components):
+            weight = getattr(reference.get_submodule(edit.component.module_name), edit.component.parameter_name)
+            weight.add_(abliteration_delta(weight, vectors[edit.direction_key], edit.strength, method=method, rank=3,
+                                           transposed=edit.component.transposed))
+        explicit = reference(ids).logits
+        assert (edited - base).abs().max() > 1e-3  # the edit does something
+        torch.testing.assert_close(edited, explicit, atol=2e-5, rtol=1e-4)
+        abliterator.reset()
+        assert torch.equal(model(ids).logits, base)
+
+
+def test_meta_and_nan_components_are_skipped_and_counted():
+    model = dense_llama(layers=3)
+    architecture = discover(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.model.layers[2].self_attn.o_proj.to("meta")
+    abliterator = LoraAbliterator(model, architecture.components, method="rank1")
+    reasons = sorted((s.component.module_name, s.reason) for s in abliterator.skipped)
+    assert reasons == [("model.layers.0.mlp.down_proj", "NaN/inf weights"), ("model.layers.2.self_attn.o_proj", "meta device")]
+    assert len(abliterator.components) == len(architecture.components) - 2

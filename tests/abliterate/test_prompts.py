@@ -1,0 +1,25 @@
+"""Prompt sets from a spec and from single-file overrides; bad inputs are UserErrors naming the flag."""
+
+import pytest
+
+from abliterate.prompts import load_prompt_sets
+from quantize.errors import UserError
+from tiny_chat import write_prompts
+
+
+def test_spec_with_overrides_and_limits(tmp_path):
+    spec = write_prompts(tmp_path / "prompts")
+    override = tmp_path / "harmful.txt"
+    override.write_text("first harmful\n\nsecond harmful\n")
+    sets = load_prompt_sets(spec, {"harmful_test": override}, limit_train=3)
+    assert sets.harmful_test == ("first harmful", "second harmful")
+    assert len(sets.harmful_train) == 3 and len(sets.harmless_test) == 4
+    assert sets.refusal_markers == ("sorry", "i cannot") and sets.compliance_openers == ("Sure",)
+
+
+def test_missing_spec_and_missing_file_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="--prompts"):
+        load_prompt_sets(tmp_path / "nope.yaml", {})
+    spec = write_prompts(tmp_path / "prompts")
+    with pytest.raises(UserError, match="--harmless_test"):
+        load_prompt_sets(spec, {"harmless_test": tmp_path / "missing.jsonl"})
