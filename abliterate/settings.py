@@ -162,7 +162,8 @@ def settings_table_markdown() -> str:
     """The README's table of every setting, its default and its meaning."""
     lines = ["| flag | env | default | meaning |", "|---|---|---|---|"]
     for name, field in AbliterateSettings.model_fields.items():
-        default = "(required)" if field.is_required() else (str(field.default) if isinstance(field.default, Path) else repr(field.default))
+        value = field.get_default(call_default_factory=True)
+        default = "(required)" if field.is_required() else (str(value) if isinstance(value, Path) else repr(value))
         lines.append(f"| `--{name}` | `QA_{name.upper()}` | `{default}` | {field.description} |")
     return "\n".join(lines)
 

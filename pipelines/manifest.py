@@ -11,27 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from quantize.manifest import library_versions  # noqa: F401 - one list of tracked libraries for all manifests
+
 MANIFEST_NAME = "manifest.json"
-TRACKED_LIBRARIES = (
-    "quant-abliterate", "torch", "transformers", "nvidia-modelopt", "accelerate", "peft",
-    "optuna", "datasets", "safetensors", "compressed-tensors", "llmcompressor", "torchao",
-)
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in TRACKED_LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 MANIFEST_NAME = "quantize_manifest.json"
 LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "accelerate", "safetensors", "llmcompressor",
-             "compressed-tensors", "quant-abliterate")
+             "compressed-tensors", "quant-abliterate", "peft", "optuna", "datasets", "torchao")
 
 
 def library_versions() -> dict[str, str | None]:

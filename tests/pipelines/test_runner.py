@@ -149,3 +149,26 @@ def test_existing_foreign_output_dir_is_not_overwritten(fake_stages):
     with pytest.raises(UserError, match="--overwrite"):
         runner.main([str(pipe), "--output_dir", str(out)])
     assert (out / "precious.txt").exists() and not executed(log)
+
+
+@pytest.mark.parametrize("name", ["testbed_default", "llama3_8b", "qwen3_30b_a3b_moe", "nemotron_h_9b",
+                                  "llama3_70b_offload"])
+def test_shipped_pipelines_validate_against_the_stages_own_settings(name, tmp_path):
+    from pathlib import Path
+
+    spec = load_pipeline(Path(runner.__file__).parent / f"{name}.yaml")
+    runner.validate_all(spec, tmp_path)
+    assert [stage.name for stage in spec.stages] == ["quantize", "abliterate", "export"]
+
+
+def test_a_stage_setting_typo_names_the_stage_and_field(tmp_path):
+    from pathlib import Path
+
+    spec = load_pipeline(Path(runner.__file__).parent / "testbed_default.yaml")
+    spec.stages[1].settings["n_trails"] = 5
+    with pytest.raises(UserError, match="pipeline stage 'abliterate': field 'n_trails'"):
+        runner.validate_all(spec, tmp_path)
+    spec.stages[1].settings.pop("n_trails")
+    spec.stages[0].settings["output_model"] = "x"
+    with pytest.raises(UserError, match="set by the pipeline itself"):
+        runner.validate_all(spec, tmp_path)
