@@ -7,12 +7,15 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 
 MODEL     ?= testbed/model
-OUT       ?= outputs/$(notdir $(MODEL))-$(FORMAT)
+# The model's folder name, also when MODEL ends in '/' (as shell completion writes it):
+# plain $(notdir testbed/model/) is empty and would name the output 'outputs/-nvfp4'.
+MODEL_NAME = $(notdir $(patsubst %/,%,$(MODEL)))
+OUT       ?= outputs/$(MODEL_NAME)-$(FORMAT)
 MIX       ?= datasets_yaml/offline_mix.yaml
 FORMAT    ?= nvfp4
 TRIALS    ?= 200
 PIPELINE  ?= pipelines/testbed_default.yaml
-ABL_OUT   ?= outputs/$(notdir $(MODEL))-abliterate
+ABL_OUT   ?= outputs/$(MODEL_NAME)-abliterate
 SELECT    ?=
 ARGS      ?=
 

@@ -130,9 +130,16 @@ def load_chosen_trial(directory: str | Path) -> ChosenTrial:
     trial_path = directory / TRIAL_FILE
     if not trial_path.is_file():
         raise UserError(str(directory), f"no {TRIAL_FILE} here", "point at the output directory of 'quant-abliterate abliterate'")
-    data = json.loads(trial_path.read_text())
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
+    try:
+        data = json.loads(trial_path.read_text())
+    except json.JSONDecodeError as error:  # hand-edited or truncated: say where, not a traceback
+        raise UserError(f"{trial_path}:{error.lineno}:{error.colno}", f"not valid JSON ({error.msg})",
+                        "restore the file, or re-run the abliterate stage to rewrite it") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
         raise UserError(str(trial_path), f"not a {FORMAT} v{VERSION} file", "re-run the abliterate stage with this version")
     edits = {record["parameter"]: EditRecord(**record) for record in data["edits"]}
+    if not (directory / DIRECTIONS_FILE).is_file():
+        raise UserError(str(directory), f"{TRIAL_FILE} is here but {DIRECTIONS_FILE} is missing",
+                        "copy both files of the abliterate output together, or re-run the abliterate stage")
     directions = load_file(str(directory / DIRECTIONS_FILE))
     return ChosenTrial(data, edits, directions)

@@ -108,6 +108,9 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
                trust_remote_code: bool = False, quantization: QuantizationRequest | None = None) -> LoadedModel:
     if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") > 1):
         raise UserError("--model", f"{path} does not exist", "give a local model folder or a Hub id (org/name)")
+    if Path(path).is_file():  # else transformers reads it as a config and reports invalid JSON
+        raise UserError("--model", f"{path} is a file, not a model folder",
+                        "give the folder that holds config.json (or a Hub id org/name)")
     quantized = _quantized_format(path)
     if quantization is not None and quantization.enabled:
         _check_quantization(quantized, quantization, device_map)

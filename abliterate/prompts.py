@@ -41,7 +41,9 @@ def load_prompt_sets(spec: Path | None, overrides: dict[str, Path | None], limit
     elif all(name in overrides for name in SETS):
         sets, markers, openers, patterns = {}, None, (), ()
     else:
-        raise UserError("--prompts", f"prompt spec {spec} does not exist",
+        is_folder = spec is not None and Path(spec).is_dir()
+        problem = f"prompt spec {spec} is a directory, not a YAML file" if is_folder else f"prompt spec {spec} does not exist"
+        raise UserError("--prompts", problem,
                         "pass --prompts SPEC.yaml, or all of --harmful_train --harmless_train --harmful_test --harmless_test")
     for name, path in overrides.items():
         sets[name] = tuple(read_field(Path(path), "prompt", f"--{name}"))

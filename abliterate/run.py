@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -88,9 +89,21 @@ def load_or_compute_directions(path: Path, model, architecture: Architecture, to
             console.print(f"[yellow]warning:[/] {label} residual index {index} (after layer {index - 1}) is NaN/inf "
                           f"for {count} prompts; its direction is zeroed and edits using it do nothing")
     directions = refusal_directions(harmful.values, harmless.values, projected=settings.direction_projected)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"refusal_directions": directions.contiguous()}, str(path))
+    save_directions_atomically(directions, path)
     return directions
+
+
+def save_directions_atomically(directions: torch.Tensor, path: Path) -> None:
+    """Write to a hidden sibling, then rename: the file is reused by every later run of the study, so a run
+    killed mid-write must leave either no file (recomputed next time) or a whole one, never a truncated one
+    that would make every resume fail to load it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({"refusal_directions": directions.contiguous()}, str(temporary))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def describe_parameters(parameters: AbliterationParameters) -> str:

@@ -9,6 +9,7 @@ README's settings table is generated from these descriptions
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -102,6 +103,19 @@ class AbliterateSettings(BaseSettings):
             raise ValueError(f"unknown dtype(s) {unknown or value}; choose from {sorted(known)}")
         return value
 
+    @field_validator("select")
+    @classmethod
+    def _readable_select(cls, value: str | None) -> str | None:
+        """A typo in --select must fail now, not after hours of search when the trial is picked."""
+        if value is not None:
+            from abliterate.search.selection import parse_rule
+
+            try:
+                parse_rule(value, n_harmful=1)
+            except UserError as error:
+                raise ValueError(f"{error.problem}; {error.fix}") from None
+        return value
+
     @model_validator(mode="after")
     def _known_overrides(self) -> AbliterateSettings:
         check_overrides(self.quantization, self.quantization_overrides)
@@ -154,8 +168,20 @@ def parse_settings(argv: list[str]) -> AbliterateSettings:
         raise
     except Exception as error:  # argparse-level errors from the CLI source
         if type(error).__name__ == "SettingsError":
-            raise UserError("command line", str(error), "see 'quant-abliterate abliterate --help'") from None
+            raise _user_error_from_settings_error(str(error)) from None
         raise
+
+
+def _user_error_from_settings_error(message: str) -> UserError:
+    """pydantic-settings reports an unparsable value as prose; name the flag and show the dict syntax."""
+    match = re.search(r"Parsing error encountered for (\w+): (.*)", message, flags=re.DOTALL)
+    if match is None:
+        return UserError("command line", message, "see 'quant-abliterate abliterate --help'")
+    field, problem = match.groups()
+    annotation = str(AbliterateSettings.model_fields[field].annotation) if field in AbliterateSettings.model_fields else ""
+    fix = (f"write a JSON object or KEY=VALUE pairs, e.g. --{field} '{{\"KEY\": \"VALUE\"}}' or --{field} KEY=VALUE "
+           f"(see 'quant-abliterate abliterate --help')") if "dict" in annotation else "see 'quant-abliterate abliterate --help'"
+    return UserError(f"--{field}", f"cannot parse the value ({problem.strip()})", fix)
 
 
 def settings_table_markdown() -> str:

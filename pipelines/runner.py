@@ -85,6 +85,18 @@ def run_stage_process(stage: str, settings: dict[str, Any], context: StageContex
     return json.loads(result_path.read_text())
 
 
+def run_stage_with_interrupt_record(manifest: Manifest, record: dict[str, Any], stage: str, settings: dict[str, Any],
+                                    context: StageContext, work: Path) -> dict[str, Any]:
+    """Ctrl-C reaches the runner too: record the stage as ``interrupted`` (not a stale ``running``) before
+    re-raising, so manifest.json tells a killed run from one still in progress; the re-run redoes it either way."""
+    try:
+        return run_stage_process(stage, settings, context, work)
+    except KeyboardInterrupt:
+        record.update(status="interrupted", error="interrupted (Ctrl-C); re-run the same command to resume")
+        manifest.save()
+        raise
+
+
 def validate_all(spec: PipelineSpec, output_dir: Path) -> None:
     """Build every stage's settings before running anything: errors come first."""
     previous = None
@@ -131,7 +143,7 @@ def main(argv: list[str]) -> int:
                       "input_sha256": input_hash, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             manifest.stages[stage.name] = record
             manifest.save()
-            record.update(run_stage_process(stage.name, stage.settings, context, output_dir))
+            record.update(run_stage_with_interrupt_record(manifest, record, stage.name, stage.settings, context, output_dir))
             if record["status"] == "complete":
                 record["outputs"] = directory_hashes(stage_dir)
                 record["output_sha256"] = combined_hash(record["outputs"])

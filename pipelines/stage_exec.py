@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import resource
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -46,5 +49,38 @@ def execute(request_path: Path) -> int:
     return 0 if status == "complete" else 1
 
 
+def stop_when_parent_dies(poll_seconds: float = 1.0) -> None:
+    """A runner killed with SIGKILL cannot stop its stage: the orphan would go on writing the stage's
+    temporary directory and the Optuna journal while the re-run the user starts does the same. Watch the
+    parent and, once it is gone, interrupt the main thread like Ctrl-C: temporary output is removed and the
+    trial in flight stays RUNNING in the journal, so the re-run resumes it alone. The signal goes to the
+    main thread itself (so a blocking call returns at once) and is SIGUSR1, not SIGINT, which a shell may
+    have set to be ignored in a background job."""
+    parent = os.getppid()
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"the pipeline runner (pid {parent}) is gone")
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        signal.pthread_kill(main_thread, signal.SIGUSR1)
+
+    signal.signal(signal.SIGUSR1, interrupt)
+    threading.Thread(target=watch, name="stop-when-parent-dies", daemon=True).start()
+
+
+def main(request_path: Path) -> int:
+    """Ctrl-C reaches this process and the runner alike; the runner reports it (and records the stage as
+    interrupted), so here it ends quietly with the shell's code for SIGINT instead of a library traceback."""
+    stop_when_parent_dies()
+    try:
+        return execute(request_path)
+    except KeyboardInterrupt:
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(execute(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1])))

@@ -157,6 +157,9 @@ def check_paths(settings: QuantizeSettings) -> None:
     if not Path(settings.input_model).exists() and looks_like_local_path(settings.input_model):
         raise UserError("--input_model", f"no such directory: {settings.input_model}",
                         "pass an existing model directory or a Hub id like org/name")
+    if Path(settings.input_model).is_file():  # a weights or config file given instead of its folder
+        raise UserError("--input_model", f"{settings.input_model} is a file, not a model directory",
+                        "pass the directory that holds config.json and the weights")
     if Path(settings.input_model).exists() and not (Path(settings.input_model) / "config.json").is_file():
         raise UserError("--input_model", f"{settings.input_model} has no config.json",
                         "point at a Hugging Face model directory (the one holding config.json)")

@@ -53,6 +53,8 @@ def read_field(path: Path, field: str, where: str) -> list[str]:
     if not path.is_file():
         raise UserError(where, f"file not found: {path}", "fix the path (relative to the spec file)")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:  # an empty set would only fail later, deep in the residual capture
+        raise UserError(where, f"{path} holds no prompts", "add at least one prompt (one per line)")
     if path.suffix == ".txt":
         return lines
     values = []
@@ -64,8 +66,6 @@ def read_field(path: Path, field: str, where: str) -> list[str]:
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise UserError(f"{path}:{number}", f"no string field '{field}'", f"give each line a '{field}' string")
         values.append(record[field])
-    if not values:
-        raise UserError(str(path), "the file holds no prompts", "add at least one line")
     return values
 
 
@@ -75,10 +75,16 @@ def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> PromptSets:
         raise UserError(str(path), "prompt-set spec not found", "pass an existing YAML file")
     try:
         spec = PromptSetSpec.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError as error:  # a syntax slip must point at its line, not dump a parser traceback
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(where, f"invalid YAML syntax: {getattr(error, 'problem', None) or error}",
+                        "fix the indentation or quoting at that line (see datasets_yaml/testbed_prompts.yaml)") from None
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
-        raise UserError(f"{path}: {field}", first["msg"], "see datasets_yaml/testbed_prompts.yaml for the format") from None
+        where = f"{path}: {field}" if field else str(path)  # loc is empty when the whole file is not a mapping
+        raise UserError(where, first["msg"], "see datasets_yaml/testbed_prompts.yaml for the format") from None
     base = path.parent
 
     def prompts(name: str) -> list[str]:

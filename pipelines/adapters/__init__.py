@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -21,6 +22,10 @@ def validate_stage_settings(stage: str, settings_class: type[BaseModel], data: d
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
-        problem = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"]
-        known = ", ".join(name for name in settings_class.model_fields if name not in provided_by_pipeline)
-        raise UserError(f"pipeline stage '{stage}': field '{field}'", problem, f"valid settings: {known}") from None
+        where = f"pipeline stage '{stage}': field '{field}'"
+        if first["type"] != "extra_forbidden":  # a bad value: the list of setting names would not help
+            raise UserError(where, first["msg"], f"give '{field}' a valid value (see 'quant-abliterate {stage} --help')") from None
+        names = [name for name in settings_class.model_fields if name not in provided_by_pipeline]
+        close = difflib.get_close_matches(field, names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(where, "unknown setting", f"{hint}valid settings: {', '.join(names)}") from None

@@ -20,6 +20,27 @@ def test_spec_with_overrides_and_limits(tmp_path):
 def test_missing_spec_and_missing_file_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="--prompts"):
         load_prompt_sets(tmp_path / "nope.yaml", {})
+    with pytest.raises(UserError, match="--prompts: prompt spec .* is a directory"):
+        load_prompt_sets(tmp_path, {})
     spec = write_prompts(tmp_path / "prompts")
     with pytest.raises(UserError, match="--harmless_test"):
         load_prompt_sets(spec, {"harmless_test": tmp_path / "missing.jsonl"})
+
+
+def test_malformed_or_non_mapping_spec_names_the_file_and_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("harmful_train: [a,\n")
+    with pytest.raises(UserError, match=r"broken\.yaml:2:1: invalid YAML syntax"):
+        load_prompt_sets(broken, {})
+    listing = tmp_path / "listing.yaml"
+    listing.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match=r"listing\.yaml: Input should be a valid dictionary"):
+        load_prompt_sets(listing, {})
+
+
+def test_empty_prompt_file_is_refused_naming_the_flag(tmp_path):
+    spec = write_prompts(tmp_path / "prompts")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(UserError, match=r"--harmful_train: .*empty\.txt holds no prompts"):
+        load_prompt_sets(spec, {"harmful_train": empty})

@@ -58,3 +58,27 @@ def test_interpolated_direction_lies_between_neighbours():
     torch.testing.assert_close(halfway, normalize(torch.tensor([1.0, 1.0, 0.0, 0.0])))
     with pytest.raises(ValueError):
         interpolated_direction(directions, 2.5)
+
+
+def test_directions_file_is_never_left_truncated(tmp_path, monkeypatch):
+    """A kill while the study's directions file is written must not leave a file every resume fails to load."""
+    import abliterate.run as run
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "study" / "x.directions.safetensors"
+    directions = torch.randn(7, 64)
+
+    def killed_mid_write(tensors, filename):
+        with open(filename, "wb") as handle:
+            handle.write(b"\x08\x00\x00")  # the first bytes of a header, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "save_file", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        run.save_directions_atomically(directions, path)
+    assert list(path.parent.iterdir()) == [], "neither the final nor the temporary file may remain"
+
+    monkeypatch.setattr(run, "save_file", save_file)
+    run.save_directions_atomically(directions, path)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    torch.testing.assert_close(load_file(str(path))["refusal_directions"], directions)

@@ -172,3 +172,105 @@ def test_a_stage_setting_typo_names_the_stage_and_field(tmp_path):
     spec.stages[0].settings["output_model"] = "x"
     with pytest.raises(UserError, match="set by the pipeline itself"):
         runner.validate_all(spec, tmp_path)
+
+
+def test_a_stage_setting_typo_suggests_the_name_and_a_bad_value_points_at_help(tmp_path):
+    from pathlib import Path
+
+    spec = load_pipeline(Path(runner.__file__).parent / "testbed_default.yaml")
+    spec.stages[1].settings["n_trails"] = 5
+    with pytest.raises(UserError) as caught:
+        runner.validate_all(spec, tmp_path)
+    assert caught.value.fix.startswith("did you mean 'n_trials'?")
+    spec.stages[1].settings.pop("n_trails")
+    spec.stages[1].settings["n_trials"] = "abc"
+    with pytest.raises(UserError, match="field 'n_trials'") as caught:
+        runner.validate_all(spec, tmp_path)
+    assert "quant-abliterate abliterate --help" in caught.value.fix and "valid settings" not in caught.value.fix
+    spec.stages[1].settings["n_trials"] = 5
+    spec.stages[1].settings["select"] = "best 3"  # caught here, not after the whole search
+    with pytest.raises(UserError, match="field 'select'.*cannot read 'best 3'"):
+        runner.validate_all(spec, tmp_path)
+
+
+def test_interrupted_stage_is_marked_interrupted_and_redone(fake_stages, monkeypatch):
+    tmp, log = fake_stages
+    pipe = write_pipeline(tmp, """
+        name: t
+        model: model
+        output_dir: out
+        stages:
+          - quantize: {}
+          - abliterate: {}
+    """)
+    out = tmp / "out"
+    real_run_stage_process = runner.run_stage_process
+
+    def ctrl_c_during_abliterate(stage, *args):
+        if stage == "abliterate":
+            raise KeyboardInterrupt
+        return real_run_stage_process(stage, *args)
+
+    monkeypatch.setattr(runner, "run_stage_process", ctrl_c_during_abliterate)
+    with pytest.raises(KeyboardInterrupt):
+        runner.main([str(pipe), "--output_dir", str(out)])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["quantize"]["status"] == "complete"
+    assert manifest["stages"]["abliterate"]["status"] == "interrupted"
+
+    monkeypatch.setattr(runner, "run_stage_process", real_run_stage_process)
+    assert runner.main([str(pipe), "--output_dir", str(out)]) == 0
+    assert executed(log) == ["quantize", "abliterate"], "only the interrupted stage is redone"
+    assert json.loads((out / "manifest.json").read_text())["stages"]["abliterate"]["status"] == "complete"
+
+
+SLOW_ADAPTER = '''
+import time
+from pathlib import Path
+
+def build_settings(user_settings, context):
+    return user_settings
+
+def run(settings, context):
+    Path(context.stage_dir, "partial.bin").write_text("half")
+    Path(settings["started"]).write_text("started")
+    time.sleep(60)
+    return {}
+'''
+
+
+def test_stage_process_stops_when_the_runner_is_killed(tmp_path, monkeypatch):
+    """kill -9 of the runner must not leave its stage running on (and writing) as an orphan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "slowadapter.py").write_text(SLOW_ADAPTER)
+    started = tmp_path / "started"
+    stage_dir = tmp_path / "out" / "abliterate"
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({
+        "stage": "abliterate", "adapter": "slowadapter", "settings": {"started": str(started)},
+        "result_path": str(tmp_path / "result.json"),
+        "context": {"pipeline_name": "t", "source_model": "m", "input_dir": None, "stage_dir": str(stage_dir)},
+    }))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.getcwd()]))
+    runner_stand_in = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys; subprocess.run([sys.executable, '-m', 'pipelines.stage_exec', sys.argv[1]])"
+    ), str(request)])
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert time.monotonic() < deadline and runner_stand_in.poll() is None, "the stage never started"
+        time.sleep(0.05)
+    temporary = stage_dir.parent / f".tmp-{stage_dir.name}"
+    assert (temporary / "partial.bin").exists()
+
+    os.kill(runner_stand_in.pid, signal.SIGKILL)
+    runner_stand_in.wait()
+    deadline = time.monotonic() + 15
+    while temporary.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not temporary.exists(), "the orphaned stage kept running (its temporary output is still there)"
+    assert not stage_dir.exists() and not (tmp_path / "result.json").exists()

@@ -54,6 +54,8 @@ def test_bad_flag_values(tiny_model_dir, mix_yaml, tmp_path, no_model_load, extr
 def test_bad_paths(tiny_model_dir, mix_yaml, tmp_path, no_model_load):
     assert cli_error(quantize_args(tmp_path / "nope" / "model", mix_yaml, tmp_path / "out")).where == "--input_model"
     assert cli_error(quantize_args(tmp_path, mix_yaml, tmp_path / "out")).where == "--input_model"  # no config.json
+    as_file = cli_error(quantize_args(tiny_model_dir / "config.json", mix_yaml, tmp_path / "out"))
+    assert as_file.where == "--input_model" and "is a file, not a model directory" in as_file.problem
     assert cli_error(quantize_args(tiny_model_dir, tmp_path / "missing.yaml", tmp_path / "out")).where == "--dataset_yaml"
 
 
