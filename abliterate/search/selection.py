@@ -49,7 +49,11 @@ def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def parse_rule(rule: str, n_harmful: int) -> tuple[str, float]:
-    """'best_kl_under R' (count, or fraction with a '.') or 'trial N' -> (kind, number)."""
+    """'best_kl_under R' or 'trial N' -> (kind, number).
+
+    R below 1 with a decimal point is a fraction of the harmful prompts (0.05 = 5%); anything else is a
+    count. '1.0' as "100%" would accept every trial, the unedited-like ones included: never what is meant.
+    """
     match = re.fullmatch(r"\s*(best_kl_under|trial)[\s:=]+([0-9]*\.?[0-9]+)\s*", rule)
     if not match:
         raise UserError("--select", f"cannot read {rule!r}", "use 'best_kl_under 3', 'best_kl_under 0.05' or 'trial 12'")
@@ -57,7 +61,7 @@ def parse_rule(rule: str, n_harmful: int) -> tuple[str, float]:
     if kind == "trial":
         return kind, float(int(float(number)))
     value = float(number)
-    return kind, value * n_harmful if "." in number else value
+    return kind, value * n_harmful if "." in number and value < 1 else value
 
 
 def select_trial(rule: str, candidates: list[Candidate], n_harmful: int) -> tuple[Candidate, str]:

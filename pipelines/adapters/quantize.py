@@ -7,7 +7,8 @@ from typing import Any
 
 from pipelines.adapters import validate_stage_settings
 from pipelines.stages import StageContext
-from quantize.settings import QuantizeSettings
+from quantize.errors import UserError
+from quantize.settings import QuantizeSettings, check_paths
 
 CHECKPOINT = "checkpoint"
 
@@ -19,7 +20,12 @@ def build_settings(user_settings: dict[str, Any], context: StageContext) -> Quan
             validate_stage_settings("quantize", QuantizeSettings, data, provided_by_pipeline=(key,))
     data.update(input_model=context.source_model, output_model=Path(context.stage_dir) / CHECKPOINT,
                 trust_remote_code=context.trust_remote_code or data.get("trust_remote_code", False))
-    return validate_stage_settings("quantize", QuantizeSettings, data)
+    settings = validate_stage_settings("quantize", QuantizeSettings, data)
+    try:
+        check_paths(settings)  # the same checks as the CLI, before any stage runs
+    except UserError as error:
+        raise UserError(f"pipeline stage 'quantize': {error.where.lstrip('-')}", error.problem, error.fix) from None
+    return settings
 
 
 def run(settings: QuantizeSettings, context: StageContext) -> dict[str, Any]:

@@ -115,6 +115,7 @@ def test_pareto_front_and_selection_rules():
     assert select_trial("best_kl_under 1", candidates, 20)[0].number == 1
     assert select_trial("best_kl_under 0.05", candidates, 20)[0].number == 1  # 5% of 20 = 1
     assert select_trial("best_kl_under 0", candidates, 20)[0].number == 3
+    assert select_trial("best_kl_under 1.0", candidates, 20)[0].number == 1  # a count, not 100%
     assert select_trial("trial 4", candidates, 20)[0].number == 4
     chosen, reason = select_trial("best_kl_under 0", [candidates[0], candidates[2]], 20)
     assert chosen.number == 2 and "no trial" in reason

@@ -274,3 +274,12 @@ def test_stage_process_stops_when_the_runner_is_killed(tmp_path, monkeypatch):
         time.sleep(0.1)
     assert not temporary.exists(), "the orphaned stage kept running (its temporary output is still there)"
     assert not stage_dir.exists() and not (tmp_path / "result.json").exists()
+
+
+def test_a_missing_calibration_mix_is_reported_before_any_stage_runs(tmp_path):
+    from pathlib import Path
+
+    spec = load_pipeline(Path(runner.__file__).parent / "testbed_default.yaml")
+    spec.stages[0].settings["dataset_yaml"] = str(tmp_path / "nowhere.yaml")
+    with pytest.raises(UserError, match="pipeline stage 'quantize': dataset_yaml.*no such file"):
+        runner.validate_all(spec, tmp_path)
