@@ -1,8 +1,9 @@
 """Pipeline stage 'abliterate': stage 2 with the same AbliterateSettings as its CLI.
 
-The Optuna journal lives beside the stage directory (``<output_dir>/abliterate.study``),
+The Optuna journal lives beside the stage directory (``<output_dir>/abliterate.study/<input>``),
 not inside it: a killed stage leaves no partial stage directory, yet a re-run
-resumes the study where it stopped.
+resumes the study where it stopped. It is keyed by the hash of the stage's input,
+so a re-quantized checkpoint never continues a study measured on another one.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ def build_settings(user_settings: dict[str, Any], context: StageContext) -> Abli
         if key in user_settings:
             validate_stage_settings("abliterate", AbliterateSettings, user_settings, provided_by_pipeline=(key,))
     stage_dir = Path(context.stage_dir)
+    previous = next(reversed(context.previous_results.values()), {}) if context.previous_results else {}
+    input_key = str(previous.get("output_sha256", "source"))[:16]
     data = {
         "select": "best_kl_under 0.05",  # a pipeline never waits for a person
         **user_settings,
         "model": context.input_dir or context.source_model,
         "out": str(stage_dir / TRIAL),
-        "study_dir": str(stage_dir.parent / "abliterate.study"),
+        "study_dir": str(stage_dir.parent / "abliterate.study" / input_key),
         "trust_remote_code": context.trust_remote_code or user_settings.get("trust_remote_code", False),
     }
     return validate_stage_settings("abliterate", AbliterateSettings, data)
