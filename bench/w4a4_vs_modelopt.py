@@ -8,6 +8,8 @@ logits from ModelOpt's, next to the distance of both from the bf16 model (the
 quantization error itself), so "how close" has a scale.
 
 GPU:  python bench/w4a4_vs_modelopt.py --out $OUT/w4a4.json
+      python bench/w4a4_vs_modelopt.py --model testbed/model --out $OUT/w4a4_testbed.json
+      (a trained model, calibrated and evaluated on real text instead of random tokens)
 CPU smoke test (ModelOpt's forward fails on CPU, so only our side runs):
       python bench/w4a4_vs_modelopt.py --device cpu --small --out /tmp/w4a4.json
 """
@@ -77,6 +79,23 @@ LAYER_CHECKS = ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj
                 "model.layers.3.mlp.gate_proj")
 
 
+def trained_model_and_text(path: str, text_file: str, calib_batches: int, seq_len: int, device: str):
+    """A trained model with real text: random tokens and random weights exaggerate how errors grow."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    if not model.config.architectures:
+        model.config.architectures = [type(model).__name__]
+    lines = [json.loads(line)["text"] for line in Path(text_file).read_text().splitlines() if line.strip()]
+    ids = tokenizer("\n\n".join(lines), return_tensors="pt").input_ids[0]
+    needed = (calib_batches + 4) * seq_len
+    if ids.numel() < needed:
+        raise SystemExit(f"{text_file}: {ids.numel()} tokens, need {needed}; lower --seq-len or --calib-batches")
+    rows = ids[:needed].view(calib_batches + 4, seq_len).to(device)
+    return model, rows[:calib_batches], rows[calib_batches:]
+
+
 def capture_layer_inputs(model, input_ids, names) -> dict[str, torch.Tensor]:
     """The real inputs of a few Linear layers, so each layer can be compared on identical data."""
     captured, handles = {}, []
@@ -123,6 +142,9 @@ def main() -> int:
     parser.add_argument("--small", action="store_true", help="toy model (CPU smoke test)")
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--model", help="a trained model folder (e.g. testbed/model) instead of a random Llama")
+    parser.add_argument("--text", default="datasets_yaml/corpora/general_text.jsonl",
+                        help="with --model: JSONL text ('text' field) for calibration and evaluation tokens")
     args = parser.parse_args()
 
     import modelopt
@@ -131,11 +153,15 @@ def main() -> int:
 
     size = "small" if args.small else "default"
     seq_len = 32 if args.small else args.seq_len
-    model = build_model(size, args.device)
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(1)
-    calib = torch.randint(0, vocab, (args.calib_batches, seq_len), generator=gen).to(args.device)
-    eval_ids = torch.randint(0, vocab, (4, seq_len), generator=gen).to(args.device)
+    if args.model:
+        model, calib, eval_ids = trained_model_and_text(args.model, args.text, args.calib_batches, seq_len, args.device)
+        size = args.model
+    else:
+        model = build_model(size, args.device)
+        vocab = model.config.vocab_size
+        gen = torch.Generator().manual_seed(1)
+        calib = torch.randint(0, vocab, (args.calib_batches, seq_len), generator=gen).to(args.device)
+        eval_ids = torch.randint(0, vocab, (4, seq_len), generator=gen).to(args.device)
 
     with torch.no_grad():
         bf16_logits = model(eval_ids).logits.float()
@@ -185,7 +211,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
         "modelopt": modelopt.__version__,
-        "model": {"size": size, **SIZES[size], "eval_tokens": eval_ids.numel()},
+        "model": {"size": size, **SIZES.get(size, {}), "eval_tokens": eval_ids.numel()},
         "format": fmt.kind.value,
         "ours_w4a4_vs_bf16": as_dict(compare_logits(ours_logits, bf16_logits)),
         "ours_w4a16_vs_bf16": as_dict(compare_logits(weights_only_logits, bf16_logits)),
