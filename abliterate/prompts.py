@@ -53,3 +53,20 @@ def load_prompt_sets(spec: Path | None, overrides: dict[str, Path | None], limit
             sets[name] = sets[name][:limit]
     return PromptSets(**sets, refusal_markers=markers, compliance_openers=tuple(openers),
                       compliance_patterns=tuple(patterns))
+
+
+MAX_PERPLEXITY_TEXTS = 64
+
+
+def perplexity_texts(spec: Path | None) -> list[str]:
+    """The prompt spec's held-out general text (testbed specs name one), capped; [] when it has none.
+
+    Every perplexity a run reports (original, quantized, re-exported) must use these same texts, or the
+    numbers in one table would not be comparable.
+    """
+    if spec is None or not Path(spec).is_file():
+        return []
+    try:
+        return load_prompt_spec(spec).perplexity_texts[:MAX_PERPLEXITY_TEXTS]
+    except UserError:
+        return []  # a spec stage 2 reads but without perplexity text: nothing to add

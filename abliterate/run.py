@@ -23,7 +23,7 @@ from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
 from abliterate.evaluation import DEFAULT_REFUSAL_MARKERS, EvaluationConfig, Evaluator
 from abliterate.loading import load_model
-from abliterate.prompts import PromptSets, load_prompt_sets
+from abliterate.prompts import SETS, PromptSets, load_prompt_sets
 from abliterate.residuals import prompt_residuals
 from abliterate.search.objectives import TrialMetrics, broken_answers, zero_base_refusals_note
 from abliterate.search.selection import (
@@ -42,6 +42,12 @@ from quantize.atomic_output import atomic_output_dir, check_writable_output
 from quantize.errors import UserError
 
 SVD_SEED = 0
+
+
+def prompt_sets_of(settings: AbliterateSettings) -> PromptSets:
+    """The prompt sets a run's settings name: the spec, any per-set override files, the caps."""
+    return load_prompt_sets(settings.prompt_spec(), {name: getattr(settings, name) for name in SETS},
+                            settings.max_train_prompts, settings.max_test_prompts)
 
 
 def evaluation_config(settings: AbliterateSettings, prompts: PromptSets) -> EvaluationConfig:
@@ -158,9 +164,7 @@ def run_abliteration(settings: AbliterateSettings, console: Console) -> Path:
     check_writable_output(out, settings.overwrite)
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
-    prompts = load_prompt_sets(settings.prompt_spec(), {name: getattr(settings, name) for name in
-                               ("harmful_train", "harmless_train", "harmful_test", "harmless_test")},
-                               settings.max_train_prompts, settings.max_test_prompts)
+    prompts = prompt_sets_of(settings)
     console.print(f"prompts: {len(prompts.harmful_train)}+{len(prompts.harmless_train)} train, "
                   f"{len(prompts.harmful_test)}+{len(prompts.harmless_test)} test (harmful+harmless)")
     loaded = load_model(settings.model, dtypes=settings.dtypes, device_map=settings.device_map,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from abliterate.settings import AbliterateSettings
+if TYPE_CHECKING:  # the quantize adapter imports this module too: keep stage 2 out of its start-up
+    from abliterate.settings import AbliterateSettings
 
 
 def size_bytes(model_dir: str | Path) -> int | None:
@@ -36,15 +37,12 @@ def original_and_input_rows(settings: AbliterateSettings, original: str, searche
                             searched_label: str = "quantized") -> list[dict[str, Any]]:
     """Measure the source model, then the model stage 2 searches on with the original as KL reference."""
     from abliterate.evaluation import Evaluator
-    from abliterate.evaluation.prompt_sets import load_prompt_spec
     from abliterate.loading import load_model
-    from abliterate.prompts import load_prompt_sets
-    from abliterate.run import evaluation_config
+    from abliterate.prompts import perplexity_texts
+    from abliterate.run import evaluation_config, prompt_sets_of
 
-    prompts = load_prompt_sets(settings.prompt_spec(), {name: getattr(settings, name) for name in
-                               ("harmful_train", "harmless_train", "harmful_test", "harmless_test")},
-                               settings.max_train_prompts, settings.max_test_prompts)
-    texts = load_prompt_spec(settings.prompt_spec()).perplexity_texts if settings.prompt_spec() else []
+    prompts = prompt_sets_of(settings)
+    texts = perplexity_texts(settings.prompt_spec())  # the same texts the export's verify measures
     config = evaluation_config(settings, prompts)
 
     def load(path: str):
@@ -54,7 +52,7 @@ def original_and_input_rows(settings: AbliterateSettings, original: str, searche
     loaded = load(original)
     evaluator = Evaluator(loaded.model, loaded.tokenizer, prompts.harmful_test, prompts.harmless_test, config,
                           perplexity_texts=tuple(texts))
-    base = evaluator.evaluate(loaded.model, with_perplexity=bool(texts))
+    base = evaluator.base  # measured while the evaluator was built (with perplexity when there are texts)
     rows = [row("original", None, refusals=base.refusals, n_harmful=base.n_harmful, compliance=base.compliance,
                 kl=None, perplexity=base.perplexity, size=size_bytes(original))]
     del loaded

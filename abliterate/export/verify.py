@@ -75,21 +75,6 @@ def compare(trial_metrics: dict[str, Any], export_metrics: dict[str, Any], toler
     return problems
 
 
-MAX_PERPLEXITY_TEXTS = 64
-
-
-def perplexity_texts(spec: Path | None) -> list[str]:
-    """The prompt spec's held-out general text (testbed specs name one), capped; [] when it has none."""
-    from abliterate.evaluation.prompt_sets import load_prompt_spec
-
-    if spec is None or not Path(spec).is_file():
-        return []
-    try:
-        return load_prompt_spec(spec).perplexity_texts[:MAX_PERPLEXITY_TEXTS]
-    except UserError:
-        return []  # a spec stage 2 reads but without perplexity text: nothing to add
-
-
 def _stage2_settings(trial: ChosenTrial):
     from abliterate.settings import AbliterateSettings
 
@@ -105,16 +90,14 @@ def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
     """Score the export exactly as the search scored the trial; never raises on a mismatch (see ``passed``)."""
     from abliterate.evaluation import Evaluator
     from abliterate.loading import load_model
-    from abliterate.prompts import load_prompt_sets
-    from abliterate.run import evaluation_config
+    from abliterate.prompts import perplexity_texts
+    from abliterate.run import evaluation_config, prompt_sets_of
     from abliterate.search.objectives import TrialMetrics
 
     settings = _stage2_settings(trial)
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
-    prompts = load_prompt_sets(settings.prompt_spec(), {name: getattr(settings, name) for name in
-                               ("harmful_train", "harmless_train", "harmful_test", "harmless_test")},
-                               settings.max_train_prompts, settings.max_test_prompts)
+    prompts = prompt_sets_of(settings)
     config = evaluation_config(settings, prompts)
     device_map = device_map if device_map is not None else settings.device_map
     reference = load_model(settings.model, dtypes=settings.dtypes, device_map=device_map,
