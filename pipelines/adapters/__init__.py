@@ -10,22 +10,26 @@ from pydantic import BaseModel, ValidationError
 from quantize.errors import UserError
 
 
-def validate_stage_settings(stage: str, settings_class: type[BaseModel], data: dict[str, Any], *,
-                            provided_by_pipeline: tuple[str, ...] = ()) -> BaseModel:
-    """Validate a stage block with the stage's own settings class, errors naming ``stage.field``."""
-    for key in provided_by_pipeline:
-        if key in data:
+def stage_settings(stage: str, settings_class: type[BaseModel], user_settings: dict[str, Any],
+                   wired: dict[str, Any]) -> BaseModel:
+    """The stage's own settings object: its YAML block plus what the pipeline wires itself.
+
+    ``wired`` (input model, output paths, overwrite) comes from the runner; a block that sets one of
+    those keys is refused rather than silently overridden. Errors name ``stage`` and the field.
+    """
+    for key in wired:
+        if key in user_settings:
             raise UserError(f"pipeline stage '{stage}': field '{key}'", "is set by the pipeline itself",
                             "remove it (the pipeline passes the previous stage's output and its own output directory)")
     try:
-        return settings_class.model_validate(data)
+        return settings_class.model_validate({**user_settings, **wired})
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         where = f"pipeline stage '{stage}': field '{field}'"
         if first["type"] != "extra_forbidden":  # a bad value: the list of setting names would not help
             raise UserError(where, first["msg"], f"give '{field}' a valid value (see 'quant-abliterate {stage} --help')") from None
-        names = [name for name in settings_class.model_fields if name not in provided_by_pipeline]
+        names = [name for name in settings_class.model_fields if name not in wired]
         close = difflib.get_close_matches(field, names, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise UserError(where, "unknown setting", f"{hint}valid settings: {', '.join(names)}") from None

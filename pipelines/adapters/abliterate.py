@@ -12,31 +12,30 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.adapters import validate_stage_settings
+from pipelines.adapters import stage_settings
 from pipelines.evaluations import original_and_input_rows, row
 from pipelines.stages import StageContext
 from abliterate.settings import AbliterateSettings
 
 TRIAL = "trial"
-PROVIDED = ("model", "out", "study_dir", "overwrite")
 
 
 def build_settings(user_settings: dict[str, Any], context: StageContext) -> AbliterateSettings:
-    for key in PROVIDED:
-        if key in user_settings:
-            validate_stage_settings("abliterate", AbliterateSettings, user_settings, provided_by_pipeline=(key,))
     stage_dir = Path(context.stage_dir)
     previous = next(reversed(context.previous_results.values()), {}) if context.previous_results else {}
     input_key = str(previous.get("output_sha256", "source"))[:16]
-    data = {
+    chosen = {
         "select": "best_kl_under 0.05",  # a pipeline never waits for a person
         **user_settings,
+        "trust_remote_code": context.trust_remote_code or user_settings.get("trust_remote_code", False),
+    }
+    wired = {
         "model": context.input_dir or context.source_model,
         "out": str(stage_dir / TRIAL),
         "study_dir": str(stage_dir.parent / "abliterate.study" / input_key),
-        "trust_remote_code": context.trust_remote_code or user_settings.get("trust_remote_code", False),
+        "overwrite": False,
     }
-    return validate_stage_settings("abliterate", AbliterateSettings, data)
+    return stage_settings("abliterate", AbliterateSettings, chosen, wired)
 
 
 def run(settings: AbliterateSettings, context: StageContext) -> dict[str, Any]:

@@ -11,22 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.export.settings import ExportSettings
-from pipelines.adapters import validate_stage_settings
+from pipelines.adapters import stage_settings
 from pipelines.evaluations import row, size_bytes
 from pipelines.stages import StageContext
 
-PROVIDED = ("trial", "output", "overwrite")
-
 
 def build_settings(user_settings: dict[str, Any], context: StageContext) -> ExportSettings:
-    for key in PROVIDED:
-        if key in user_settings:
-            validate_stage_settings("export", ExportSettings, user_settings, provided_by_pipeline=(key,))
-    data = {"progress": True, **user_settings, "trial": context.input_dir, "output": str(Path(context.stage_dir))}
+    chosen = {"progress": True, **user_settings}
     searched_another_model = context.previous_results.get("quantize") is not None
     if "base_model" not in user_settings and searched_another_model and Path(context.source_model).is_dir():
-        data["base_model"] = context.source_model
-    return validate_stage_settings("export", ExportSettings, data)
+        chosen["base_model"] = context.source_model
+    wired = {"trial": context.input_dir, "output": str(Path(context.stage_dir)), "overwrite": False}
+    return stage_settings("export", ExportSettings, chosen, wired)
 
 
 def run(settings: ExportSettings, context: StageContext) -> dict[str, Any]:
