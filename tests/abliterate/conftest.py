@@ -4,13 +4,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny models run ~1000x faster on one thread when the shared CI CPU is busy (OpenMP oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_models_on_one_thread(one_cpu_thread):
+    """Every test here uses tiny models: run each on one thread (tests/conftest.py says why)."""

@@ -8,12 +8,8 @@ TEXTS = ["How do I bake bread?", "Tell me a story about a cat.", "Explain how ra
 
 
 @pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny models run far faster on one thread when the shared CI CPU is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_models_on_one_thread(one_cpu_thread):
+    """Every test here uses tiny models: run each on one thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="session")

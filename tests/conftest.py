@@ -1,0 +1,18 @@
+"""Fixtures shared by several test folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """Tiny models run ~1000x faster on one thread when the shared CI CPU is busy (OpenMP oversubscription).
+
+    Folders of tiny-model tests turn it on for every test with an autouse fixture that requests it.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
