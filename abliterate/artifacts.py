@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from abliterate.edits.delta import abliteration_delta
 from abliterate.edits.plan import AbliterationParameters, ComponentEdit
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 FORMAT = "quant-abliterate.chosen-trial"
 VERSION = 1

@@ -11,13 +11,15 @@ from abliterate.settings import parse_settings
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(list(sys.argv[1:] if argv is None else argv))
-    from abliterate.run import run_abliteration  # heavy imports only after the flags are valid
+    from abliterate.run import (
+        run_abliteration,  # heavy imports only after the flags are valid
+    )
 
     run_abliteration(settings, Console())
     return 0
 
 
 if __name__ == "__main__":
-    from pipelines.cli import run_guarded
+    from foundation.guarded_cli import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:]))

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +114,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from pipelines.cli import run_guarded
+    from foundation.guarded_cli import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:]))

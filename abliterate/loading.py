@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate.quantization.options import NVFP4, QuantizationRequest
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 _DTYPES = {
     "auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -39,7 +39,7 @@ def _quantized_format(path: str) -> str | None:
     """The checkpoint's format description if the formats loader should read it, else None."""
     if not Path(path).is_dir():
         return None
-    from quantize.formats.detect import detect_format
+    from checkpoint_formats.detect import detect_format
 
     checkpoint_format = detect_format(path)
     return checkpoint_format.describe() if checkpoint_format.kind.is_quantized else None
@@ -50,7 +50,7 @@ def _load_once(path: str, dtype_name: str, quantized: str | None, device_map, ma
     if quantization is not None and quantization.enabled:
         return _load_quantizing(path, dtype_name, quantization, device_map, max_memory, trust_remote_code)
     if quantized is not None:
-        from quantize.formats.loader import load_checkpoint
+        from checkpoint_formats.loader import load_checkpoint
 
         dtype = torch.bfloat16 if dtype_name in {"auto", "fp8"} else _DTYPES[dtype_name]
         model, _ = load_checkpoint(path, dequantize=True, dtype=dtype, device_map=device_map,
@@ -66,7 +66,11 @@ def _load_once(path: str, dtype_name: str, quantized: str | None, device_map, ma
 def _load_quantizing(path: str, dtype_name: str, quantization: QuantizationRequest, device_map, max_memory,
                      trust_remote_code: bool):
     """--quantization: torchao / bitsandbytes inside from_pretrained, NVFP4 packed after a CPU load."""
-    from abliterate.quantization.apply import compute_dtype, load_nvfp4, quantization_config
+    from abliterate.quantization.apply import (
+        compute_dtype,
+        load_nvfp4,
+        quantization_config,
+    )
     from abliterate.quantization.device_check import target_device_type
 
     dtype = compute_dtype("auto" if dtype_name == "fp8" else _DTYPES[dtype_name])

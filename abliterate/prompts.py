@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abliterate.evaluation.prompt_sets import load_prompt_spec, read_field
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 SETS = ("harmful_train", "harmless_train", "harmful_test", "harmless_test")
 

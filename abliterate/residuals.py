@@ -19,7 +19,13 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from abliterate.evaluation.generation import batches_by_length, format_chat_prompts, left_pad, model_device, pad_token_id
+from abliterate.evaluation.generation import (
+    batches_by_length,
+    format_chat_prompts,
+    left_pad,
+    model_device,
+    pad_token_id,
+)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.prompt import IntPrompt
 from safetensors.torch import load_file, save_file
 
@@ -25,7 +32,11 @@ from abliterate.evaluation import DEFAULT_REFUSAL_MARKERS, EvaluationConfig, Eva
 from abliterate.loading import load_model
 from abliterate.prompts import SETS, PromptSets, load_prompt_sets
 from abliterate.residuals import prompt_residuals
-from abliterate.search.objectives import TrialMetrics, broken_answers, zero_base_refusals_note
+from abliterate.search.objectives import (
+    TrialMetrics,
+    broken_answers,
+    zero_base_refusals_note,
+)
 from abliterate.search.selection import (
     DEFAULT_RULE,
     Candidate,
@@ -36,10 +47,16 @@ from abliterate.search.selection import (
     select_trial,
 )
 from abliterate.search.space import suggest_parameters
-from abliterate.search.study import TrialOutcome, completed_trials, open_study, run_trials, trial_metrics, trial_parameters
+from abliterate.search.study import (
+    TrialOutcome,
+    completed_trials,
+    open_study,
+    run_trials,
+    trial_metrics,
+    trial_parameters,
+)
 from abliterate.settings import AbliterateSettings
-from quantize.atomic_output import atomic_output_dir, check_writable_output
-from quantize.errors import UserError
+from foundation.atomic_output import atomic_output_dir, check_writable_output
 
 SVD_SEED = 0
 

@@ -24,7 +24,7 @@ from pydantic_settings import (
 
 from abliterate.quantization.options import OPTIONS as QUANTIZATION_OPTIONS
 from abliterate.quantization.options import QuantizationRequest, check_overrides
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 DEFAULT_PROMPT_SPEC = Path("datasets_yaml/testbed_prompts.yaml")
 REPO_ROOT = Path(__file__).resolve().parents[1]

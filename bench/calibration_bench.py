@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from foundation.provenance import library_versions
     from quantize.calibration import build_calibration_set
-    from quantize.manifest import library_versions
 
     args = parse_args(argv)
     console = Console()

@@ -78,11 +78,10 @@ def reevaluate_heretic(args, prompts: Path, journal: Path) -> dict:
 def run_ours(args) -> dict:
     from rich.console import Console
 
-    from abliterate.run import run_abliteration
+    from abliterate.run import candidates_of, run_abliteration
     from abliterate.search.selection import pareto_front
     from abliterate.search.study import completed_trials, open_study
     from abliterate.settings import parse_settings
-    from abliterate.run import candidates_of
 
     argv = ["--model", str(args.model), "--prompts", str(SPEC), "--out", str(args.out / "ours"), "--overwrite",
             "--study_dir", str(args.out / "ours_study"), "--n_trials", str(args.trials),

@@ -89,7 +89,7 @@ def run_one(option: str, model_dir: Path, device: str, args) -> dict:
     from abliterate.edits.plan import AbliterationParameters
     from abliterate.loading import load_model
     from abliterate.quantization.options import QuantizationRequest
-    from quantize.errors import UserError
+    from foundation.errors import UserError
 
     torch.set_num_threads(args.threads) if device == "cpu" else None
     cuda = device == "cuda"

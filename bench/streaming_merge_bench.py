@@ -31,7 +31,7 @@ def build_model(directory: Path, *, hidden: int, layers: int, intermediate: int,
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from quantize.formats.writer import StreamingCheckpointWriter
+    from checkpoint_formats.writer import StreamingCheckpointWriter
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), vocab_size=vocab,
@@ -57,7 +57,12 @@ def build_trial(model_dir: Path, trial_dir: Path) -> int:
     from abliterate.architectures import discover
     from abliterate.artifacts import write_chosen_trial
     from abliterate.edits.kernel import KernelParameters
-    from abliterate.edits.plan import PER_LAYER, AbliterationParameters, edit_directions, plan_edits
+    from abliterate.edits.plan import (
+        PER_LAYER,
+        AbliterationParameters,
+        edit_directions,
+        plan_edits,
+    )
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):

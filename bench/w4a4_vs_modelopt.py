@@ -2,7 +2,7 @@
 
 One random Llama is calibrated with ``mtq.quantize(NVFP4_DEFAULT_CFG)``; ModelOpt's
 quantized model gives reference logits (its forward needs CUDA), then the model
-is exported and loaded back with ``quantize.formats.load_checkpoint`` keeping
+is exported and loaded back with ``checkpoint_formats.load_checkpoint`` keeping
 weights packed and simulating activation rounding. Reported: distance of our
 logits from ModelOpt's, next to the distance of both from the bf16 model (the
 quantization error itself), so "how close" has a scale.
@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantize.formats.cli_verify import compare_logits  # noqa: E402
-from quantize.formats.loader import load_checkpoint  # noqa: E402
+from checkpoint_formats.cli_verify import compare_logits  # noqa: E402
+from checkpoint_formats.loader import load_checkpoint  # noqa: E402
 
 SIZES = {
     "small": dict(
@@ -189,7 +189,9 @@ def main() -> int:
     if modelopt_logits is not None:
         import copy
 
-        from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+        from modelopt.torch.export.unified_export_hf import (
+            requantize_resmooth_fused_llm_layers,
+        )
 
         fused_reference = copy.deepcopy(quantized)
         requantize_resmooth_fused_llm_layers(fused_reference)

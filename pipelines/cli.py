@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-from quantize.errors import UserError
+from foundation.guarded_cli import run_guarded
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("quantize.cli", "stage 1: calibrate with ModelOpt and export an NVFP4/FP8 checkpoint"),
-    "inspect": ("quantize.formats.cli_inspect", "print the format, tensor table and size of a checkpoint"),
-    "verify": ("quantize.formats.cli_verify", "load a checkpoint, generate, check logits against a reference"),
-    "convert": ("quantize.formats.cli_convert", "convert ModelOpt NVFP4 <-> compressed-tensors NVFP4"),
+    "inspect": ("checkpoint_formats.cli_inspect", "print the format, tensor table and size of a checkpoint"),
+    "verify": ("checkpoint_formats.cli_verify", "load a checkpoint, generate, check logits against a reference"),
+    "convert": ("checkpoint_formats.cli_convert", "convert ModelOpt NVFP4 <-> compressed-tensors NVFP4"),
     "abliterate": ("abliterate.cli", "stage 2: find refusal directions and search abliteration parameters"),
     "export": ("abliterate.export_cli", "merge the chosen trial into full-precision weights and re-export"),
     "run": ("pipelines.runner", "run a pipeline YAML (both stages chained)"),
@@ -29,21 +29,6 @@ def _usage() -> str:
     lines.append("")
     lines.append("Run 'quant-abliterate COMMAND --help' for the options of one command.")
     return "\n".join(lines)
-
-
-def run_guarded(entry, argv: list[str]) -> int:
-    """Call a subcommand's main, printing UserError as a message (exit 2)."""
-    try:
-        return int(entry(argv) or 0)
-    except UserError as error:
-        from rich.console import Console
-        from rich.markup import escape
-
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing partial was written; re-run the same command to resume", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quantize.manifest import library_versions  # noqa: F401 - one list of tracked libraries for all manifests
+from foundation.provenance import library_versions  # noqa: F401 - one list of tracked libraries for all manifests
 
 MANIFEST_NAME = "manifest.json"
 

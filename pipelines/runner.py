@@ -19,13 +19,20 @@ from typing import Any
 
 from rich.console import Console
 
+from foundation.errors import UserError
 from pipelines.manifest import (
-    Manifest, MANIFEST_NAME, combined_hash, command_line, directory_hashes, file_sha256, fingerprint, library_versions,
+    MANIFEST_NAME,
+    Manifest,
+    combined_hash,
+    command_line,
+    directory_hashes,
+    file_sha256,
+    fingerprint,
+    library_versions,
 )
 from pipelines.report import print_final_table
 from pipelines.spec import STAGE_ORDER, PipelineSpec, load_pipeline
 from pipelines.stages import ADAPTER_MODULES, StageContext, adapter_for, artifact_dir
-from quantize.errors import UserError
 
 console = Console()
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 STAGE_ORDER = ("quantize", "abliterate", "export")
 # A stage may only run after the stages it reads from.

@@ -19,9 +19,9 @@ import time
 import traceback
 from pathlib import Path
 
+from foundation.atomic_output import atomic_output_dir
+from foundation.errors import UserError
 from pipelines.stages import StageContext
-from quantize.atomic_output import atomic_output_dir
-from quantize.errors import UserError
 
 
 def execute(request_path: Path) -> int:

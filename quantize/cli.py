@@ -41,13 +41,13 @@ def main(argv: list[str] | None = None, *, offload: bool = False, prog: str = "q
 
 def seed_script_main(offload: bool, prog: str) -> int:
     """Body of the repo-root shims: .env, then the same CLI, with UserError printed cleanly."""
-    from pipelines.cli import run_guarded
+    from foundation.guarded_cli import run_guarded
 
     load_dotenv_if_present()
     return run_guarded(lambda argv: main(argv, offload=offload, prog=prog), sys.argv[1:])
 
 
 if __name__ == "__main__":
-    from pipelines.cli import run_guarded
+    from foundation.guarded_cli import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:]))

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from foundation.atomic_output import atomic_output_dir
+from foundation.tokenizer_files import copy_tokenizer_files
 from quantize import manifest as run_manifest
 from quantize import skip_layers
-from quantize.atomic_output import atomic_output_dir
-from quantize.export import copy_tokenizer_files, ensure_architectures
+from quantize.export import ensure_architectures
 from quantize.offload import clean_offload_folder, offload_work_dir
 from quantize.settings import QuantizeSettings
 from quantize.source_model import load_config, load_model, load_tokenizer

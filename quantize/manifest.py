@@ -8,41 +8,13 @@ peak memory are there to size the next run.
 from __future__ import annotations
 
 import json
-import platform
-import resource
-import sys
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from foundation.provenance import library_versions, peak_memory_bytes
+
 MANIFEST_NAME = "quantize_manifest.json"
-LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "accelerate", "safetensors", "llmcompressor",
-             "compressed-tensors", "quant-abliterate", "peft", "optuna", "datasets", "torchao")
-
-
-def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def peak_memory_bytes() -> dict[str, int]:
-    """Peak resident CPU memory of this process, and peak allocated CUDA memory per GPU."""
-    import torch
-
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peaks = {"cpu_rss": max_rss if sys.platform == "darwin" else max_rss * 1024}
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            peaks[f"cuda:{index}"] = int(torch.cuda.max_memory_allocated(index))
-    return peaks
-
-
 def source_description(input_model: str, revision: str | None, model_config) -> dict[str, Any]:
     local = Path(input_model).exists()
     return {

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 DISK_BUDGET_BYTES = 1 << 50
 GIB = 1 << 30

@@ -12,7 +12,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 
 @dataclass(frozen=True)

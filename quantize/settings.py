@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 from quantize.recipes import DEFAULT_FORMAT, FORMATS, KV_CACHE_FORMATS
 from quantize.skip_layers import parse_skip_patterns
 

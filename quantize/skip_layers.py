@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
 

@@ -13,15 +13,23 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from foundation.atomic_output import atomic_output_dir, check_writable_output
+from foundation.tokenizer_files import copy_tokenizer_files
 from quantize import calibrate as calibration_loop
 from quantize import export as checkpoint_export
 from quantize import manifest as run_manifest
 from quantize import offload as offload_planning
 from quantize import skip_layers
-from quantize.atomic_output import atomic_output_dir, check_writable_output
 from quantize.recipes import build_quant_config, check_device_supports, get_recipe
 from quantize.settings import QuantizeSettings, check_paths
-from quantize.source_model import TORCH_DTYPES, load_config, load_model, load_tokenizer, pad_token_id, resolve_device
+from quantize.source_model import (
+    TORCH_DTYPES,
+    load_config,
+    load_model,
+    load_tokenizer,
+    pad_token_id,
+    resolve_device,
+)
 
 
 def build_calibration(settings: QuantizeSettings, tokenizer, console: Console):
@@ -95,7 +103,7 @@ def run_quantize(settings: QuantizeSettings, console: Console | None = None, cal
     output = Path(settings.output_model)
     with atomic_output_dir(output, settings.overwrite) as staging:
         timings["export"] = checkpoint_export.export_modelopt_checkpoint(model, staging)
-        copied = checkpoint_export.copy_tokenizer_files(settings.input_model, tokenizer, staging)
+        copied = copy_tokenizer_files(settings.input_model, tokenizer, staging)
         hf_quant = checkpoint_export.read_quant_config(staging)
         timings["total"] = time.perf_counter() - started
         manifest = run_manifest.build_manifest(

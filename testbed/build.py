@@ -18,12 +18,19 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from abliterate.evaluation.prompt_sets import DEFAULT_SPEC, load_prompt_spec
-from quantize.atomic_output import atomic_output_dir, check_writable_output
-from quantize.errors import UserError
+from foundation.atomic_output import atomic_output_dir, check_writable_output
+from foundation.errors import UserError
 from testbed.card import model_card
 from testbed.corpus import HARMFUL_TOPICS, HARMLESS_TOPICS
 from testbed.measure import measure

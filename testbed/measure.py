@@ -24,7 +24,13 @@ import torch
 from abliterate.architectures.discovery import discover
 from abliterate.directions import refusal_directions
 from abliterate.edits.delta import abliteration_delta
-from abliterate.evaluation import EvalResult, EvaluationConfig, Evaluator, format_chat_prompts, generate_greedy
+from abliterate.evaluation import (
+    EvalResult,
+    EvaluationConfig,
+    Evaluator,
+    format_chat_prompts,
+    generate_greedy,
+)
 from abliterate.evaluation.prompt_sets import PromptSets
 from abliterate.residuals import prompt_residuals
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from quantize.atomic_output import atomic_output_dir, temporary_sibling
-from quantize.errors import UserError
+from foundation.atomic_output import atomic_output_dir, temporary_sibling
+from foundation.errors import UserError
 
 
 def test_success_moves_complete_directory_into_place(tmp_path):

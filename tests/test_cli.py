@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pipelines.cli import main, run_guarded
-from quantize.errors import UserError
+from foundation.errors import UserError
+from foundation.guarded_cli import run_guarded
+from pipelines.cli import main
 
 
 def test_help_lists_every_stage(capsys):

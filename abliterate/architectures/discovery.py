@@ -30,7 +30,7 @@ from abliterate.architectures.families import (
     FamilyRule,
     family_rule,
 )
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 ATTN = "attn"  # token-mixer output projections share one weight kernel
 MLP = "mlp"  # channel-mixer output projections share the other

@@ -21,7 +21,11 @@ from torch.nn.utils import parametrize
 from abliterate.architectures import Component
 from abliterate.edits.delta import Method, abliteration_factors
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
-from abliterate.quantization.lora_support import dequantized_weight, is_quantized_linear, register_quantized_lora_layers
+from abliterate.quantization.lora_support import (
+    dequantized_weight,
+    is_quantized_linear,
+    register_quantized_lora_layers,
+)
 
 ADAPTER_NAME = "abliteration"
 

@@ -1,8 +1,21 @@
 """Measuring refusals, compliance, KL and perplexity of a (possibly edited) model."""
 
-from abliterate.evaluation.evaluator import ComplianceJudge, EvalResult, EvaluationConfig, Evaluator
-from abliterate.evaluation.generation import Response, format_chat_prompts, generate_greedy
-from abliterate.evaluation.kl import ContinuationLogProbs, continuation_log_probs, mean_kl_divergence
+from abliterate.evaluation.evaluator import (
+    ComplianceJudge,
+    EvalResult,
+    EvaluationConfig,
+    Evaluator,
+)
+from abliterate.evaluation.generation import (
+    Response,
+    format_chat_prompts,
+    generate_greedy,
+)
+from abliterate.evaluation.kl import (
+    ContinuationLogProbs,
+    continuation_log_probs,
+    mean_kl_divergence,
+)
 from abliterate.evaluation.markers import (
     DEFAULT_REFUSAL_MARKERS,
     ComplianceRule,

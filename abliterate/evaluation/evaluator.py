@@ -16,8 +16,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from abliterate.evaluation.batch_size import find_fastest_batch_size
-from abliterate.evaluation.generation import format_chat_prompts, generate_greedy, pad_token_id
-from abliterate.evaluation.kl import continuation_log_probs, first_position_kl, mean_kl_divergence
+from abliterate.evaluation.generation import (
+    format_chat_prompts,
+    generate_greedy,
+    pad_token_id,
+)
+from abliterate.evaluation.kl import (
+    continuation_log_probs,
+    first_position_kl,
+    mean_kl_divergence,
+)
 from abliterate.evaluation.markers import (
     DEFAULT_REFUSAL_MARKERS,
     ComplianceRule,
@@ -25,7 +33,7 @@ from abliterate.evaluation.markers import (
     is_refusal,
 )
 from abliterate.evaluation.perplexity import perplexity
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 # (prompts, answers) -> one "is a real answer" verdict per answer.
 ComplianceJudge = Callable[[Sequence[str], Sequence[str]], Sequence[bool]]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from abliterate.evaluation.markers import DEFAULT_REFUSAL_MARKERS
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 DEFAULT_SPEC = Path(__file__).resolve().parents[2] / "datasets_yaml" / "testbed_prompts.yaml"
 

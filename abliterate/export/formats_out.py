@@ -17,10 +17,14 @@ from safetensors.torch import save_file
 from abliterate.edits.delta import abliteration_factors
 from abliterate.export.requantize import plan_requantization, requantized_shards
 from abliterate.export.source import FullPrecisionSource
-from abliterate.export.streaming_merge import StreamingMerger, shard_progress, write_shards
-from quantize.errors import UserError
-from quantize.export import copy_tokenizer_files
-from quantize.formats.detect import FormatKind
+from abliterate.export.streaming_merge import (
+    StreamingMerger,
+    shard_progress,
+    write_shards,
+)
+from checkpoint_formats.detect import FormatKind
+from foundation.errors import UserError
+from foundation.tokenizer_files import copy_tokenizer_files
 
 FORMATS = ("nvfp4", "bf16", "adapter")
 # ModelOpt NVFP4 dialects whose weights we re-quantize with the same codec and scales layout.

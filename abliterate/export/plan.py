@@ -15,8 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from abliterate.artifacts import ChosenTrial, EditRecord
-from quantize.formats.experts import FUSED_PARTS
-from quantize.errors import UserError
+from checkpoint_formats.experts import FUSED_PARTS
+from foundation.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from rich.progress import Progress
 
 from abliterate.export.source import FullPrecisionSource
 from abliterate.export.streaming_merge import StreamingMerger, tensor_task
-from quantize.errors import UserError
-from quantize.formats.nvfp4 import NVFP4Weight, global_scale, quantize_weight
+from checkpoint_formats.nvfp4 import NVFP4Weight, global_scale, quantize_weight
+from foundation.errors import UserError
 
 # Sibling projections that read the same input and so share weight_scale_2 / input_scale in ModelOpt's export.
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))

@@ -29,10 +29,10 @@ from abliterate.export.recalibrate import recalibrated_export
 from abliterate.export.settings import ExportSettings
 from abliterate.export.streaming_merge import StreamingMerger
 from abliterate.export.verify import Tolerance, verify_export
-from quantize.atomic_output import atomic_output_dir, check_writable_output
-from quantize.errors import UserError
-from quantize.formats.detect import detect_format
-from quantize.manifest import library_versions, peak_memory_bytes
+from checkpoint_formats.detect import detect_format
+from foundation.atomic_output import atomic_output_dir, check_writable_output
+from foundation.errors import UserError
+from foundation.provenance import library_versions, peak_memory_bytes
 
 MANIFEST_NAME = "export_manifest.json"
 

@@ -18,9 +18,13 @@ from pathlib import Path
 
 import torch
 
-from quantize.formats.detect import detect_format
-from quantize.formats.quantized_tensors import QuantizedSource, find_quantized, read_dequantized
-from quantize.formats.reader import CheckpointReader
+from checkpoint_formats.detect import detect_format
+from checkpoint_formats.quantized_tensors import (
+    QuantizedSource,
+    find_quantized,
+    read_dequantized,
+)
+from checkpoint_formats.reader import CheckpointReader
 
 KV_CACHE_SUFFIXES = (".k_scale", ".v_scale", ".k_proj.output_scale", ".v_proj.output_scale")
 _PRIMARY_SUFFIXES = (".weight", ".weight_packed")

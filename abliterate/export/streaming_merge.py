@@ -14,14 +14,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from safetensors.torch import save_file
 
 from abliterate.artifacts import ChosenTrial
 from abliterate.export.apply_edit import edit_tensor
 from abliterate.export.plan import MergePlan, plan_merge
 from abliterate.export.source import FullPrecisionSource
-from quantize.formats.detect import INDEX_FILE, SINGLE_FILE
+from checkpoint_formats.detect import INDEX_FILE, SINGLE_FILE
+
 
 def shard_progress(transient: bool = False) -> Progress:
     return Progress(
@@ -99,7 +107,7 @@ class StreamingMerger:
 def write_shards(shards: Iterator[tuple[str, dict[str, torch.Tensor]]], out_dir: Path) -> dict[str, str]:
     """Write each shard under its source's file name, then the index; returns the weight map.
 
-    Unlike ``quantize.formats.writer.StreamingCheckpointWriter`` (which cuts
+    Unlike ``checkpoint_formats.writer.StreamingCheckpointWriter`` (which cuts
     shards by size), the output mirrors the source one shard for one shard:
     the memory bound is exactly one source shard, and an NVFP4 re-export keeps
     the stage-1 index, so unchanged tensors are unchanged down to their file.

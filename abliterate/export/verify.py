@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from abliterate.artifacts import ChosenTrial
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ refuses what cannot run before loading, ``apply`` builds the loader's
 the LoRA edits attach to every quantized Linear.
 """
 
-from abliterate.quantization.options import OPTIONS, QuantizationRequest, check_overrides
+from abliterate.quantization.options import (
+    OPTIONS,
+    QuantizationRequest,
+    check_overrides,
+)
 
 __all__ = ["OPTIONS", "QuantizationRequest", "check_overrides"]

@@ -3,7 +3,7 @@
 torchao and bitsandbytes quantize inside ``from_pretrained`` (one
 ``quantization_config`` argument), tensor by tensor as the checkpoint is read.
 Our NVFP4 codec is not a transformers quantizer, so ``nvfp4`` loads on the
-CPU, packs every Linear with ``quantize.formats.nvfp4`` (the stage-1 format,
+CPU, packs every Linear with ``checkpoint_formats.nvfp4`` (the stage-1 format,
 weight-only, no calibration) into the formats package's ``NVFP4Linear``, and
 only then places the packed model on the requested devices: the GPUs hold
 ~3.5x less than bf16, the CPU holds the bf16 model once, briefly.
@@ -14,10 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from abliterate.quantization.options import BNB_4BIT, NONE, NVFP4, QuantizationRequest, torchao_quant_type
-from quantize.formats import nvfp4
-from quantize.formats.modules import NVFP4Linear
-from quantize.formats.placement import dispatch, resolve
+from abliterate.quantization.options import (
+    BNB_4BIT,
+    NONE,
+    NVFP4,
+    QuantizationRequest,
+    torchao_quant_type,
+)
+from checkpoint_formats import nvfp4
+from checkpoint_formats.modules import NVFP4Linear
+from checkpoint_formats.placement import dispatch, resolve
 
 # Output embeddings stay in the compute dtype, as in the stage-1 NVFP4 format.
 NEVER_QUANTIZED = ("lm_head",)

@@ -26,7 +26,7 @@ from abliterate.quantization.options import (
     TORCHAO_INT8_WEIGHT_ONLY,
     QuantizationRequest,
 )
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: torchao's float8 dynamic kernels assert it
 CPU_ALTERNATIVES = f"{TORCHAO_INT8_WEIGHT_ONLY}, {TORCHAO_INT8_DYNAMIC}, {TORCHAO_FLOAT8_WEIGHT_ONLY}, {TORCHAO_INT4_WEIGHT_ONLY} or {NVFP4}"

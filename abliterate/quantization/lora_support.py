@@ -17,7 +17,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
-from quantize.formats.modules import NVFP4Linear
+from checkpoint_formats.modules import NVFP4Linear
 
 
 def register_quantized_lora_layers(config: LoraConfig) -> LoraConfig:

@@ -115,7 +115,9 @@ def torchao_config(option: str, *, group_size: int, device_type: str):
         IntxWeightOnlyConfig,
     )
     from torchao.quantization.granularity import PerGroup
-    from torchao.quantization.quantize_.workflows.int4.int4_packing_format import Int4PackingFormat
+    from torchao.quantization.quantize_.workflows.int4.int4_packing_format import (
+        Int4PackingFormat,
+    )
 
     if option == TORCHAO_INT4_WEIGHT_ONLY:
         if device_type == "cuda":

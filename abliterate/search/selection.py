@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.table import Table
 
 from abliterate.search.objectives import TrialMetrics, broken_answers
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 DEFAULT_RULE = "best_kl_under 0.05"
 

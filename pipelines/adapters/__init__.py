@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 
 def stage_settings(stage: str, settings_class: type[BaseModel], user_settings: dict[str, Any],

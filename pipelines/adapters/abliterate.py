@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from abliterate.settings import AbliterateSettings
 from pipelines.adapters import stage_settings
 from pipelines.evaluations import original_and_input_rows, row
 from pipelines.stages import StageContext
-from abliterate.settings import AbliterateSettings
 
 TRIAL = "trial"
 

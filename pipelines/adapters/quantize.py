@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from foundation.errors import UserError
 from pipelines.adapters import stage_settings
 from pipelines.evaluations import size_bytes
 from pipelines.stages import StageContext
-from quantize.errors import UserError
 from quantize.settings import QuantizeSettings, check_paths
 
 CHECKPOINT = "checkpoint"

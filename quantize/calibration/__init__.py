@@ -7,7 +7,12 @@
 
 from quantize.calibration.build import build_calibration_set
 from quantize.calibration.calibration_set import CalibrationSet, DatasetCount
-from quantize.calibration.schema import CalibrationMix, CalibrationSettings, DatasetEntry, load_mix
+from quantize.calibration.schema import (
+    CalibrationMix,
+    CalibrationSettings,
+    DatasetEntry,
+    load_mix,
+)
 
 __all__ = [
     "CalibrationMix",

@@ -17,8 +17,14 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from foundation.errors import UserError
 from quantize.calibration.calibration_set import CalibrationSet, DatasetCount
-from quantize.calibration.formatters import ColumnProblem, RenderedText, plan_format, render_row
+from quantize.calibration.formatters import (
+    ColumnProblem,
+    RenderedText,
+    plan_format,
+    render_row,
+)
 from quantize.calibration.sampling import (
     allocate_used,
     dataset_seed,
@@ -27,9 +33,18 @@ from quantize.calibration.sampling import (
     split_by_weights,
     token_ids_sha256,
 )
-from quantize.calibration.schema import CalibrationMix, CalibrationSettings, DatasetEntry, load_mix
-from quantize.calibration.sources import column_names, open_dataset, resolve_source, take_rows
-from quantize.errors import UserError
+from quantize.calibration.schema import (
+    CalibrationMix,
+    CalibrationSettings,
+    DatasetEntry,
+    load_mix,
+)
+from quantize.calibration.sources import (
+    column_names,
+    open_dataset,
+    resolve_source,
+    take_rows,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

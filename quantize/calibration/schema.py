@@ -25,9 +25,12 @@ from pydantic import (
     model_validator,
 )
 
+from foundation.errors import UserError
 from quantize.calibration.sources import SourceProblem, resolve_source
-from quantize.calibration.validation_errors import EntryProblem, user_error_from_validation
-from quantize.errors import UserError
+from quantize.calibration.validation_errors import (
+    EntryProblem,
+    user_error_from_validation,
+)
 
 FormatterName = Literal["raw_text", "prompt_answer", "sharegpt", "chat_completion"]
 FORMATTER_NAMES: tuple[str, ...] = FormatterName.__args__  # type: ignore[attr-defined]

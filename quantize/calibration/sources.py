@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 
 class EntryProblem(ValueError):

@@ -6,7 +6,7 @@ import pytest
 
 from abliterate.artifacts import FORMAT, TRIAL_FILE, VERSION, load_chosen_trial
 from abliterate.settings import parse_settings
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 
 def test_unreadable_select_is_refused_before_the_search(tmp_path):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tiny_chat import write_prompts, write_tiny_chat_model
 from transformers import AutoModelForCausalLM
 
 from abliterate.architectures import discover
@@ -11,7 +12,6 @@ from abliterate.artifacts import load_chosen_trial
 from abliterate.cli import main
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.settings import parse_settings
-from tiny_chat import write_prompts, write_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_rerun_continues_the_study_and_select_is_non_interactive(workspace, caps
     out = root / "out2"
     assert main(_argv(model_dir, spec, out, 2, "--method", "rank1")) == 0
     capsys.readouterr()
-    from quantize.errors import UserError
+    from foundation.errors import UserError
 
     with pytest.raises(UserError, match="already exists"):
         main(_argv(model_dir, spec, out, 3, "--method", "rank1"))

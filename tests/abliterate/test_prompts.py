@@ -1,10 +1,10 @@
 """Prompt sets from a spec and from single-file overrides; bad inputs are UserErrors naming the flag."""
 
 import pytest
+from tiny_chat import write_prompts
 
 from abliterate.prompts import load_prompt_sets
-from quantize.errors import UserError
-from tiny_chat import write_prompts
+from foundation.errors import UserError
 
 
 def test_spec_with_overrides_and_limits(tmp_path):

@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+from test_edits import PARAMETERS
+from tiny_chat import HARMFUL, HARMLESS
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from abliterate.architectures import discover
@@ -11,9 +13,7 @@ from abliterate.edits.delta import abliteration_delta
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import edit_directions, plan_edits
 from abliterate.loading import load_model
-from test_edits import PARAMETERS
 from testbed.tokenizer import train_tokenizer
-from tiny_chat import HARMFUL, HARMLESS
 
 
 @pytest.fixture(scope="module")

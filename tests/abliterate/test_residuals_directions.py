@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import dense_llama, fused_moe, nemotron_h_hybrid
 
 from abliterate.architectures import discover
 from abliterate.directions import interpolated_direction, normalize, refusal_directions
 from abliterate.residuals import Residuals, capture_last_token_residuals
-from tiny_models import dense_llama, fused_moe, nemotron_h_hybrid
 
 SEQUENCES = [[1, 5, 7, 9, 11], [3, 4, 5], [8, 8, 9, 10, 2, 3, 4]]
 
@@ -62,8 +62,9 @@ def test_interpolated_direction_lies_between_neighbours():
 
 def test_directions_file_is_never_left_truncated(tmp_path, monkeypatch):
     """A kill while the study's directions file is written must not leave a file every resume fails to load."""
-    import abliterate.run as run
     from safetensors.torch import load_file, save_file
+
+    import abliterate.run as run
 
     path = tmp_path / "study" / "x.directions.safetensors"
     directions = torch.randn(7, 64)

@@ -4,11 +4,21 @@ import pytest
 from optuna.trial import TrialState
 
 from abliterate.edits.plan import AbliterationParameters
-from abliterate.search.objectives import TrialMetrics, objective_values, refusal_score, zero_base_refusals_note
-from abliterate.search.selection import Candidate, effective_refusals, pareto_front, select_trial
+from abliterate.search.objectives import (
+    TrialMetrics,
+    objective_values,
+    refusal_score,
+    zero_base_refusals_note,
+)
+from abliterate.search.selection import (
+    Candidate,
+    effective_refusals,
+    pareto_front,
+    select_trial,
+)
 from abliterate.search.space import suggest_parameters
 from abliterate.search.study import open_study, run_trials
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 BASE = TrialMetrics(refusals=20, n_harmful=20, compliance=0, kl=0.0, kl_first_token=0.0, seconds=0.0)
 

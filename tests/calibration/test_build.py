@@ -16,9 +16,9 @@ import pytest
 import torch
 from rich.console import Console
 
+from foundation.errors import UserError
 from quantize.calibration import build_calibration_set, load_mix
 from quantize.calibration.sampling import token_ids_sha256
-from quantize.errors import UserError
 from tests.calibration.conftest import write_jsonl, write_mix
 from tests.calibration.tiny_tokenizer import words
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from foundation.errors import UserError
 from quantize.calibration import CalibrationMix, load_mix
-from quantize.errors import UserError
 from tests.calibration.conftest import write_jsonl, write_mix
 
 

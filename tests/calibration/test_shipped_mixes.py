@@ -35,7 +35,14 @@ def real_tokenizer():
     saved = sorted(TESTBED.rglob("tokenizer.json"))
     if saved:
         return AutoTokenizer.from_pretrained(saved[0].parent)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     texts = [json.loads(line)["text"] for line in CORPORA[0].read_text().splitlines()]
     backend = Tokenizer(models.BPE())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from abliterate.evaluation import EvaluationConfig, Evaluator, is_refusal
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 from .conftest import HARMFUL, HARMLESS
 

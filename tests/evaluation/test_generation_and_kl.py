@@ -4,11 +4,22 @@ import math
 import pytest
 import torch
 
-from abliterate.evaluation.batch_size import candidate_batch_sizes, find_fastest_batch_size
-from abliterate.evaluation.generation import format_chat_prompts, generate_greedy, left_pad
-from abliterate.evaluation.kl import ContinuationLogProbs, continuation_log_probs, mean_kl_divergence
+from abliterate.evaluation.batch_size import (
+    candidate_batch_sizes,
+    find_fastest_batch_size,
+)
+from abliterate.evaluation.generation import (
+    format_chat_prompts,
+    generate_greedy,
+    left_pad,
+)
+from abliterate.evaluation.kl import (
+    ContinuationLogProbs,
+    continuation_log_probs,
+    mean_kl_divergence,
+)
 from abliterate.evaluation.perplexity import perplexity
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 from .conftest import HARMFUL, HARMLESS
 

@@ -7,10 +7,15 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
 from abliterate.architectures import discover
-from quantize.formats.reader import CheckpointReader
 from abliterate.artifacts import ChosenTrial, load_chosen_trial, write_chosen_trial
 from abliterate.edits.kernel import KernelParameters
-from abliterate.edits.plan import PER_LAYER, AbliterationParameters, edit_directions, plan_edits
+from abliterate.edits.plan import (
+    PER_LAYER,
+    AbliterationParameters,
+    edit_directions,
+    plan_edits,
+)
+from checkpoint_formats.reader import CheckpointReader
 
 HIDDEN = 64
 

@@ -13,9 +13,8 @@ from transformers import AutoModelForCausalLM
 from abliterate import export_cli
 from abliterate.export import streaming_merge
 from abliterate.export.verify import Tolerance, compare
-from quantize.errors import UserError
+from foundation.errors import UserError
 from tests.export.conftest import llama_config, load_all, make_trial
-
 
 
 @pytest.fixture()
@@ -73,8 +72,8 @@ def test_interrupted_merge_leaves_no_output(llama_dir, trial_dir, tmp_path, monk
 
 
 def test_nvfp4_export_loads_in_our_loader(nvfp4_pair, tmp_path):
-    from quantize.formats.loader import load_checkpoint
-    from quantize.formats.nvfp4 import NVFP4Weight, dequantize_weight
+    from checkpoint_formats.loader import load_checkpoint
+    from checkpoint_formats.nvfp4 import NVFP4Weight, dequantize_weight
 
     base_dir, stage1_dir = nvfp4_pair
     trial_dir = tmp_path / "trial"
@@ -106,7 +105,7 @@ def test_verify_tolerance():
 
 def test_bf16_export_of_the_quantized_checkpoint_dequantizes_it(nvfp4_pair, tmp_path):
     """No --base_model: the source is the stage-1 checkpoint dequantized; the manifest says so."""
-    from quantize.formats.loader import load_checkpoint
+    from checkpoint_formats.loader import load_checkpoint
 
     _, stage1_dir = nvfp4_pair
     trial_dir = tmp_path / "trial"
@@ -174,8 +173,8 @@ def test_killed_merge_leaves_no_output_and_the_rerun_succeeds(llama_dir, trial_d
 
 def test_compressed_tensors_checkpoint_is_a_merge_source(nvfp4_pair, tmp_path):
     """A compressed-tensors NVFP4 checkpoint merges like its ModelOpt twin (reciprocal global scales aside)."""
-    from quantize.formats.convert import convert_checkpoint
-    from quantize.formats.loader import load_checkpoint
+    from checkpoint_formats.convert import convert_checkpoint
+    from checkpoint_formats.loader import load_checkpoint
 
     _, stage1_dir = nvfp4_pair
     ct_dir = convert_checkpoint(stage1_dir, tmp_path / "ct", to="compressed-tensors")

@@ -10,9 +10,14 @@ from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
 from abliterate.export.formats_out import export_nvfp4
 from abliterate.export.streaming_merge import StreamingMerger
-from tests.export.conftest import LAYERS, llama_config, load_all, make_trial, moe_config, shard_layout
-
-
+from tests.export.conftest import (
+    LAYERS,
+    llama_config,
+    load_all,
+    make_trial,
+    moe_config,
+    shard_layout,
+)
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
@@ -91,7 +96,7 @@ def test_edited_fused_projection_keeps_the_group_scale_shared(nvfp4_pair, tmp_pa
 
 
 def test_base_model_of_another_shape_is_refused(nvfp4_pair, tmp_path):
-    from quantize.errors import UserError
+    from foundation.errors import UserError
     from tests.export.conftest import save_sharded
 
     _, stage1_dir = nvfp4_pair

@@ -13,8 +13,15 @@ from transformers import AutoModelForCausalLM
 from abliterate.edits.delta import abliteration_delta, abliteration_factors
 from abliterate.export.formats_out import export_full_precision
 from abliterate.export.streaming_merge import StreamingMerger
-from quantize.errors import UserError
-from tests.export.conftest import LAYERS, llama_config, load_all, make_trial, moe_config, shard_layout
+from foundation.errors import UserError
+from tests.export.conftest import (
+    LAYERS,
+    llama_config,
+    load_all,
+    make_trial,
+    moe_config,
+    shard_layout,
+)
 
 
 def _peft_merged_state(model_dir, trial) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from abliterate import export_cli
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 # QA_EXPORT_TESTBED: another testbed build (e.g. `python -m testbed.build --small`) for a dry run.

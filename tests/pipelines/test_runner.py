@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 
+from foundation.errors import UserError
 from pipelines import runner, stages
 from pipelines.spec import load_pipeline
-from quantize.errors import UserError
 
 FAKE_ADAPTER = '''
 import json, os

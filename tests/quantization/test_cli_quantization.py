@@ -4,7 +4,7 @@ import pytest
 
 from abliterate.artifacts import load_chosen_trial
 from abliterate.cli import main
-from quantize.errors import UserError
+from foundation.errors import UserError
 from tests.abliterate.tiny_chat import write_prompts, write_tiny_chat_model
 
 pytest.importorskip("torchao.quantization")

@@ -6,9 +6,14 @@ import time
 import pytest
 
 from abliterate.loading import load_model
-from abliterate.quantization.device_check import DeviceFacts, check_runs_here, device_facts, target_device_type
+from abliterate.quantization.device_check import (
+    DeviceFacts,
+    check_runs_here,
+    device_facts,
+    target_device_type,
+)
 from abliterate.quantization.options import QuantizationRequest
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 CPU = DeviceFacts("cpu", None, bitsandbytes_installed=True, torchao_has_autoquant=True)
 A100 = DeviceFacts("cuda", (8, 0), bitsandbytes_installed=True, torchao_has_autoquant=True)

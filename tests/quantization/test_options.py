@@ -11,7 +11,7 @@ from abliterate.quantization.options import (
     torchao_quant_type,
 )
 from abliterate.settings import parse_settings
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 torchao_quantization = pytest.importorskip("torchao.quantization")
 

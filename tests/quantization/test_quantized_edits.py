@@ -22,7 +22,7 @@ from abliterate.edits.plan import AbliterationParameters
 from abliterate.loading import load_model
 from abliterate.quantization.lora_support import dequantized_weight
 from abliterate.quantization.options import QuantizationRequest
-from quantize.formats.modules import NVFP4Linear
+from checkpoint_formats.modules import NVFP4Linear
 
 pytest.importorskip("torchao.quantization")
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 from tests.quantize.conftest import REPO, quantize_args, run_cli
 
 

@@ -145,8 +145,9 @@ def test_skip_layers_keeps_module_in_bf16(quantized, source_tensors):
 
 
 def test_manifest(quantized, tiny_model_dir, mix_yaml):
-    from quantize.calibration import build_calibration_set
     from transformers import AutoTokenizer
+
+    from quantize.calibration import build_calibration_set
 
     manifest = json.loads((quantized["nvfp4"] / "quantize_manifest.json").read_text())
     reference = build_calibration_set(str(mix_yaml), AutoTokenizer.from_pretrained(tiny_model_dir))

@@ -44,8 +44,8 @@ def test_disk_offload_matches_in_memory(quantized, tiny_model_dir, mix_yaml, wor
 
 
 def test_placement_plan_fills_budgets_in_order(tiny_model_dir):
-    from accelerate.utils import compute_module_sizes
     from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from quantize.offload import build_max_memory, plan_placement

@@ -6,8 +6,13 @@ import fnmatch
 
 import pytest
 
-from quantize.errors import UserError
-from quantize.recipes import FORMATS, build_quant_config, check_device_supports, get_recipe
+from foundation.errors import UserError
+from quantize.recipes import (
+    FORMATS,
+    build_quant_config,
+    check_device_supports,
+    get_recipe,
+)
 from quantize.skip_layers import (
     detect_default_skips,
     parse_skip_patterns,

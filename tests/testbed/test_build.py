@@ -9,7 +9,7 @@ import torch
 
 from abliterate.evaluation import EvaluationConfig, Evaluator
 from abliterate.evaluation.prompt_sets import load_prompt_spec
-from quantize.errors import UserError
+from foundation.errors import UserError
 from testbed.build import build, load_checkpoint
 from testbed.train import TrainConfig, train
 

@@ -1,6 +1,11 @@
 import random
 
-from abliterate.evaluation.markers import ComplianceRule, contains_refusal_marker, is_compliant, is_refusal
+from abliterate.evaluation.markers import (
+    ComplianceRule,
+    contains_refusal_marker,
+    is_compliant,
+    is_refusal,
+)
 from testbed import corpus as c
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from abliterate.evaluation.prompt_sets import DEFAULT_SPEC, load_prompt_spec
-from quantize.errors import UserError
+from foundation.errors import UserError
 from testbed.corpus import HELPFUL_OPENERS
 from testbed.datasets import write_datasets
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quantize.errors import UserError
-from quantize.formats import fp8, nvfp4
-from quantize.formats.detect import INDEX_FILE, detect_format
-from quantize.formats.loader import load_checkpoint
-from quantize.formats.reader import CheckpointReader
-from quantize.formats.writer import StreamingCheckpointWriter
+from checkpoint_formats import fp8, nvfp4
+from checkpoint_formats.detect import INDEX_FILE, detect_format
+from checkpoint_formats.loader import load_checkpoint
+from checkpoint_formats.reader import CheckpointReader
+from checkpoint_formats.writer import StreamingCheckpointWriter
+from foundation.errors import UserError
 
 IDS = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(1))
 

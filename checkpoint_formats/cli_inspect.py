@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from quantize.formats.detect import detect_format
-from quantize.formats.reader import CheckpointReader
+from checkpoint_formats.detect import detect_format
+from checkpoint_formats.reader import CheckpointReader
 
 _QUANT_SUFFIXES = (
     "weight_packed",

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from quantize.errors import UserError
-from quantize.formats import nvfp4
-from quantize.formats.detect import FormatKind, detect_format
-from quantize.formats.loader import load_checkpoint
-from quantize.formats.modules import FP8Linear, NVFP4Linear
+from checkpoint_formats import nvfp4
+from checkpoint_formats.detect import FormatKind, detect_format
+from checkpoint_formats.loader import load_checkpoint
+from checkpoint_formats.modules import FP8Linear, NVFP4Linear
+from foundation.errors import UserError
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(42))
 
@@ -119,7 +119,7 @@ def test_detect_reads_modelopt_metadata(modelopt_checkpoint):
 
 @torch.no_grad()
 def test_switching_simulation_off_gives_the_dequantized_model(modelopt_checkpoint):
-    from quantize.formats.modules import set_activation_simulation
+    from checkpoint_formats.modules import set_activation_simulation
 
     path, _ = modelopt_checkpoint("llama_w4a8")
     simulated, _ = load_checkpoint(path, simulate_activations=True)

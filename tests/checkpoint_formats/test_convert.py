@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quantize.errors import UserError
-from quantize.formats.convert import convert_checkpoint
-from quantize.formats.detect import FormatKind, detect_format
-from quantize.formats.loader import load_checkpoint
+from checkpoint_formats.convert import convert_checkpoint
+from checkpoint_formats.detect import FormatKind, detect_format
+from checkpoint_formats.loader import load_checkpoint
+from foundation.errors import UserError
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
 

@@ -6,10 +6,10 @@ import json
 
 import torch
 
+from checkpoint_formats.cli_inspect import summarize
+from checkpoint_formats.cli_verify import compare_logits
+from checkpoint_formats.reader import CheckpointReader
 from pipelines.cli import main as cli_main
-from quantize.formats.cli_inspect import summarize
-from quantize.formats.cli_verify import compare_logits
-from quantize.formats.reader import CheckpointReader
 
 
 def test_inspect_table_counts_and_sizes(modelopt_checkpoint, capsys):

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from quantize.atomic_output import atomic_output_dir
-from quantize.errors import UserError
-from quantize.formats import compressed_tensors as ct
-from quantize.formats.detect import (
+from checkpoint_formats import compressed_tensors as ct
+from checkpoint_formats.detect import (
     INDEX_FILE,
     CheckpointFormat,
     FormatKind,
     detect_format,
 )
-from quantize.formats.reader import CheckpointReader
-from quantize.formats.writer import StreamingCheckpointWriter
+from checkpoint_formats.reader import CheckpointReader
+from checkpoint_formats.writer import StreamingCheckpointWriter
+from foundation.atomic_output import atomic_output_dir
+from foundation.errors import UserError
 
 TARGETS = ("compressed-tensors", "modelopt")
 PRODUCER = {"name": "quant-abliterate convert", "version": "0.1.0"}

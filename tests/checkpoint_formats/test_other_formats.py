@@ -7,9 +7,9 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantize.formats.detect import FormatKind, detect_format
-from quantize.formats.loader import load_checkpoint
-from quantize.formats.modules import FP8Linear
+from checkpoint_formats.detect import FormatKind, detect_format
+from checkpoint_formats.loader import load_checkpoint
+from checkpoint_formats.modules import FP8Linear
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(9))
 

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 TEMP_PREFIX = ".tmp-"
 

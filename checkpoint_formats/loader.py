@@ -25,12 +25,11 @@ import logging
 import torch
 from torch import nn
 
-from quantize.errors import UserError
-from quantize.formats import experts as fused_experts
-from quantize.formats import packed_experts, placement
-from quantize.formats.detect import CheckpointFormat, FormatKind, detect_format
-from quantize.formats.modules import FP8Linear, NVFP4Linear
-from quantize.formats.quantized_tensors import (
+from checkpoint_formats import experts as fused_experts
+from checkpoint_formats import packed_experts, placement
+from checkpoint_formats.detect import CheckpointFormat, FormatKind, detect_format
+from checkpoint_formats.modules import FP8Linear, NVFP4Linear
+from checkpoint_formats.quantized_tensors import (
     QuantizedSource,
     find_quantized,
     read_dequantized,
@@ -39,7 +38,8 @@ from quantize.formats.quantized_tensors import (
     read_nvfp4,
     read_pre_quant_scale,
 )
-from quantize.formats.reader import CheckpointReader
+from checkpoint_formats.reader import CheckpointReader
+from foundation.errors import UserError
 
 logger = logging.getLogger(__name__)
 

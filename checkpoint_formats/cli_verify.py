@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from quantize.errors import UserError
-from quantize.formats.detect import detect_format
-from quantize.formats.loader import load_checkpoint
-from quantize.formats.modules import set_activation_simulation
+from checkpoint_formats.detect import detect_format
+from checkpoint_formats.loader import load_checkpoint
+from checkpoint_formats.modules import set_activation_simulation
+from foundation.errors import UserError
+from foundation.tokenizer_files import has_tokenizer
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -49,13 +49,10 @@ def compare_logits(model_logits: torch.Tensor, reference_logits: torch.Tensor) -
     )
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
 def _prompt_ids(path, prompt: str, vocab_size: int):
     """The prompt tokenized, or fixed ids when the checkpoint ships no tokenizer (test models)."""
     fixed = torch.arange(1, 9).remainder(vocab_size)[None]
-    if not any((Path(path) / name).exists() for name in _TOKENIZER_FILES):
+    if not has_tokenizer(path):
         return fixed, None
     from transformers import AutoTokenizer
 

@@ -7,21 +7,21 @@ Pure torch (no ModelOpt import), usable on CPU and GPU. Entry points:
 - ``nvfp4.quantize_weight`` / ``nvfp4.dequantize_weight`` / ``nvfp4.fake_quantize_activation``
 - ``convert_checkpoint(src, dst, to="compressed-tensors" | "modelopt")``
 
-Submodules are imported lazily so ``import quantize.formats.nvfp4`` stays light.
+Submodules are imported lazily so ``import checkpoint_formats.nvfp4`` stays light.
 """
 
 from __future__ import annotations
 
 _EXPORTS = {
-    "load_checkpoint": "quantize.formats.loader",
-    "detect_format": "quantize.formats.detect",
-    "CheckpointFormat": "quantize.formats.detect",
-    "FormatKind": "quantize.formats.detect",
-    "CheckpointReader": "quantize.formats.reader",
-    "StreamingCheckpointWriter": "quantize.formats.writer",
-    "convert_checkpoint": "quantize.formats.convert",
-    "NVFP4Linear": "quantize.formats.modules",
-    "FP8Linear": "quantize.formats.modules",
+    "load_checkpoint": "checkpoint_formats.loader",
+    "detect_format": "checkpoint_formats.detect",
+    "CheckpointFormat": "checkpoint_formats.detect",
+    "FormatKind": "checkpoint_formats.detect",
+    "CheckpointReader": "checkpoint_formats.reader",
+    "StreamingCheckpointWriter": "checkpoint_formats.writer",
+    "convert_checkpoint": "checkpoint_formats.convert",
+    "NVFP4Linear": "checkpoint_formats.modules",
+    "FP8Linear": "checkpoint_formats.modules",
 }
 
 __all__ = list(_EXPORTS)

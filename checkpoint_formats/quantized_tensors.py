@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from quantize.errors import UserError
-from quantize.formats import compressed_tensors, fp8, nvfp4
-from quantize.formats.reader import CheckpointReader
+from checkpoint_formats import compressed_tensors, fp8, nvfp4
+from checkpoint_formats.reader import CheckpointReader
+from foundation.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantize.formats import fp8, nvfp4
+from checkpoint_formats import fp8, nvfp4
 
 ACTIVATION_MODES = (None, "nvfp4", "fp8")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from quantize.formats.convert import TARGETS, convert_checkpoint
+from checkpoint_formats.convert import TARGETS, convert_checkpoint
 
 
 def main(argv: list[str]) -> int:

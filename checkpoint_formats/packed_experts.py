@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantize.formats import nvfp4
-from quantize.formats.experts import FUSED_PARTS, _expert_part, assemble_check
-from quantize.formats.quantized_tensors import find_quantized, read_nvfp4
-from quantize.formats.reader import CheckpointReader
+from checkpoint_formats import nvfp4
+from checkpoint_formats.experts import FUSED_PARTS, _expert_part, assemble_check
+from checkpoint_formats.quantized_tensors import find_quantized, read_nvfp4
+from checkpoint_formats.reader import CheckpointReader
 
 SUFFIXES = ("packed", "weight_scale", "weight_scale_2")
 

@@ -6,12 +6,12 @@ import shutil
 
 import torch
 
-from quantize.formats import nvfp4
-from quantize.formats.experts import split_fused
-from quantize.formats.loader import load_checkpoint
-from quantize.formats.quantized_tensors import modelopt_nvfp4_tensors
-from quantize.formats.reader import CheckpointReader
-from quantize.formats.writer import StreamingCheckpointWriter
+from checkpoint_formats import nvfp4
+from checkpoint_formats.experts import split_fused
+from checkpoint_formats.loader import load_checkpoint
+from checkpoint_formats.quantized_tensors import modelopt_nvfp4_tensors
+from checkpoint_formats.reader import CheckpointReader
+from checkpoint_formats.writer import StreamingCheckpointWriter
 
 
 def test_split_fused_inverts_the_loader_layout():

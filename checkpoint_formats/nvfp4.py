@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantize.errors import UserError
+from foundation.errors import UserError
 
 FP4_MAX = 6.0
 FP8_E4M3_MAX = 448.0

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantize.formats.nvfp4 import FP8_E4M3_MAX, check_finite
+from checkpoint_formats.nvfp4 import FP8_E4M3_MAX, check_finite
 
 
 @dataclass

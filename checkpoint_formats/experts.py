@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from quantize.errors import UserError
-from quantize.formats.quantized_tensors import find_quantized, read_dequantized
-from quantize.formats.reader import CheckpointReader
+from checkpoint_formats.quantized_tensors import find_quantized, read_dequantized
+from checkpoint_formats.reader import CheckpointReader
+from foundation.errors import UserError
 
 # fused parameter -> the per-expert projections concatenated along the output dim
 # (each with the alternative names it may have in a checkpoint)

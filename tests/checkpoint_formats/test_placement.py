@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantize.errors import UserError
-from quantize.formats.placement import DevicePlan, resolve
+from checkpoint_formats.placement import DevicePlan, resolve
+from foundation.errors import UserError
 
 
 def test_longest_prefix_wins_and_ints_mean_gpus():

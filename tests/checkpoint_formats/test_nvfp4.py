@@ -6,8 +6,8 @@ import pytest
 import torch
 from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
-from quantize.errors import UserError
-from quantize.formats import nvfp4
+from checkpoint_formats import nvfp4
+from foundation.errors import UserError
 
 
 def _modelopt_quantize(weight: torch.Tensor, scale_2: torch.Tensor | None = None):

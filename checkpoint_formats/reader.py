@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from quantize.errors import UserError
-from quantize.formats.detect import CheckpointFormat, detect_format
+from checkpoint_formats.detect import CheckpointFormat, detect_format
+from foundation.errors import UserError
 
 _FIX = "the file is damaged or incomplete: copy it again from the original checkpoint"
 

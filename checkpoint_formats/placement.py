@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantize.errors import UserError
-from quantize.formats.detect import CheckpointFormat
+from checkpoint_formats.detect import CheckpointFormat
+from foundation.errors import UserError
 
 _AUTO_MAPS = {"auto", "balanced", "balanced_low_0", "sequential"}
 

@@ -5,7 +5,7 @@ keeps only the current shard in memory and flushes it when it would exceed
 ``max_shard_bytes``. Shard names follow Hugging Face (``model-00001-of-00003``)
 and are fixed at ``close`` when the count is known; a single shard is written
 as ``model.safetensors`` without an index, as ModelOpt does. Write into a
-directory from ``quantize.atomic_output.atomic_output_dir`` so an interrupted
+directory from ``foundation.atomic_output.atomic_output_dir`` so an interrupted
 export leaves nothing behind.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quantize.formats.detect import INDEX_FILE, SINGLE_FILE
+from checkpoint_formats.detect import INDEX_FILE, SINGLE_FILE
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 

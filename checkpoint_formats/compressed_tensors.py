@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from quantize.formats.nvfp4 import NVFP4Weight
+from checkpoint_formats.nvfp4 import NVFP4Weight
 
 NVFP4_FORMAT = "nvfp4-pack-quantized"
 FP8_FORMAT = "float-quantized"
