@@ -56,7 +56,7 @@ from abliterate.search.study import (
     trial_parameters,
 )
 from abliterate.settings import AbliterateSettings
-from foundation.atomic_output import atomic_output_dir, check_writable_output
+from foundation.atomic_output import atomic_output_dir, check_writable_output, make_readable
 
 SVD_SEED = 0
 
@@ -124,6 +124,7 @@ def save_directions_atomically(directions: torch.Tensor, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         save_file({"refusal_directions": directions.contiguous()}, str(temporary))
+        make_readable(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

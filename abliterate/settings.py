@@ -24,10 +24,10 @@ from pydantic_settings import (
 
 from abliterate.quantization.options import OPTIONS as QUANTIZATION_OPTIONS
 from abliterate.quantization.options import QuantizationRequest, check_overrides
+from abliterate.evaluation.prompt_sets import DEFAULT_SPEC
 from foundation.errors import UserError
+from foundation.package_data import resolve_data_path
 
-DEFAULT_PROMPT_SPEC = Path("datasets_yaml/testbed_prompts.yaml")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class AbliterateSettings(BaseSettings):
@@ -59,7 +59,7 @@ class AbliterateSettings(BaseSettings):
     quantization_overrides: dict[str, str] = Field(default_factory=dict, description="Per-module choice: {regex of the full module name: option or 'none'}, first match wins, e.g. {\"model\\\\.layers\\\\.0\\\\..*\": \"none\"}. torchao options may be mixed; bnb_4bit and nvfp4 accept only 'none'.")
 
     # --- prompts and evaluation ---
-    prompts: Path = Field(default=DEFAULT_PROMPT_SPEC, description="Prompt spec YAML naming the harmful/harmless train/test prompt files, refusal markers and compliance openers.")
+    prompts: Path = Field(default=DEFAULT_SPEC, description="Prompt spec YAML naming the harmful/harmless train/test prompt files, refusal markers and compliance openers.")
     harmful_train: Path | None = Field(default=None, description="Override: harmful prompts for the directions (.txt one per line, or .jsonl with a 'prompt' field).")
     harmless_train: Path | None = Field(default=None, description="Override: harmless prompts for the directions.")
     harmful_test: Path | None = Field(default=None, description="Override: harmful prompts for counting refusals and compliance.")
@@ -131,11 +131,8 @@ class AbliterateSettings(BaseSettings):
         return self
 
     def prompt_spec(self) -> Path:
-        """The spec as given; a relative path missing here is looked up in the repository (the bundled default)."""
-        if self.prompts.is_file() or self.prompts.is_absolute():
-            return self.prompts
-        bundled = REPO_ROOT / self.prompts
-        return bundled if bundled.is_file() else self.prompts
+        """The spec as given; a relative path missing here is looked up in the installed package data."""
+        return resolve_data_path(self.prompts)
 
     def output_dir(self) -> Path:
         return self.out or Path("outputs") / f"{Path(self.model.rstrip('/')).name}-abliterate"

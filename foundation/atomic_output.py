@@ -19,6 +19,27 @@ from foundation.errors import UserError
 TEMP_PREFIX = ".tmp-"
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def make_readable(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` (and everything below it) the modes a plain ``open`` would: 0644 / 0755 under umask 022.
+
+    safetensors and ``tempfile`` create files private to their owner (0600 / 0700);
+    a serving container or another user must be able to read what we publish.
+    """
+    mask = _umask()
+    path = Path(path)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        if item.is_symlink():
+            continue
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def temporary_sibling(final_dir: Path) -> Path:
     return final_dir.parent / f"{TEMP_PREFIX}{final_dir.name}"
 
@@ -55,6 +76,7 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
+    make_readable(temp_dir)
     if final_dir.exists():
         # Replace: move the old output aside first so there is never a moment
         # with neither the old nor the new directory in place.

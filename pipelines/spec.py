@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from foundation.errors import UserError
+from foundation.package_data import resolve_data_path
 
 STAGE_ORDER = ("quantize", "abliterate", "export")
 # A stage may only run after the stages it reads from.
@@ -105,7 +106,7 @@ def check_stage_order(path: Path, names: list[str]) -> None:
 
 def resolve_model(path: Path, model: str) -> str:
     """A local folder (relative to the YAML or the working directory) or a Hub id."""
-    for candidate in (Path(model), path.parent / model):
+    for candidate in (resolve_data_path(model), path.parent / model):
         if candidate.is_dir():
             if not (candidate / "config.json").is_file():
                 raise UserError(f"{path}: field 'model'", f"{candidate} has no config.json", "point at a Hugging Face model folder")
@@ -120,7 +121,7 @@ def resolve_model(path: Path, model: str) -> str:
 
 
 def load_pipeline(path: str | Path) -> PipelineSpec:
-    path = Path(path)
+    path = resolve_data_path(path)
     if not path.is_file():
         raise UserError(str(path), "pipeline file not found", "pass the path of a pipeline YAML, e.g. pipelines/testbed_default.yaml")
     try:

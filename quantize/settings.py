@@ -16,11 +16,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from foundation.errors import UserError
+from foundation.package_data import resolve_data_path
 from quantize.recipes import DEFAULT_FORMAT, FORMATS, KV_CACHE_FORMATS
 from quantize.skip_layers import parse_skip_patterns
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MIX = REPO_ROOT / "datasets_yaml" / "offline_mix.yaml"
+DEFAULT_MIX = Path("datasets_yaml/offline_mix.yaml")
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
                  "half": "float16", "fp32": "float32", "float32": "float32", "auto": "auto"}
@@ -163,7 +163,7 @@ def check_paths(settings: QuantizeSettings) -> None:
     if Path(settings.input_model).exists() and not (Path(settings.input_model) / "config.json").is_file():
         raise UserError("--input_model", f"{settings.input_model} has no config.json",
                         "point at a Hugging Face model directory (the one holding config.json)")
-    if not settings.dataset_yaml.is_file():
+    if not resolve_data_path(settings.dataset_yaml).is_file():
         raise UserError("--dataset_yaml", f"no such file: {settings.dataset_yaml}",
                         "pass a calibration mix YAML, e.g. datasets_yaml/offline_mix.yaml")
     if settings.layerwise and settings.backend != "modelopt":

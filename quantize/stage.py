@@ -14,20 +14,19 @@ import torch
 from rich.console import Console
 
 from foundation.atomic_output import atomic_output_dir, check_writable_output
+from foundation.package_data import resolve_data_path
 from foundation.tokenizer_files import copy_tokenizer_files
-from quantize import calibrate as calibration_loop
-from quantize import export as checkpoint_export
 from quantize import manifest as run_manifest
 from quantize import offload as offload_planning
 from quantize import skip_layers
-from quantize.recipes import build_quant_config, check_device_supports, get_recipe
+from quantize.backends import backend_for
+from quantize.recipes import check_device_supports, get_recipe
 from quantize.settings import QuantizeSettings, check_paths
 from quantize.source_model import (
     TORCH_DTYPES,
     load_config,
     load_model,
     load_tokenizer,
-    pad_token_id,
     resolve_device,
 )
 
@@ -36,7 +35,7 @@ def build_calibration(settings: QuantizeSettings, tokenizer, console: Console):
     from quantize.calibration import build_calibration_set
 
     calibration_set = build_calibration_set(
-        str(settings.dataset_yaml), tokenizer, max_samples=settings.max_samples, max_seq_len=settings.max_seq_len,
+        str(resolve_data_path(settings.dataset_yaml)), tokenizer, max_samples=settings.max_samples, max_seq_len=settings.max_seq_len,
         seed=settings.seed, oversample_ratio=settings.oversample_ratio, min_token_length=settings.min_token_length,
         console=console,
     )
@@ -57,66 +56,50 @@ def run_quantize(settings: QuantizeSettings, console: Console | None = None, cal
     """Quantize ``settings.input_model`` into ``settings.output_model``; returns the output path."""
     console = console or Console()
     preflight(settings)
-    if settings.backend == "llmcompressor":
-        from quantize.llmcompressor_backend import run_llmcompressor
-
-        return run_llmcompressor(settings, console, calibration_set)
-
+    backend = backend_for(settings.backend)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    recipe = get_recipe(settings.format)
     model_config = load_config(settings.input_model, settings.revision, settings.trust_remote_code)
     tokenizer = load_tokenizer(settings.input_model, settings.revision, settings.trust_remote_code)
     if calibration_set is None:
         calibration_set = build_calibration(settings, tokenizer, console)
     timings["calibration_data"] = time.perf_counter() - started
 
-    placement = None
     load_started = time.perf_counter()
+    placement = None
     if settings.offload:
-        placement = plan_offload(settings, model_config, calibration_set, console)
-        model = load_model(settings.input_model, dtype=settings.dtype, revision=settings.revision,
-                           trust_remote_code=settings.trust_remote_code, device_map=placement.device_map,
-                           offload_folder=str(offload_planning.offload_work_dir(settings.offload_folder)))
+        placement = plan_offload(settings, model_config, calibration_set, console, use_gpus=backend.loads_on_gpu)
+        device_map, offload_folder = placement.device_map, str(offload_planning.offload_work_dir(settings.offload_folder))
     else:
-        device = resolve_device(settings.device)
-        model = load_model(settings.input_model, dtype=settings.dtype, revision=settings.revision,
-                           trust_remote_code=settings.trust_remote_code,
-                           device_map={"": device} if device != "cpu" else None)
+        device = resolve_device(settings.device) if backend.loads_on_gpu else "cpu"
+        device_map, offload_folder = ({"": device} if device != "cpu" else None), None
+    model = load_model(settings.input_model, dtype=settings.dtype, revision=settings.revision,
+                       trust_remote_code=settings.trust_remote_code, device_map=device_map, offload_folder=offload_folder)
     timings["load"] = time.perf_counter() - load_started
 
     module_names = skip_layers.quantizable_module_names(model)
     default_matches = skip_layers.detect_default_skips(module_names)
     user_matches = skip_layers.resolve_user_skips(list(settings.skip_layers), module_names)
     skip_layers.print_skip_table(console, default_matches, user_matches)
-    layerwise_dir = layerwise_checkpoint_dir(settings, calibration_set)
-    quant_config = build_quant_config(
-        recipe, kv_cache=settings.kv_cache,
-        disabled_quantizer_patterns=skip_layers.disabled_quantizer_patterns([*default_matches, *user_matches]),
-        layerwise=settings.layerwise, layerwise_checkpoint_dir=layerwise_dir,
-    )
-    forward_loop = calibration_loop.make_forward_loop(
-        calibration_set, settings.batch_size, pad_token_id(tokenizer), console, description=f"calibrating {recipe.name}"
-    )
-    model, timings["calibrate"] = calibration_loop.calibrate(model, quant_config, forward_loop)
+    skipped = [*default_matches, *user_matches]
+    calibrate_started = time.perf_counter()
+    model = backend.calibrate(model, tokenizer, calibration_set, skipped, settings, console)
+    timings["calibrate"] = time.perf_counter() - calibrate_started
 
     output = Path(settings.output_model)
     with atomic_output_dir(output, settings.overwrite) as staging:
-        timings["export"] = checkpoint_export.export_modelopt_checkpoint(model, staging)
+        export_started = time.perf_counter()
+        quantization = backend.export(model, staging, settings)
+        timings["export"] = time.perf_counter() - export_started
         copied = copy_tokenizer_files(settings.input_model, tokenizer, staging)
-        hf_quant = checkpoint_export.read_quant_config(staging)
         timings["total"] = time.perf_counter() - started
         manifest = run_manifest.build_manifest(
             source=run_manifest.source_description(settings.input_model, settings.revision, model_config),
-            mix_path=str(settings.dataset_yaml),
+            mix_path=str(resolve_data_path(settings.dataset_yaml).resolve()),
             calibration=run_manifest.calibration_description(calibration_set, settings.batch_size),
             quantization={
-                "backend": "modelopt", "format": recipe.name, "modelopt_config": recipe.modelopt_config,
-                "quant_algo": hf_quant.get("quantization", {}).get("quant_algo"), "kv_cache": settings.kv_cache,
-                "dtype": settings.dtype, "layerwise": settings.layerwise,
-                "skipped": {match.module_glob: list(match.modules) for match in [*default_matches, *user_matches]},
-                "exclude_modules": hf_quant.get("quantization", {}).get("exclude_modules"),
-                "copied_files": copied,
+                **quantization, "dtype": settings.dtype,
+                "skipped": {match.module_glob: list(match.modules) for match in skipped}, "copied_files": copied,
             },
             timings_s=timings,
             placement=_placement_summary(placement),
@@ -124,8 +107,9 @@ def run_quantize(settings: QuantizeSettings, console: Console | None = None, cal
         run_manifest.write_manifest(staging, manifest)
     if settings.offload and settings.clean_offload:
         offload_planning.clean_offload_folder(settings.offload_folder)
-    console.print(f"[green]wrote[/] {output} ({recipe.name}, {len(calibration_set.samples)} calibration samples, "
-                  f"calibration {timings['calibrate']:.1f} s, export {timings['export']:.1f} s)")
+    console.print(f"[green]wrote[/] {output} ({quantization['format']} via {backend.name}, "
+                  f"{len(calibration_set.samples)} calibration samples, calibration {timings['calibrate']:.1f} s, "
+                  f"export {timings['export']:.1f} s)")
     return output
 
 
@@ -145,18 +129,6 @@ def plan_offload(settings: QuantizeSettings, model_config, calibration_set, cons
     )
     offload_planning.print_placement(console, plan)
     return plan
-
-
-def layerwise_checkpoint_dir(settings: QuantizeSettings, calibration_set) -> str | None:
-    """Per-layer resume checkpoints, keyed by what they depend on so a changed run never resumes stale state."""
-    if not (settings.layerwise and settings.offload):
-        return None
-    import hashlib
-
-    inputs = "|".join([str(settings.input_model), settings.format, settings.kv_cache, settings.dtype,
-                       *sorted(settings.skip_layers), calibration_set.token_ids_sha256])
-    run_key = f"{settings.format}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}"
-    return str(offload_planning.offload_work_dir(settings.offload_folder) / "layerwise_checkpoints" / run_key)
 
 
 def _placement_summary(plan) -> dict | None:

@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from abliterate.evaluation.markers import DEFAULT_REFUSAL_MARKERS
 from foundation.errors import UserError
+from foundation.package_data import resolve_data_path
 
-DEFAULT_SPEC = Path(__file__).resolve().parents[2] / "datasets_yaml" / "testbed_prompts.yaml"
+DEFAULT_SPEC = Path("datasets_yaml/testbed_prompts.yaml")
 
 
 class PromptSetSpec(BaseModel):
@@ -70,7 +71,7 @@ def read_field(path: Path, field: str, where: str) -> list[str]:
 
 
 def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> PromptSets:
-    path = Path(path)
+    path = resolve_data_path(path)
     if not path.is_file():
         raise UserError(str(path), "prompt-set spec not found", "pass an existing YAML file")
     try:

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from foundation.errors import UserError
+from foundation.package_data import resolve_data_path
 from quantize.calibration.sources import SourceProblem, resolve_source
 from quantize.calibration.validation_errors import (
     EntryProblem,
@@ -178,7 +179,7 @@ class CalibrationMix(BaseModel):
 
 def load_mix(path: str | Path) -> CalibrationMix:
     """Read and validate a mix YAML; any problem becomes one `UserError`."""
-    path = Path(path)
+    path = resolve_data_path(path)
     if not path.is_file():
         raise UserError(
             str(path),

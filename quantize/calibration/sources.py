@@ -12,14 +12,21 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from foundation.errors import UserError
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 
-    from quantize.calibration.schema import DatasetEntry
+
+class DatasetRequest(Protocol):
+    """What opening a dataset needs: a mix entry (``schema.DatasetEntry``) or a prompt set provides it."""
+
+    path: str
+    subset: str | None
+    split: str
+    streaming: bool
 
 # File suffix -> the `datasets` packaged builder that reads it.
 LOCAL_FILE_BUILDERS: dict[str, str] = {
@@ -91,7 +98,7 @@ def _looks_local(raw: str) -> bool:
     )
 
 
-def open_dataset(entry: DatasetEntry, where: str) -> Dataset | IterableDataset:
+def open_dataset(entry: DatasetRequest, where: str) -> Dataset | IterableDataset:
     """Open one entry's split (streamed when asked); failures become `UserError`."""
     import datasets
 
@@ -134,7 +141,7 @@ def open_dataset(entry: DatasetEntry, where: str) -> Dataset | IterableDataset:
         ) from error
 
 
-def _open_saved(location: str, entry: DatasetEntry, where: str) -> Dataset | IterableDataset:
+def _open_saved(location: str, entry: DatasetRequest, where: str) -> Dataset | IterableDataset:
     import datasets
 
     loaded = datasets.load_from_disk(location)

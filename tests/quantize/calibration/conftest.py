@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.calibration.tiny_tokenizer import tiny_tokenizer
+from tests.quantize.calibration.tiny_tokenizer import tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
 from abliterate.export.formats_out import export_nvfp4
 from abliterate.export.streaming_merge import StreamingMerger
-from tests.export.conftest import (
+from tests.abliterate.export.conftest import (
     LAYERS,
     llama_config,
     load_all,
@@ -97,7 +97,7 @@ def test_edited_fused_projection_keeps_the_group_scale_shared(nvfp4_pair, tmp_pa
 
 def test_base_model_of_another_shape_is_refused(nvfp4_pair, tmp_path):
     from foundation.errors import UserError
-    from tests.export.conftest import save_sharded
+    from tests.abliterate.export.conftest import save_sharded
 
     _, stage1_dir = nvfp4_pair
     config = llama_config()

@@ -19,10 +19,10 @@ from rich.console import Console
 from foundation.errors import UserError
 from quantize.calibration import build_calibration_set, load_mix
 from quantize.calibration.sampling import token_ids_sha256
-from tests.calibration.conftest import write_jsonl, write_mix
-from tests.calibration.tiny_tokenizer import words
+from tests.quantize.calibration.conftest import write_jsonl, write_mix
+from tests.quantize.calibration.tiny_tokenizer import words
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _quiet() -> Console:
@@ -103,7 +103,7 @@ def test_token_ids_are_identical_in_another_process(tmp_path, tokenizer):
     here = build_calibration_set(mix_file, tokenizer, console=_quiet()).token_ids_sha256
     script = (
         "from quantize.calibration import build_calibration_set\n"
-        "from tests.calibration.tiny_tokenizer import tiny_tokenizer\n"
+        "from tests.quantize.calibration.tiny_tokenizer import tiny_tokenizer\n"
         f"print(build_calibration_set({str(mix_file)!r}, tiny_tokenizer()).token_ids_sha256)\n"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "HF_DATASETS_CACHE": str(tmp_path / "other_cache"),

@@ -13,9 +13,9 @@ from rich.console import Console
 from quantize.calibration import build_calibration_set, load_mix
 from quantize.calibration.sources import resolve_source
 
-MIXES = Path(__file__).resolve().parents[2] / "datasets_yaml"
+MIXES = Path(__file__).resolve().parents[3] / "datasets_yaml"
 CORPORA = [MIXES / "corpora" / "general_text.jsonl", MIXES / "corpora" / "chat_conversations.jsonl"]
-TESTBED = Path(__file__).resolve().parents[2] / "testbed"
+TESTBED = Path(__file__).resolve().parents[3] / "testbed"
 
 
 def test_default_mix_names_public_hub_datasets():

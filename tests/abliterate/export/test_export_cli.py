@@ -14,7 +14,7 @@ from abliterate import export_cli
 from abliterate.export import streaming_merge
 from abliterate.export.verify import Tolerance, compare
 from foundation.errors import UserError
-from tests.export.conftest import llama_config, load_all, make_trial
+from tests.abliterate.export.conftest import llama_config, load_all, make_trial
 
 
 @pytest.fixture()
@@ -164,7 +164,7 @@ def test_killed_merge_leaves_no_output_and_the_rerun_succeeds(llama_dir, trial_d
     args = [str(trial_dir), "--checkpoint", str(llama_dir), "--format", "bf16", "-o", str(out), "--no-verify",
             "--no_progress"]
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_SHARDS, *args], capture_output=True,
-                            cwd=Path(__file__).resolve().parents[2])
+                            cwd=Path(__file__).resolve().parents[3])
     assert killed.returncode == -9
     assert not out.exists()  # only a hidden temporary directory can remain
     assert export_cli.main(args) == 0  # the next run clears the leftover and completes

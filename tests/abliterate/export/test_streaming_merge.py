@@ -14,7 +14,7 @@ from abliterate.edits.delta import abliteration_delta, abliteration_factors
 from abliterate.export.formats_out import export_full_precision
 from abliterate.export.streaming_merge import StreamingMerger
 from foundation.errors import UserError
-from tests.export.conftest import (
+from tests.abliterate.export.conftest import (
     LAYERS,
     llama_config,
     load_all,

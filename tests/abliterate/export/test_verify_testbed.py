@@ -17,7 +17,7 @@ from rich.console import Console
 from abliterate import export_cli
 from foundation.errors import UserError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # QA_EXPORT_TESTBED: another testbed build (e.g. `python -m testbed.build --small`) for a dry run.
 TESTBED = Path(os.environ.get("QA_EXPORT_TESTBED", REPO / "testbed" / "model"))
 pytestmark = pytest.mark.skipif(not (TESTBED / "config.json").is_file(), reason="testbed/model not built yet")

@@ -9,7 +9,7 @@ import pytest
 
 from foundation.errors import UserError
 from quantize.calibration import CalibrationMix, load_mix
-from tests.calibration.conftest import write_jsonl, write_mix
+from tests.quantize.calibration.conftest import write_jsonl, write_mix
 
 
 @pytest.fixture

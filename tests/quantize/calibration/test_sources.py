@@ -17,8 +17,8 @@ from quantize.calibration.sources import (
     resolve_source,
     take_rows,
 )
-from tests.calibration.conftest import write_jsonl, write_mix
-from tests.calibration.tiny_tokenizer import words
+from tests.quantize.calibration.conftest import write_jsonl, write_mix
+from tests.quantize.calibration.tiny_tokenizer import words
 
 ROWS = [{"text": words(20 + i, offset=i), "id": i} for i in range(12)]
 
