@@ -1,9 +1,12 @@
 """Loading the model to abliterate, whatever form it comes in.
 
 Quantized checkpoints (ModelOpt NVFP4 / W4A16 / FP8, compressed-tensors) go
-through our formats loader with ``dequantize=True``: LoRA needs a plain
-Linear, and transformers cannot read ModelOpt NVFP4 at all. Everything else
-goes through ``from_pretrained``. Dtypes are tried in order; a dtype that
+through our formats loader (transformers cannot read ModelOpt NVFP4 at all),
+either **packed** (the 4/8-bit weights stay as stored, a GPU kernel dequantizes
+inside the matmul, PEFT attaches the edit as a side path: ~3.5x less memory
+than bf16) or **dequantized** (a bf16 copy of every weight: the only fast path
+on a CPU, where no such kernel exists). Everything else goes through
+``from_pretrained``. Dtypes are tried in order; a dtype that
 loads but gives NaN/inf logits on a one-token test generation (fp16 overflow,
 broken scales) is rejected before any expensive work starts.
 """
@@ -27,12 +30,34 @@ _DTYPES = {
 }
 
 
+LOAD_AS = ("auto", "packed", "dequantized")
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source_format: str  # "plain" or the formats loader's name for the checkpoint
     dtype: str
+    held_as: str = "plain"  # "packed", "dequantized" or "plain"
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of every parameter and buffer of the model (what its weights occupy on their devices)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        seen = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.device.type != "meta"}
+        return sum(seen.values())
+
+
+def choose_held_as(load_as: str, device_map) -> str:
+    """``auto`` keeps a quantized checkpoint packed where a matmul kernel runs on it (a GPU), else dequantizes."""
+    if load_as not in LOAD_AS:
+        raise UserError("--load_as", f"unknown choice {load_as!r}", f"choose one of: {', '.join(LOAD_AS)}")
+    if load_as != "auto":
+        return load_as
+    from abliterate.quantization.device_check import target_device_type
+
+    return "packed" if target_device_type(device_map) == "cuda" else "dequantized"
 
 
 def _quantized_format(path: str) -> str | None:
@@ -46,14 +71,14 @@ def _quantized_format(path: str) -> str | None:
 
 
 def _load_once(path: str, dtype_name: str, quantized: str | None, device_map, max_memory, trust_remote_code: bool,
-               quantization: QuantizationRequest | None = None):
+               quantization: QuantizationRequest | None = None, held_as: str = "dequantized"):
     if quantization is not None and quantization.enabled:
         return _load_quantizing(path, dtype_name, quantization, device_map, max_memory, trust_remote_code)
     if quantized is not None:
         from checkpoint_formats.loader import load_checkpoint
 
         dtype = torch.bfloat16 if dtype_name in {"auto", "fp8"} else _DTYPES[dtype_name]
-        model, _ = load_checkpoint(path, dequantize=True, dtype=dtype, device_map=device_map,
+        model, _ = load_checkpoint(path, dequantize=held_as != "packed", dtype=dtype, device_map=device_map,
                                    max_memory=max_memory, trust_remote_code=trust_remote_code)
         return model
     # 'fp8' on an ordinary checkpoint: keep whatever the checkpoint stores (its
@@ -109,13 +134,15 @@ def check_generates_finite(model, tokenizer) -> None:
 
 
 def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "auto", max_memory: dict | None = None,
-               trust_remote_code: bool = False, quantization: QuantizationRequest | None = None) -> LoadedModel:
+               trust_remote_code: bool = False, quantization: QuantizationRequest | None = None,
+               load_as: str = "auto") -> LoadedModel:
     if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") > 1):
         raise UserError("--model", f"{path} does not exist", "give a local model folder or a Hub id (org/name)")
     if Path(path).is_file():  # else transformers reads it as a config and reports invalid JSON
         raise UserError("--model", f"{path} is a file, not a model folder",
                         "give the folder that holds config.json (or a Hub id org/name)")
     quantized = _quantized_format(path)
+    held_as = choose_held_as(load_as, device_map) if quantized is not None else "plain"
     if quantization is not None and quantization.enabled:
         _check_quantization(quantized, quantization, device_map)
     try:
@@ -127,7 +154,7 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
     errors = []
     for dtype_name in dtypes:
         try:
-            model = _load_once(path, dtype_name, quantized, device_map, memory, trust_remote_code, quantization)
+            model = _load_once(path, dtype_name, quantized, device_map, memory, trust_remote_code, quantization, held_as)
             model.eval()
             check_generates_finite(model, tokenizer)
         except UserError:
@@ -138,6 +165,7 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
         source_format = quantized or "plain"
         if quantization is not None and quantization.enabled:
             source_format = f"plain, quantized on load: {quantization.describe()}"
-        return LoadedModel(model, tokenizer, source_format, dtype_name)
+            held_as = f"quantized on load ({quantization.option})"
+        return LoadedModel(model, tokenizer, source_format, dtype_name, held_as)
     raise UserError("--model", f"{path} did not load with any dtype of --dtypes:\n    " + "\n    ".join(errors),
                     "try another --dtypes list (e.g. '[\"float32\"]'), or check the checkpoint")

@@ -187,9 +187,10 @@ def run_abliteration(settings: AbliterateSettings, console: Console) -> Path:
                   f"{len(prompts.harmful_test)}+{len(prompts.harmless_test)} test (harmful+harmless)")
     loaded = load_model(settings.model, dtypes=settings.dtypes, device_map=settings.device_map,
                         max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code,
-                        quantization=settings.quantization_request())
+                        quantization=settings.quantization_request(), load_as=settings.load_as)
     model, tokenizer = loaded.model, loaded.tokenizer
-    console.print(f"model: {settings.model} ({loaded.source_format}, dtype {loaded.dtype})")
+    console.print(f"model: {settings.model} ({loaded.source_format}, dtype {loaded.dtype}, held {loaded.held_as}, "
+                  f"resident {loaded.resident_bytes / 2**30:.2f} GiB)")
     architecture = discover(model)
     print_architecture(architecture, console)
 

@@ -5,8 +5,9 @@ reads like the file) and cost ~3.5x less memory than bf16. The forward pass
 dequantizes the weight into the compute dtype, optionally rounding the input
 the way the deployed kernel would (``simulate_activations``): NVFP4 blocks for
 W4A4, FP8 per tensor for W4A8 and FP8 checkpoints. That lets a CPU predict the
-numerics of the served model. PEFT cannot attach LoRA to these; load with
-``dequantize=True`` for that.
+numerics of the served model. On a CUDA device NVFP4 weights never exist in
+bf16: ``nvfp4_matmul`` dequantizes inside the matmul kernel. PEFT attaches
+LoRA to them as a custom module (``abliterate/quantization/lora_support.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint_formats import fp8, nvfp4
+from checkpoint_formats import fp8, nvfp4, nvfp4_matmul
 
 ACTIVATION_MODES = (None, "nvfp4", "fp8")
 
@@ -55,8 +56,15 @@ class _QuantizedLinear(nn.Module):
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale.to(x.dtype)
         x = self._round_input(x)
-        weight = self.dequantized_weight(x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        output = self._kernel_linear(x, bias)
+        if output is not None:
+            return output
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _kernel_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """A fused dequantize-and-multiply kernel's output where one runs on ``x``'s device, else None."""
+        return None
 
     def to_linear(self) -> nn.Linear:
         """A plain Linear with the dequantized weight (what ``dequantize=True`` loads)."""
@@ -108,6 +116,11 @@ class NVFP4Linear(_QuantizedLinear):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return nvfp4.dequantize_weight(self.quantized, dtype or self.compute_dtype)
+
+    def _kernel_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if x.device.type != "cuda" or not nvfp4_matmul.available(x.device):
+            return None
+        return nvfp4_matmul.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, bias)
 
 
 class FP8Linear(_QuantizedLinear):

@@ -85,6 +85,12 @@ def read_packed(reader: CheckpointReader, name: str, consumed: set[str]) -> dict
     return {"packed": torch.stack(packed), "weight_scale": torch.stack(scales), "weight_scale_2": torch.stack(scales_2)}
 
 
+def logical_shape(module: nn.Module, param: str) -> tuple[int, int, int]:
+    """The [experts, rows, columns] shape the packed parameter has when materialized."""
+    experts, rows, packed_columns = getattr(module, f"{param}_packed").shape
+    return experts, rows, packed_columns * 2
+
+
 def dequantize_packed(module: nn.Module, param: str, dtype: torch.dtype) -> torch.Tensor:
     packed, scale = getattr(module, f"{param}_packed"), getattr(module, f"{param}_weight_scale")
     scale_2 = getattr(module, f"{param}_weight_scale_2")

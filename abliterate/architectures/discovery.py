@@ -30,6 +30,7 @@ from abliterate.architectures.families import (
     FamilyRule,
     family_rule,
 )
+from checkpoint_formats import packed_experts
 from foundation.errors import UserError
 
 ATTN = "attn"  # token-mixer output projections share one weight kernel
@@ -157,7 +158,11 @@ def _layer_components(index: int, prefix: str, layer: nn.Module, hidden: int, ru
                 weight_level = relative.split(".")[-1] in rule.weight_level_suffixes
                 found.append(Component(index, group, f"{prefix}.{relative}", "weight", _pattern(relative), weight_level=weight_level))
             continue
-        for name, parameter in module.named_parameters(recurse=False):
+        fused = [(name, parameter, False) for name, parameter in module.named_parameters(recurse=False)]
+        # Experts kept packed (checkpoint_formats.packed_experts) exist only during their forward: edited there.
+        fused += [(name, torch.empty(packed_experts.logical_shape(module, name), device="meta"), True)
+                  for name in getattr(module, "_packed_expert_params", ())]
+        for name, parameter, packed in fused:
             if parameter.ndim != 3 or name not in FUSED_EXPERT_PARAMETERS:
                 continue
             transposed = _fused_layout(module, parameter, hidden, rule.experts_transposed)
@@ -169,9 +174,10 @@ def _layer_components(index: int, prefix: str, layer: nn.Module, hidden: int, ru
                     MLP,
                     f"{prefix}.{relative}",
                     name,
-                    _pattern(f"{relative}.{name}") + " [fused]",
+                    _pattern(f"{relative}.{name}") + (" [fused, packed]" if packed else " [fused]"),
                     num_experts=int(parameter.shape[0]),
                     transposed=transposed,
+                    weight_level=packed,
                 )
             )
     return found

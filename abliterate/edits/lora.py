@@ -26,6 +26,7 @@ from abliterate.quantization.lora_support import (
     is_quantized_linear,
     register_quantized_lora_layers,
 )
+from checkpoint_formats import packed_experts
 
 ADAPTER_NAME = "abliteration"
 
@@ -37,7 +38,10 @@ class SkippedComponent:
 
 
 def _weight_of(model: nn.Module, component: Component) -> torch.Tensor:
-    return getattr(model.get_submodule(component.module_name), component.parameter_name)
+    module = model.get_submodule(component.module_name)
+    if component.parameter_name in getattr(module, "_packed_expert_params", ()):
+        return packed_experts.dequantize_packed(module, component.parameter_name, torch.float32)
+    return getattr(module, component.parameter_name)
 
 
 def usable_components(model: nn.Module, components: list[Component]) -> tuple[list[Component], list[SkippedComponent]]:
@@ -48,8 +52,8 @@ def usable_components(model: nn.Module, components: list[Component]) -> tuple[li
         module = model.get_submodule(component.module_name)
         if is_quantized_linear(module):  # --quantization: check what the layer computes with
             if component.weight_level:
-                skipped.append(SkippedComponent(component, "quantized weight-level component (keep it unquantized "
-                                                           "with --quantization_overrides)"))
+                skipped.append(SkippedComponent(component, "quantized weight-level component (load with --load_as "
+                                                           "dequantized, or keep it unquantized with --quantization_overrides)"))
                 continue
             weight = dequantized_weight(module)
         if weight.device.type == "meta":
@@ -88,6 +92,44 @@ class _WeightLevelSlot:
         return self.delta.right, self.delta.left
 
 
+class _PackedExpertSlot:
+    """PEFT's factor layout for fused experts (see ``ParamWrapper``), added to packed experts when they materialize.
+
+    Packed experts (``checkpoint_formats.packed_experts``) have no parameter
+    for PEFT to wrap: their bf16 weights exist only inside their own forward.
+    A pre-hook registered after the materializing one adds ``B_e @ A_e`` to
+    each expert in place (one batched matmul, no second copy of the weights);
+    with B zeroed it adds exactly nothing, so the unedited model is unchanged.
+    """
+
+    def __init__(self, module: nn.Module, param: str, rank: int) -> None:
+        experts, rows, columns = packed_experts.logical_shape(module, param)
+        self.module, self.param, self.experts = module, param, experts
+        # PEFT's convention: [experts, in, out] when the module says is_transposed, else [experts, out, in].
+        self.transposed = bool(getattr(module, "is_transposed", False))
+        in_features, out_features = (rows, columns) if self.transposed else (columns, rows)
+        device = getattr(module, f"{param}_packed").device
+        self.lora_a = torch.zeros(experts * rank, in_features, device=device)
+        self.lora_b = torch.zeros(out_features, rank * experts, device=device)
+        self.rank = rank
+        module.register_forward_pre_hook(self._add_delta)
+
+    def base_weight(self) -> torch.Tensor:
+        return packed_experts.dequantize_packed(self.module, self.param, torch.float32)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_a, self.lora_b
+
+    def _add_delta(self, module: nn.Module, args) -> None:
+        weight = getattr(module, self.param)
+        a = self.lora_a.view(self.experts, self.rank, -1).to(weight.dtype)  # [E, r, in]
+        b = self.lora_b.view(self.lora_b.shape[0], self.rank, self.experts).permute(2, 0, 1).to(weight.dtype)  # [E, out, r]
+        if self.transposed:  # weight [E, in, out] += (B_e A_e)^T
+            torch.baddbmm(weight, a.transpose(1, 2), b.transpose(1, 2), out=weight)
+        else:
+            torch.baddbmm(weight, b, a, out=weight)
+
+
 class LoraAbliterator:
     """Owns the adapter on ``model`` (modified in place) and writes one trial's edit into it."""
 
@@ -98,7 +140,7 @@ class LoraAbliterator:
         self.seed = seed
         self.components, self.skipped = usable_components(model, components)
         linear = [c.module_name for c in self.components if c.num_experts is None and not c.weight_level]
-        fused = [c.parameter_path for c in self.components if c.num_experts is not None]
+        fused = [c.parameter_path for c in self.components if c.num_experts is not None and not c.weight_level]
         config = LoraConfig(
             r=self.rank,
             lora_alpha=self.rank,  # scaling alpha / r = 1: the factors are the delta itself
@@ -110,13 +152,16 @@ class LoraAbliterator:
         register_quantized_lora_layers(config)  # our NVFP4Linear (--quantization nvfp4); PEFT knows torchao and bnb
         if any(c.num_experts is None and not c.weight_level for c in self.components) or fused:
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-        self._layers = {
-            c.parameter_path: _WeightLevelSlot(model.get_submodule(c.module_name), self.rank)
-            if c.weight_level
-            else model.get_submodule(c.module_name)
-            for c in self.components
-        }
+        self._layers = {c.parameter_path: self._slot(model, c) for c in self.components}
         self.reset()
+
+    def _slot(self, model: nn.Module, component: Component):
+        module = model.get_submodule(component.module_name)
+        if component.weight_level and component.num_experts is not None:
+            return _PackedExpertSlot(module, component.parameter_name, self.rank)
+        if component.weight_level:
+            return _WeightLevelSlot(module, self.rank)
+        return module
 
     def _base_weight(self, component: Component) -> torch.Tensor:
         layer = self._layers[component.parameter_path]

@@ -48,6 +48,7 @@ class EvaluationConfig:
     kl_tokens: int = 8  # generated positions compared for KL
     batch_size: int | None = None  # None: the fastest that fits, found on a probe
     max_batch_size: int = 128
+    decoding: str = "auto"  # generation.DECODING: the captured static decoder on a GPU, generate() on a CPU
     system_prompt: str | None = None
     count_harmless_refusals: bool = False  # also generate full harmless answers
     perplexity_max_length: int = 512
@@ -123,7 +124,8 @@ class Evaluator:
         model.eval()
         self.batch_size = self.config.batch_size or self._find_batch_size(model)
         continuations = generate_greedy(
-            model, tokenizer, self.harmless_ids, max_new_tokens=self.config.kl_tokens, batch_size=self.batch_size
+            model, tokenizer, self.harmless_ids, max_new_tokens=self.config.kl_tokens, batch_size=self.batch_size,
+            decoding=self.config.decoding,
         )
         self.reference_continuations = [response.token_ids for response in continuations]
         self.reference_log_probs = self._log_probs(model)
@@ -198,6 +200,7 @@ class Evaluator:
             max_new_tokens=self.config.max_new_tokens,
             batch_size=self.batch_size,
             is_decided=lambda text: contains_refusal_marker(text, markers),
+            decoding=self.config.decoding,
         )
 
     def _count_compliant(self, answers: list[str], refused: list[bool]) -> int | None:

@@ -10,13 +10,18 @@ ends when its last row does. This is where most of a trial's time goes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from abliterate.evaluation import static_decode
+from abliterate.evaluation.batch_size import is_out_of_memory
 from foundation.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,32 @@ def _trim(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
     return tokens, False
 
 
+DECODING = ("auto", "static", "generate")
+CHECK_EVERY = 8  # decode steps between reading the tokens back for the early stop
+
+
+def use_static_decode(model, decoding: str) -> bool:
+    """``auto``: the captured static decoder on a GPU, transformers' ``generate`` on a CPU (where launches are cheap)."""
+    if decoding not in DECODING:
+        raise UserError("decoding", f"unknown choice {decoding!r}", f"choose one of: {', '.join(DECODING)}")
+    if decoding == "generate" or not static_decode.supports_static_decode(model):
+        return False
+    return decoding == "static" or model_device(model).type == "cuda"
+
+
+def _static_responses(model, tokenizer, batch: PaddedBatch, max_new_tokens: int, eos_ids: set[int],
+                      is_decided: Callable[[str], bool] | None) -> list[Response]:
+    decoder = static_decode.decoder_for(model, batch.input_ids.shape[0], batch.input_ids.shape[1], max_new_tokens)
+    judge = static_decode.RowJudge(tokenizer, eos_ids, is_decided)
+    generated = decoder.run(batch, judge, CHECK_EVERY).tolist()
+    responses = []
+    for row, tokens in enumerate(generated):
+        length, reason = judge.end_of(row, len(tokens))
+        kept = tokens[:length]
+        responses.append(Response(tokenizer.decode(kept, skip_special_tokens=True), tuple(kept), reason))
+    return responses
+
+
 @torch.inference_mode()
 def generate_greedy(
     model,
@@ -132,6 +163,7 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int,
     is_decided: Callable[[str], bool] | None = None,
+    decoding: str = "auto",
 ) -> list[Response]:
     """Greedy answers for already-templated prompts, in the input order."""
     if max_new_tokens < 1:
@@ -139,6 +171,7 @@ def generate_greedy(
     pad_id = pad_token_id(tokenizer)
     eos_ids = eos_token_ids(model, tokenizer)
     device = model_device(model)
+    static = use_static_decode(model, decoding)
     config = GenerationConfig(
         do_sample=False,
         max_new_tokens=max_new_tokens,
@@ -151,6 +184,22 @@ def generate_greedy(
     responses: list[Response | None] = [None] * len(prompt_token_ids)
     for indices in batches_by_length([len(ids) for ids in prompt_token_ids], batch_size):
         batch = left_pad([prompt_token_ids[index] for index in indices], pad_id, device)
+        if static:
+            try:
+                answers = _static_responses(model, tokenizer, batch, max_new_tokens, eos_ids, is_decided)
+            except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
+                if is_out_of_memory(error):  # the batch-size search needs to see it
+                    raise
+                # A model whose forward cannot take a static cache or be captured: generate from here on.
+                static_decode.forget_decoders(model)
+                model.__dict__["_static_decode_failed"] = f"{type(error).__name__}: {error}"
+                logger.warning("static-cache decoding failed (%s); using transformers' generate from here on",
+                               model.__dict__["_static_decode_failed"][:300])
+                static = False
+            else:
+                for row, index in enumerate(indices):
+                    responses[index] = answers[row]
+                continue
         prompt_length = batch.input_ids.shape[1]
         stopper = _StopWhenDecided(tokenizer, prompt_length, is_decided) if is_decided else None
         output = model.generate(

@@ -1,0 +1,187 @@
+"""Greedy decoding on a preallocated KV cache, with the decode step replayed as a CUDA graph on a GPU.
+
+Why: at batch 100 one decode step of an 8B model costs ~1,300 kernel launches
+issued from Python. transformers' ``generate`` with its dynamic cache took
+38.7 ms per step on an H200 where the weights bound it at 3.4 ms, and its
+static cache with ``torch.compile`` took 52 s to compile before the first
+answer. A trial decodes the same prompts with the same shapes every time, so
+the step is captured once per batch shape (a CUDA graph: a fraction of a
+second) and replayed for every later step of every trial. The edit's LoRA
+factors are written in place between trials, so the captured graph sees them.
+
+Everything that would break a capture stays outside the step: the padding
+mask is a prebuilt 4-D additive mask (transformers uses a 4-D mask as given),
+positions and the cache index are device tensors advanced in place, and the
+early-stop test (EOS or a decided answer) reads the tokens back only every
+``check_every`` steps. On a CPU the same loop runs eagerly; it gives the
+tokens ``generate`` gives (tested), so both devices share one code path.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import StaticCache
+
+_KEPT_DECODERS = 4  # per model: the harmful batches, the harmless batches, and a spare shape
+
+
+_RECURRENT_CONFIG_KEYS = ("hybrid_override_pattern", "layers_block_type", "ssm_cfg", "mamba_d_ssm", "linear_attn_config")
+
+
+def supports_static_decode(model) -> bool:
+    """Attention-only decoders that transformers can compile (its own flag), on one device; not hybrid Mamba models."""
+    config = model.config.get_text_config(decoder=True)
+    devices = {str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()}
+    if not getattr(model, "_can_compile_fullgraph", False) or len(devices) > 1 or "disk" in devices:
+        return False
+    if model.__dict__.get("_static_decode_failed"):
+        return False
+    return not any(getattr(config, key, None) for key in _RECURRENT_CONFIG_KEYS)
+
+
+class RowJudge:
+    """Decides, from the tokens read back every few steps, where each row's answer ends and why.
+
+    A row ends at its first EOS, or at the shortest prefix whose text is
+    decided (a refusal marker appeared), whichever comes first; exactly what
+    a per-step stopping criterion gives, with a text decode per row only at
+    the checks and within the last window.
+    """
+
+    def __init__(self, tokenizer, eos_ids: set[int], is_decided: Callable[[str], bool] | None) -> None:
+        self.tokenizer, self.eos_ids, self.is_decided = tokenizer, eos_ids, is_decided
+        self.ends: dict[int, tuple[int, str]] = {}  # row -> (length, "eos" | "decided")
+        self.checked = 0
+
+    def _decided_within(self, row: Sequence[int], start: int, stop: int) -> int | None:
+        if self.is_decided is None or not self.is_decided(self.tokenizer.decode(list(row[:stop]), skip_special_tokens=True)):
+            return None
+        for length in range(max(1, start + 1), stop + 1):
+            if self.is_decided(self.tokenizer.decode(list(row[:length]), skip_special_tokens=True)):
+                return length
+        return stop
+
+    def update(self, tokens: torch.Tensor) -> bool:
+        """Read ``tokens`` [batch, steps]; True when every row has ended."""
+        rows: list[list[int]] = tokens.tolist()
+        for index, row in enumerate(rows):
+            if index in self.ends:
+                continue
+            eos = next((position for position, token in enumerate(row) if token in self.eos_ids), None)
+            limit = eos + 1 if eos is not None else len(row)
+            decided = self._decided_within(row, self.checked, limit)
+            if decided is not None and not (eos is not None and decided > eos):
+                self.ends[index] = (decided, "decided")
+            elif eos is not None:
+                self.ends[index] = (eos + 1, "eos")
+        self.checked = tokens.shape[1]
+        return len(self.ends) == len(rows)
+
+    def end_of(self, index: int, generated: int) -> tuple[int, str]:
+        return self.ends.get(index, (generated, "length"))
+
+
+def _additive_mask(attention_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, 1, prompt, cache_len] causal + padding mask for the prefill (0 = attend, min = masked)."""
+    batch, prompt = attention_mask.shape
+    keys = torch.arange(cache_len, device=attention_mask.device)
+    queries = torch.arange(prompt, device=attention_mask.device)
+    causal = keys[None, :] <= queries[:, None]
+    padded = torch.zeros(batch, cache_len, dtype=torch.bool, device=attention_mask.device)
+    padded[:, :prompt] = attention_mask.bool()
+    allowed = causal[None, None] & padded[:, None, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class StaticDecoder:
+    """One batch shape's cache, step buffers and (on CUDA) captured decode step."""
+
+    def __init__(self, model, batch: int, prompt_len: int, max_new_tokens: int, dtype: torch.dtype) -> None:
+        self.model = model
+        self.batch, self.prompt_len, self.max_new = batch, prompt_len, max_new_tokens
+        self.cache_len = prompt_len + max_new_tokens
+        device = next(model.parameters()).device
+        self.device, self.dtype = device, dtype
+        self.cache = StaticCache(config=model.config, max_cache_len=self.cache_len)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.step_mask = torch.zeros(batch, 1, 1, self.cache_len, dtype=dtype, device=device)
+        self.next_token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _step(self) -> None:
+        logits = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.cache_position,
+                            attention_mask=self.step_mask, past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=1).logits
+        self.next_token.copy_(logits[:, -1].argmax(-1))
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (Triton autotuning, cuBLAS handles), then record one step."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def run(self, batch, judge: RowJudge, check_every: int) -> torch.Tensor:
+        """Generated tokens [batch, <= max_new] for a left-padded ``batch`` (``generation.PaddedBatch``).
+
+        Rows keep going after they end; ``judge`` says where each one ends.
+        """
+        self.cache.reset()
+        prompt_mask = _additive_mask(batch.attention_mask, self.cache_len, self.dtype)
+        cache_position = torch.arange(self.prompt_len, device=self.device)
+        logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache_position=cache_position,
+                            attention_mask=prompt_mask, past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=1).logits
+        generated = torch.empty(self.batch, self.max_new, dtype=torch.long, device=self.device)
+        generated[:, 0] = logits[:, -1].argmax(-1)
+        self.step_mask.copy_(prompt_mask[:, :, -1:, :])
+        self.positions.copy_(batch.position_ids[:, -1:])
+        self.cache_position.fill_(self.prompt_len - 1)
+        steps = 1
+        while steps < self.max_new:
+            if steps % check_every == 0 and judge.update(generated[:, :steps]):
+                break
+            self.ids.copy_(generated[:, steps - 1 : steps])
+            self.positions.add_(1)
+            self.cache_position.add_(1)
+            self.step_mask.index_fill_(-1, self.cache_position, 0.0)
+            if self.device.type == "cuda":
+                if self.graph is None:
+                    self._capture()  # its warm-up computes this very step; the replay recomputes it identically
+                self.graph.replay()
+            else:
+                self._step()
+            generated[:, steps] = self.next_token
+            steps += 1
+        tokens = generated[:, :steps]
+        judge.update(tokens)
+        return tokens
+
+
+def decoder_for(model, batch: int, prompt_len: int, max_new_tokens: int) -> StaticDecoder:
+    """The model's decoder for this shape, kept across trials (least recently used ones dropped)."""
+    decoders: OrderedDict = model.__dict__.setdefault("_static_decoders", OrderedDict())
+    key = (batch, prompt_len, max_new_tokens)
+    if key in decoders:
+        decoders.move_to_end(key)
+        return decoders[key]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    decoders[key] = StaticDecoder(model, batch, prompt_len, max_new_tokens, dtype)
+    while len(decoders) > _KEPT_DECODERS:
+        decoders.popitem(last=False)
+    return decoders[key]
+
+
+def forget_decoders(model) -> None:
+    """Drop captured graphs and caches (after the model's modules were replaced, e.g. an adapter injected)."""
+    model.__dict__.pop("_static_decoders", None)

@@ -1,0 +1,113 @@
+"""The Triton NVFP4 matmul against dequantize-then-fp32-matmul, on CPU.
+
+Argument checks and ``available`` run everywhere. The kernels themselves run
+under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) where Triton is
+installed; the project does not pin it, so CI without it skips those tests.
+The interpreter's bf16 is not the GPU's (no bf16 ``tl.dot``, truncating
+casts), so the kernels are checked with fp16/fp32 here; the bench checks the
+bf16 paths on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when nvfp4_matmul defines its kernels, so first
+
+import pytest
+import torch
+
+from checkpoint_formats import nvfp4, nvfp4_matmul
+from checkpoint_formats.nvfp4_matmul import KernelConfig
+
+
+def _weight(n: int, k: int, seed: int = 0) -> nvfp4.NVFP4Weight:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen) * torch.logspace(-3, 1, n).unsqueeze(1)
+    weight[:, :16] = 0.0  # an all-zero block (scale 1, codes 0)
+    return nvfp4.quantize_weight(weight)
+
+
+def _args(n: int = 32, k: int = 64):
+    q = _weight(n, k)
+    return torch.randn(2, k), q.packed, q.weight_scale, q.weight_scale_2
+
+
+def test_not_available_on_cpu() -> None:
+    assert not nvfp4_matmul.available("cpu")
+    assert not nvfp4_matmul.available(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: (a[0], a[1].to(torch.int8), a[2], a[3], None), "packed"),
+        (lambda a: (a[0], a[1], a[2].float(), a[3], None), "weight_scale must"),
+        (lambda a: (a[0], a[1], a[2][:, :-1], a[3], None), "weight_scale must"),
+        (lambda a: (a[0], a[1], a[2], a[3].double(), None), "weight_scale_2"),
+        (lambda a: (a[0], a[1], a[2], torch.ones(2), None), "weight_scale_2"),
+        (lambda a: (a[0][:, :-2], a[1], a[2], a[3], None), "x must"),
+        (lambda a: (a[0].to(torch.int32), a[1], a[2], a[3], None), "x must"),
+        (lambda a: (a[0], a[1], a[2], a[3], torch.zeros(31)), "bias"),
+        (lambda a: (a[0], a[1].t().contiguous().t(), a[2], a[3], None), "contiguous"),
+        (lambda a: (a[0], a[1], a[2], a[3].to("meta"), None), "one device"),
+    ],
+)
+def test_rejects_bad_arguments(change, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        nvfp4_matmul.nvfp4_linear(*change(_args()))
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """The module, whose kernels run on CPU tensors under Triton's interpreter."""
+    pytest.importorskip("triton")
+    return nvfp4_matmul
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).abs().max() / ref.abs().max())
+
+
+# Not bf16: the interpreter truncates float32 -> bf16, the GPU rounds to nearest even (the bench checks it).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_kernel_matches_codec_bit_for_bit(interpreted, dtype: torch.dtype) -> None:
+    q = _weight(40, 96)  # N and K not multiples of the kernel's tile
+    out = interpreted.dequantize(q.packed, q.weight_scale, q.weight_scale_2, dtype)
+    assert torch.equal(out, nvfp4.dequantize_weight(q, dtype))
+
+
+@pytest.mark.parametrize(
+    ("config", "x_dtype"),
+    [
+        (KernelConfig(block_m=16, block_n=16, block_k=32), torch.float16),
+        (KernelConfig(block_m=16, block_n=32, block_k=64, split_k=3), torch.float32),
+    ],
+)
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_fused_kernels_match_fp32_reference(interpreted, config: KernelConfig, x_dtype: torch.dtype, m: int) -> None:
+    n, k = 40, 208  # K = 13 blocks: a partial last K tile, and splits of unequal length
+    q = _weight(n, k, seed=m)
+    gen = torch.Generator().manual_seed(100 + m)
+    x = torch.randn(m, k, generator=gen).to(x_dtype)
+    bias = torch.randn(n, generator=gen)
+    ref = x.float() @ nvfp4.dequantize_weight(q, torch.float32).T + bias
+    out = interpreted.fused_matmul(x, q.packed, q.weight_scale, q.weight_scale_2, bias, config, torch.float32)
+    assert _relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("m", [3, 20, 130])  # decode (split K), decode, prefill
+def test_nvfp4_linear_dispatch(interpreted, m: int) -> None:
+    n, k = 48, 128
+    q = _weight(n, k, seed=7)
+    x = torch.randn(m, 1, k, generator=torch.Generator().manual_seed(m))
+    out = interpreted.nvfp4_linear(x, q.packed, q.weight_scale, q.weight_scale_2)
+    ref = x @ nvfp4.dequantize_weight(q, torch.float32).T
+    assert out.shape == (m, 1, n) and out.dtype == x.dtype
+    assert _relative_error(out, ref) < 1e-5
+
+
+def test_empty_input(interpreted) -> None:
+    x, packed, scale, scale_2 = _args()
+    out = interpreted.nvfp4_linear(x[:0].bfloat16(), packed, scale, scale_2)
+    assert out.shape == (0, 32) and out.dtype == torch.bfloat16
