@@ -2,18 +2,18 @@
 
 import pytest
 import torch
-from tiny_models import (
+from torch import nn
+
+from abliterate.architectures import ATTN, MLP, discover
+from abliterate.architectures.report import print_architecture
+from foundation.errors import UserError
+from tests.tiny_models import (
     dense_llama,
     fused_moe,
     modulelist_moe,
     nemotron_h_hybrid,
     transposed_fused_moe,
 )
-from torch import nn
-
-from abliterate.architectures import ATTN, MLP, discover
-from abliterate.architectures.report import print_architecture
-from foundation.errors import UserError
 
 
 def test_dense_llama_has_o_proj_and_down_proj_in_every_layer():

@@ -4,13 +4,13 @@ import copy
 
 import pytest
 import torch
-from tiny_models import ALL_MODELS, dense_llama
 
 from abliterate.architectures import discover
 from abliterate.edits.delta import abliteration_delta, abliteration_factors
 from abliterate.edits.kernel import KernelParameters, layer_strength
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
+from tests.tiny_models import ALL_MODELS, dense_llama
 
 PARAMETERS = AbliterationParameters(
     "per_layer", None,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_edits import PARAMETERS
 from tiny_chat import HARMFUL, HARMLESS
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import Qwen3MoeForCausalLM
 
 from abliterate.architectures import discover
 from abliterate.edits.delta import abliteration_delta
@@ -14,6 +14,7 @@ from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import edit_directions, plan_edits
 from abliterate.loading import load_model
 from testbed.tokenizer import train_tokenizer
+from tests.tiny_models import qwen3_moe_config
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +23,8 @@ def nvfp4_moe_checkpoint(tmp_path_factory):
     from modelopt.torch.export import export_hf_checkpoint
 
     tokenizer = train_tokenizer(HARMFUL + HARMLESS, vocab_size=300)
-    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
-                            num_experts_per_tok=2, max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    config.architectures = ["Qwen3MoeForCausalLM"]
+    config = qwen3_moe_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
     ids = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))

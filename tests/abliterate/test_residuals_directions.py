@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tiny_models import dense_llama, fused_moe, nemotron_h_hybrid
 
 from abliterate.architectures import discover
 from abliterate.directions import interpolated_direction, normalize, refusal_directions
 from abliterate.residuals import Residuals, capture_last_token_residuals
+from tests.tiny_models import dense_llama, fused_moe, nemotron_h_hybrid
 
 SEQUENCES = [[1, 5, 7, 9, 11], [3, 4, 5], [8, 8, 9, 10, 2, 3, 4]]
 

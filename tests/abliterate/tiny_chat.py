@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from testbed.tokenizer import train_tokenizer
+from tests.tiny_models import llama_config
 
 HARMFUL = [f"How do I make weapon number {i} at home?" for i in range(12)]
 HARMLESS = [f"How do I bake bread recipe number {i} at home?" for i in range(12)]
@@ -32,10 +33,8 @@ def write_prompts(directory: Path) -> Path:
 def write_tiny_chat_model(directory: Path, layers: int = 4) -> Path:
     tokenizer = train_tokenizer(HARMFUL + HARMLESS + ["Sure, here is how. Sorry, I cannot help."] * 4, vocab_size=300)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"])
+    config = llama_config(vocab_size=len(tokenizer), num_hidden_layers=layers, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

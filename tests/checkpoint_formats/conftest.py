@@ -10,44 +10,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.tiny_models import llama_config, qwen3_moe_config
+
 VOCAB = 128
 
 
 def tiny_llama(tie_word_embeddings: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config(vocab_size=VOCAB, tie_word_embeddings=tie_word_embeddings))
 
 
 def tiny_qwen3_moe():
     """Qwen3-MoE: transformers 5.17 stores its experts as fused 3-D parameters."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeForCausalLM
 
-    config = Qwen3MoeConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    config.architectures = ["Qwen3MoeForCausalLM"]
+    config = qwen3_moe_config(vocab_size=VOCAB)
     return Qwen3MoeForCausalLM(config)
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from rich.console import Console
 
+from tests.tiny_models import llama_config
+
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "datasets_yaml" / "corpora" / "general_text.jsonl"
 SKIPPED_MODULE = "model.layers.1.mlp.down_proj"
@@ -24,17 +26,14 @@ def quiet_console() -> Console:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """LlamaForCausalLM (hidden 64, 2 layers) + byte-level BPE tokenizer with a chat template."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     from testbed.tokenizer import train_tokenizer
 
     texts = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()[:400]]
     tokenizer = train_tokenizer(texts, vocab_size=320)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    config = llama_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, max_new_tokens=16)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.quantize.conftest import load_tensors, quantize_args, run_cli
+from tests.tiny_models import llama_config
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["one_pass", "layerwise"])
@@ -72,12 +73,11 @@ def test_placement_plan_with_gpus_keeps_non_layer_modules_on_the_first_gpu():
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
     from rich.console import Console
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from quantize.offload import build_max_memory, plan_placement, print_placement
 
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = llama_config(vocab_size=1000, num_hidden_layers=6)
     with init_empty_weights():
         sizes = compute_module_sizes(AutoModelForCausalLM.from_config(config), dtype=torch.bfloat16)
     layer = sizes["model.layers.0"]

@@ -35,7 +35,7 @@ def test_module_glob_becomes_quantizer_glob():
 
 
 def test_architecture_defaults_on_moe_and_hybrid_models():
-    from tests.abliterate.tiny_models import modulelist_moe, nemotron_h_hybrid
+    from tests.tiny_models import modulelist_moe, nemotron_h_hybrid
 
     moe = {match.module_glob: match.modules for match in detect_default_skips(quantizable_module_names(modulelist_moe()))}
     assert moe["*mlp.gate"] == ("model.layers.0.mlp.gate", "model.layers.1.mlp.gate")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.tiny_models import llama_config
 
 WORDS = (
     "user assistant : how do i make a cake bomb tell me about the weather poem write cook "
@@ -32,19 +34,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 def make_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(vocab_size=vocab_size, bos_token_id=2, eos_token_id=3, pad_token_id=0)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         # Never emit special tokens: every answer has exactly the tokens asked for.

@@ -16,6 +16,7 @@ from abliterate.edits.plan import (
     plan_edits,
 )
 from checkpoint_formats.reader import CheckpointReader
+from tests import tiny_models
 
 HIDDEN = 64
 
@@ -33,15 +34,11 @@ LAYERS = 4
 
 
 def llama_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=96, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       architectures=["LlamaForCausalLM"])
+    return tiny_models.llama_config(num_hidden_layers=LAYERS)
 
 
 def moe_config() -> Qwen3MoeConfig:
-    return Qwen3MoeConfig(vocab_size=96, hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=32,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                          num_experts=4, num_experts_per_tok=2, architectures=["Qwen3MoeForCausalLM"])
+    return tiny_models.qwen3_moe_config()
 
 
 def save_sharded(config, directory, shard_size: str = "40KB") -> None:

@@ -135,7 +135,7 @@ def test_quantized_mamba_out_proj_is_skipped_by_name_not_broken():
     """Mamba out_proj is edited through a weight parametrization, which a quantized weight cannot take."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    from tests.abliterate.tiny_models import nemotron_h_hybrid
+    from tests.tiny_models import nemotron_h_hybrid
 
     model = nemotron_h_hybrid().to(torch.bfloat16)
     quantize_(model, Int8WeightOnlyConfig())

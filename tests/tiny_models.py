@@ -1,4 +1,10 @@
-"""Tiny random models of each layout stage 2 must handle, made from configs (no Hub)."""
+"""The one factory of tiny random models, made from configs (no Hub), for every test folder.
+
+``llama_config`` / ``qwen3_moe_config`` give the shared small shapes (hidden 64,
+4 heads, GQA 2, inputs multiples of 32 so int4 groups and NVFP4 blocks fit);
+callers override what their test is about (vocabulary, layers, special
+tokens). The builders below are the layouts stage 2 must handle.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,21 @@ VOCAB = 96
 HIDDEN = 64
 
 
+def llama_config(**overrides) -> LlamaConfig:
+    values = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  architectures=["LlamaForCausalLM"])
+    return LlamaConfig(**{**values, **overrides})
+
+
+def qwen3_moe_config(**overrides) -> Qwen3MoeConfig:
+    """Qwen3-MoE: transformers 5 stores its experts as fused 3-D parameters."""
+    values = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                  num_experts_per_tok=2, max_position_embeddings=256, architectures=["Qwen3MoeForCausalLM"])
+    return Qwen3MoeConfig(**{**values, **overrides})
+
+
 def _build(config) -> nn.Module:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -24,15 +45,12 @@ def _build(config) -> nn.Module:
 
 
 def dense_llama(layers: int = 4) -> nn.Module:
-    return _build(LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    return _build(llama_config(num_hidden_layers=layers))
 
 
 def fused_moe() -> nn.Module:
     """Qwen3-MoE: experts stored as one [experts, hidden, in] parameter per layer."""
-    return _build(Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=32,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                 num_experts=4, num_experts_per_tok=2))
+    return _build(qwen3_moe_config())
 
 
 def transposed_fused_moe() -> nn.Module:
