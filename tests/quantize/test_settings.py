@@ -75,3 +75,20 @@ def test_mix_files_and_flags_share_their_limits(tmp_path, tiny_model_dir, key, v
     assert caught.value.where == f"--{key}"
     limits = {name: field.metadata for name, field in CalibrationSettings.model_fields.items()}
     assert limits[key], "the calibration limit is written in the schema"
+
+
+@pytest.mark.skipif(__import__("shutil").which("make") is None, reason="needs make")
+@pytest.mark.parametrize(("make_vars", "expected"), [([], "model-NVFP4"), (["FORMAT=w4a8", "MODEL=testbed/model/"], "model-W4A8"),
+                                                    (["OUT=elsewhere/q"], "elsewhere/q")])
+def test_make_quantize_writes_where_the_cli_would(make_vars, expected, monkeypatch):
+    """`make quantize` passes no --output unless OUT is set, so its default is the CLI's own."""
+    import shlex
+    import subprocess
+
+    monkeypatch.chdir(README.parent)
+    for variable in ("INPUT_MODEL", "OUTPUT_MODEL"):
+        monkeypatch.delenv(variable, raising=False)
+    dry_run = subprocess.run(["make", "-n", "quantize", "STAMP=", *make_vars], capture_output=True, text=True, check=True)
+    line = next(line for line in dry_run.stdout.splitlines() if "pipelines.cli quantize" in line)
+    argv = shlex.split(line.split("pipelines.cli quantize", 1)[1])
+    assert parse(argv).output_model == Path(expected)
