@@ -10,7 +10,9 @@ MODEL     ?= testbed/model
 # The model's folder name, also when MODEL ends in '/' (as shell completion writes it):
 # plain $(notdir testbed/model/) is empty and would name the output 'outputs/-nvfp4'.
 MODEL_NAME = $(notdir $(patsubst %/,%,$(MODEL)))
-OUT       ?= outputs/$(MODEL_NAME)-$(FORMAT)
+# Empty: the CLI's own default output name, <model name>-<FORMAT> (e.g. model-NVFP4), so `make quantize`
+# and `quant-abliterate quantize` write the same directory; set OUT=DIR to choose another.
+OUT       ?=
 MIX       ?= datasets_yaml/offline_mix.yaml
 FORMAT    ?= nvfp4
 TRIALS    ?= 200
@@ -38,7 +40,7 @@ pipeline: $(STAMP)
 	$(PY) -m pipelines.cli run $(PIPELINE) $(ARGS)
 
 quantize: $(STAMP)
-	$(PY) -m pipelines.cli quantize --model $(MODEL) --output $(OUT) --mix $(MIX) --format $(FORMAT) $(ARGS)
+	$(PY) -m pipelines.cli quantize --model $(MODEL) $(if $(OUT),--output $(OUT)) --mix $(MIX) --format $(FORMAT) $(ARGS)
 
 abliterate: $(STAMP)
 	$(PY) -m pipelines.cli abliterate --model $(MODEL) --n_trials $(TRIALS) --out $(ABL_OUT) \

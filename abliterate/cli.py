@@ -6,16 +6,22 @@ import sys
 
 from rich.console import Console
 
-from abliterate.settings import parse_settings
+from abliterate.settings import outside_sources, parse_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_settings(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings = parse_settings(argv)
+    console = Console()
+    sources = outside_sources(argv)
+    if sources:  # values nobody typed on this command line: say where they came from
+        console.print("settings not from the command line: "
+                      + ", ".join(f"{name}={getattr(settings, name)!r} ({source})" for name, source in sources.items()), markup=False)
     from abliterate.run import (
         run_abliteration,  # heavy imports only after the flags are valid
     )
 
-    run_abliteration(settings, Console())
+    run_abliteration(settings, console)
     return 0
 
 

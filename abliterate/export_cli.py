@@ -1,7 +1,7 @@
 """``quant-abliterate export``: merge the chosen trial into full-precision weights and re-export.
 
 Non-interactive with ``--format``; on a terminal without ``--format`` a small
-menu offers save / adapter / chat / quit. The flags map one to one onto
+menu offers save / adapter / chat / quit. The flags are generated from
 ``ExportSettings`` (the pipeline's export stage uses the same object).
 """
 
@@ -12,41 +12,22 @@ import sys
 from pathlib import Path
 
 from foundation.errors import UserError
+from foundation.settings_cli import add_model_arguments, given_values, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags are ExportSettings' fields (positional trial, ``--format`` repeated, ``--no_verify``)."""
+    from abliterate.export.settings import ExportSettings
+
     parser = argparse.ArgumentParser(prog="quant-abliterate export", description=__doc__.splitlines()[0])
-    parser.add_argument("trial", type=Path, help="output directory of 'quant-abliterate abliterate' (chosen_trial.json)")
-    parser.add_argument("--output", "-o", type=Path, help="export directory (default: <trial>-<format>); "
-                        "several formats go to <output>/<format>")
-    parser.add_argument("--format", choices=("nvfp4", "bf16", "adapter"), action="append",
-                        help="nvfp4 (stage-1 scales reused), bf16 (plain HF), adapter (PEFT LoRA); repeat for several")
-    parser.add_argument("--checkpoint", type=Path,
-                        help="the model stage 2 searched on (default: the 'model' in chosen_trial.json)")
-    parser.add_argument("--base_model", type=Path,
-                        help="original full-precision model to merge into (default: the checkpoint's dequantized weights)")
-    parser.add_argument("--recalibrate", action="store_true",
-                        help="nvfp4: run a fresh ModelOpt calibration on the merged model instead of reusing scales "
-                             "(stage 1's recorded settings; loads the whole merged model)")
-    parser.add_argument("--dataset_yaml", type=Path, help="calibration mix for --recalibrate (default: stage 1's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--no_verify", "--no-verify", dest="verify", action="store_false",
-                        help="skip reloading and re-measuring")
-    parser.add_argument("--refusal_tolerance", type=float, default=0.1,
-                        help="refusals/compliance may differ by this many prompts (>= 1) or this fraction (< 1)")
-    parser.add_argument("--kl_tolerance", type=float, default=0.02, help="absolute KL tolerance (plus 50%% of the trial's KL)")
-    parser.add_argument("--device_map", default=None, help="placement for verification (default: as stage 2)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars (logs, CI)")
+    add_model_arguments(parser, ExportSettings)
     return parser
 
 
 def settings_from_args(args: argparse.Namespace):
     from abliterate.export.settings import ExportSettings
 
-    values = {key: value for key, value in vars(args).items() if key not in ("format", "no_progress") and value is not None}
-    if args.format:
-        values["formats"] = tuple(dict.fromkeys(args.format))
-    return ExportSettings(**values, progress=not args.no_progress)
+    return validate(ExportSettings, given_values(args, ExportSettings), fix="see 'quant-abliterate export --help'")
 
 
 def chat(model_dir: Path) -> None:
@@ -102,7 +83,7 @@ def menu(settings) -> int:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
-    if args.format:
+    if "formats" in vars(args):
         from abliterate.export.run import run_exports
 
         run_exports(settings)

@@ -9,14 +9,18 @@ README's settings table is generated from these descriptions
 
 from __future__ import annotations
 
+import os
 import re
+import tomllib
 from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliApp,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -153,6 +157,18 @@ class AbliterateSettings(BaseSettings):
         toml = TomlConfigSettingsSource(settings_cls, toml_table_header=("abliterate",))
         return (init_settings, env_settings, toml)
 
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> AbliterateSettings:
+        """These values and the defaults alone: no ``QA_*`` variables, no ``.env``, no ``config.toml``, no argv.
+
+        A pipeline stage is built from its YAML block and fingerprinted by the result; a value
+        picked up from the environment or the working directory would change what runs without
+        the manifest knowing (``config.toml`` with ``n_trials = 9`` ran 9 trials, and a re-run
+        elsewhere reported "up to date"). Validation is the same as for the CLI.
+        """
+        init = InitSettingsSource(cls, init_kwargs=dict(data))
+        return cls(_build_sources=((init,), dict(data)))
+
 
 def parse_settings(argv: list[str]) -> AbliterateSettings:
     """Settings from argv > env > config.toml; a bad value becomes a UserError naming the flag."""
@@ -168,6 +184,30 @@ def parse_settings(argv: list[str]) -> AbliterateSettings:
         if type(error).__name__ == "SettingsError":
             raise _user_error_from_settings_error(str(error)) from None
         raise
+
+
+def outside_sources(argv: list[str], environ: Mapping[str, str] | None = None,
+                    toml_path: Path = Path("config.toml")) -> dict[str, str]:
+    """Which settings the direct CLI took from ``QA_*`` variables or ``./config.toml`` rather than a flag.
+
+    Printed by ``quant-abliterate abliterate`` so a value nobody typed is visible in the log
+    (a pipeline stage never reads either: ``AbliterateSettings.from_mapping``).
+    """
+    environ = os.environ if environ is None else environ
+    given = {arg[2:].split("=", 1)[0].removeprefix("no-").removeprefix("no_") for arg in argv if arg.startswith("--")}
+    variables = {key.upper(): key for key in environ}
+    table: dict[str, Any] = {}
+    if toml_path.is_file():
+        table = tomllib.loads(toml_path.read_text(encoding="utf-8")).get("abliterate", {})
+    sources = {}
+    for name in AbliterateSettings.model_fields:
+        if name in given:
+            continue
+        if f"QA_{name.upper()}" in variables:
+            sources[name] = f"environment {variables[f'QA_{name.upper()}']}"
+        elif name in table:
+            sources[name] = str(toml_path)
+    return sources
 
 
 def _user_error_from_settings_error(message: str) -> UserError:

@@ -1,7 +1,7 @@
 """``manifest.json``: what a pipeline run produced, from what, how, and how well.
 
 The manifest is also the runner's memory between runs: a stage whose
-fingerprint (settings + the hashes of its inputs) matches a completed record
+fingerprint (its full validated settings + the hashes of its inputs) matches a completed record
 is skipped; a record left ``running`` or ``failed`` is redone. It is rewritten
 atomically after every change so a killed run never leaves it half-written.
 """
@@ -42,7 +42,32 @@ def combined_hash(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
 
 
+OUTPUT_DIR = "$OUTPUT_DIR"
+
+
+def settings_used(settings: Any, output_dir: Path) -> dict[str, Any]:
+    """A stage's full validated settings as JSON (defaults included), as the manifest records and hashes them.
+
+    Paths the pipeline wired under its own output directory are written relative to it
+    (``$OUTPUT_DIR/quantize/checkpoint``), so a moved output directory is still up to date.
+    """
+    data = settings.model_dump(mode="json") if hasattr(settings, "model_dump") else dict(settings)
+    root = str(Path(output_dir))
+
+    def relative(value: Any) -> Any:
+        if isinstance(value, str) and (value == root or value.startswith(root + os.sep)):
+            return OUTPUT_DIR + value[len(root):]
+        if isinstance(value, dict):
+            return {key: relative(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [relative(item) for item in value]
+        return value
+
+    return relative(data)
+
+
 def fingerprint(stage: str, settings: dict[str, Any], input_hash: str) -> str:
+    """Hash of the settings actually used (``settings_used``) and the stage's input."""
     payload = json.dumps({"stage": stage, "settings": settings, "input": input_hash}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

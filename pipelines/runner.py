@@ -29,6 +29,7 @@ from pipelines.manifest import (
     file_sha256,
     fingerprint,
     library_versions,
+    settings_used,
 )
 from pipelines.report import print_final_table
 from pipelines.spec import STAGE_ORDER, PipelineSpec, load_pipeline
@@ -138,16 +139,20 @@ def main(argv: list[str]) -> int:
     for stage in spec.stages:
         forced = forced or stage.name == args.from_stage
         stage_dir = output_dir / stage.name
-        stage_fingerprint = fingerprint(stage.name, stage.settings, input_hash)
+        context = StageContext(spec.name, spec.model, previous_dir, str(stage_dir), spec.trust_remote_code,
+                               spec.evaluate_original, previous_results)
+        # The settings the stage will run with (YAML block + wired values + defaults), not the block alone:
+        # a changed default or wired value must not be reported 'up to date'.
+        used = settings_used(adapter_for(stage.name).build_settings(dict(stage.settings), context), output_dir)
+        stage_fingerprint = fingerprint(stage.name, used, input_hash)
         record = manifest.stages.get(stage.name, {})
         if not forced and manifest.is_complete(stage.name, stage_fingerprint, stage_dir):
             console.print(f"[green]✓ {stage.name}[/]: up to date (inputs and settings unchanged), skipped")
         else:
             console.rule(f"[bold]stage: {stage.name}")
-            context = StageContext(spec.name, spec.model, previous_dir, str(stage_dir), spec.trust_remote_code,
-                                   spec.evaluate_original, previous_results)
-            record = {"status": "running", "fingerprint": stage_fingerprint, "settings": stage.settings,
-                      "input_sha256": input_hash, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            record = {"status": "running", "fingerprint": stage_fingerprint, "settings": used,
+                      "settings_given": stage.settings, "input_sha256": input_hash,
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             manifest.stages[stage.name] = record
             manifest.save()
             record.update(run_stage_with_interrupt_record(manifest, record, stage.name, stage.settings, context, output_dir))

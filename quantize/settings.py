@@ -1,8 +1,11 @@
-"""Settings of one quantization run, from the command line (and ``.env``).
+"""Settings of one quantization run: ``QuantizeSettings`` is their only definition.
 
-Flag names are the seed's (``--input_model``, ``--dataset_yaml``, ...), so old
-scripts keep working. argparse reads the flags; a pydantic model validates the
-values; every problem becomes a ``UserError`` naming the offending flag.
+The command line is generated from its fields (``foundation.settings_cli``): flag
+name = field name, help = the field's description and default, with the seed's
+aliases (``--model``, ``--output``, ``--mix``, ``--w4a8``) kept so old scripts keep
+working. The pipeline's ``quantize:`` block validates against the same model, and
+the calibration limits are the mix file's own (``quantize.calibration.schema``).
+Every problem becomes a ``UserError`` naming the offending flag.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
+from foundation.settings_cli import add_model_arguments, cli, flags_table_markdown, given_values, validate
+from quantize.calibration.schema import CalibrationSettings, MaxSamples, MaxSeqLen, MinTokenLength, OversampleRatio, Seed
 from quantize.recipes import DEFAULT_FORMAT, FORMATS, KV_CACHE_FORMATS
 from quantize.skip_layers import parse_skip_patterns
 
@@ -25,34 +30,58 @@ DEFAULT_MIX = Path("datasets_yaml/offline_mix.yaml")
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
                  "half": "float16", "fp32": "float32", "float32": "float32", "auto": "auto"}
 MEMORY_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+OFFLOAD = "offload (70B-405B models)"
+# Seed compatibility: these come from the environment (or ./.env) when the flag is not given.
+ENVIRONMENT = {"input_model": "INPUT_MODEL", "output_model": "OUTPUT_MODEL"}
+
+
+def _mix_override(name: str) -> str:
+    return f"{CalibrationSettings.model_fields[name].description} (default: the mix's)"
 
 
 class QuantizeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_model: str
-    output_model: Path
-    dataset_yaml: Path = DEFAULT_MIX
-    format: str = DEFAULT_FORMAT
-    kv_cache: Literal["none", "fp8"] = "none"
-    backend: Literal["modelopt", "llmcompressor"] = "modelopt"
-    max_samples: int | None = Field(default=None, ge=1)
-    max_seq_len: int | None = Field(default=None, ge=8)
-    oversample_ratio: float | None = Field(default=None, ge=1.0)
-    min_token_length: int | None = Field(default=None, ge=1)
-    seed: int | None = None
-    batch_size: int = Field(default=4, ge=1)
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    trust_remote_code: bool = False
-    revision: str | None = None
-    skip_layers: tuple[str, ...] = ()
-    overwrite: bool = False
-    offload_folder: Path | None = None
-    max_gpu_memory: str | None = None
-    max_cpu_memory: str | None = None
-    clean_offload: bool = False
-    layerwise: bool = False
+    input_model: str = Field(description="local model directory or Hub id (env INPUT_MODEL)", json_schema_extra=cli(aliases=("--model",)))
+    output_model: Path | None = Field(default=None, description="output directory (env OUTPUT_MODEL; default <input name>-<FORMAT>, in the working directory)",
+                                      json_schema_extra=cli(aliases=("--output",)))
+    dataset_yaml: Path = Field(default=DEFAULT_MIX, description="calibration mix YAML", json_schema_extra=cli(aliases=("--mix",)))
+    format: str = Field(default=DEFAULT_FORMAT, description=f"one of {', '.join(FORMATS)} (see --list_configs; --w4a8 is the seed's alias for --format w4a8)")
+    kv_cache: Literal[tuple(KV_CACHE_FORMATS)] = Field(default="none", description="also quantize the KV cache")
+    backend: Literal["modelopt", "llmcompressor"] = Field(default="modelopt", description="llmcompressor: compressed-tensors NVFP4 via its sequential pipeline")
+    max_samples: MaxSamples | None = Field(default=None, description=_mix_override("max_samples"))
+    max_seq_len: MaxSeqLen | None = Field(default=None, description=_mix_override("max_seq_len"))
+    oversample_ratio: OversampleRatio | None = Field(default=None, description=_mix_override("oversample_ratio"))
+    min_token_length: MinTokenLength | None = Field(default=None, description=_mix_override("min_token_length"))
+    seed: Seed | None = Field(default=None, description=_mix_override("seed"))
+    batch_size: int = Field(default=4, ge=1, description="calibration batch size")
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(default="bfloat16", description="load dtype: bfloat16 (bf16), float16 (fp16, half), float32 (fp32) or auto",
+                                                                     json_schema_extra=cli(metavar="DTYPE"))
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where to calibrate (auto: first GPU if any)")
+    trust_remote_code: bool = Field(default=False, description="run the model repository's own Python code (only for repositories you trust)")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) of --input_model")
+    skip_layers: tuple[str, ...] = Field(default=(), description="module-name globs to keep in full precision (space or comma separated)")
+    overwrite: bool = Field(default=False, description="replace an existing output directory")
+    offload_folder: Path | None = Field(default=None, description="folder for weights that fit neither GPU nor CPU memory", json_schema_extra=cli(group=OFFLOAD))
+    max_gpu_memory: str | None = Field(default=None, description="per-GPU budget, e.g. 80GiB (default: what is free)", json_schema_extra=cli(group=OFFLOAD))
+    max_cpu_memory: str | None = Field(default=None, description="CPU budget, e.g. 200GiB; 0 sends every decoder layer to disk", json_schema_extra=cli(group=OFFLOAD))
+    clean_offload: bool = Field(default=False, description="delete OFFLOAD_FOLDER/quant_abliterate_offload (our offloaded weights, layerwise checkpoints) before and after",
+                                json_schema_extra=cli(group=OFFLOAD))
+    layerwise: bool = Field(default=False, description="ModelOpt layerwise calibration (one decoder layer at a time)", json_schema_extra=cli(group=OFFLOAD))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_output(cls, data: Any) -> Any:
+        """No output given: ``<input name>-<FORMAT>``, the seed's name (the Makefile relies on it too)."""
+        if isinstance(data, dict) and data.get("output_model") is None and isinstance(data.get("input_model"), str):
+            format_name = str(data.get("format") or cls.model_fields["format"].default)
+            return {**data, "output_model": default_output_dir(os.path.expanduser(data["input_model"]), format_name)}
+        return data
+
+    @field_validator("input_model", "output_model", "offload_folder")
+    @classmethod
+    def _expand_home(cls, value: Any) -> Any:
+        return type(value)(os.path.expanduser(value)) if value is not None else value
 
     @field_validator("format")
     @classmethod
@@ -60,6 +89,21 @@ class QuantizeSettings(BaseModel):
         if value not in FORMATS:
             raise ValueError(f"unknown format {value!r}; choose one of: {', '.join(FORMATS)}")
         return value
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        if not isinstance(value, str) or value.lower() not in DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype {value!r}; choose one of: {', '.join(sorted(DTYPE_ALIASES))}")
+        return DTYPE_ALIASES[value.lower()]
+
+    @field_validator("skip_layers", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        """``--skip_layers a b`` and the seed's ``--skip_layers a,b`` (and a YAML list or string) alike."""
+        if isinstance(value, str):
+            value = [value]
+        return tuple(parse_skip_patterns(list(value))) if isinstance(value, (list, tuple)) else value
 
     @field_validator("max_gpu_memory", "max_cpu_memory")
     @classmethod
@@ -74,43 +118,12 @@ class QuantizeSettings(BaseModel):
 
 
 def build_parser(prog: str = "quant-abliterate quantize", offload: bool = False) -> argparse.ArgumentParser:
+    """Every field of QuantizeSettings as a flag, plus the two flags that are not settings."""
     parser = argparse.ArgumentParser(prog=prog, description="Calibrate a Hugging Face causal LM and export a quantized checkpoint.")
-    add = parser.add_argument
-    add("--input_model", "--model", default=os.environ.get("INPUT_MODEL"), help="local model directory or Hub id (env INPUT_MODEL)")
-    add("--output_model", "--output", default=os.environ.get("OUTPUT_MODEL"),
-        help="output directory (env OUTPUT_MODEL; default <input>-<FORMAT>)")
-    add("--dataset_yaml", "--mix", default=str(DEFAULT_MIX), help="calibration mix YAML (default: the offline mix)")
-    add("--format", default=DEFAULT_FORMAT, help=f"one of {', '.join(FORMATS)} (see --list_configs)")
-    add("--w4a8", action="store_true", help="seed alias for --format w4a8")
-    add("--kv_cache", default="none", choices=list(KV_CACHE_FORMATS), help="also quantize the KV cache")
-    add("--backend", default="modelopt", choices=["modelopt", "llmcompressor"],
-        help="llmcompressor: compressed-tensors NVFP4 via its sequential pipeline")
-    add("--max_samples", type=int, help="calibration samples (default: the mix's)")
-    add("--max_seq_len", type=int, help="tokens per sample (default: the mix's)")
-    add("--oversample_ratio", type=float, help="draw this many times max_samples before length filtering")
-    add("--min_token_length", type=int, help="drop samples shorter than this")
-    add("--seed", type=int, help="sampling seed (default: the mix's)")
-    add("--batch_size", type=int, default=4, help="calibration batch size")
-    add("--dtype", default="bfloat16", help="load dtype: bfloat16 (bf16), float16 (fp16), float32 (fp32) or auto")
-    add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to calibrate (auto: first GPU if any)")
-    add("--trust_remote_code", action="store_true")
-    add("--revision", help="Hub revision (branch, tag or commit) of --input_model")
-    add("--skip_layers", nargs="+", action="extend", default=[],
-        help="module-name globs to keep in full precision (space or comma separated)")
-    add("--overwrite", action="store_true", help="replace an existing output directory")
-    add("--list_configs", action="store_true", help="print the formats and the ModelOpt config each maps to, then exit")
-    group = parser.add_argument_group("offload (70B-405B models)")
-    group.add_argument("--offload_folder", required=offload, help="folder for weights that fit neither GPU nor CPU memory")
-    group.add_argument("--max_gpu_memory", help="per-GPU budget, e.g. 80GiB (default: what is free)")
-    group.add_argument("--max_cpu_memory", help="CPU budget, e.g. 200GiB; 0 sends every decoder layer to disk")
-    group.add_argument("--clean_offload", action="store_true",
-                       help="delete OFFLOAD_FOLDER/quant_abliterate_offload (our offloaded weights, layerwise checkpoints) "
-                            "before and after")
-    group.add_argument("--layerwise", action="store_true", help="ModelOpt layerwise calibration (one decoder layer at a time)")
+    add_model_arguments(parser, QuantizeSettings, required=("offload_folder",) if offload else ())
+    parser.add_argument("--w4a8", action="store_true", help="seed alias for --format w4a8")
+    parser.add_argument("--list_configs", action="store_true", help="print the formats and the ModelOpt config each maps to, then exit")
     return parser
-
-
-FIELD_TO_FLAG = {"input_model": "--input_model", "output_model": "--output_model", "dataset_yaml": "--dataset_yaml"}
 
 
 def default_output_dir(input_model: str, format_name: str) -> Path:
@@ -118,33 +131,23 @@ def default_output_dir(input_model: str, format_name: str) -> Path:
 
 
 def settings_from_args(args: argparse.Namespace) -> QuantizeSettings:
-    """Validate parsed flags; any bad value raises UserError naming its flag."""
-    if not args.input_model:
+    """Validate parsed flags (and INPUT_MODEL / OUTPUT_MODEL for flags not given); errors name the flag."""
+    values = given_values(args, QuantizeSettings)
+    for field, variable in ENVIRONMENT.items():
+        if values.get(field) is None and os.environ.get(variable):
+            values[field] = os.environ[variable]
+    if not values.get("input_model"):
         raise UserError("--input_model", "no model given", "pass --input_model DIR_OR_HUB_ID (or set INPUT_MODEL in .env)")
-    format_name = "w4a8" if args.w4a8 else args.format
-    dtype = DTYPE_ALIASES.get(str(args.dtype).lower())
-    if dtype is None:
-        raise UserError("--dtype", f"unknown dtype {args.dtype!r}", f"choose one of: {', '.join(sorted(DTYPE_ALIASES))}")
-    input_model = os.path.expanduser(args.input_model)
-    values = dict(
-        input_model=input_model,
-        output_model=Path(args.output_model).expanduser() if args.output_model else default_output_dir(input_model, format_name),
-        dataset_yaml=args.dataset_yaml, format=format_name, kv_cache=args.kv_cache, backend=args.backend,
-        max_samples=args.max_samples, max_seq_len=args.max_seq_len, oversample_ratio=args.oversample_ratio,
-        min_token_length=args.min_token_length, seed=args.seed, batch_size=args.batch_size, dtype=dtype,
-        device=args.device, trust_remote_code=args.trust_remote_code, revision=args.revision,
-        skip_layers=tuple(parse_skip_patterns(args.skip_layers)), overwrite=args.overwrite,
-        offload_folder=args.offload_folder, max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
-        clean_offload=args.clean_offload, layerwise=args.layerwise,
-    )
-    try:
-        settings = QuantizeSettings(**values)
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "arguments"
-        raise UserError(FIELD_TO_FLAG.get(field, f"--{field}"), first["msg"], "see --help for the accepted values") from None
+    if getattr(args, "w4a8", False):
+        values["format"] = "w4a8"
+    settings = validate(QuantizeSettings, values, fix="see --help for the accepted values")
     check_paths(settings)
     return settings
+
+
+def settings_table_markdown() -> str:
+    """The README's table of stage 1's flags (``python -m quantize.settings``)."""
+    return flags_table_markdown(QuantizeSettings)
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -174,3 +177,7 @@ def check_paths(settings: QuantizeSettings) -> None:
                         "pick one of those or use --backend modelopt")
     if settings.offload_folder is not None and settings.offload_folder.exists() and not settings.offload_folder.is_dir():
         raise UserError("--offload_folder", f"{settings.offload_folder} exists and is not a directory", "pass a directory path")
+
+
+if __name__ == "__main__":
+    print(settings_table_markdown())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,85 +37,92 @@ from foundation.provenance import library_versions, peak_memory_bytes
 MANIFEST_NAME = "export_manifest.json"
 
 
-@dataclass
-class ExportRequest:
+@dataclass(frozen=True)
+class ExportJob:
+    """One format of an export: its ExportSettings plus what was resolved from them.
+
+    Every option is read from ``settings`` (no field copied), so the export runs
+    exactly with the settings the CLI or the pipeline validated.
+    """
+
+    settings: ExportSettings
     trial: ChosenTrial
-    trial_dir: Path
-    output: Path
     format: str  # one of FORMATS
+    output: Path
     checkpoint: Path  # the model stage 2 searched on (the stage-1 checkpoint for nvfp4)
-    base_model: Path | None = None
-    overwrite: bool = False
-    verify: bool = True
-    tolerance: Tolerance = field(default_factory=Tolerance)
-    show_progress: bool = True
-    device_map: str | None = None  # for verify; None: as stage 2 loaded
-    recalibrate: bool = False  # nvfp4 only: fresh ModelOpt calibration of the merged model
-    dataset_yaml: Path | None = None  # calibration mix for recalibrate (default: stage 1's)
-    # extra model-card rows measured elsewhere, e.g. {"original (bf16)": {"refusals":..., "perplexity":...}}
-    card_metrics: dict[str, dict] | None = None
+
+    @property
+    def recalibrate(self) -> bool:
+        """Only nvfp4 is calibrated; the other formats of the same export are written as usual."""
+        return self.settings.recalibrate and self.format == "nvfp4"
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return Tolerance(refusals=self.settings.refusal_tolerance, compliance=self.settings.refusal_tolerance,
+                         kl_absolute=self.settings.kl_tolerance)
 
 
-def check_request(request: ExportRequest) -> None:
-    if request.format not in FORMATS:
-        raise UserError("--format", f"unknown format {request.format!r}", f"choose from {', '.join(FORMATS)}")
-    check_writable_output(request.output, request.overwrite)
-    for flag, path in (("--checkpoint", request.checkpoint), ("--base_model", request.base_model)):
+def check_job(job: ExportJob) -> None:
+    if job.format not in FORMATS:
+        raise UserError("--format", f"unknown format {job.format!r}", f"choose from {', '.join(FORMATS)}")
+    check_writable_output(job.output, job.settings.overwrite)
+    for flag, path in (("--checkpoint", job.checkpoint), ("--base_model", job.settings.base_model)):
         if path is not None and not (Path(path) / "config.json").is_file():
             raise UserError(flag, f"{path} is not a Hugging Face checkpoint directory (no config.json)",
                             "give a local model folder")
-    if request.recalibrate and request.format != "nvfp4":
-        raise UserError("--recalibrate", f"only applies to --format nvfp4, not {request.format}", "drop --recalibrate")
-    if request.format == "nvfp4" and not request.recalibrate and \
-            detect_format(request.checkpoint).kind not in NVFP4_REEXPORTABLE:
-        raise UserError("--checkpoint", f"{request.checkpoint} is not a ModelOpt NVFP4 checkpoint",
+    if job.format == "nvfp4" and not job.recalibrate and \
+            detect_format(job.checkpoint).kind not in NVFP4_REEXPORTABLE:
+        raise UserError("--checkpoint", f"{job.checkpoint} is not a ModelOpt NVFP4 checkpoint",
                         "nvfp4 re-export reuses the stage-1 scales: pass the stage-1 output directory")
 
 
-def make_merger(request: ExportRequest) -> StreamingMerger:
+def make_merger(job: ExportJob) -> StreamingMerger:
     """The merge source: the bf16 base when given, else the checkpoint's own (dequantized) weights."""
-    source = request.base_model or request.checkpoint
+    base_model = job.settings.base_model
+    source = base_model or job.checkpoint
     # Dequantized weights about to be re-quantized stay float32 (no rounding in between).
-    requantizing = request.format == "nvfp4" and not request.recalibrate
-    dtype = torch.float32 if requantizing and request.base_model is None else torch.bfloat16
-    return StreamingMerger.from_directory(source, request.trial, dtype=dtype)
+    requantizing = job.format == "nvfp4" and not job.recalibrate
+    dtype = torch.float32 if requantizing and base_model is None else torch.bfloat16
+    return StreamingMerger.from_directory(source, job.trial, dtype=dtype)
 
 
-def run_export(request: ExportRequest, console: Console | None = None) -> dict:
+def run_export(job: ExportJob, console: Console | None = None) -> dict:
     console = console or Console()
-    check_request(request)
-    merger = make_merger(request)
+    settings = job.settings
+    check_job(job)
+    merger = make_merger(job)
     console.print(f"merge source: {merger.source.description}")
-    console.print(f"edit: trial {request.trial.data.get('trial_number')} ({request.trial.method}), "
+    console.print(f"edit: trial {job.trial.data.get('trial_number')} ({job.trial.method}), "
                   f"{len(merger.plan.edits)} tensors to edit {merger.plan.summary()}")
     started = time.perf_counter()
-    with atomic_output_dir(request.output, request.overwrite) as temporary:
-        if request.recalibrate:
-            report = recalibrated_export(merger, request.checkpoint, temporary, dataset_yaml=request.dataset_yaml,
-                                         show_progress=request.show_progress, console=console)
-        elif request.format == "nvfp4":
-            report = export_nvfp4(merger, request.checkpoint, temporary, show_progress=request.show_progress)
-        elif request.format == "bf16":
-            report = export_full_precision(merger, temporary, show_progress=request.show_progress)
+    with atomic_output_dir(job.output, settings.overwrite) as temporary:
+        if job.recalibrate:
+            report = recalibrated_export(merger, job.checkpoint, temporary, dataset_yaml=settings.dataset_yaml,
+                                         show_progress=settings.progress, console=console)
+        elif job.format == "nvfp4":
+            report = export_nvfp4(merger, job.checkpoint, temporary, show_progress=settings.progress)
+        elif job.format == "bf16":
+            report = export_full_precision(merger, temporary, show_progress=settings.progress)
         else:
-            report = export_adapter(merger, temporary, str(request.base_model or request.checkpoint))
-        carried = carry_model_files([request.checkpoint, *(p for p in [request.base_model] if p)], temporary)
+            report = export_adapter(merger, temporary, str(settings.base_model or job.checkpoint))
+        carried = carry_model_files([job.checkpoint, *(p for p in [settings.base_model] if p)], temporary)
         merge_seconds = time.perf_counter() - started
         merge_peak_memory = peak_memory_bytes()  # before verification loads whole models
         verify = None
-        if request.verify and request.format == "adapter":
+        if settings.verify and job.format == "adapter":
             console.print("adapter: not verified (an adapter alone is not a model; verify the bf16 or nvfp4 export)")
-        elif request.verify:
+        elif settings.verify:
             console.print("verifying: reloading the export and re-measuring refusals, compliance and KL ...")
-            verify = verify_export(request.trial, temporary, request.tolerance, device_map=request.device_map).to_dict()
+            verify = verify_export(job.trial, temporary, job.tolerance, device_map=settings.device_map).to_dict()
         manifest = {
-            "format": request.format,
-            "trial_dir": str(request.trial_dir.absolute()),
-            "trial_number": request.trial.data.get("trial_number"),
+            "format": job.format,
+            "trial_dir": str(settings.trial.absolute()),
+            "trial_number": job.trial.data.get("trial_number"),
             "merge_source": {"path": str(Path(merger.source.directory).absolute()),
                              "kind": "dequantized" if merger.source.is_dequantized else "full_precision",
                              "description": merger.source.description},
-            "searched_checkpoint": str(Path(request.checkpoint).absolute()),
+            "searched_checkpoint": str(Path(job.checkpoint).absolute()),
+            "settings": settings.model_dump(mode="json"),
             "export": report,
             "carried_files": carried,
             "verify": verify,
@@ -125,32 +132,27 @@ def run_export(request: ExportRequest, console: Console | None = None) -> dict:
         }
         (temporary / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         (temporary / "README.md").write_text(render_model_card(
-            trial=request.trial.data, export=report, source=merger.source.description, verify=verify,
-            extra_metrics=request.card_metrics))
+            trial=job.trial.data, export=report, source=merger.source.description, verify=verify,
+            extra_metrics=None))
         if verify is not None and not verify["passed"]:
             raise UserError(
-                f"verify {request.output}",
+                f"verify {job.output}",
                 "the export does not reproduce the chosen trial: " + "; ".join(verify["problems"]),
                 "nothing was written; check --base_model matches the searched model, widen the tolerance "
                 "(--refusal_tolerance / --kl_tolerance) if the gap is expected, or pass --no-verify",
             )
-    console.print(f"wrote {request.output} ({request.format}, {merge_seconds:.1f}s"
+    console.print(f"wrote {job.output} ({job.format}, {merge_seconds:.1f}s"
                   + (", verified" if verify else "") + ")")
     return manifest
 
 
-def export_request(settings: ExportSettings, fmt: str, output: Path, trial: ChosenTrial | None = None) -> ExportRequest:
+def export_job(settings: ExportSettings, fmt: str, output: Path, trial: ChosenTrial | None = None) -> ExportJob:
     trial = trial or load_chosen_trial(settings.trial)
     checkpoint = settings.checkpoint or Path(trial.data.get("model", ""))
     if not str(checkpoint) or not checkpoint.is_dir():
         raise UserError("--checkpoint", f"the searched model {str(checkpoint)!r} is not a local directory",
                         "pass --checkpoint with the stage-1 (or searched) checkpoint directory")
-    tolerance = Tolerance(refusals=settings.refusal_tolerance, compliance=settings.refusal_tolerance,
-                          kl_absolute=settings.kl_tolerance)
-    return ExportRequest(trial=trial, trial_dir=settings.trial, output=output, format=fmt, checkpoint=checkpoint,
-                         base_model=settings.base_model, overwrite=settings.overwrite, verify=settings.verify,
-                         tolerance=tolerance, show_progress=settings.progress, device_map=settings.device_map,
-                         recalibrate=settings.recalibrate and fmt == "nvfp4", dataset_yaml=settings.dataset_yaml)
+    return ExportJob(settings=settings, trial=trial, format=fmt, output=output, checkpoint=checkpoint)
 
 
 def run_exports(settings: ExportSettings, console: Console | None = None, *, formats: tuple[str, ...] | None = None,
@@ -160,5 +162,5 @@ def run_exports(settings: ExportSettings, console: Console | None = None, *, for
     manifests = {}
     for fmt in formats or settings.formats:
         output = settings.output_for(fmt, subdirectories=subdirectories)
-        manifests[fmt] = {"output": str(output), **run_export(export_request(settings, fmt, output, trial), console)}
+        manifests[fmt] = {"output": str(output), **run_export(export_job(settings, fmt, output, trial), console)}
     return manifests

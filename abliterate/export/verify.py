@@ -82,7 +82,7 @@ def _stage2_settings(trial: ChosenTrial):
     if not settings:
         raise UserError("chosen_trial.json", "no 'settings' recorded: cannot rebuild the evaluation",
                         "re-run the abliterate stage with this version, or export with --no-verify")
-    return AbliterateSettings.model_validate(settings)
+    return AbliterateSettings.from_mapping(settings)  # what the search recorded, not QA_* or config.toml here
 
 
 def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,

@@ -16,13 +16,17 @@ def stage_settings(stage: str, settings_class: type[BaseModel], user_settings: d
 
     ``wired`` (input model, output paths, overwrite) comes from the runner; a block that sets one of
     those keys is refused rather than silently overridden. Errors name ``stage`` and the field.
+    Nothing else is read: a settings class with other sources (AbliterateSettings reads ``QA_*``
+    variables and ``config.toml``) is built with ``from_mapping``, so the settings, and the
+    fingerprint the runner takes of them, are the YAML's alone.
     """
     for key in wired:
         if key in user_settings:
             raise UserError(f"pipeline stage '{stage}': field '{key}'", "is set by the pipeline itself",
                             "remove it (the pipeline passes the previous stage's output and its own output directory)")
     try:
-        return settings_class.model_validate({**user_settings, **wired})
+        build = getattr(settings_class, "from_mapping", settings_class.model_validate)
+        return build({**user_settings, **wired})
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])

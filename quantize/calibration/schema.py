@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -45,16 +45,27 @@ _COLUMN_COUNTS: dict[str, tuple[int, ...] | None] = {
 }
 
 
+# One definition of each calibration limit, used by the mix file's `calibration:` block and by
+# stage 1's flags (quantize/settings.py) alike, so a value a flag accepts a mix file accepts too.
+# min_token_length >= 1: a sample of no tokens calibrates nothing (and 0 and 1 both mean "keep all").
+# max_seq_len >= 8: shorter samples are shorter than most chat templates' own tokens.
+MaxSamples = Annotated[int, Field(gt=0, description="exact number of calibration samples")]
+MaxSeqLen = Annotated[int, Field(ge=8, description="samples are truncated to this many tokens")]
+Seed = Annotated[int, Field(ge=0, description="seeds every random choice of the sampling")]
+MinTokenLength = Annotated[int, Field(ge=1, description="samples shorter than this many tokens are dropped")]
+OversampleRatio = Annotated[float, Field(ge=1.0, description="draw this many times max_samples before length filtering")]
+
+
 class CalibrationSettings(BaseModel):
     """The `calibration:` block; CLI flags override single fields of it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_samples: int = Field(512, gt=0, description="exact number of calibration samples")
-    max_seq_len: int = Field(2048, gt=0, description="samples are truncated to this many tokens")
-    seed: int = Field(42, ge=0, description="seeds every random choice")
-    min_token_length: int = Field(32, ge=0, description="shorter samples are dropped")
-    oversample_ratio: float = Field(1.5, ge=1.0, description="draw this many times max_samples")
+    max_samples: MaxSamples = 512
+    max_seq_len: MaxSeqLen = 2048
+    seed: Seed = 42
+    min_token_length: MinTokenLength = 32
+    oversample_ratio: OversampleRatio = 1.5
 
     @model_validator(mode="after")
     def _min_fits_in_max(self) -> CalibrationSettings:
