@@ -77,3 +77,14 @@ def test_settings_precedence_cli_over_env_over_config_toml(tmp_path, monkeypatch
     monkeypatch.setenv("QA_KL_TARGET", "0.25")
     settings = parse_settings(["--n_trials", "33"])
     assert (settings.model, settings.n_trials, settings.kl_target, settings.seed) == ("from-toml", 33, 0.25, 3)
+
+
+def test_readme_settings_table_is_the_settings_model():
+    """The README's stage-2 table is generated (python -m abliterate.settings); a new or changed field must show there."""
+    from pathlib import Path
+
+    from abliterate.settings import settings_table_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "--load_as" in settings_table_markdown()
+    assert settings_table_markdown().strip() in readme
