@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
+from foundation.validation import FieldProblem, user_error_from_validation
 
 STAGE_ORDER = ("quantize", "abliterate", "export")
 # A stage may only run after the stages it reads from.
@@ -65,17 +66,18 @@ class PipelineSpec(BaseModel):
 
 
 def _format_validation_error(path: Path, error: ValidationError) -> UserError:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    problem = first["msg"]
-    if first["type"] == "extra_forbidden":
-        problem = "unknown key"
-        fix = "remove it or check its spelling; allowed top-level keys: " + ", ".join(PipelineSpec.model_fields)
-    elif first["type"] == "missing":
-        fix = "add this key"
-    else:
-        fix = "correct this value"
-    return UserError(f"{path}: field '{location}'", problem, fix)
+    def explain(first: FieldProblem) -> tuple[str, str, str]:
+        problem = first.message
+        if first.kind == "extra_forbidden":
+            problem = "unknown key"
+            fix = "remove it or check its spelling; allowed top-level keys: " + ", ".join(PipelineSpec.model_fields)
+        elif first.kind == "missing":
+            fix = "add this key"
+        else:
+            fix = "correct this value"
+        return f"{path}: field '{first.field}'", problem, fix
+
+    return user_error_from_validation(error, explain)
 
 
 def check_stage_order(path: Path, names: list[str]) -> None:

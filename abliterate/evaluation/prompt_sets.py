@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from abliterate.evaluation.markers import DEFAULT_REFUSAL_MARKERS
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
+from foundation.validation import FieldProblem, user_error_from_validation
 
 DEFAULT_SPEC = Path("datasets_yaml/testbed_prompts.yaml")
 
@@ -82,10 +83,11 @@ def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> PromptSets:
         raise UserError(where, f"invalid YAML syntax: {getattr(error, 'problem', None) or error}",
                         "fix the indentation or quoting at that line (see datasets_yaml/testbed_prompts.yaml)") from None
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        where = f"{path}: {field}" if field else str(path)  # loc is empty when the whole file is not a mapping
-        raise UserError(where, first["msg"], "see datasets_yaml/testbed_prompts.yaml for the format") from None
+        def explain(first: FieldProblem) -> tuple[str, str, str]:
+            where = f"{path}: {first.field}" if first.field else str(path)  # loc is empty when the whole file is not a mapping
+            return where, first.message, "see datasets_yaml/testbed_prompts.yaml for the format"
+
+        raise user_error_from_validation(error, explain) from None
     base = path.parent
 
     def prompts(name: str) -> list[str]:
