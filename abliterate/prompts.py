@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from abliterate.evaluation.prompt_sets import load_prompt_spec, read_field
 from foundation.errors import UserError
+
+if TYPE_CHECKING:
+    from abliterate.evaluation_inputs import EvaluationInputs
 
 SETS = ("harmful_train", "harmless_train", "harmful_test", "harmless_test")
 
@@ -53,6 +57,16 @@ def load_prompt_sets(spec: Path | None, overrides: dict[str, Path | None], limit
             sets[name] = sets[name][:limit]
     return PromptSets(**sets, refusal_markers=markers, compliance_openers=tuple(openers),
                       compliance_patterns=tuple(patterns))
+
+
+def prompt_sets_of(inputs: EvaluationInputs) -> PromptSets:
+    """The prompt sets a run's settings name: the spec, any per-set override files, the caps.
+
+    The search, the export's verification and the pipeline's table all build them here, so they
+    measure on the same prompts.
+    """
+    return load_prompt_sets(inputs.prompt_spec(), {name: getattr(inputs, name) for name in SETS},
+                            inputs.max_train_prompts, inputs.max_test_prompts)
 
 
 MAX_PERPLEXITY_TEXTS = 64
