@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from abliterate.artifacts import ChosenTrial, load_chosen_trial
+from abliterate.artifacts import ChosenTrial, read_chosen_trial
 from abliterate.export.formats_out import (
     FORMATS,
     NVFP4_REEXPORTABLE,
@@ -86,7 +86,7 @@ def run_export(request: ExportRequest, console: Console | None = None) -> dict:
     check_request(request)
     merger = make_merger(request)
     console.print(f"merge source: {merger.source.description}")
-    console.print(f"edit: trial {request.trial.data.get('trial_number')} ({request.trial.method}), "
+    console.print(f"edit: trial {request.trial.header.trial_number} ({request.trial.method}), "
                   f"{len(merger.plan.edits)} tensors to edit {merger.plan.summary()}")
     started = time.perf_counter()
     with atomic_output_dir(request.output, request.overwrite) as temporary:
@@ -111,7 +111,7 @@ def run_export(request: ExportRequest, console: Console | None = None) -> dict:
         manifest = {
             "format": request.format,
             "trial_dir": str(request.trial_dir.absolute()),
-            "trial_number": request.trial.data.get("trial_number"),
+            "trial_number": request.trial.header.trial_number,
             "merge_source": {"path": str(Path(merger.source.directory).absolute()),
                              "kind": "dequantized" if merger.source.is_dequantized else "full_precision",
                              "description": merger.source.description},
@@ -140,8 +140,8 @@ def run_export(request: ExportRequest, console: Console | None = None) -> dict:
 
 
 def export_request(settings: ExportSettings, fmt: str, output: Path, trial: ChosenTrial | None = None) -> ExportRequest:
-    trial = trial or load_chosen_trial(settings.trial)
-    checkpoint = settings.checkpoint or Path(trial.data.get("model", ""))
+    trial = trial or read_chosen_trial(settings.trial)
+    checkpoint = settings.checkpoint or Path(trial.header.model or "")
     if not str(checkpoint) or not checkpoint.is_dir():
         raise UserError("--checkpoint", f"the searched model {str(checkpoint)!r} is not a local directory",
                         "pass --checkpoint with the stage-1 (or searched) checkpoint directory")
@@ -156,7 +156,7 @@ def export_request(settings: ExportSettings, fmt: str, output: Path, trial: Chos
 def run_exports(settings: ExportSettings, console: Console | None = None, *, formats: tuple[str, ...] | None = None,
                 subdirectories: bool | None = None) -> dict[str, dict]:
     """Every requested format, each its own atomic directory; returns format -> manifest (with ``output``)."""
-    trial = load_chosen_trial(settings.trial)
+    trial = read_chosen_trial(settings.trial)
     manifests = {}
     for fmt in formats or settings.formats:
         output = settings.output_for(fmt, subdirectories=subdirectories)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from abliterate.artifacts import ChosenTrial
+from abliterate.artifacts import TRIAL_FILE, ChosenTrial
 from foundation.errors import UserError
 
 
@@ -75,26 +75,20 @@ def compare(trial_metrics: dict[str, Any], export_metrics: dict[str, Any], toler
     return problems
 
 
-def _stage2_settings(trial: ChosenTrial):
-    from abliterate.settings import AbliterateSettings
-
-    settings = trial.data.get("settings")
-    if not settings:
-        raise UserError("chosen_trial.json", "no 'settings' recorded: cannot rebuild the evaluation",
-                        "re-run the abliterate stage with this version, or export with --no-verify")
-    return AbliterateSettings.model_validate(settings)
-
-
 def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
                   device_map: str | None = None) -> VerifyResult:
     """Score the export exactly as the search scored the trial; never raises on a mismatch (see ``passed``)."""
     from abliterate.evaluation import Evaluator
+    from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
     from abliterate.loading import load_model
-    from abliterate.prompts import perplexity_texts
-    from abliterate.run import evaluation_config, prompt_sets_of
+    from abliterate.prompts import perplexity_texts, prompt_sets_of
     from abliterate.search.objectives import TrialMetrics
 
-    settings = _stage2_settings(trial)
+    # the recorded values as data: a flag renamed or added since the trial was written must not break its export
+    settings = EvaluationInputs.from_recorded(trial.header.settings, TRIAL_FILE)
+    if trial.header.metrics is None:
+        raise UserError(TRIAL_FILE, "no 'metrics' recorded: nothing to compare the export with",
+                        "re-run the abliterate stage with this version, or export with --no-verify")
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
     prompts = prompt_sets_of(settings)
@@ -112,7 +106,7 @@ def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
     with torch.no_grad():
         result = evaluator.evaluate(exported.model, with_perplexity=bool(texts))
     metrics = {**TrialMetrics.from_eval_result(result).to_dict(), "perplexity": result.perplexity}
-    trial_metrics = dict(trial.data["metrics"])
+    trial_metrics = dict(trial.header.metrics)
     problems = compare(trial_metrics, metrics, tolerance)
     n_harmful = int(trial_metrics.get("n_harmful") or 0)
     stated = {**asdict(tolerance), "refusals_allowed": tolerance.allowed(tolerance.refusals, n_harmful),
