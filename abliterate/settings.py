@@ -25,6 +25,7 @@ from pydantic_settings import (
 from abliterate.quantization.options import OPTIONS as QUANTIZATION_OPTIONS
 from abliterate.quantization.options import QuantizationRequest, check_overrides
 from abliterate.evaluation.prompt_sets import DEFAULT_SPEC
+from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
 
@@ -97,7 +98,7 @@ class AbliterateSettings(BaseSettings):
     @field_validator("dtypes")
     @classmethod
     def _known_dtypes(cls, value: list[str]) -> list[str]:
-        known = {"auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float", "fp8"}
+        known = {*TORCH_DTYPES, "fp8"}
         unknown = [item for item in value if item not in known]
         if unknown or not value:
             raise ValueError(f"unknown dtype(s) {unknown or value}; choose from {sorted(known)}")
