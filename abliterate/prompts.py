@@ -13,13 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from abliterate.evaluation.prompt_sets import load_prompt_spec, read_field
 from foundation.errors import UserError
-
-if TYPE_CHECKING:
-    from abliterate.evaluation_inputs import EvaluationInputs
 
 SETS = ("harmful_train", "harmless_train", "harmful_test", "harmless_test")
 
@@ -59,7 +56,20 @@ def load_prompt_sets(spec: Path | None, overrides: dict[str, Path | None], limit
                       compliance_patterns=tuple(patterns))
 
 
-def prompt_sets_of(inputs: EvaluationInputs) -> PromptSets:
+class PromptChoice(Protocol):
+    """What names a run's prompts (``EvaluationInputs`` has it; this module need not know where it came from)."""
+
+    harmful_train: Path | None
+    harmless_train: Path | None
+    harmful_test: Path | None
+    harmless_test: Path | None
+    max_train_prompts: int | None
+    max_test_prompts: int | None
+
+    def prompt_spec(self) -> Path: ...
+
+
+def prompt_sets_of(inputs: PromptChoice) -> PromptSets:
     """The prompt sets a run's settings name: the spec, any per-set override files, the caps.
 
     The search, the export's verification and the pipeline's table all build them here, so they

@@ -37,8 +37,12 @@ class PromptSetSpec(BaseModel):
     compliance_patterns: list[str] = []
 
 
-class PromptSets(BaseModel):
-    """The spec with its files read: what ``Evaluator`` and direction finding need."""
+class LoadedSpec(BaseModel):
+    """The spec with its files read, uncapped (the testbed measures with it directly).
+
+    A stage-2 run's sets are ``abliterate.prompts.PromptSets``: these plus the
+    per-set override files and caps of its flags, without the perplexity texts.
+    """
 
     harmful_train: list[str]
     harmless_train: list[str]
@@ -71,7 +75,7 @@ def read_field(path: Path, field: str, where: str) -> list[str]:
     return values
 
 
-def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> PromptSets:
+def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> LoadedSpec:
     path = resolve_data_path(path)
     if not path.is_file():
         raise UserError(str(path), "prompt-set spec not found", "pass an existing YAML file")
@@ -94,7 +98,7 @@ def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> PromptSets:
         return read_field(base / getattr(spec, name), spec.prompt_field, f"{path}: {name}")
 
     texts = read_field(base / spec.perplexity_text, spec.text_field, f"{path}: perplexity_text") if spec.perplexity_text else []
-    return PromptSets(
+    return LoadedSpec(
         harmful_train=prompts("harmful_train"),
         harmless_train=prompts("harmless_train"),
         harmful_test=prompts("harmful_test"),
