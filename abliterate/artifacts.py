@@ -53,6 +53,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from abliterate.edits.plan import AbliterationParameters, ComponentEdit
@@ -203,7 +204,7 @@ def read_chosen_trial(directory: str | Path) -> ChosenTrial:
                         "copy both files of the abliterate output together, or re-run the abliterate stage")
     try:
         directions = load_file(str(directory / DIRECTIONS_FILE))
-    except Exception as error:  # safetensors raises its own error types for a truncated or foreign file
+    except (SafetensorError, OSError) as error:  # a truncated or foreign file
         raise UserError(str(directory / DIRECTIONS_FILE), f"cannot be read ({error})",
                         "copy both files of the abliterate output together, or re-run the abliterate stage") from None
     return ChosenTrial(header, {record.parameter: record for record in header.edits}, directions, data)

@@ -23,7 +23,6 @@ from foundation.errors import UserError
 from foundation.hub_ids import looks_like_local_path
 
 
-
 @dataclass
 class LoadedModel:
     model: torch.nn.Module

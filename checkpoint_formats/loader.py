@@ -29,6 +29,7 @@ from torch import nn
 from checkpoint_formats import experts as fused_experts
 from checkpoint_formats import packed_experts, placement
 from checkpoint_formats.detect import CheckpointFormat, FormatKind, detect_format
+from checkpoint_formats.layout import NO_PARAMETER_SUFFIXES as _IGNORED_SUFFIXES
 from checkpoint_formats.modules import FP8Linear, NVFP4Linear
 from checkpoint_formats.quantized_tensors import (
     QuantizedSource,
@@ -40,7 +41,6 @@ from checkpoint_formats.quantized_tensors import (
     read_pre_quant_scale,
 )
 from checkpoint_formats.reader import CheckpointReader
-from checkpoint_formats.layout import NO_PARAMETER_SUFFIXES as _IGNORED_SUFFIXES  # tensors with no model parameter
 from foundation.errors import UserError
 
 logger = logging.getLogger(__name__)

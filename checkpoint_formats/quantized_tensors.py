@@ -15,7 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint_formats import compressed_tensors, fp8, nvfp4
-from checkpoint_formats.layout import COMPRESSED_NVFP4_SUFFIXES, FP8_SUFFIXES, MODELOPT_NVFP4_SUFFIXES
+from checkpoint_formats.layout import (
+    COMPRESSED_NVFP4_SUFFIXES,
+    FP8_SUFFIXES,
+    MODELOPT_NVFP4_SUFFIXES,
+)
 from checkpoint_formats.reader import CheckpointReader
 from foundation.errors import UserError
 

@@ -37,8 +37,8 @@ def original_and_input_rows(settings: AbliterateSettings, original: str, searche
                             searched_label: str = "quantized") -> list[dict[str, Any]]:
     """Measure the source model, then the model stage 2 searches on with the original as KL reference."""
     from abliterate.evaluation import Evaluator
-    from abliterate.loading import load_model
     from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
+    from abliterate.loading import load_model
     from abliterate.prompts import perplexity_texts, prompt_sets_of
 
     inputs = EvaluationInputs.from_settings(settings)

@@ -8,7 +8,6 @@ from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
 
 
-
 def resolve_device(requested: str) -> str:
     """'auto' -> first GPU if any; 'cuda' without a GPU is a user error."""
     cuda = torch.cuda.is_available()

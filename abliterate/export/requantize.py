@@ -31,7 +31,6 @@ from checkpoint_formats.nvfp4 import NVFP4Weight, global_scale, quantize_weight
 from foundation.errors import UserError
 
 
-
 def fused_siblings(weight_name: str, stage1: FullPrecisionSource) -> list[str]:
     """Weight names of the quantized projections sharing ``weight_name``'s scale (itself included)."""
     module, _ = weight_name.rsplit(".", 1)

@@ -28,7 +28,6 @@ from checkpoint_formats.quantized_tensors import (
 from checkpoint_formats.reader import CheckpointReader
 
 
-
 class FullPrecisionSource:
     def __init__(self, directory: str | Path, *, dtype: torch.dtype = torch.bfloat16) -> None:
         self.directory = Path(directory)

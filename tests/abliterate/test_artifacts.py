@@ -4,9 +4,17 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from abliterate.artifacts import DIRECTIONS_FILE, FORMAT, TRIAL_FILE, VERSION, ChosenTrialHeader, read_chosen_trial
+from abliterate.artifacts import (
+    DIRECTIONS_FILE,
+    FORMAT,
+    TRIAL_FILE,
+    VERSION,
+    ChosenTrialHeader,
+    read_chosen_trial,
+)
 from abliterate.evaluation_inputs import EvaluationInputs
 from abliterate.settings import AbliterateSettings
 from foundation.errors import UserError
@@ -69,7 +77,7 @@ def test_a_file_of_another_format_is_refused(tmp_path):
 
 def test_recorded_settings_are_read_as_data_not_against_todays_settings_class(tmp_path):
     """An unknown (renamed) key is ignored and a missing one takes its default: old trials stay verifiable."""
-    with pytest.raises(Exception):  # today's settings class refuses the old record outright
+    with pytest.raises(ValidationError):  # today's settings class refuses the old record outright
         AbliterateSettings.model_validate(VERSION_1_RECORD["settings"])
     inputs = EvaluationInputs.from_recorded(VERSION_1_RECORD["settings"], TRIAL_FILE)
     assert (inputs.model, inputs.dtypes, inputs.max_test_prompts, inputs.kl_tokens) == ("tiny", ["float32"], 8, 4)
@@ -88,3 +96,10 @@ def test_evaluation_inputs_default_like_the_settings_they_mirror():
     for name, field in EvaluationInputs.model_fields.items():
         if not field.is_required():
             assert field.get_default() == AbliterateSettings.model_fields[name].get_default(call_default_factory=True), name
+
+
+def test_a_corrupt_directions_file_is_named(tmp_path):
+    _write(tmp_path, VERSION_1_RECORD)
+    (tmp_path / DIRECTIONS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match=rf"{DIRECTIONS_FILE}: cannot be read"):
+        read_chosen_trial(tmp_path)

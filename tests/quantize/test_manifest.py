@@ -5,7 +5,12 @@ import json
 import pytest
 
 from foundation.errors import UserError
-from quantize.manifest import MANIFEST_NAME, SCHEMA_VERSION, build_manifest, read_manifest
+from quantize.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    build_manifest,
+    read_manifest,
+)
 
 # The head of a manifest as stage 1 wrote it before schema_version existed (version 1).
 UNVERSIONED = {
