@@ -31,10 +31,17 @@ An abliteration output directory holds:
 To recompute a weight (streaming, without the model): ``delta =
 abliteration_delta(weight, directions[edit.direction], edit.strength,
 method=method, rank=rank, transposed=edit.transposed, seed=svd_seed)`` and
-``merged = (weight.float() + delta).to(weight.dtype)``; ``ChosenTrial.delta``
-does this. Parameter names are those of the transformers model as loaded; a
-checkpoint that transformers converts on load (e.g. per-expert tensors fused
-into one 3-D parameter) needs the same conversion before the delta applies.
+``merged = (weight.float() + delta).to(weight.dtype)``; the export
+(``abliterate.export.apply_edit``) does this. Parameter names are those of the
+transformers model as loaded; a checkpoint that transformers converts on load
+(e.g. per-expert tensors fused into one 3-D parameter) needs the same
+conversion before the delta applies.
+
+``version`` is the schema version of ``chosen_trial.json``: a file without it
+is read as version 1 (the first layout); a newer one than this code knows is
+refused. ``read_chosen_trial`` is the one reader: every consumer (export,
+verification, pipeline) gets the typed ``ChosenTrialHeader`` from it instead
+of opening the file by name.
 """
 
 from __future__ import annotations
@@ -42,17 +49,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from abliterate.edits.delta import abliteration_delta
 from abliterate.edits.plan import AbliterationParameters, ComponentEdit
 from foundation.errors import UserError
+from foundation.validation import user_error_from_validation
 
 FORMAT = "quant-abliterate.chosen-trial"
-VERSION = 1
+VERSION = 1  # the schema version this code writes and the newest it reads
 TRIAL_FILE = "chosen_trial.json"
 DIRECTIONS_FILE = "directions.safetensors"
 
@@ -73,37 +82,68 @@ class EditRecord:
         return cls(c.parameter_path, c.layer, c.group, float(edit.strength), edit.direction_key, c.num_experts, c.transposed)
 
 
+class ChosenTrialHeader(BaseModel):
+    """``chosen_trial.json`` as typed fields (see the module docstring for each).
+
+    Only what the merge needs is required; the rest is optional so a hand-made
+    or older record still merges. Unknown keys are ignored (a newer writer of
+    the same version may add some), and ``settings`` stays plain data: it is
+    read by ``EvaluationInputs.from_recorded``, never by today's settings class.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    format: Literal["quant-abliterate.chosen-trial"] = FORMAT
+    version: int = 1
+    method: Literal["rank1", "norm_preserving"]
+    rank: int
+    svd_seed: int
+    edits: list[EditRecord]
+    model: str | None = None
+    source_format: str | None = None
+    trial_number: int | None = None
+    study_name: str | None = None
+    journal: str | None = None
+    selection: str | None = None
+    parameters: dict[str, Any] | None = None
+    layers_path: str | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    skipped: list[dict[str, Any]] = []
+    metrics: dict[str, Any] | None = None
+    base_metrics: dict[str, Any] | None = None
+    settings: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True)
 class ChosenTrial:
-    data: dict[str, Any]
+    header: ChosenTrialHeader
     edits: dict[str, EditRecord]  # by parameter name
     directions: dict[str, torch.Tensor]
+    data: dict[str, Any]  # the file as written, recorded verbatim in the export manifest
 
     @property
     def method(self) -> str:
-        return self.data["method"]
+        return self.header.method
 
     @property
     def rank(self) -> int:
-        return int(self.data["rank"])
+        return self.header.rank
 
     @property
     def svd_seed(self) -> int:
-        return int(self.data["svd_seed"])
+        return self.header.svd_seed
 
     @property
     def parameters(self) -> AbliterationParameters:
-        return AbliterationParameters.from_dict(self.data["parameters"])
+        return AbliterationParameters.from_dict(self.header.parameters)
 
-    def delta(self, parameter: str, weight: torch.Tensor) -> torch.Tensor | None:
-        """The fp32 delta for ``parameter`` (None if this trial does not edit it)."""
-        edit = self.edits.get(parameter)
-        if edit is None:
-            return None
-        return abliteration_delta(
-            weight, self.directions[edit.direction], edit.strength,
-            method=self.method, rank=self.rank, transposed=edit.transposed, seed=self.svd_seed,
-        )
+    @classmethod
+    def from_parts(cls, header: dict[str, Any], edits: list[EditRecord], directions: dict[str, torch.Tensor]) -> ChosenTrial:
+        """An in-memory trial (tests, benches) validated like a file."""
+        data = {"format": FORMAT, "version": VERSION, **header, "edits": [record.__dict__ for record in edits]}
+        parsed = ChosenTrialHeader.model_validate(data)
+        return cls(parsed, {record.parameter: record for record in parsed.edits}, directions, data)
 
 
 def write_chosen_trial(
@@ -125,7 +165,8 @@ def write_chosen_trial(
     save_file(tensors, str(directory / DIRECTIONS_FILE), metadata={"format": FORMAT})
 
 
-def load_chosen_trial(directory: str | Path) -> ChosenTrial:
+def _read_trial_file(directory: str | Path) -> tuple[ChosenTrialHeader, dict[str, Any]]:
+    """``chosen_trial.json`` of an abliterate output, typed, and as written; every bad file is a UserError."""
     directory = Path(directory)
     trial_path = directory / TRIAL_FILE
     if not trial_path.is_file():
@@ -135,11 +176,35 @@ def load_chosen_trial(directory: str | Path) -> ChosenTrial:
     except json.JSONDecodeError as error:  # hand-edited or truncated: say where, not a traceback
         raise UserError(f"{trial_path}:{error.lineno}:{error.colno}", f"not valid JSON ({error.msg})",
                         "restore the file, or re-run the abliterate stage to rewrite it") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise UserError(str(trial_path), f"not a {FORMAT} v{VERSION} file", "re-run the abliterate stage with this version")
-    edits = {record["parameter"]: EditRecord(**record) for record in data["edits"]}
+    except UnicodeDecodeError:
+        raise UserError(str(trial_path), "not a text file", "restore the file, or re-run the abliterate stage") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(str(trial_path), f"not a {FORMAT} file", "point at the output directory of 'quant-abliterate abliterate'")
+    version = data.get("version", 1)  # the first files may lack it: they are version 1
+    if not isinstance(version, int) or version < 1:
+        raise UserError(str(trial_path), f"unreadable schema version {version!r}", "re-run the abliterate stage to rewrite it")
+    if version > VERSION:
+        raise UserError(str(trial_path), f"schema version {version} is newer than this quant-abliterate reads (up to {VERSION})",
+                        "upgrade quant-abliterate, or re-run the abliterate stage with this version")
+    try:
+        header = ChosenTrialHeader.model_validate(data)
+    except ValidationError as error:
+        raise user_error_from_validation(error, lambda problem: (
+            f"{trial_path}: {problem.field or 'file'}", f"{problem.message} (got {problem.input!r})",
+            "restore the file, or re-run the abliterate stage to rewrite it")) from None
+    return header, data
+
+
+def read_chosen_trial(directory: str | Path) -> ChosenTrial:
+    """The one reader of an abliterate output: typed header, edits by parameter, direction tensors."""
+    directory = Path(directory)
+    header, data = _read_trial_file(directory)
     if not (directory / DIRECTIONS_FILE).is_file():
         raise UserError(str(directory), f"{TRIAL_FILE} is here but {DIRECTIONS_FILE} is missing",
                         "copy both files of the abliterate output together, or re-run the abliterate stage")
-    directions = load_file(str(directory / DIRECTIONS_FILE))
-    return ChosenTrial(data, edits, directions)
+    try:
+        directions = load_file(str(directory / DIRECTIONS_FILE))
+    except (SafetensorError, OSError) as error:  # a truncated or foreign file
+        raise UserError(str(directory / DIRECTIONS_FILE), f"cannot be read ({error})",
+                        "copy both files of the abliterate output together, or re-run the abliterate stage") from None
+    return ChosenTrial(header, {record.parameter: record for record in header.edits}, directions, data)

@@ -21,14 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate.quantization.options import NVFP4, QuantizationRequest
+from foundation.dtypes import TORCH_DTYPES as _DTYPES
 from foundation.errors import UserError
-
-_DTYPES = {
-    "auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-    "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32,
-    "float": torch.float32,
-}
-
+from foundation.hub_ids import looks_like_local_path
 
 LOAD_AS = ("auto", "packed", "dequantized")
 
@@ -136,7 +131,7 @@ def check_generates_finite(model, tokenizer) -> None:
 def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "auto", max_memory: dict | None = None,
                trust_remote_code: bool = False, quantization: QuantizationRequest | None = None,
                load_as: str = "auto") -> LoadedModel:
-    if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") > 1):
+    if not Path(path).exists() and looks_like_local_path(path):
         raise UserError("--model", f"{path} does not exist", "give a local model folder or a Hub id (org/name)")
     if Path(path).is_file():  # else transformers reads it as a config and reports invalid JSON
         raise UserError("--model", f"{path} is a file, not a model folder",

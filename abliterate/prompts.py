@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from abliterate.evaluation.prompt_sets import load_prompt_spec, read_field
 from foundation.errors import UserError
@@ -53,6 +54,29 @@ def load_prompt_sets(spec: Path | None, overrides: dict[str, Path | None], limit
             sets[name] = sets[name][:limit]
     return PromptSets(**sets, refusal_markers=markers, compliance_openers=tuple(openers),
                       compliance_patterns=tuple(patterns))
+
+
+class PromptChoice(Protocol):
+    """What names a run's prompts (``EvaluationInputs`` has it; this module need not know where it came from)."""
+
+    harmful_train: Path | None
+    harmless_train: Path | None
+    harmful_test: Path | None
+    harmless_test: Path | None
+    max_train_prompts: int | None
+    max_test_prompts: int | None
+
+    def prompt_spec(self) -> Path: ...
+
+
+def prompt_sets_of(inputs: PromptChoice) -> PromptSets:
+    """The prompt sets a run's settings name: the spec, any per-set override files, the caps.
+
+    The search, the export's verification and the pipeline's table all build them here, so they
+    measure on the same prompts.
+    """
+    return load_prompt_sets(inputs.prompt_spec(), {name: getattr(inputs, name) for name in SETS},
+                            inputs.max_train_prompts, inputs.max_test_prompts)
 
 
 MAX_PERPLEXITY_TEXTS = 64

@@ -1,12 +1,17 @@
-"""The abliterate stage from settings to output directory: the edge where I/O and printing live."""
+"""The abliterate stage from settings to output directory: runs the search; the edge where I/O and printing live.
+
+What the search is measured with (prompt sets, evaluation config, the study's
+name) is built by modules of their own (``abliterate.prompts``,
+``abliterate.evaluation_inputs``, ``abliterate.search.naming``), because the
+export's verification and the pipeline rebuild the same evaluation without
+running a search.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,10 +33,12 @@ from abliterate.artifacts import write_chosen_trial
 from abliterate.directions import refusal_directions
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
-from abliterate.evaluation import DEFAULT_REFUSAL_MARKERS, EvaluationConfig, Evaluator
+from abliterate.evaluation import Evaluator
+from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
 from abliterate.loading import load_model
-from abliterate.prompts import SETS, PromptSets, load_prompt_sets
+from abliterate.prompts import PromptSets, prompt_sets_of
 from abliterate.residuals import prompt_residuals
+from abliterate.search.naming import study_name
 from abliterate.search.objectives import (
     TrialMetrics,
     broken_answers,
@@ -56,43 +63,13 @@ from abliterate.search.study import (
     trial_parameters,
 )
 from abliterate.settings import AbliterateSettings
-from foundation.atomic_output import atomic_output_dir, check_writable_output, make_readable
+from foundation.atomic_output import (
+    atomic_output_dir,
+    check_writable_output,
+    make_readable,
+)
 
 SVD_SEED = 0
-
-
-def prompt_sets_of(settings: AbliterateSettings) -> PromptSets:
-    """The prompt sets a run's settings name: the spec, any per-set override files, the caps."""
-    return load_prompt_sets(settings.prompt_spec(), {name: getattr(settings, name) for name in SETS},
-                            settings.max_train_prompts, settings.max_test_prompts)
-
-
-def evaluation_config(settings: AbliterateSettings, prompts: PromptSets) -> EvaluationConfig:
-    return EvaluationConfig(
-        refusal_markers=tuple(settings.refusal_markers or prompts.refusal_markers or DEFAULT_REFUSAL_MARKERS),
-        compliance_openers=tuple(settings.compliance_openers if settings.compliance_openers is not None else prompts.compliance_openers),
-        compliance_patterns=tuple(settings.compliance_patterns if settings.compliance_patterns is not None else prompts.compliance_patterns),
-        max_new_tokens=settings.max_response_length,
-        kl_tokens=settings.kl_tokens,
-        batch_size=settings.batch_size,
-        max_batch_size=settings.max_batch_size,
-        system_prompt=settings.system_prompt,
-    )
-
-
-def study_name(settings: AbliterateSettings, prompts: PromptSets, config: EvaluationConfig) -> str:
-    """Same model + prompts + objective-defining settings -> same study, so a re-run continues it."""
-    identity = {
-        "model": str(Path(settings.model).resolve()) if Path(settings.model).exists() else settings.model,
-        "prompts": asdict(prompts),
-        "evaluation": asdict(config) | {"batch_size": None, "max_batch_size": None},
-        "edit": [settings.method, settings.lowrank_rank, settings.direction_scope, settings.direction_projected],
-        "objective": [settings.kl_target, settings.seed],
-    }
-    if settings.quantization != "none":  # a quantized model is another model: its own study (older studies keep their names)
-        identity["quantization"] = settings.quantization_request().describe()
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"abliterate-{Path(settings.model.rstrip('/')).name}-{digest}"
 
 
 def load_or_compute_directions(path: Path, model, architecture: Architecture, tokenizer, prompts: PromptSets,
@@ -182,7 +159,8 @@ def run_abliteration(settings: AbliterateSettings, console: Console) -> Path:
     check_writable_output(out, settings.overwrite)
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
-    prompts = prompt_sets_of(settings)
+    inputs = EvaluationInputs.from_settings(settings)
+    prompts = prompt_sets_of(inputs)
     console.print(f"prompts: {len(prompts.harmful_train)}+{len(prompts.harmless_train)} train, "
                   f"{len(prompts.harmful_test)}+{len(prompts.harmless_test)} test (harmful+harmless)")
     loaded = load_model(settings.model, dtypes=settings.dtypes, device_map=settings.device_map,
@@ -194,7 +172,7 @@ def run_abliteration(settings: AbliterateSettings, console: Console) -> Path:
     architecture = discover(model)
     print_architecture(architecture, console)
 
-    config = evaluation_config(settings, prompts)
+    config = evaluation_config(inputs, prompts)
     evaluator = Evaluator(model, tokenizer, prompts.harmful_test, prompts.harmless_test, config)
     base = TrialMetrics.from_eval_result(evaluator.base)
     console.print(f"unedited model: {describe_metrics(base)} ({base.seconds:.1f}s, batch size {evaluator.batch_size})")

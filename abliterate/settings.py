@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -26,12 +26,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from abliterate.evaluation.prompt_sets import DEFAULT_SPEC
 from abliterate.quantization.options import OPTIONS as QUANTIZATION_OPTIONS
 from abliterate.quantization.options import QuantizationRequest, check_overrides
-from abliterate.evaluation.prompt_sets import DEFAULT_SPEC
+from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
-
 
 
 class AbliterateSettings(BaseSettings):
@@ -102,7 +102,7 @@ class AbliterateSettings(BaseSettings):
     @field_validator("dtypes")
     @classmethod
     def _known_dtypes(cls, value: list[str]) -> list[str]:
-        known = {"auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float", "fp8"}
+        known = {*TORCH_DTYPES, "fp8"}
         unknown = [item for item in value if item not in known]
         if unknown or not value:
             raise ValueError(f"unknown dtype(s) {unknown or value}; choose from {sorted(known)}")

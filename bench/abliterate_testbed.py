@@ -62,6 +62,7 @@ def main() -> int:
 
     from rich.console import Console
 
+    from abliterate.artifacts import read_chosen_trial
     from abliterate.run import run_abliteration
     from abliterate.search.study import completed_trials, open_study, trial_metrics
     from abliterate.settings import parse_settings
@@ -81,8 +82,8 @@ def main() -> int:
     run_abliteration(settings, Console())
     search_seconds = time.perf_counter() - search_started
 
-    chosen = json.loads((args.out / "abliterated" / "chosen_trial.json").read_text())
-    study = open_study(args.out / "study" / "journal.log", chosen["study_name"])
+    chosen = read_chosen_trial(args.out / "abliterated").header
+    study = open_study(args.out / "study" / "journal.log", chosen.study_name)
     rows = []
     for trial in completed_trials(study):
         metrics = trial_metrics(trial)
@@ -105,7 +106,7 @@ def main() -> int:
         "quantize_seconds": round(quantized_seconds, 1), "search_seconds": round(search_seconds, 1),
         "seconds_per_trial_mean": round(sum(r["seconds"] for r in rows) / len(rows), 2),
         "seconds_to_first_trial": round(first.datetime_complete.timestamp() - search_wall, 1),
-        "base": chosen["base_metrics"], "chosen": {"trial": chosen["trial_number"], **chosen["metrics"]},
+        "base": chosen.base_metrics, "chosen": {"trial": chosen.trial_number, **chosen.metrics},
         "trials_meeting_target": [row["trial"] for row in meeting],
         "first_trial_meeting_target": meeting[0]["trial"] if meeting else None,
         "best_meeting_target": best,

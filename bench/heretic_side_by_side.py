@@ -78,6 +78,7 @@ def reevaluate_heretic(args, prompts: Path, journal: Path) -> dict:
 def run_ours(args) -> dict:
     from rich.console import Console
 
+    from abliterate.artifacts import read_chosen_trial
     from abliterate.run import candidates_of, run_abliteration
     from abliterate.search.selection import pareto_front
     from abliterate.search.study import completed_trials, open_study
@@ -92,16 +93,16 @@ def run_ours(args) -> dict:
     shutil.rmtree(args.out / "ours_study", ignore_errors=True)
     started = time.time()
     run_abliteration(parse_settings(argv), Console())
-    chosen = json.loads((args.out / "ours" / "chosen_trial.json").read_text())
+    chosen = read_chosen_trial(args.out / "ours").header
     from abliterate.search.objectives import TrialMetrics
 
-    base = TrialMetrics.from_dict(chosen["base_metrics"])
-    study = open_study(args.out / "ours_study" / "journal.log", chosen["study_name"])
+    base = TrialMetrics.from_dict(chosen.base_metrics)
+    study = open_study(args.out / "ours_study" / "journal.log", chosen.study_name)
     trials = completed_trials(study)
     front = pareto_front(candidates_of(study, base))
     first = min(trials, key=lambda t: t.number)
     return {
-        "base": chosen["base_metrics"],
+        "base": chosen.base_metrics,
         "front": [{"trial": c.number, **c.metrics.to_dict()} for c in front],
         "seconds_per_trial": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials) / len(trials),
         "seconds_to_first_trial": first.datetime_complete.timestamp() - started,

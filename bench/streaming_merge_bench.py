@@ -80,11 +80,11 @@ def build_trial(model_dir: Path, trial_dir: Path) -> int:
 
 
 def run_streaming(model_dir: Path, trial_dir: Path, out_dir: Path) -> None:
-    from abliterate.artifacts import load_chosen_trial
+    from abliterate.artifacts import read_chosen_trial
     from abliterate.export.formats_out import export_full_precision
     from abliterate.export.streaming_merge import StreamingMerger
 
-    merger = StreamingMerger.from_directory(model_dir, load_chosen_trial(trial_dir))
+    merger = StreamingMerger.from_directory(model_dir, read_chosen_trial(trial_dir))
     out_dir.mkdir(parents=True)
     export_full_precision(merger, out_dir, show_progress=False)
 
@@ -94,10 +94,10 @@ def run_in_memory(model_dir: Path, trial_dir: Path, out_dir: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from abliterate.artifacts import load_chosen_trial
+    from abliterate.artifacts import read_chosen_trial
     from abliterate.edits.delta import abliteration_factors
 
-    trial = load_chosen_trial(trial_dir)
+    trial = read_chosen_trial(trial_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     modules = [name.removesuffix(".weight") for name in trial.edits]
     peft_model = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, target_modules=modules, lora_dropout=0.0))

@@ -13,18 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from checkpoint_formats.detect import detect_format
+from checkpoint_formats.layout import QUANTIZATION_STATE_SUFFIXES
 from checkpoint_formats.reader import CheckpointReader
-
-_QUANT_SUFFIXES = (
-    "weight_packed",
-    "weight_scale_2",
-    "weight_global_scale",
-    "input_global_scale",
-    "weight_scale",
-    "input_scale",
-    "k_scale",
-    "v_scale",
-)
+from foundation.dtypes import SHORT_NAMES
 
 
 @dataclass
@@ -48,9 +39,7 @@ def _module_type(prefix: str) -> str:
 def _tensor_format(reader: CheckpointReader, prefix: str, dtype: torch.dtype) -> str:
     if f"{prefix}.weight_packed" in reader or (dtype == torch.uint8 and f"{prefix}.weight_scale_2" in reader):
         return "nvfp4"
-    return {torch.float8_e4m3fn: "fp8", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
-        dtype, str(dtype).removeprefix("torch.")
-    )
+    return SHORT_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def summarize(reader: CheckpointReader) -> list[ModuleTypeRow]:
@@ -67,7 +56,7 @@ def summarize(reader: CheckpointReader) -> list[ModuleTypeRow]:
         key = _module_type(prefix)
         row = rows.setdefault(key, {"formats": set(), "bytes": 0, "bf16_bytes": 0})
         row["bytes"] += size
-        if suffix in _QUANT_SUFFIXES:
+        if suffix in QUANTIZATION_STATE_SUFFIXES:
             continue
         fmt = _tensor_format(reader, prefix, dtype)
         row["formats"].add(fmt)

@@ -2,8 +2,8 @@
 
 Only names, the reciprocal per-tensor scales and the config change; codes and
 block scales are copied byte for byte. compressed-tensors global scales are
-written with shape [1] (its compressed-mode loader rejects the scalars its own
-converter writes, DESIGN.md section 2).
+written with shape [1]: compressed-tensors' compressed-mode loader rejects the
+0-d scalars its own converter writes.
 """
 
 from __future__ import annotations

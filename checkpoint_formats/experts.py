@@ -12,21 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from checkpoint_formats.layout import FUSED_EXPERT_PARTS
 from checkpoint_formats.quantized_tensors import find_quantized, read_dequantized
 from checkpoint_formats.reader import CheckpointReader
 from foundation.errors import UserError
 
-# fused parameter -> the per-expert projections concatenated along the output dim
-# (each with the alternative names it may have in a checkpoint)
-FUSED_PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "gate_up_proj": (("gate_proj", "w1"), ("up_proj", "w3")),
-    "down_proj": (("down_proj", "w2"),),
-    "up_proj": (("up_proj",),),
-}
-
 
 def is_fused_expert_param(name: str, tensor: torch.Tensor) -> bool:
-    return tensor.dim() == 3 and name.rpartition(".")[2] in FUSED_PARTS
+    return tensor.dim() == 3 and name.rpartition(".")[2] in FUSED_EXPERT_PARTS
 
 
 def _expert_part(reader: CheckpointReader, prefix: str, expert: int, alternatives: tuple[str, ...]) -> str | None:
@@ -50,7 +43,7 @@ def assemble_check(reader: CheckpointReader, prefix: str, expert: int, param: st
     if any(module is None for module in modules):
         raise UserError(
             f"{reader.format.path}: {prefix}.{expert}",
-            f"expert {expert} has no tensors for {param} (looked for {FUSED_PARTS[param]})",
+            f"expert {expert} has no tensors for {param} (looked for {FUSED_EXPERT_PARTS[param]})",
             "the checkpoint is incomplete or num_experts in config.json is wrong",
         )
 
@@ -67,7 +60,7 @@ def assemble(
     prefix, _, param = name.rpartition(".")
     experts = []
     for expert in range(shape[0]):
-        modules = [_expert_part(reader, prefix, expert, alternatives) for alternatives in FUSED_PARTS[param]]
+        modules = [_expert_part(reader, prefix, expert, alternatives) for alternatives in FUSED_EXPERT_PARTS[param]]
         if expert == 0 and all(module is None for module in modules):
             return None
         assemble_check(reader, prefix, expert, param, modules)
@@ -75,7 +68,7 @@ def assemble(
     value = torch.stack(experts)
     if tuple(value.shape) != tuple(shape):
         raise UserError(
-            f"{reader.format.path}: {prefix}.*.{'/'.join(alt[0] for alt in FUSED_PARTS[param])}",
+            f"{reader.format.path}: {prefix}.*.{'/'.join(alt[0] for alt in FUSED_EXPERT_PARTS[param])}",
             f"per-expert tensors stack to {tuple(value.shape)}, but {name} has shape {tuple(shape)}",
             "this expert layout (e.g. transposed or interleaved gate/up) is not supported yet; report the model",
         )
@@ -86,9 +79,9 @@ def split_fused(prefix: str, param: str, fused: torch.Tensor) -> list[tuple[str,
     """Inverse of ``assemble`` for export: a fused 3-D parameter as per-expert 2-D weights,
     named the way ModelOpt exports them (``{prefix}.{e}.gate_proj`` ...), which vLLM expects.
     ``prefix`` is the experts module (``model.layers.3.mlp.experts``)."""
-    if param not in FUSED_PARTS or fused.dim() != 3:
+    if param not in FUSED_EXPERT_PARTS or fused.dim() != 3:
         raise ValueError(f"{prefix}.{param}: not a fused expert parameter")
-    names = [alternatives[0] for alternatives in FUSED_PARTS[param]]
+    names = [alternatives[0] for alternatives in FUSED_EXPERT_PARTS[param]]
     rows = fused.shape[1] // len(names)
     return [
         (f"{prefix}.{expert}.{part}", fused[expert, i * rows : (i + 1) * rows])

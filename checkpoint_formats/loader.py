@@ -1,7 +1,8 @@
 """Load a quantized (or plain) checkpoint into a transformers model: the loader transformers lacks.
 
 transformers cannot load ModelOpt NVFP4 at all and mishandles parts of
-compressed-tensors NVFP4 (DESIGN.md, "Loading quantized checkpoints"). We build
+compressed-tensors NVFP4 (per-expert global scales; README, "Quantized checkpoint
+formats and our loader"). We build
 the model from its config on the meta device and fill it tensor by tensor from
 the safetensors files, straight onto the device each module is placed on:
 
@@ -28,6 +29,7 @@ from torch import nn
 from checkpoint_formats import experts as fused_experts
 from checkpoint_formats import packed_experts, placement
 from checkpoint_formats.detect import CheckpointFormat, FormatKind, detect_format
+from checkpoint_formats.layout import NO_PARAMETER_SUFFIXES as _IGNORED_SUFFIXES
 from checkpoint_formats.modules import FP8Linear, NVFP4Linear
 from checkpoint_formats.quantized_tensors import (
     QuantizedSource,
@@ -42,9 +44,6 @@ from checkpoint_formats.reader import CheckpointReader
 from foundation.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-# Checkpoint tensors that describe other runtimes' state (KV-cache scales) and have no model parameter.
-_IGNORED_SUFFIXES = (".k_scale", ".v_scale", ".input_scale", ".input_global_scale")
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

@@ -5,7 +5,7 @@ unified HF checkpoint (``NVFP4QTensor``), so that a weight we dequantize, edit
 and re-quantize lands on the same codes and scales ModelOpt would produce; the
 order of the float32 operations below matters for that and is deliberate.
 
-Layout (DESIGN.md section 2): ``weight`` uint8 ``[..., in/2]`` (even element in
+Layout (README, "Stage 1: quantize" > "Formats"): ``weight`` uint8 ``[..., in/2]`` (even element in
 the low nibble), ``weight_scale`` float8_e4m3fn ``[..., in/block]``,
 ``weight_scale_2`` float32 scalar (or one per expert for a 3-D expert stack).
 """

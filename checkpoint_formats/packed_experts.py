@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from checkpoint_formats import nvfp4
-from checkpoint_formats.experts import FUSED_PARTS, _expert_part, assemble_check
+from checkpoint_formats.experts import _expert_part, assemble_check
+from checkpoint_formats.layout import FUSED_EXPERT_PARTS
 from checkpoint_formats.quantized_tensors import find_quantized, read_nvfp4
 from checkpoint_formats.reader import CheckpointReader
 
@@ -28,7 +29,7 @@ SUFFIXES = ("packed", "weight_scale", "weight_scale_2")
 def packable_parts(reader: CheckpointReader, name: str) -> list[str] | None:
     """Expert-0 module names of fused parameter ``name`` if every part is stored as NVFP4."""
     prefix, _, param = name.rpartition(".")
-    parts = [_expert_part(reader, prefix, 0, alternatives) for alternatives in FUSED_PARTS[param]]
+    parts = [_expert_part(reader, prefix, 0, alternatives) for alternatives in FUSED_EXPERT_PARTS[param]]
     if any(part is None for part in parts):
         return None
     sources = [find_quantized(reader, part) for part in parts]
@@ -71,7 +72,7 @@ def read_packed(reader: CheckpointReader, name: str, consumed: set[str]) -> dict
     packed, scales, scales_2 = [], [], []
     expert = 0
     while True:
-        parts = [_expert_part(reader, prefix, expert, alternatives) for alternatives in FUSED_PARTS[param]]
+        parts = [_expert_part(reader, prefix, expert, alternatives) for alternatives in FUSED_EXPERT_PARTS[param]]
         if all(part is None for part in parts):
             break
         assemble_check(reader, prefix, expert, param, parts)

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint_formats import compressed_tensors, fp8, nvfp4
+from checkpoint_formats.layout import (
+    COMPRESSED_NVFP4_SUFFIXES,
+    FP8_SUFFIXES,
+    MODELOPT_NVFP4_SUFFIXES,
+)
 from checkpoint_formats.reader import CheckpointReader
 from foundation.errors import UserError
 
@@ -27,11 +32,11 @@ class QuantizedSource:
 
     def names(self) -> list[str]:
         if self.scheme == "nvfp4" and self.dialect == "compressed-tensors":
-            suffixes = ["weight_packed", "weight_scale", "weight_global_scale", "input_global_scale"]
+            suffixes = COMPRESSED_NVFP4_SUFFIXES
         elif self.scheme == "nvfp4":
-            suffixes = ["weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"]
+            suffixes = MODELOPT_NVFP4_SUFFIXES
         else:
-            suffixes = ["weight", "weight_scale", "input_scale", "pre_quant_scale"]
+            suffixes = FP8_SUFFIXES
         return [f"{self.prefix}.{suffix}" for suffix in suffixes]
 
 

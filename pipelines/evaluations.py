@@ -37,16 +37,18 @@ def original_and_input_rows(settings: AbliterateSettings, original: str, searche
                             searched_label: str = "quantized") -> list[dict[str, Any]]:
     """Measure the source model, then the model stage 2 searches on with the original as KL reference."""
     from abliterate.evaluation import Evaluator
+    from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
     from abliterate.loading import load_model
-    from abliterate.prompts import perplexity_texts
-    from abliterate.run import evaluation_config, prompt_sets_of
+    from abliterate.prompts import perplexity_texts, prompt_sets_of
 
-    prompts = prompt_sets_of(settings)
-    texts = perplexity_texts(settings.prompt_spec())  # the same texts the export's verify measures
-    config = evaluation_config(settings, prompts)
+    inputs = EvaluationInputs.from_settings(settings)
+    prompts = prompt_sets_of(inputs)
+    texts = perplexity_texts(inputs.prompt_spec())  # the same texts the export's verify measures
+    config = evaluation_config(inputs, prompts)
 
     def load(path: str):
         return load_model(path, dtypes=settings.dtypes, device_map=settings.device_map, max_memory=settings.max_memory,
+                          load_as=settings.load_as,
                           trust_remote_code=settings.trust_remote_code)
 
     loaded = load(original)

@@ -8,7 +8,6 @@ every option, not a second copy here.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from foundation.errors import UserError
+from foundation.hub_ids import is_hub_id
 from foundation.package_data import resolve_data_path
+from foundation.validation import FieldProblem, user_error_from_validation
 
 STAGE_ORDER = ("quantize", "abliterate", "export")
 # A stage may only run after the stages it reads from.
 STAGE_NEEDS = {"quantize": (), "abliterate": (), "export": ("abliterate",)}
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class StageEntry(BaseModel):
@@ -65,17 +64,18 @@ class PipelineSpec(BaseModel):
 
 
 def _format_validation_error(path: Path, error: ValidationError) -> UserError:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    problem = first["msg"]
-    if first["type"] == "extra_forbidden":
-        problem = "unknown key"
-        fix = "remove it or check its spelling; allowed top-level keys: " + ", ".join(PipelineSpec.model_fields)
-    elif first["type"] == "missing":
-        fix = "add this key"
-    else:
-        fix = "correct this value"
-    return UserError(f"{path}: field '{location}'", problem, fix)
+    def explain(first: FieldProblem) -> tuple[str, str, str]:
+        problem = first.message
+        if first.kind == "extra_forbidden":
+            problem = "unknown key"
+            fix = "remove it or check its spelling; allowed top-level keys: " + ", ".join(PipelineSpec.model_fields)
+        elif first.kind == "missing":
+            fix = "add this key"
+        else:
+            fix = "correct this value"
+        return f"{path}: field '{first.field}'", problem, fix
+
+    return user_error_from_validation(error, explain)
 
 
 def check_stage_order(path: Path, names: list[str]) -> None:
@@ -111,7 +111,7 @@ def resolve_model(path: Path, model: str) -> str:
             if not (candidate / "config.json").is_file():
                 raise UserError(f"{path}: field 'model'", f"{candidate} has no config.json", "point at a Hugging Face model folder")
             return str(candidate.resolve())
-    if _HUB_ID.match(model) and not model.startswith((".", "/")):
+    if is_hub_id(model) and "/" in model:  # a pipeline names owner/name, so a typo fails before stage 1 starts
         return model
     raise UserError(
         f"{path}: field 'model'",

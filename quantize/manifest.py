@@ -3,6 +3,11 @@
 Two runs with the same manifest fields (source revision, mix hash, token-id
 hash, format, library versions) produce the same checkpoint; the timings and
 peak memory are there to size the next run.
+
+``schema_version`` is the layout of this file: a manifest without it (written
+before the field existed) is version 1; one newer than this code knows is
+refused. ``read_manifest`` is its one reader (the export's ``--recalibrate``
+reuses the recorded settings through it).
 """
 
 from __future__ import annotations
@@ -12,9 +17,70 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from foundation.errors import UserError
 from foundation.provenance import library_versions, peak_memory_bytes
+from foundation.validation import user_error_from_validation
 
 MANIFEST_NAME = "quantize_manifest.json"
+SCHEMA_VERSION = 1  # the version this code writes and the newest it reads
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class RecordedCalibration(_Section):
+    mix_file: str | None = None
+    batch_size: int | None = None
+    settings: dict[str, Any] | None = None
+
+
+class RecordedQuantization(_Section):
+    format: str | None = None
+    kv_cache: str | None = None
+    skipped: dict[str, list[str]] | list[str] | None = None  # glob -> modules it matched
+
+
+class QuantizeManifest(BaseModel):
+    """The fields of ``quantize_manifest.json`` that are read back; the rest (timings, libraries) is for people."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_version: int = 1
+    producer: str | None = None
+    source: dict[str, Any] = {}
+    calibration: RecordedCalibration = RecordedCalibration()
+    quantization: RecordedQuantization = RecordedQuantization()
+
+
+def read_manifest(directory: str | Path) -> QuantizeManifest | None:
+    """The manifest of a stage-1 checkpoint, typed; None when the directory has none (not made by stage 1)."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        where = f"{path}:{error.lineno}:{error.colno}" if isinstance(error, json.JSONDecodeError) else str(path)
+        raise UserError(where, f"not valid JSON ({getattr(error, 'msg', error)})",
+                        "restore the file, or re-run the quantize stage to rewrite it") from None
+    if not isinstance(data, dict):
+        raise UserError(str(path), "not a quantize manifest (not a JSON object)", "re-run the quantize stage to rewrite it")
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise UserError(str(path), f"unreadable schema_version {version!r}", "re-run the quantize stage to rewrite it")
+    if version > SCHEMA_VERSION:
+        raise UserError(str(path), f"schema_version {version} is newer than this quant-abliterate reads (up to {SCHEMA_VERSION})",
+                        "upgrade quant-abliterate, or re-run the quantize stage with this version")
+    try:
+        return QuantizeManifest.model_validate(data)
+    except ValidationError as error:
+        raise user_error_from_validation(error, lambda problem: (
+            f"{path}: {problem.field}", f"{problem.message} (got {problem.input!r})",
+            "restore the file, or re-run the quantize stage to rewrite it")) from None
+
 def source_description(input_model: str, revision: str | None, model_config) -> dict[str, Any]:
     local = Path(input_model).exists()
     return {
@@ -48,6 +114,7 @@ def build_manifest(
     placement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
+        "schema_version": SCHEMA_VERSION,
         "producer": "quant-abliterate quantize",
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": source,

@@ -20,8 +20,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
-from foundation.settings_cli import add_model_arguments, cli, flags_table_markdown, given_values, validate
-from quantize.calibration.schema import CalibrationSettings, MaxSamples, MaxSeqLen, MinTokenLength, OversampleRatio, Seed
+from foundation.settings_cli import (
+    add_model_arguments,
+    cli,
+    flags_table_markdown,
+    given_values,
+    validate,
+)
+from quantize.calibration.schema import (
+    CalibrationSettings,
+    MaxSamples,
+    MaxSeqLen,
+    MinTokenLength,
+    OversampleRatio,
+    Seed,
+)
 from quantize.recipes import DEFAULT_FORMAT, FORMATS, KV_CACHE_FORMATS
 from quantize.skip_layers import parse_skip_patterns
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+from checkpoint_formats.layout import MOE_ROUTERS, SHARED_EXPERT_GATES
 from foundation.errors import UserError
 
 
@@ -30,12 +31,8 @@ class SkipRule:
 DEFAULT_SKIP_RULES: tuple[SkipRule, ...] = (
     SkipRule("*lm_head", "output head: logits are precision-critical; often tied to the embeddings"),
     SkipRule("*output_layer", "output head: logits are precision-critical"),
-    SkipRule("*router", "MoE router: tiny, and quantization noise changes expert choice"),
-    SkipRule("*mlp.gate", "MoE router: tiny, and quantization noise changes expert choice"),
-    SkipRule("*block_sparse_moe.gate", "MoE router: tiny, and quantization noise changes expert choice"),
-    SkipRule("*mixer.gate", "MoE router (NemotronH): tiny, and quantization noise changes expert choice"),
-    SkipRule("*moe.gate", "MoE router: tiny, and quantization noise changes expert choice"),
-    SkipRule("*shared_expert_gate", "MoE shared-expert gate: a 1-wide projection"),
+    *(SkipRule(glob, f"{label}: tiny, and quantization noise changes expert choice") for glob, label in MOE_ROUTERS),
+    *(SkipRule(glob, "MoE shared-expert gate: a 1-wide projection") for glob in SHARED_EXPERT_GATES),
     SkipRule("*conv1d", "Mamba / linear-attention short convolution: not a matmul kernel target"),
     SkipRule("*vision_tower*", "vision tower: calibrated on text only, so its ranges would be wrong"),
     SkipRule("*vision_model*", "vision tower: calibrated on text only, so its ranges would be wrong"),

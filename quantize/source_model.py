@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
-
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
 
 
 def resolve_device(requested: str) -> str:

@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 
 from foundation.atomic_output import atomic_output_dir, check_writable_output
+from foundation.dtypes import TORCH_DTYPES
 from foundation.package_data import resolve_data_path
 from foundation.tokenizer_files import copy_tokenizer_files
 from quantize import manifest as run_manifest
@@ -23,7 +24,6 @@ from quantize.backends import backend_for
 from quantize.recipes import check_device_supports, get_recipe
 from quantize.settings import QuantizeSettings, check_paths
 from quantize.source_model import (
-    TORCH_DTYPES,
     load_config,
     load_model,
     load_tokenizer,

@@ -2,7 +2,7 @@
 
 Everything is generated from small vocabularies by a seeded ``random.Random``,
 so the same seed gives the same corpus on any machine. The design follows what
-the prototype measured (DESIGN.md section 4):
+the prototype measured:
 
 * harmful and harmless requests share every phrasing, prefix and suffix, and
   many words ("make", "cook", "break into" / "break in"), so the only thing

@@ -31,7 +31,7 @@ from abliterate.evaluation import (
     format_chat_prompts,
     generate_greedy,
 )
-from abliterate.evaluation.prompt_sets import PromptSets
+from abliterate.evaluation.prompt_sets import LoadedSpec
 from abliterate.residuals import prompt_residuals
 
 MEASURE_BATCH_SIZE = 50
@@ -81,7 +81,7 @@ class Scores:
         return self.compliance / self.n_harmful
 
 
-def evaluation_config(prompts: PromptSets) -> EvaluationConfig:
+def evaluation_config(prompts: LoadedSpec) -> EvaluationConfig:
     return EvaluationConfig(
         refusal_markers=prompts.refusal_markers,
         compliance_openers=prompts.compliance_openers,
@@ -106,7 +106,7 @@ def orthogonalized(model, direction: torch.Tensor):
     return edited
 
 
-def layer_directions(model, tokenizer, prompts: PromptSets) -> torch.Tensor:
+def layer_directions(model, tokenizer, prompts: LoadedSpec) -> torch.Tensor:
     layers = discover(model).layers
     harmful = prompt_residuals(model, layers, tokenizer, prompts.harmful_train, batch_size=MEASURE_BATCH_SIZE)
     harmless = prompt_residuals(model, layers, tokenizer, prompts.harmless_train, batch_size=MEASURE_BATCH_SIZE)
@@ -134,7 +134,7 @@ def best_layer(per_layer: dict[int, Scores]) -> int:
     return min(under, key=lambda layer: (under[layer].harmful_refusals, -under[layer].compliance, under[layer].kl))
 
 
-def measure(model, tokenizer, prompts: PromptSets, log=print) -> dict:
+def measure(model, tokenizer, prompts: LoadedSpec, log=print) -> dict:
     """All model-card numbers of a loaded checkpoint, as a JSON-ready dict."""
     evaluator = Evaluator(
         model, tokenizer, prompts.harmful_test, prompts.harmless_test, evaluation_config(prompts),

@@ -135,27 +135,6 @@ class Evaluator:
     def base_refusals(self) -> int:
         return self.base.refusals
 
-    def relative_refusals(self, result: EvalResult) -> float:
-        """Refusals as a fraction of the unedited model's refusals (stage 2's first objective).
-
-        When the unedited model refused nothing there is nothing to remove:
-        the score falls back to the fraction of harmful prompts refused, and
-        ``refusal_note`` says so.
-        """
-        if self.base.refusals == 0:
-            return result.refusal_rate
-        return result.refusals / self.base.refusals
-
-    @property
-    def refusal_note(self) -> str | None:
-        if self.base.refusals:
-            return None
-        return (
-            f"the unedited model refused none of the {self.base.n_harmful} harmful prompts: "
-            "refusals are scored as a fraction of all harmful prompts, and there is nothing to abliterate "
-            "with these prompts and markers"
-        )
-
     def evaluate(self, model, *, with_perplexity: bool = False) -> EvalResult:
         start = time.perf_counter()
         model.eval()

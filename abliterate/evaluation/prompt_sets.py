@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from abliterate.evaluation.markers import DEFAULT_REFUSAL_MARKERS
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
+from foundation.validation import FieldProblem, user_error_from_validation
 
 DEFAULT_SPEC = Path("datasets_yaml/testbed_prompts.yaml")
 
@@ -36,8 +37,12 @@ class PromptSetSpec(BaseModel):
     compliance_patterns: list[str] = []
 
 
-class PromptSets(BaseModel):
-    """The spec with its files read: what ``Evaluator`` and direction finding need."""
+class LoadedSpec(BaseModel):
+    """The spec with its files read, uncapped (the testbed measures with it directly).
+
+    A stage-2 run's sets are ``abliterate.prompts.PromptSets``: these plus the
+    per-set override files and caps of its flags, without the perplexity texts.
+    """
 
     harmful_train: list[str]
     harmless_train: list[str]
@@ -70,7 +75,7 @@ def read_field(path: Path, field: str, where: str) -> list[str]:
     return values
 
 
-def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> PromptSets:
+def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> LoadedSpec:
     path = resolve_data_path(path)
     if not path.is_file():
         raise UserError(str(path), "prompt-set spec not found", "pass an existing YAML file")
@@ -82,17 +87,18 @@ def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> PromptSets:
         raise UserError(where, f"invalid YAML syntax: {getattr(error, 'problem', None) or error}",
                         "fix the indentation or quoting at that line (see datasets_yaml/testbed_prompts.yaml)") from None
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        where = f"{path}: {field}" if field else str(path)  # loc is empty when the whole file is not a mapping
-        raise UserError(where, first["msg"], "see datasets_yaml/testbed_prompts.yaml for the format") from None
+        def explain(first: FieldProblem) -> tuple[str, str, str]:
+            where = f"{path}: {first.field}" if first.field else str(path)  # loc is empty when the whole file is not a mapping
+            return where, first.message, "see datasets_yaml/testbed_prompts.yaml for the format"
+
+        raise user_error_from_validation(error, explain) from None
     base = path.parent
 
     def prompts(name: str) -> list[str]:
         return read_field(base / getattr(spec, name), spec.prompt_field, f"{path}: {name}")
 
     texts = read_field(base / spec.perplexity_text, spec.text_field, f"{path}: perplexity_text") if spec.perplexity_text else []
-    return PromptSets(
+    return LoadedSpec(
         harmful_train=prompts("harmful_train"),
         harmless_train=prompts("harmless_train"),
         harmful_test=prompts("harmful_test"),

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from abliterate.artifacts import ChosenTrial, EditRecord
-from checkpoint_formats.experts import FUSED_PARTS
+from checkpoint_formats.layout import FUSED_EXPERT_PARTS
 from foundation.errors import UserError
 
 
@@ -45,7 +45,7 @@ def _on_disk(record: EditRecord, names: set[str]) -> list[tuple[str, int | None]
         return []
     module, _, parameter = record.parameter.rpartition(".")
     # the per-expert names a fused parameter may have on disk (down_proj or w2), as the formats loader reads them
-    alternatives = [name for part in FUSED_PARTS.get(parameter, ((parameter,),)) for name in part]
+    alternatives = [name for part in FUSED_EXPERT_PARTS.get(parameter, ((parameter,),)) for name in part]
     per_expert = re.compile(re.escape(module) + r"\.(\d+)\.(?:" + "|".join(map(re.escape, alternatives)) + r")\.weight$")
     found = [(name, int(m.group(1))) for name in names if (m := per_expert.match(name))]
     return sorted(found, key=lambda item: item[1]) if len(found) == record.num_experts else []

@@ -19,24 +19,22 @@ from rich.console import Console
 
 from abliterate.export.formats_out import carry_model_files, export_full_precision
 from abliterate.export.streaming_merge import StreamingMerger
-from quantize.manifest import MANIFEST_NAME
+from quantize.manifest import read_manifest
 
 
 def stage1_recorded_settings(stage1_dir: Path) -> dict[str, Any]:
     """The QuantizeSettings fields stage 1 recorded in its manifest (empty when it has none)."""
-    path = stage1_dir / MANIFEST_NAME
-    if not path.is_file():
+    manifest = read_manifest(stage1_dir)
+    if manifest is None:
         return {}
-    manifest = json.loads(path.read_text())
-    quantization = manifest.get("quantization", {})
-    calibration = manifest.get("calibration", {})
-    recorded = calibration.get("settings") or {}
+    quantization, calibration = manifest.quantization, manifest.calibration
+    recorded = calibration.settings or {}
     fields: dict[str, Any] = {
-        "format": quantization.get("format"),
-        "kv_cache": quantization.get("kv_cache"),
-        "dataset_yaml": calibration.get("mix_file"),
-        "batch_size": calibration.get("batch_size"),
-        "skip_layers": tuple(quantization.get("skipped") or ()),
+        "format": quantization.format,
+        "kv_cache": quantization.kv_cache,
+        "dataset_yaml": calibration.mix_file,
+        "batch_size": calibration.batch_size,
+        "skip_layers": tuple(quantization.skipped or ()),
         **{key: recorded.get(key) for key in ("max_samples", "max_seq_len", "seed", "oversample_ratio", "min_token_length")},
     }
     return {key: value for key, value in fields.items() if value not in (None, ())}

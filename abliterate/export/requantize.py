@@ -26,22 +26,19 @@ from rich.progress import Progress
 
 from abliterate.export.source import FullPrecisionSource
 from abliterate.export.streaming_merge import StreamingMerger, tensor_task
+from checkpoint_formats.layout import NVFP4_WEIGHT_PARTS, scale_sharing_group
 from checkpoint_formats.nvfp4 import NVFP4Weight, global_scale, quantize_weight
 from foundation.errors import UserError
-
-# Sibling projections that read the same input and so share weight_scale_2 / input_scale in ModelOpt's export.
-FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
-_PARTS = ("weight", "weight_scale", "weight_scale_2")
 
 
 def fused_siblings(weight_name: str, stage1: FullPrecisionSource) -> list[str]:
     """Weight names of the quantized projections sharing ``weight_name``'s scale (itself included)."""
     module, _ = weight_name.rsplit(".", 1)
     parent, _, leaf = module.rpartition(".")
-    for group in FUSED_GROUPS:
-        if leaf in group:
-            names = [f"{parent}.{sibling}.weight" if parent else f"{sibling}.weight" for sibling in group]
-            return [name for name in names if _is_modelopt_nvfp4(stage1, name)]
+    group = scale_sharing_group(leaf)
+    if group is not None:
+        names = [f"{parent}.{sibling}.weight" if parent else f"{sibling}.weight" for sibling in group]
+        return [name for name in names if _is_modelopt_nvfp4(stage1, name)]
     return [weight_name]
 
 
@@ -126,7 +123,7 @@ def requantized_shards(
                     tensors[name] = {"weight": quantized.packed, "weight_scale": quantized.weight_scale,
                                      "weight_scale_2": quantized.weight_scale_2.clone()}[part]  # shared in a group
                     emitted[weight_name] = emitted.get(weight_name, 0) + 1
-                    if emitted[weight_name] == len(_PARTS):
+                    if emitted[weight_name] == len(NVFP4_WEIGHT_PARTS):
                         del pending[weight_name]
                 elif name in plan.edited_full_precision:
                     tensors[name] = merger.merged(name).to(stage1.reader.metadata(name)[0])
@@ -141,7 +138,7 @@ def requantized_shards(
 
 def _quantized_part(name: str) -> tuple[str, str]:
     """``x.weight_scale_2`` -> (``x.weight``, ``weight_scale_2``); other names map to themselves."""
-    for part in ("weight_scale_2", "weight_scale", "weight"):
+    for part in NVFP4_WEIGHT_PARTS:
         if name.endswith("." + part):
             return name[: -len(part)] + "weight", part
     return name, ""

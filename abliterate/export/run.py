@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from abliterate.artifacts import ChosenTrial, load_chosen_trial
+from abliterate.artifacts import ChosenTrial, read_chosen_trial
 from abliterate.export.formats_out import (
     FORMATS,
     NVFP4_REEXPORTABLE,
@@ -92,7 +92,7 @@ def run_export(job: ExportJob, console: Console | None = None) -> dict:
     check_job(job)
     merger = make_merger(job)
     console.print(f"merge source: {merger.source.description}")
-    console.print(f"edit: trial {job.trial.data.get('trial_number')} ({job.trial.method}), "
+    console.print(f"edit: trial {job.trial.header.trial_number} ({job.trial.method}), "
                   f"{len(merger.plan.edits)} tensors to edit {merger.plan.summary()}")
     started = time.perf_counter()
     with atomic_output_dir(job.output, settings.overwrite) as temporary:
@@ -117,7 +117,7 @@ def run_export(job: ExportJob, console: Console | None = None) -> dict:
         manifest = {
             "format": job.format,
             "trial_dir": str(settings.trial.absolute()),
-            "trial_number": job.trial.data.get("trial_number"),
+            "trial_number": job.trial.header.trial_number,
             "merge_source": {"path": str(Path(merger.source.directory).absolute()),
                              "kind": "dequantized" if merger.source.is_dequantized else "full_precision",
                              "description": merger.source.description},
@@ -147,8 +147,8 @@ def run_export(job: ExportJob, console: Console | None = None) -> dict:
 
 
 def export_job(settings: ExportSettings, fmt: str, output: Path, trial: ChosenTrial | None = None) -> ExportJob:
-    trial = trial or load_chosen_trial(settings.trial)
-    checkpoint = settings.checkpoint or Path(trial.data.get("model", ""))
+    trial = trial or read_chosen_trial(settings.trial)
+    checkpoint = settings.checkpoint or Path(trial.header.model or "")
     if not str(checkpoint) or not checkpoint.is_dir():
         raise UserError("--checkpoint", f"the searched model {str(checkpoint)!r} is not a local directory",
                         "pass --checkpoint with the stage-1 (or searched) checkpoint directory")
@@ -158,7 +158,7 @@ def export_job(settings: ExportSettings, fmt: str, output: Path, trial: ChosenTr
 def run_exports(settings: ExportSettings, console: Console | None = None, *, formats: tuple[str, ...] | None = None,
                 subdirectories: bool | None = None) -> dict[str, dict]:
     """Every requested format, each its own atomic directory; returns format -> manifest (with ``output``)."""
-    trial = load_chosen_trial(settings.trial)
+    trial = read_chosen_trial(settings.trial)
     manifests = {}
     for fmt in formats or settings.formats:
         output = settings.output_for(fmt, subdirectories=subdirectories)

@@ -19,15 +19,13 @@ from pathlib import Path
 import torch
 
 from checkpoint_formats.detect import detect_format
+from checkpoint_formats.layout import KV_CACHE_SUFFIXES, PRIMARY_WEIGHT_SUFFIXES
 from checkpoint_formats.quantized_tensors import (
     QuantizedSource,
     find_quantized,
     read_dequantized,
 )
 from checkpoint_formats.reader import CheckpointReader
-
-KV_CACHE_SUFFIXES = (".k_scale", ".v_scale", ".k_proj.output_scale", ".v_proj.output_scale")
-_PRIMARY_SUFFIXES = (".weight", ".weight_packed")
 
 
 class FullPrecisionSource:
@@ -39,7 +37,7 @@ class FullPrecisionSource:
         self.quantized: dict[str, QuantizedSource] = {}  # module prefix -> how it is stored
         if self.format.kind.is_quantized:
             for name in self.reader.names():
-                if name.endswith(_PRIMARY_SUFFIXES):
+                if name.endswith(PRIMARY_WEIGHT_SUFFIXES):
                     prefix = name.rpartition(".")[0]
                     source = find_quantized(self.reader, prefix)
                     if source is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from abliterate.artifacts import ChosenTrial
+from abliterate.artifacts import TRIAL_FILE, ChosenTrial
 from foundation.errors import UserError
 
 
@@ -75,44 +75,38 @@ def compare(trial_metrics: dict[str, Any], export_metrics: dict[str, Any], toler
     return problems
 
 
-def _stage2_settings(trial: ChosenTrial):
-    from abliterate.settings import AbliterateSettings
-
-    settings = trial.data.get("settings")
-    if not settings:
-        raise UserError("chosen_trial.json", "no 'settings' recorded: cannot rebuild the evaluation",
-                        "re-run the abliterate stage with this version, or export with --no-verify")
-    return AbliterateSettings.from_mapping(settings)  # what the search recorded, not QA_* or config.toml here
-
-
 def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
                   device_map: str | None = None) -> VerifyResult:
     """Score the export exactly as the search scored the trial; never raises on a mismatch (see ``passed``)."""
     from abliterate.evaluation import Evaluator
+    from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
     from abliterate.loading import load_model
-    from abliterate.prompts import perplexity_texts
-    from abliterate.run import evaluation_config, prompt_sets_of
+    from abliterate.prompts import perplexity_texts, prompt_sets_of
     from abliterate.search.objectives import TrialMetrics
 
-    settings = _stage2_settings(trial)
+    # the recorded values as data: a flag renamed or added since the trial was written must not break its export
+    settings = EvaluationInputs.from_recorded(trial.header.settings, TRIAL_FILE)
+    if trial.header.metrics is None:
+        raise UserError(TRIAL_FILE, "no 'metrics' recorded: nothing to compare the export with",
+                        "re-run the abliterate stage with this version, or export with --no-verify")
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
     prompts = prompt_sets_of(settings)
     config = evaluation_config(settings, prompts)
     device_map = device_map if device_map is not None else settings.device_map
-    reference = load_model(settings.model, dtypes=settings.dtypes, device_map=device_map,
+    reference = load_model(settings.model, dtypes=settings.dtypes, device_map=device_map, load_as=settings.load_as,
                            max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code)
     texts = perplexity_texts(settings.prompt_spec())
     evaluator = Evaluator(reference.model, reference.tokenizer, prompts.harmful_test, prompts.harmless_test, config,
                           perplexity_texts=texts)
     unedited = {**TrialMetrics.from_eval_result(evaluator.base).to_dict(), "perplexity": evaluator.base.perplexity}
     del reference  # the evaluator keeps the unedited model's KL reference, not the model
-    exported = load_model(str(export_dir), dtypes=settings.dtypes, device_map=device_map,
+    exported = load_model(str(export_dir), dtypes=settings.dtypes, device_map=device_map, load_as=settings.load_as,
                           max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code)
     with torch.no_grad():
         result = evaluator.evaluate(exported.model, with_perplexity=bool(texts))
     metrics = {**TrialMetrics.from_eval_result(result).to_dict(), "perplexity": result.perplexity}
-    trial_metrics = dict(trial.data["metrics"])
+    trial_metrics = dict(trial.header.metrics)
     problems = compare(trial_metrics, metrics, tolerance)
     n_harmful = int(trial_metrics.get("n_harmful") or 0)
     stated = {**asdict(tolerance), "refusals_allowed": tolerance.allowed(tolerance.refusals, n_harmful),

@@ -5,7 +5,7 @@ bitsandbytes, after minutes of loading, as an assertion about compute
 capabilities or a missing kernel library. The rules are a pure function of
 facts (``DeviceFacts``) so the GPU rules are tested on a CPU; ``device_facts``
 gathers the facts at the edge. What runs where was measured with torchao 0.18
-on CPU (see ``.team/README_quantization.md``).
+on CPU (the table in README, "Quantizing on load (--quantization)").
 """
 
 from __future__ import annotations

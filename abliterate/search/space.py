@@ -1,4 +1,4 @@
-"""The parameter ranges the search explores, as DESIGN.md gives them for the reference.
+"""The parameter ranges the search explores (those of the reference abliteration search).
 
 ``L`` is the number of decoder layers. Residual indices run 0..L (0 = the
 embeddings, i = the output of layer i - 1); layer indices 0..L-1.

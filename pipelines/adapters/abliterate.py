@@ -8,7 +8,6 @@ so a re-quantized checkpoint never continues a study measured on another one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ def build_settings(user_settings: dict[str, Any], context: StageContext) -> Abli
 def run(settings: AbliterateSettings, context: StageContext) -> dict[str, Any]:
     from rich.console import Console
 
+    from abliterate.artifacts import read_chosen_trial
     from abliterate.run import run_abliteration
 
     evaluations = []
@@ -49,7 +49,7 @@ def run(settings: AbliterateSettings, context: StageContext) -> dict[str, Any]:
         label = f"quantized ({quantized})" if quantized else "searched model"
         evaluations += original_and_input_rows(settings, context.source_model, context.input_dir, label)
     out = run_abliteration(settings, Console())
-    trial = json.loads((Path(out) / "chosen_trial.json").read_text())
+    trial = read_chosen_trial(out).data  # the one reader: a missing/corrupt/newer file is a UserError
     metrics, base = trial["metrics"], trial["base_metrics"]
     if not evaluations:
         evaluations.append(row("searched model", None, refusals=base["refusals"], n_harmful=base["n_harmful"],

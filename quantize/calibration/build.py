@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from foundation.errors import UserError
+from foundation.validation import FieldProblem, user_error_from_validation
 from quantize.calibration.calibration_set import CalibrationSet, DatasetCount
 from quantize.calibration.formatters import (
     ColumnProblem,
@@ -118,12 +119,13 @@ def effective_settings(base: CalibrationSettings, overrides: dict[str, object]) 
     try:
         return CalibrationSettings.model_validate({**base.model_dump(), **given})
     except ValidationError as error:
-        detail = error.errors(include_url=False)[0]
-        field = str(detail["loc"][-1]) if detail["loc"] else next(iter(given), "calibration")
-        own = (detail.get("ctx") or {}).get("error")
-        problem = getattr(own, "problem", None) or f"{detail['msg']} (got {detail.get('input')!r})"
-        fix = getattr(own, "fix", None) or f"pass a valid value to --{field} or leave it out to use the mix file's"
-        raise UserError(f"calibration override {field}", problem, fix) from None
+        def explain(detail: FieldProblem) -> tuple[str, str, str]:
+            field = str(detail.loc[-1]) if detail.loc else next(iter(given), "calibration")
+            problem = getattr(detail.own, "problem", None) or f"{detail.message} (got {detail.input!r})"
+            fix = getattr(detail.own, "fix", None) or f"pass a valid value to --{field} or leave it out to use the mix file's"
+            return f"calibration override {field}", problem, fix
+
+        raise user_error_from_validation(error, explain) from None
 
 
 def _draw_dataset(

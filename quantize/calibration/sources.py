@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from foundation.errors import UserError
+from foundation.hub_ids import looks_like_local_path
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -90,12 +91,8 @@ def resolve_source(raw: str, base_dir: Path) -> DatasetSource:
 
 
 def _looks_local(raw: str) -> bool:
-    return (
-        raw.startswith(("/", "./", "../", "~", "\\"))
-        or Path(raw).suffix.lower() in LOCAL_FILE_BUILDERS
-        or raw.count("/") > 1
-        or "\\" in raw
-    )
+    """A path by the shared rule, or a data file name (``chat.jsonl``), which is never a dataset id."""
+    return looks_like_local_path(raw) or Path(raw).suffix.lower() in LOCAL_FILE_BUILDERS
 
 
 def open_dataset(entry: DatasetRequest, where: str) -> Dataset | IterableDataset:

@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from foundation.errors import UserError
+from foundation.validation import FieldProblem
+from foundation.validation import user_error_from_validation as from_validation
 
 
 class EntryProblem(ValueError):
@@ -35,28 +37,21 @@ def user_error_from_validation(
     allowed_keys: dict[str, list[str]],
 ) -> UserError:
     """The first problem in full, with a one-line mention of any others."""
-    details = error.errors(include_url=False)
-    where, problem, fix = _explain(details[0], file_label, data, allowed_keys)
-    if len(details) > 1:
-        others = []
-        for detail in details[1:]:
-            other_where, other_problem, _ = _explain(detail, file_label, data, allowed_keys)
-            others.append(f"{other_where.removeprefix(file_label + ': ')}: {other_problem}")
-        problem += f" (and {len(others)} more problem(s): " + "; ".join(others) + ")"
-    return UserError(where, problem, fix)
+    return from_validation(error, lambda problem: _explain(problem, file_label, data, allowed_keys),
+                           mention_others=file_label + ": ")
 
 
 def _explain(
-    detail: dict[str, Any], file_label: str, data: Any, allowed_keys: dict[str, list[str]]
+    detail: FieldProblem, file_label: str, data: Any, allowed_keys: dict[str, list[str]]
 ) -> tuple[str, str, str]:
-    loc = tuple(detail["loc"])
-    kind = detail["type"]
-    ctx = detail.get("ctx") or {}
-    own = ctx.get("error") if isinstance(ctx.get("error"), EntryProblem) else None
+    loc = detail.loc
+    kind = detail.kind
+    ctx = detail.ctx
+    own = detail.own if isinstance(detail.own, EntryProblem) else None
 
     section, index, field = _locate(loc, own)
     where = _describe_location(file_label, section, index, field, data)
-    value = detail.get("input")
+    value = detail.input
 
     if own is not None:
         return where, own.problem, own.fix
@@ -97,7 +92,7 @@ def _explain(
         )
         return where, f"expected a mapping of keys, got {value!r}", fix
     target = f"'{field}'" if field else "this entry"
-    return where, f"{detail['msg']} (got {value!r})", f"correct the value of {target}"
+    return where, f"{detail.message} (got {value!r})", f"correct the value of {target}"
 
 
 def _locate(loc: tuple, own: EntryProblem | None) -> tuple[str | None, int | None, str | None]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from abliterate.artifacts import FORMAT, TRIAL_FILE, VERSION, load_chosen_trial
+from abliterate.artifacts import FORMAT, TRIAL_FILE, VERSION, read_chosen_trial
 from abliterate.settings import parse_settings
 from foundation.errors import UserError
 
@@ -24,16 +24,17 @@ def test_unparsable_dict_flag_names_the_flag_and_the_syntax(tmp_path):
 def test_corrupt_chosen_trial_names_the_file_and_position(tmp_path):
     (tmp_path / TRIAL_FILE).write_text("{bad")
     with pytest.raises(UserError, match=rf"{TRIAL_FILE}:1:2: not valid JSON"):
-        load_chosen_trial(tmp_path)
+        read_chosen_trial(tmp_path)
     (tmp_path / TRIAL_FILE).write_text("[1, 2]")
     with pytest.raises(UserError, match=f"not a {FORMAT}"):
-        load_chosen_trial(tmp_path)
+        read_chosen_trial(tmp_path)
 
 
 def test_chosen_trial_without_its_directions_file_says_which_is_missing(tmp_path):
-    (tmp_path / TRIAL_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "edits": []}))
+    (tmp_path / TRIAL_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "method": "rank1", "rank": 1,
+                                                 "svd_seed": 0, "edits": []}))
     with pytest.raises(UserError, match="directions.safetensors is missing"):
-        load_chosen_trial(tmp_path)
+        read_chosen_trial(tmp_path)
 
 
 def test_model_path_that_is_a_file_is_named_as_such(tmp_path):

@@ -8,7 +8,7 @@ from tiny_chat import write_prompts, write_tiny_chat_model
 from transformers import AutoModelForCausalLM
 
 from abliterate.architectures import discover
-from abliterate.artifacts import load_chosen_trial
+from abliterate.artifacts import read_chosen_trial
 from abliterate.cli import main
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.settings import parse_settings
@@ -34,18 +34,20 @@ def test_command_writes_a_chosen_trial_that_reproduces_the_search_edit(workspace
     assert "refused none of the 4 harmful test prompts" in printed  # a random model: zero base refusals
     assert {p.name for p in out.iterdir()} == {"chosen_trial.json", "directions.safetensors", "pareto.png", "pareto_front.json"}
 
-    chosen = load_chosen_trial(out)
-    assert chosen.data["trial_number"] in range(3) and chosen.method == "norm_preserving" and chosen.rank == 3
+    chosen = read_chosen_trial(out)
+    assert chosen.header.trial_number in range(3) and chosen.method == "norm_preserving" and chosen.rank == 3
     assert chosen.edits, "the chosen trial edits something"
 
-    # What the merge will do (weights + pure delta) equals what the search evaluated (LoRA).
+    # What the merge does (the export's edit_tensor) equals what the search evaluated (LoRA).
+    from abliterate.export.apply_edit import edit_tensor
+    from abliterate.export.plan import TensorEdit
+
     ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, weight in merged.named_parameters():
-            delta = chosen.delta(name, weight)
-            if delta is not None:
-                weight.add_(delta)
+            if name in chosen.edits:
+                weight.copy_(edit_tensor(weight, TensorEdit(name, chosen.edits[name]), chosen))
         merged_logits = merged(ids).logits
     searched = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     abliterator = LoraAbliterator(searched, discover(searched).components, method="norm_preserving", rank=3, seed=chosen.svd_seed)

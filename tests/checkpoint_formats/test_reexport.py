@@ -28,7 +28,7 @@ def test_split_fused_inverts_the_loader_layout():
 
 
 def test_untouched_weights_requantize_to_the_same_checkpoint(modelopt_checkpoint, tmp_path):
-    """DESIGN.md section 2: dequantize -> re-quantize reproduces the export (only -0 codes become +0)."""
+    """Dequantize -> re-quantize reproduces ModelOpt's export (only -0 codes become +0): the codec is bit-exact."""
     path, _ = modelopt_checkpoint("moe_nvfp4")
     model, _ = load_checkpoint(path, dequantize=True)
     params = dict(model.named_parameters())

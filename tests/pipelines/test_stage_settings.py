@@ -61,14 +61,12 @@ def test_env_and_config_toml_do_not_reach_a_pipeline_stage(foreign_sources):
     assert abliterate_adapter.build_settings({"n_trials": 5}, context(foreign_sources, "abliterate")).n_trials == 5
 
 
-def test_export_verify_rebuilds_stage2_settings_without_env(foreign_sources):
-    from abliterate.export.verify import _stage2_settings
+def test_export_verify_rebuilds_the_evaluation_from_the_record_alone(foreign_sources, monkeypatch):
+    from abliterate.evaluation_inputs import EvaluationInputs
 
-    class Trial:
-        data = {"settings": {"model": "m", "n_trials": 4}}
-
-    settings = _stage2_settings(Trial())
-    assert (settings.n_trials, settings.seed, settings.kl_target) == (4, 42, 0.01)
+    monkeypatch.setenv("QA_MAX_TEST_PROMPTS", "7")
+    inputs = EvaluationInputs.from_recorded({"model": "m", "kl_tokens": 4, "a_flag_renamed_since": 1}, "t.json")
+    assert (inputs.kl_tokens, inputs.max_test_prompts, inputs.device_map) == (4, None, "auto")
 
 
 def test_the_fingerprint_covers_defaults_and_wired_values(tmp_path):

@@ -1,4 +1,4 @@
-"""The exported checkpoints have DESIGN.md section 2's files, tensors and configs."""
+"""The exported checkpoints have the files, tensors and configs the README's "Formats" section lists."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def test_compressed_tensors_layout(llmcompressor_output, tiny_model_dir):
 
 
 def test_global_scale_is_the_reciprocal_of_modelopts(llmcompressor_output, quantized):
-    """DESIGN.md: compressed-tensors global scales are the reciprocals of ModelOpt's weight_scale_2.
+    """compressed-tensors global scales are the reciprocals of ModelOpt's weight_scale_2.
 
     Up to bf16 rounding: llm-compressor 0.14 computes the global scale in the
     model's dtype (measured: 36352 = bf16(2688 / amax) where ModelOpt keeps

@@ -10,7 +10,12 @@ import pytest
 from foundation.errors import UserError
 from foundation.settings_cli import flags_of
 from quantize.calibration.schema import CalibrationSettings, load_mix
-from quantize.settings import QuantizeSettings, build_parser, settings_from_args, settings_table_markdown
+from quantize.settings import (
+    QuantizeSettings,
+    build_parser,
+    settings_from_args,
+    settings_table_markdown,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

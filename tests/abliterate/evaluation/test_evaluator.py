@@ -39,11 +39,9 @@ def test_base_evaluation_counts_refusals_and_compliance(model, tokenizer, answer
     assert base.kl == 0.0 and base.kl_first_token == 0.0
     again = evaluator.evaluate(model)
     assert again.responses == base.responses and again.kl == 0.0
-    assert evaluator.relative_refusals(again) == 1.0
-    assert evaluator.refusal_note is None
 
 
-def test_an_edit_changes_kl_and_refusals_are_relative_to_base(model, tokenizer, answers):
+def test_an_edit_changes_kl(model, tokenizer, answers):
     marker = answers[0].split()[1]
     config = EvaluationConfig(refusal_markers=(marker,), max_new_tokens=12, kl_tokens=6, batch_size=3)
     evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config)
@@ -55,15 +53,15 @@ def test_an_edit_changes_kl_and_refusals_are_relative_to_base(model, tokenizer, 
     assert result.kl > 1e-3
     assert result.kl_tokens == 6
     assert result.compliance is None  # nothing configured to recognise an answer
-    assert evaluator.relative_refusals(result) == pytest.approx(result.refusals / evaluator.base.refusals)
 
 
-def test_zero_base_refusals_do_not_divide_by_zero(model, tokenizer):
+def test_zero_base_refusals_are_measured_and_noted(model, tokenizer):
+    from abliterate.search.objectives import TrialMetrics, zero_base_refusals_note
+
     config = EvaluationConfig(refusal_markers=("no such marker",), max_new_tokens=5, kl_tokens=2, batch_size=8)
     evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config)
     assert evaluator.base.refusals == 0
-    assert evaluator.relative_refusals(evaluator.base) == 0.0
-    assert "refused none" in evaluator.refusal_note
+    assert "refused none" in zero_base_refusals_note(TrialMetrics.from_eval_result(evaluator.base))
 
 
 def test_automatic_batch_size_and_perplexity(model, tokenizer):

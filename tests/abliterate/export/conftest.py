@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
 from abliterate.architectures import discover
-from abliterate.artifacts import ChosenTrial, load_chosen_trial, write_chosen_trial
+from abliterate.artifacts import ChosenTrial, read_chosen_trial, write_chosen_trial
 from abliterate.edits.kernel import KernelParameters
 from abliterate.edits.plan import (
     PER_LAYER,
@@ -67,7 +67,7 @@ def make_trial(config, directory, method: str = "rank1", seed: int = 1) -> Chose
     directory.mkdir(parents=True, exist_ok=True)
     write_chosen_trial(directory, header=header, edits=plan_edits(parameters, components), directions=directions,
                        edit_vectors=edit_directions(parameters, directions))
-    return load_chosen_trial(directory)
+    return read_chosen_trial(directory)
 
 
 @pytest.fixture(scope="session")

@@ -200,6 +200,6 @@ def test_compressed_tensors_checkpoint_is_a_merge_source(nvfp4_pair, tmp_path):
 
 
 def load_trial_edits(trial_dir):
-    from abliterate.artifacts import load_chosen_trial
+    from abliterate.artifacts import read_chosen_trial
 
-    return load_chosen_trial(trial_dir).edits
+    return read_chosen_trial(trial_dir).edits

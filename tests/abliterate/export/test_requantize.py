@@ -76,7 +76,7 @@ def test_edited_fused_projection_keeps_the_group_scale_shared(nvfp4_pair, tmp_pa
     direction = torch.zeros(64)
     direction[int(load_all(base_dir)[q_name].float().abs().amax(dim=1).argmax())] = 1.0  # the row holding q's max
     record = EditRecord(q_name, 0, "attn", -3.0, "d", None, False)  # strength < 0 amplifies: q's amax grows
-    trial = ChosenTrial({"method": "rank1", "rank": 1, "svd_seed": 0}, {q_name: record}, {"d": direction})
+    trial = ChosenTrial.from_parts({"method": "rank1", "rank": 1, "svd_seed": 0}, [record], {"d": direction})
     merger = StreamingMerger.from_directory(base_dir, trial)
     report = export_nvfp4(merger, stage1_dir, tmp_path, show_progress=False)
     group = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]

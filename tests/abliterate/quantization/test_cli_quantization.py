@@ -2,7 +2,7 @@
 
 import pytest
 
-from abliterate.artifacts import load_chosen_trial
+from abliterate.artifacts import read_chosen_trial
 from abliterate.cli import main
 from foundation.errors import UserError
 from tests.abliterate.tiny_chat import write_prompts, write_tiny_chat_model
@@ -19,9 +19,9 @@ def test_command_searches_a_model_quantized_on_load_and_records_it(tmp_path, cap
     assert main([*common, "--out", str(out), "--quantization", "torchao_int8_weight_only"]) == 0
     printed = capsys.readouterr().out
     assert "quantized on load: torchao_int8_weight_only" in printed
-    chosen = load_chosen_trial(out)
-    assert chosen.data["source_format"] == "plain, quantized on load: torchao_int8_weight_only"
-    assert chosen.data["settings"]["quantization"] == "torchao_int8_weight_only"
+    chosen = read_chosen_trial(out)
+    assert chosen.header.source_format == "plain, quantized on load: torchao_int8_weight_only"
+    assert chosen.header.settings["quantization"] == "torchao_int8_weight_only"
     assert chosen.edits and all(name.endswith(".weight") for name in chosen.edits)  # full-precision names for the merge
 
     # A GPU-only choice stops before loading, naming the option and a fix.

@@ -1,0 +1,34 @@
+"""A study's name: what makes two runs the same search, so a re-run continues the study instead of starting over.
+
+Kept apart from the loop that runs a study because the name is a promise to
+users with studies on disk: the identity below must not change when the code
+around it does (a changed name silently starts a new study).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from abliterate.evaluation import EvaluationConfig
+    from abliterate.prompts import PromptSets
+    from abliterate.settings import AbliterateSettings
+
+
+def study_name(settings: AbliterateSettings, prompts: PromptSets, config: EvaluationConfig) -> str:
+    """Same model + prompts + objective-defining settings -> same study, so a re-run continues it."""
+    identity = {
+        "model": str(Path(settings.model).resolve()) if Path(settings.model).exists() else settings.model,
+        "prompts": asdict(prompts),
+        "evaluation": asdict(config) | {"batch_size": None, "max_batch_size": None},
+        "edit": [settings.method, settings.lowrank_rank, settings.direction_scope, settings.direction_projected],
+        "objective": [settings.kl_target, settings.seed],
+    }
+    if settings.quantization != "none":  # a quantized model is another model: its own study (older studies keep their names)
+        identity["quantization"] = settings.quantization_request().describe()
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"abliterate-{Path(settings.model.rstrip('/')).name}-{digest}"
