@@ -96,9 +96,11 @@ def global_scale(
         amax = weight.detach().abs().amax().float()
     # ModelOpt's export asserts on an all-zero weight (its scale would be 0 and
     # the block scales NaN); an edit can legitimately zero a module, so treat
-    # it as if its amax were 1: every code is then 0 and dequantizes to 0.
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-    return amax / divisor
+    # it as if its amax were 1: every code is then 0 and dequantizes to 0. The
+    # same for an amax so small (< ~4e-42, all subnormal) that amax / divisor
+    # underflows to 0: dividing by that scale would turn the weight into NaN.
+    scale = amax / divisor
+    return torch.where(scale > 0, scale, torch.ones_like(amax) / divisor)
 
 
 def block_scales(

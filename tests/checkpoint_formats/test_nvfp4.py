@@ -200,3 +200,13 @@ def test_property_requantizing_dequantized_weights_is_idempotent_for_normal_scal
     codes = torch.where(codes == 8, torch.zeros_like(codes), codes)
     rows = normal.repeat_interleave(16, dim=-1)
     assert torch.equal(codes_again[rows], codes[rows])
+
+
+def test_weight_of_subnormals_only_quantizes_to_zeros_not_nan():
+    """amax / 2688 underflows to 0 for amax < ~4e-42 (found by the property test above): no NaN may come out."""
+    weight = torch.zeros(4, 16)
+    weight[0, 0] = 1e-45
+    q = nvfp4.quantize_weight(weight)
+    assert float(q.weight_scale_2) > 0
+    restored = nvfp4.dequantize_weight(q, torch.float32)
+    assert bool(torch.isfinite(restored).all()) and float(restored.abs().max()) <= 1e-44
