@@ -113,6 +113,8 @@ class ChosenTrialHeader(BaseModel):
     metrics: dict[str, Any] | None = None
     base_metrics: dict[str, Any] | None = None
     settings: dict[str, Any] | None = None
+    # settings the direct CLI took from QA_* variables or config.toml instead of its command line (name -> source)
+    settings_sources: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         run_abliteration,  # heavy imports only after the flags are valid
     )
 
-    run_abliteration(settings, console)
+    run_abliteration(settings, console, settings_sources=sources)
     return 0
 
 

@@ -154,7 +154,8 @@ def choose(settings: AbliterateSettings, candidates: list[Candidate], front: lis
     return next(c for c in candidates if c.number == number), "chosen interactively"
 
 
-def run_abliteration(settings: AbliterateSettings, console: Console) -> Path:
+def run_abliteration(settings: AbliterateSettings, console: Console,
+                     settings_sources: dict[str, str] | None = None) -> Path:
     out = settings.output_dir()
     check_writable_output(out, settings.overwrite)
     if settings.cpu_threads:
@@ -237,6 +238,7 @@ def run_abliteration(settings: AbliterateSettings, console: Console) -> Path:
                 "skipped": [{"parameter": s.component.parameter_path, "reason": s.reason} for s in abliterator.skipped],
                 "metrics": chosen.metrics.to_dict(), "base_metrics": base.to_dict(),
                 "settings": json.loads(settings.model_dump_json()),
+                "settings_sources": settings_sources or {},
             },
             edits=plan_edits(parameters, abliterator.components),
             directions=directions,

@@ -32,6 +32,7 @@ from abliterate.quantization.options import QuantizationRequest, check_overrides
 from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
+from foundation.validation import user_error_from_validation
 
 
 class AbliterateSettings(BaseSettings):
@@ -175,9 +176,8 @@ def parse_settings(argv: list[str]) -> AbliterateSettings:
     try:
         return CliApp.run(AbliterateSettings, cli_args=argv, cli_exit_on_error=False)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "settings"
-        raise UserError(f"--{field}", first["msg"], "see 'quant-abliterate abliterate --help'") from None
+        raise user_error_from_validation(error, lambda problem: (
+            f"--{problem.field or 'settings'}", problem.message, "see 'quant-abliterate abliterate --help'")) from None
     except SystemExit:
         raise
     except Exception as error:  # argparse-level errors from the CLI source

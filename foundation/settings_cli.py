@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from foundation.errors import UserError
+from foundation.validation import FieldProblem, user_error_from_validation
 
 
 def cli(*, aliases: tuple[str, ...] = (), flags: tuple[str, ...] = (), positional: bool = False,
@@ -123,10 +123,12 @@ def validate(model: type[BaseModel], values: dict[str, Any], *, fix: str) -> Any
     try:
         return model.model_validate(values)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else ""
-        where = flags_of(field, model.model_fields[field])[0] if field in model.model_fields else "arguments"
-        raise UserError(where, first["msg"], fix) from None
+        def explain(problem: FieldProblem) -> tuple[str, str, str]:
+            field = str(problem.loc[0]) if problem.loc else ""
+            where = flags_of(field, model.model_fields[field])[0] if field in model.model_fields else "arguments"
+            return where, problem.message, fix
+
+        raise user_error_from_validation(error, explain) from None
 
 
 def flags_table_markdown(model: type[BaseModel]) -> str:

@@ -16,9 +16,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
+from foundation.hub_ids import looks_like_local_path
 from foundation.package_data import resolve_data_path
 from foundation.settings_cli import (
     add_model_arguments,
@@ -40,8 +43,9 @@ from quantize.skip_layers import parse_skip_patterns
 
 DEFAULT_MIX = Path("datasets_yaml/offline_mix.yaml")
 
-DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-                 "half": "float16", "fp32": "float32", "float32": "float32", "auto": "auto"}
+# every spelling of the shared table, named by its long form (what the settings and the manifest record)
+_LONG_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DTYPE_ALIASES = {spelling: _LONG_NAMES.get(dtype, "auto") for spelling, dtype in TORCH_DTYPES.items()}
 MEMORY_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
 OFFLOAD = "offload (70B-405B models)"
 # Seed compatibility: these come from the environment (or ./.env) when the flag is not given.
@@ -161,11 +165,6 @@ def settings_from_args(args: argparse.Namespace) -> QuantizeSettings:
 def settings_table_markdown() -> str:
     """The README's table of stage 1's flags (``python -m quantize.settings``)."""
     return flags_table_markdown(QuantizeSettings)
-
-
-def looks_like_local_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``owner/name``; anything else is meant as a path."""
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
 
 
 def check_paths(settings: QuantizeSettings) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from foundation.errors import UserError
+from foundation.validation import FieldProblem, user_error_from_validation
 
 
 def stage_settings(stage: str, settings_class: type[BaseModel], user_settings: dict[str, Any],
@@ -28,12 +29,14 @@ def stage_settings(stage: str, settings_class: type[BaseModel], user_settings: d
         build = getattr(settings_class, "from_mapping", settings_class.model_validate)
         return build({**user_settings, **wired})
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        where = f"pipeline stage '{stage}': field '{field}'"
-        if first["type"] != "extra_forbidden":  # a bad value: the list of setting names would not help
-            raise UserError(where, first["msg"], f"give '{field}' a valid value (see 'quant-abliterate {stage} --help')") from None
         names = [name for name in settings_class.model_fields if name not in wired]
-        close = difflib.get_close_matches(field, names, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise UserError(where, "unknown setting", f"{hint}valid settings: {', '.join(names)}") from None
+
+        def explain(problem: FieldProblem) -> tuple[str, str, str]:
+            where = f"pipeline stage '{stage}': field '{problem.field}'"
+            if problem.kind != "extra_forbidden":  # a bad value: the list of setting names would not help
+                return where, problem.message, f"give '{problem.field}' a valid value (see 'quant-abliterate {stage} --help')"
+            close = difflib.get_close_matches(problem.field, names, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            return where, "unknown setting", f"{hint}valid settings: {', '.join(names)}"
+
+        raise user_error_from_validation(error, explain) from None

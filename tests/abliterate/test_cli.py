@@ -90,3 +90,14 @@ def test_readme_settings_table_is_the_settings_model():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "--load_as" in settings_table_markdown()
     assert settings_table_markdown().strip() in readme
+
+
+def test_values_from_the_environment_are_recorded_in_the_chosen_trial(workspace, monkeypatch, tmp_path):
+    model_dir, spec, root = workspace
+    monkeypatch.chdir(tmp_path)  # no config.toml here
+    monkeypatch.setenv("QA_SEED", "7")
+    out = root / "out_env"
+    assert main(_argv(model_dir, spec, out, 2)) == 0
+    header = read_chosen_trial(out).header
+    assert header.settings["seed"] == 7
+    assert header.settings_sources == {"seed": "environment QA_SEED"}
