@@ -19,12 +19,17 @@ if TYPE_CHECKING:
     from abliterate.settings import AbliterateSettings
 
 
+_NOT_IDENTITY = ("decoding",)
+
+
 def study_name(settings: AbliterateSettings, prompts: PromptSets, config: EvaluationConfig) -> str:
     """Same model + prompts + objective-defining settings -> same study, so a re-run continues it."""
     identity = {
         "model": str(Path(settings.model).resolve()) if Path(settings.model).exists() else settings.model,
         "prompts": asdict(prompts),
-        "evaluation": asdict(config) | {"batch_size": None, "max_batch_size": None},
+        # how answers are decoded and batched changes speed, not the tokens: not part of the search's identity
+        "evaluation": {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY} | {"batch_size": None,
+                                                                                              "max_batch_size": None},
         "edit": [settings.method, settings.lowrank_rank, settings.direction_scope, settings.direction_projected],
         "objective": [settings.kl_target, settings.seed],
     }
