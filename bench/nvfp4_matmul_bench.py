@@ -114,29 +114,69 @@ def measure_shape(n: int, k: int) -> list[dict]:
     return rows
 
 
+def dtype_checks() -> list[dict]:
+    """The dispatch's decode kernels on fp16 and fp32 x too (bf16 is the main table), with bias, odd N and K."""
+    rows = []
+    for (n, k), dtype, m in itertools.product([(4096, 4096), (200, 784)], (torch.float16, torch.float32), (1, 3, 16, 100)):
+        q, w32, _ = _weights(n, k)
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        out = mm.nvfp4_linear(x, q.packed, q.weight_scale, q.weight_scale_2, bias)
+        config = mm.decode_config(m, n, k, mm._sm_count(x.device))
+        rows.append({"n": n, "k": k, "m": m, "dtype": str(dtype), "config": config.__dict__,
+                     "err": _error(out, x.float() @ w32.T + bias.float())})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _decode_candidates(m: int, k: int):
-    block_m = 16 if m <= 16 else 64 if m <= 64 else 128
-    warps, stages = (8, 3) if block_m == 128 else (4, 4)
-    for block_n, split in itertools.product((32, 64, 128), (1, 2, 4, 8)):
-        if k // (128 * split) >= 2:
-            yield mm.KernelConfig(block_m, block_n, 128, split, warps, stages)
+    """Launch shapes to time at M tokens: CUDA-core GEMV (tiny M), tensor-core dot variants, split K or not."""
+    C = mm.KernelConfig
+    yield mm.decode_config(m, 4096, k, 132)  # placeholder replaced by the dispatch's own choice in sweep_shape
+    if m <= 4:
+        bm = 1 << max(m - 1, 0).bit_length()
+        for bn, bk, split in [(16, 1024, 1), (16, 1024, 2), (16, 1024, 4), (16, 512, 4), (16, 256, 1),
+                              (32, 512, 2), (32, 512, 4), (8, 1024, 1), (8, 512, 2)]:  # fmt: skip
+            yield C(bm, bn, bk, split, kernel="gemv")
+    if m <= 16:
+        for bn, bk, split in [(16, 512, 1), (16, 512, 2), (16, 256, 1), (16, 256, 2), (16, 256, 4), (32, 256, 2),
+                              (32, 128, 1), (32, 128, 4)]:  # fmt: skip
+            yield C(16, bn, bk, split, kernel="dot", join=True)
+    elif m <= 64:
+        for bn, bk, split in [(32, 128, 1), (32, 128, 2), (32, 128, 4), (16, 128, 2), (32, 256, 2)]:
+            yield C(64, bn, bk, split, kernel="dot", join=True)
+    else:
+        for bn, bk, split in [(32, 128, 1), (32, 128, 2), (32, 128, 4), (64, 128, 2), (16, 128, 2)]:
+            yield C(128, bn, bk, split, 8, kernel="dot", join=True)
+        yield C(64, 32, 128, 2, 4, kernel="dot", join=True)
 
 
-def sweep_shape(n: int, k: int, deadline: float) -> list[dict]:
-    """Every candidate decode launch shape, and the fused kernel at prefill sizes, timed."""
-    q, w32, _ = _weights(n, k)
+def sweep_shape(n: int, k: int, deadline: float, skip_prefill: bool = True) -> list[dict]:
+    """Every candidate decode launch shape (error: fp32 output vs the fp32 reference), timed against bf16."""
+    q, w32, w16 = _weights(n, k)
     args = (q.packed, q.weight_scale, q.weight_scale_2)
     rows = []
     for m in SWEEP_TOKENS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w32.T
         timed = []
-        for config in _decode_candidates(m, k):
+        chosen = mm.decode_config(m, n, k, mm._sm_count(x.device))
+        candidates = [chosen] + [c for c in list(_decode_candidates(m, k))[1:] if c != chosen]
+        for config in candidates:
             if time.monotonic() > deadline:
                 return rows
-            timed.append((_gpu_ms(lambda x=x, config=config: mm.fused_matmul(x, *args, None, config)), config.__dict__))
-        timed.sort(key=lambda t: t[0])
-        rows.append({"n": n, "k": k, "m": m, "best": timed[:5], "worst_ms": timed[-1][0]})
+            try:
+                err = _error(mm.fused_matmul(x, *args, None, config, torch.float32), ref)
+                ms = _gpu_ms(lambda x=x, config=config: mm.fused_matmul(x, *args, None, config))
+            except Exception as exc:  # a candidate that fails to compile is reported, not fatal
+                timed.append((None, config.__dict__, repr(exc)[:300]))
+                continue
+            timed.append((ms, {**config.__dict__, "dispatch": config == chosen}, err))
+        timed.sort(key=lambda t: float("inf") if t[0] is None else t[0])
+        rows.append({"n": n, "k": k, "m": m, "bf16_ms": _gpu_ms(lambda x=x: F.linear(x, w16)), "timed": timed})
         print(json.dumps(rows[-1]), flush=True)
+    if skip_prefill:
+        return rows
     x = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
     out = mm.fused_matmul(x, *args, None, PREFILL_CONFIG)
     rows.append({
@@ -156,6 +196,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time candidate launch shapes (tuning)")
     parser.add_argument("--sweep-budget-s", type=float, default=150.0)
     parser.add_argument("--skip-main", action="store_true")
+    parser.add_argument("--sweep-first", action="store_true", help="run the sweep before the main table")
     args = parser.parse_args()
     if not mm.available("cuda"):
         sys.exit("needs Triton and a CUDA GPU of sm_80+")
@@ -177,15 +218,22 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 
-    if not args.skip_main:
-        for n, k in SHAPES:
-            report["results"] += measure_shape(n, k)
-            save()
-    if args.sweep:
+    def sweep() -> None:
         deadline = time.monotonic() + args.sweep_budget_s
         for n, k in SHAPES:
             report["sweep"] += sweep_shape(n, k, deadline)
             save()
+
+    if args.sweep and args.sweep_first:
+        sweep()
+    if not args.skip_main:
+        report["dtype_checks"] = dtype_checks()
+        save()
+        for n, k in SHAPES:
+            report["results"] += measure_shape(n, k)
+            save()
+    if args.sweep and not args.sweep_first:
+        sweep()
     save()
 
 

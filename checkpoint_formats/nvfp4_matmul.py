@@ -17,14 +17,13 @@ so this module is plain Triton (kept optional: the project does not pin it).
 
 Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.json):
 
-- decode, ``M <= DECODE_MAX_M``: one fused kernel reads the packed codes and
-  E4M3 scales as stored, builds each E2M1 value and scale from its bits (exact
-  in fp32), and multiplies by ``x`` with ``tl.dot``, split along K with fp32
-  atomics when N is too small to fill the GPU; the global scale and bias are
-  applied to the fp32 accumulator. A CUDA-core GEMV variant for M <= 4 was
-  measured and dropped (never faster than tl.dot). MEASURED: this
-  kernel is correct but SLOWER than bf16 F.linear (0.3-0.9x GPU time): it is
-  bound by the per-weight decode work in Triton, not by bytes; see the JSON.
+- decode, ``M <= DECODE_MAX_M``: one kernel reads the codes as uint32 words (8 codes each; inline PTX
+  lays codes j and j+4 into one fp16x2, interpreter: portable bit ops), the next K tile prefetched in
+  registers. M=1 (and tiny M on small weights): CUDA-core fp32-FMA GEMV with x split by code position;
+  else tensor cores (codes * E4M3 scale exact in x's dtype, joined back into K order, one tl.dot); K split
+  with fp32 atomics where N alone leaves SMs idle. Global scale and bias on the fp32 accumulator.
+  MEASURED (H200, bench JSON): 1.1-1.4x bf16 at M=1, about 1.0x at M=4-16, 0.4-0.7x at M=64-128;
+  latency bound (too few bytes in flight), not at the ~0.5625 B/weight bandwidth floor.
 - prefill, larger M: a Triton kernel dequantizes W to x's dtype and cuBLAS
   (``F.linear``) multiplies; at these sizes the matmul is compute bound and
   cuBLAS beats a fused Triton kernel with in-register dequantization.
@@ -36,7 +35,9 @@ no host sync). fp32 ``x`` goes through TF32 ``tl.dot`` on the decode path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +45,13 @@ import torch.nn.functional as F
 
 try:
     import triton
-    import triton.language as tl
+
+    from checkpoint_formats import nvfp4_triton_kernels as kernels
 except ImportError:  # CPU installs: callers use nvfp4.dequantize_weight instead
-    triton = None
+    triton = kernels = None
 
 DECODE_MAX_M = 128
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # no inline PTX in the interpreter
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -62,6 +65,10 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" (tensor cores) or "legacy" (first version)
+    join: bool = False  # dot: rebuild K order in registers (one dot) instead of eight dots on strided x
+    mul16: bool = True  # dot: code * scale in fp16 (exact) instead of fp32
+    asm: bool = True  # decode 8 codes of a word with inline PTX (GPU only; the interpreter takes the portable path)
 
 
 def available(device: torch.device | str) -> bool:
@@ -88,7 +95,7 @@ def nvfp4_linear(
     if m == 0:
         out = x2d.new_empty(0, n)
     elif m <= DECODE_MAX_M:
-        config = decode_config(m, n, k, _sm_count(x.device))
+        config = decode_config(m, n, k, _sm_count(x.device), x.element_size())
         out = fused_matmul(x2d, packed, weight_scale, weight_scale_2, bias, config)
     else:
         out = F.linear(x2d, dequantize(packed, weight_scale, weight_scale_2, x.dtype), bias)
@@ -135,21 +142,34 @@ def _next_pow2(value: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def decode_config(m: int, n: int, k: int, sm_count: int) -> KernelConfig:
-    """Launch shape for M <= DECODE_MAX_M, cached by (M, N, K): the best shapes of the bench's sweep.
+def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> KernelConfig:
+    """Launch shape for M <= DECODE_MAX_M, cached by (M, N, K): the winners of the bench's sweep on an H200.
 
-    Split K while that keeps the grid within two waves and each split at least 4 K tiles.
+    Decode is latency bound unless enough weight bytes are in flight, so K tiles are wide (GEMV) and K is
+    split (fp32 atomics: two extra small launches) until the grid has about three programs per SM.
     """
-    block_m = 16 if m <= 16 else 64 if m <= 64 else 128
-    config = KernelConfig(block_m=block_m, block_n=32 if n <= 2048 else 64, block_k=128)
-    if block_m == 128:
-        config = KernelConfig(block_m=128, block_n=config.block_n, block_k=128, num_warps=8, num_stages=3)
+    small = n * k <= 4096 * 4096
+    if m == 1 or (m <= 4 and small):
+        config = KernelConfig(block_m=_next_pow2(m), block_n=16 if m == 1 and n == 4096 else 8, block_k=1024, kernel="gemv")
+    elif m <= 16:
+        if n * k < 4096 * 4096:
+            config = KernelConfig(block_m=16, block_n=16, block_k=512, kernel="dot", join=True)
+        else:
+            config = KernelConfig(block_m=16, block_n=32, block_k=128, kernel="dot", join=True)
+    elif m <= 64:
+        config = KernelConfig(block_m=64, block_n=32, block_k=128, kernel="dot", join=True)
+    else:
+        config = KernelConfig(block_m=128, block_n=32, block_k=128, num_warps=8, kernel="dot", join=True)
+    if x_bytes > 2 and config.kernel == "dot":  # fp32 x: half the K tile keeps the staged tiles in shared memory
+        config = dataclasses.replace(config, block_k=config.block_k // 2, num_stages=2)
+    if config.kernel == "gemv":
+        return config  # measured: split K never paid for the GEMV at BLOCK_K 1024
     tiles = triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m)
     k_tiles = triton.cdiv(k, config.block_k)
     split = 1
-    while split < 8 and tiles * split * 2 <= 2 * sm_count and k_tiles // (split * 2) >= 4:
+    while tiles * split < 3 * sm_count and k_tiles // (split * 2) >= 4:
         split *= 2
-    return KernelConfig(**{**config.__dict__, "split_k": split})
+    return dataclasses.replace(config, split_k=split)
 
 
 def fused_matmul(
@@ -170,13 +190,21 @@ def fused_matmul(
     atomic = split > 1
     out = (torch.zeros if atomic else torch.empty)(m, n, device=x2d.device, dtype=torch.float32 if atomic else out_dtype)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split)
-    _mma_kernel[grid](
-        x2d, packed, weight_scale.view(torch.uint8), weight_scale_2, bias if bias is not None else out, out,
-        m, n, k, x2d.stride(0), out.stride(0), k_per_split,
-        HAS_BIAS=bias is not None, ATOMIC=atomic,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    common = (weight_scale.view(torch.uint8), weight_scale_2, bias if bias is not None else out, out,
+              m, n, k, x2d.stride(0), out.stride(0), k_per_split)  # fmt: skip
+    meta = dict(HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+    if config.kernel == "legacy":
+        kernels._mma_kernel[grid](x2d, packed, *common, **meta)
+        return out.to(out_dtype) if atomic else out
+    if packed.data_ptr() % 4:  # the kernels read the codes as int32 words (8 codes each)
+        packed = packed.clone()
+    words = packed.view(torch.int32)
+    meta.update(EVEN_K=k % config.block_k == 0, ASM=config.asm and not _INTERPRET)
+    if config.kernel == "gemv":
+        kernels._gemv_kernel[grid](x2d, words, *common, **meta)
+    else:
+        kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, **meta)
     return out.to(out_dtype) if atomic else out
 
 
@@ -188,80 +216,7 @@ def dequantize(
     out = torch.empty(n, k, device=packed.device, dtype=dtype)
     block_n, block_k = 32, 256
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _dequant_kernel[grid](
+    kernels._dequant_kernel[grid](
         packed, weight_scale.view(torch.uint8), weight_scale_2, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4
     )
     return out
-
-
-if triton is not None:
-
-    @triton.jit
-    def _e2m1_to_f32(code):
-        """4-bit code -> its E2M1 value * 2^-14: the code's bits laid into an fp16 (exact)."""
-        bits = code.to(tl.uint16)
-        bits = ((bits & 7) << 9) | ((bits & 8) << 12)
-        return bits.to(tl.float16, bitcast=True).to(tl.float32)
-
-    @triton.jit
-    def _e4m3_to_f32(byte):
-        """E4M3 byte -> its value * 2^14: as an fp16 it reads value * 2^-8, normals and subnormals alike."""
-        bits = byte.to(tl.uint16)
-        bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
-        return bits.to(tl.float16, bitcast=True).to(tl.float32) * 4194304.0  # 2^22
-
-    @triton.jit
-    def _dequant_tile(w_ptr, s_ptr, offs_n, k0, N, K, global_scale, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """W[offs_n, k0:k0+BLOCK_K] in fp32 as e2m1 * (e4m3 * global_scale); exact for global_scale 1."""
-        GROUPS: tl.constexpr = BLOCK_K // 16
-        offs_g = k0 // 16 + tl.arange(0, GROUPS)
-        mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // 16)
-        scale = _e4m3_to_f32(tl.load(s_ptr + offs_n[:, None] * (K // 16) + offs_g[None, :], mask=mask, other=0))
-        scale = scale * global_scale
-        byte_ptrs = w_ptr + offs_n[:, None, None] * (K // 2) + offs_g[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-        packed = tl.load(byte_ptrs, mask=mask[:, :, None], other=0)
-        values = tl.interleave(_e2m1_to_f32(packed & 15), _e2m1_to_f32(packed >> 4)) * scale[:, :, None]
-        return tl.reshape(values, (BLOCK_N, BLOCK_K))
-
-    @triton.jit
-    def _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first_split, HAS_BIAS, ATOMIC):
-        """Global scale and bias on the fp32 accumulator, then store (or add, when K is split)."""
-        y = acc * tl.load(gs_ptr)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            y += bias[None, :] * first_split
-        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        if ATOMIC:
-            tl.atomic_add(ptrs, y, mask=mask)
-        else:
-            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _mma_kernel(
-        x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
-        HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        """Tensor-core decode: dequantize a weight tile in registers, tl.dot with x."""
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_start = tl.program_id(2) * k_per_split
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
-            w = _dequant_tile(w_ptr, s_ptr, offs_n, k0, N, K, 1.0, BLOCK_N, BLOCK_K).to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc)
-        first = (tl.program_id(2) == 0).to(tl.float32)
-        _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, HAS_BIAS, ATOMIC)
-
-    @triton.jit
-    def _dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One [BLOCK_N, BLOCK_K] tile of W, in the reference codec's float32 order, rounded once to out's dtype."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        w = _dequant_tile(w_ptr, s_ptr, offs_n, tl.program_id(1) * BLOCK_K, N, K, tl.load(gs_ptr), BLOCK_N, BLOCK_K)
-        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
