@@ -77,7 +77,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, default=8, help="tokens to generate (greedy)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda:0, or a device_map such as auto / balanced")
     parser.add_argument("--no-simulate-activations", action="store_true", help="keep activations in bf16")
+    parser.add_argument("--serving", action="store_true",
+                        help="check only what vLLM / TensorRT-LLM require of the files (no model is loaded)")
     args = parser.parse_args(argv)
+    if args.serving:
+        return _verify_serving(args.path)
     if args.tokens < 1:
         raise UserError("--tokens", "must be at least 1")
     fmt = detect_format(args.path)
@@ -106,3 +110,18 @@ def main(argv: list[str]) -> int:
         f"KL {comparison.mean_kl:.4g} nats, top-1 agreement {comparison.top1_agreement:.1%}"
     )
     return 0 if comparison.finite else 1
+
+
+def _verify_serving(path: str) -> int:
+    """List every servability problem, then stop with a UserError naming the first (tensor + rule)."""
+    from rich.console import Console
+
+    from checkpoint_formats.servability import check_servable, require_servable
+
+    console = Console()
+    problems = check_servable(path)
+    for problem in problems:
+        console.print(f"[red]not servable[/] {problem}", markup=True, highlight=False)
+    require_servable(path)
+    console.print(f"[green]servable[/]: {path} meets every rule vLLM 0.33 / TensorRT-LLM apply to its files")
+    return 0

@@ -55,3 +55,9 @@ PRIMARY_WEIGHT_SUFFIXES = (".weight", ".weight_packed")
 KV_CACHE_SUFFIXES = (".k_scale", ".v_scale", ".k_proj.output_scale", ".v_proj.output_scale")
 # Tensors a quantized checkpoint may hold that have no parameter in a dequantized model (activation and cache scales).
 NO_PARAMETER_SUFFIXES = (".k_scale", ".v_scale", ".input_scale", ".input_global_scale")
+
+# --- checkpoint vs. transformers naming ------------------------------------------------------------------
+# Top-level prefixes a family's checkpoints use on disk where transformers' model names the module otherwise
+# (on disk, in the model): NemotronH checkpoints (NVIDIA's and ModelOpt's exports) say ``backbone.``,
+# transformers 5's NemotronHForCausalLM says ``model.`` (its conversion_mapping renames at load).
+CHECKPOINT_PREFIX_ALIASES: tuple[tuple[str, str], ...] = (("backbone.", "model."),)

@@ -31,6 +31,7 @@ from checkpoint_formats import packed_experts, placement
 from checkpoint_formats.detect import CheckpointFormat, FormatKind, detect_format
 from checkpoint_formats.layout import NO_PARAMETER_SUFFIXES as _IGNORED_SUFFIXES
 from checkpoint_formats.modules import FP8Linear, NVFP4Linear
+from checkpoint_formats.naming import naming_for
 from checkpoint_formats.quantized_tensors import (
     QuantizedSource,
     find_quantized,
@@ -164,7 +165,10 @@ def load_checkpoint(
         return placement.from_pretrained_plain(fmt, dtype, device_map, max_memory, trust_remote_code), fmt
 
     model = _empty_model(fmt, dtype, trust_remote_code)
-    reader = CheckpointReader(fmt)
+    # NemotronH stores ``backbone.*`` where the model says ``model.*``: read the checkpoint in the model's spelling.
+    with CheckpointReader(fmt) as disk:
+        naming = naming_for(disk.names(), [name for name, _ in model.named_parameters()])
+    reader = CheckpointReader(fmt, naming)
     activation_mode = _activation_mode(fmt.kind)
 
     sources: dict[str, QuantizedSource] = {}
@@ -232,6 +236,12 @@ def load_checkpoint(
             if value is not None:
                 _set_tensor(model, name, value, devices.device_of(name))
 
+    for name, buffer in list(model.named_buffers()):
+        # Buffers were built for real (include_buffers=False), so the meta pass above skips them; a stored one
+        # (NemotronH's router e_score_correction_bias) must still be read, in the buffer's own dtype (fp32 there).
+        if name in reader and name not in consumed and buffer.device.type != "meta":
+            _set_tensor(model, name, reader.get(name).to(buffer.dtype), devices.device_of(name))
+            consumed.add(name)
     placement.tie_and_check(model, fmt)
     for name, buffer in list(model.named_buffers()):  # non-persistent ones (rotary inv_freq) were built on the CPU
         if buffer.device != devices.device_of(name):

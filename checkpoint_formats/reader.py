@@ -15,23 +15,33 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from checkpoint_formats.detect import CheckpointFormat, detect_format
+from checkpoint_formats.naming import IDENTITY, CheckpointNaming
 from foundation.errors import UserError
 
 _FIX = "the file is damaged or incomplete: copy it again from the original checkpoint"
 
 
 class CheckpointReader:
-    """``names()``, ``get(name)``, ``iter_shards()`` over a checkpoint's safetensors files."""
+    """``names()``, ``get(name)``, ``iter_shards()`` over a checkpoint's safetensors files.
 
-    def __init__(self, checkpoint: CheckpointFormat | str | Path) -> None:
+    With a ``naming`` (``checkpoint_formats.naming``) every name is seen as the
+    transformers model spells it (``model.`` for a NemotronH ``backbone.``), so the
+    loader's lookups need no translation of their own.
+    """
+
+    def __init__(self, checkpoint: CheckpointFormat | str | Path, naming: CheckpointNaming = IDENTITY) -> None:
         self.format = checkpoint if isinstance(checkpoint, CheckpointFormat) else detect_format(checkpoint)
+        self.naming = naming
         self._handles: dict[Path, object] = {}
         self._location: dict[str, Path] = {}
+        self._disk_name: dict[str, str] = {}
         for shard in self.format.weight_files:
-            for name in self._open(shard).keys():
+            for disk_name in self._open(shard).keys():
+                name = naming.to_model(disk_name)
                 self._location[name] = shard
+                self._disk_name[name] = disk_name
         if self.format.weight_map is not None:
-            missing = [name for name in self.format.weight_map if name not in self._location]
+            missing = [name for name in self.format.weight_map if naming.to_model(name) not in self._location]
             if missing:
                 raise UserError(
                     str(self.format.path),
@@ -58,7 +68,7 @@ class CheckpointReader:
 
     def metadata(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape without reading the data."""
-        tensor_slice = self._open(self._location[name]).get_slice(name)
+        tensor_slice = self._open(self._location[name]).get_slice(self._disk_name[name])
         dtype_name = tensor_slice.get_dtype()
         return _SAFETENSORS_DTYPES.get(dtype_name, dtype_name), tuple(tensor_slice.get_shape())
 
@@ -67,7 +77,7 @@ class CheckpointReader:
             raise UserError(str(self.format.path), f"has no tensor {name!r}", "check that the checkpoint is complete")
         shard = self._location[name]
         try:
-            return self._open(shard).get_tensor(name)
+            return self._open(shard).get_tensor(self._disk_name[name])
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise UserError(str(shard), f"tensor {name!r} cannot be read ({error})", _FIX) from error
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-from checkpoint_formats.layout import MOE_ROUTERS, SHARED_EXPERT_GATES
+from checkpoint_formats.layout import MOE_ROUTERS, SHARED_EXPERT_GATES, scale_sharing_group
 from foundation.errors import UserError
 
 
@@ -96,7 +96,30 @@ def resolve_user_skips(patterns: list[str], module_names: list[str], flag: str =
                 f"use a glob over module names, e.g. '*layers.0.*' or '*down_proj' (modules look like: {examples}, ...)",
             )
         matches.append(SkipMatch(pattern, "requested with --skip_layers", modules))
+    check_fused_groups(matches, module_names, flag)
     return matches
+
+
+def check_fused_groups(matches: list[SkipMatch], module_names: list[str], flag: str = "--skip_layers") -> None:
+    """Refuse skips that split a fused group (q/k/v, gate/up): servers load such a group as one
+    quantized or one unquantized matmul, and vLLM fails on "some but not all shards" quantized."""
+    skipped = {module for match in matches for module in match.modules}
+    present = set(module_names)
+    for module in sorted(skipped):
+        parent, _, leaf = module.rpartition(".")
+        group = scale_sharing_group(leaf)
+        if group is None:
+            continue
+        siblings = [f"{parent}.{other}" if parent else other for other in group if other != leaf]
+        missing = [name for name in siblings if name in present and name not in skipped]
+        if missing:
+            pattern = next(match.module_glob for match in matches if module in match.modules)
+            raise UserError(
+                flag,
+                f"pattern {pattern!r} keeps {module} in full precision but not its fused siblings "
+                f"{', '.join(missing)}: servers run {'/'.join(group)} as one matmul, all quantized or none",
+                f"skip them together, e.g. '{parent}.*' or add {', '.join(repr(name) for name in missing)}",
+            )
 
 
 def disabled_quantizer_patterns(matches: list[SkipMatch]) -> list[str]:

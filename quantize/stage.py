@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from checkpoint_formats.servability import require_servable
 from foundation.atomic_output import atomic_output_dir, check_writable_output
 from foundation.dtypes import TORCH_DTYPES
 from foundation.package_data import resolve_data_path
@@ -90,6 +91,7 @@ def run_quantize(settings: QuantizeSettings, console: Console | None = None, cal
     with atomic_output_dir(output, settings.overwrite) as staging:
         export_started = time.perf_counter()
         quantization = backend.export(model, staging, settings)
+        require_servable(staging, where=str(output))  # our own vLLM / TensorRT-LLM check (servability.py)
         timings["export"] = time.perf_counter() - export_started
         copied = copy_tokenizer_files(settings.input_model, tokenizer, staging)
         timings["total"] = time.perf_counter() - started

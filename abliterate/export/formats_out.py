@@ -23,6 +23,7 @@ from abliterate.export.streaming_merge import (
     write_shards,
 )
 from checkpoint_formats.detect import FormatKind
+from checkpoint_formats.servability import require_servable
 from foundation.errors import UserError
 from foundation.tokenizer_files import copy_tokenizer_files
 
@@ -70,6 +71,7 @@ def export_nvfp4(merger: StreamingMerger, stage1_dir: Path, out_dir: Path, *, sh
     for name in ("config.json", "hf_quant_config.json"):
         # Same format, same modules quantized, same scales carried: the stage-1 quantization config holds as is.
         (out_dir / name).write_bytes((stage1_dir / name).read_bytes())
+    require_servable(out_dir, where=f"nvfp4 re-export of {stage1_dir}")  # as stage 1 checks its own export
     return {
         "format": "nvfp4",
         "edited_tensors": len(set(merger.edited_names)),

@@ -1,7 +1,8 @@
 """Which checkpoint tensors the chosen trial rewrites, found by name before any weight is read.
 
 The trial names each edited parameter as the loaded transformers model names
-it. On disk that is usually the same name; experts that transformers fuses
+it. On disk that is usually the same name (or the family's own prefix,
+``checkpoint_formats.naming``: NemotronH's ``backbone.``); experts that transformers fuses
 into one 3-D parameter at load time may be stored one tensor per expert
 (``<experts>.<e>.<name>.weight``), and then each of those is edited with its
 expert's slice of the edit. An edited parameter found nowhere on disk is an
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from abliterate.artifacts import ChosenTrial, EditRecord
 from checkpoint_formats.layout import FUSED_EXPERT_PARTS
+from checkpoint_formats.naming import CheckpointNaming, naming_for
 from foundation.errors import UserError
 
 
@@ -38,12 +40,13 @@ class MergePlan:
         return dict(Counter(edit.record.group for edit in self.edits.values()))
 
 
-def _on_disk(record: EditRecord, names: set[str]) -> list[tuple[str, int | None]]:
-    if record.parameter in names:
-        return [(record.parameter, None)]
+def _on_disk(record: EditRecord, names: set[str], naming: CheckpointNaming) -> list[tuple[str, int | None]]:
+    disk_parameter = naming.to_disk(record.parameter)  # NemotronH: model.* in the trial, backbone.* on disk
+    if disk_parameter in names:
+        return [(disk_parameter, None)]
     if record.num_experts is None:
         return []
-    module, _, parameter = record.parameter.rpartition(".")
+    module, _, parameter = disk_parameter.rpartition(".")
     # the per-expert names a fused parameter may have on disk (down_proj or w2), as the formats loader reads them
     alternatives = [name for part in FUSED_EXPERT_PARTS.get(parameter, ((parameter,),)) for name in part]
     per_expert = re.compile(re.escape(module) + r"\.(\d+)\.(?:" + "|".join(map(re.escape, alternatives)) + r")\.weight$")
@@ -55,8 +58,9 @@ def plan_merge(trial: ChosenTrial, names: set[str], where: str) -> MergePlan:
     """``names``: the full-precision tensor names of the merge source (``FullPrecisionSource.names``)."""
     edits: dict[str, TensorEdit] = {}
     missing: list[str] = []
+    naming = naming_for(names)
     for record in trial.edits.values():
-        targets = _on_disk(record, names)
+        targets = _on_disk(record, names, naming)
         if not targets:
             missing.append(record.parameter)
         for name, expert in targets:

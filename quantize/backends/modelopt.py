@@ -11,6 +11,7 @@ from rich.console import Console
 from quantize import calibrate as calibration_loop
 from quantize import export as checkpoint_export
 from quantize import offload as offload_planning
+from quantize.exclusions import repair_exclusions
 from quantize.recipes import build_quant_config, get_recipe
 from quantize.settings import QuantizeSettings
 from quantize.skip_layers import SkipMatch, disabled_quantizer_patterns
@@ -48,9 +49,11 @@ class ModelOptBackend:
     def export(self, model, staging: Path, settings: QuantizeSettings) -> dict[str, Any]:
         recipe = get_recipe(settings.format)
         checkpoint_export.export_modelopt_checkpoint(model, staging)
+        repaired = repair_exclusions(staging)  # ModelOpt 0.47 mangles NemotronH exclusions (quantize/exclusions.py)
         hf_quant = checkpoint_export.read_quant_config(staging).get("quantization", {})
         return {
             "backend": self.name, "format": recipe.name, "modelopt_config": recipe.modelopt_config,
             "quant_algo": hf_quant.get("quant_algo"), "kv_cache": settings.kv_cache, "layerwise": settings.layerwise,
             "exclude_modules": hf_quant.get("exclude_modules"),
+            "repaired_exclusions": repaired,
         }

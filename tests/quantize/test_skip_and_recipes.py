@@ -68,6 +68,27 @@ def test_user_skip_that_matches_nothing_is_an_error():
     assert caught.value.where == "--skip_layers"
 
 
+
+ATTENTION_AND_EXPERTS = ["m.layers.0.self_attn.q_proj", "m.layers.0.self_attn.k_proj", "m.layers.0.self_attn.v_proj",
+                         "m.layers.0.self_attn.o_proj", "m.layers.0.mlp.experts.0.gate_proj",
+                         "m.layers.0.mlp.experts.0.up_proj", "m.layers.0.mlp.experts.0.down_proj"]
+
+
+@pytest.mark.parametrize(("pattern", "siblings"), [
+    ("*q_proj", ["m.layers.0.self_attn.k_proj", "m.layers.0.self_attn.v_proj"]),
+    ("*experts.0.gate_proj", ["m.layers.0.mlp.experts.0.up_proj"]),
+])
+def test_skip_that_splits_a_fused_group_names_the_siblings(pattern, siblings):
+    with pytest.raises(UserError) as caught:
+        resolve_user_skips([pattern], ATTENTION_AND_EXPERTS)
+    assert caught.value.where == "--skip_layers"
+    assert all(sibling in caught.value.problem and sibling in caught.value.fix for sibling in siblings)
+
+
+def test_skips_that_keep_fused_groups_whole_are_accepted():
+    for patterns in (["*o_proj"], ["*down_proj"], ["*q_proj", "*k_proj", "*v_proj"], ["*experts.0.*"], ["m.layers.0"]):
+        assert resolve_user_skips(patterns, ATTENTION_AND_EXPERTS)
+
 def test_quant_config_order_kv_and_exclusions():
     config = build_quant_config(get_recipe("fp8"), kv_cache="fp8", disabled_quantizer_patterns=["*layers.0.*.*"])
     entries = config["quant_cfg"]
