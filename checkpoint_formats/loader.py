@@ -31,6 +31,7 @@ from checkpoint_formats import packed_experts, placement
 from checkpoint_formats.detect import CheckpointFormat, FormatKind, detect_format
 from checkpoint_formats.layout import NO_PARAMETER_SUFFIXES as _IGNORED_SUFFIXES
 from checkpoint_formats.modules import FP8Linear, NVFP4Linear
+from checkpoint_formats.naming import check_family_supported
 from checkpoint_formats.quantized_tensors import (
     QuantizedSource,
     find_quantized,
@@ -163,8 +164,9 @@ def load_checkpoint(
     if not fmt.kind.is_quantized:
         return placement.from_pretrained_plain(fmt, dtype, device_map, max_memory, trust_remote_code), fmt
 
+    check_family_supported(fmt.config, str(fmt.path / "config.json"))
     model = _empty_model(fmt, dtype, trust_remote_code)
-    reader = CheckpointReader(fmt)
+    reader = CheckpointReader(fmt, model_names=True)  # Mixtral's block_sparse_moe read as mlp (layout table)
     activation_mode = _activation_mode(fmt.kind)
 
     sources: dict[str, QuantizedSource] = {}

@@ -3,7 +3,10 @@
 Nothing is read until asked for, so the streaming merge and the loader hold
 at most one tensor (plus the OS page cache of a memory map) at a time. Every
 safetensors failure (corrupt header, truncated file) becomes a ``UserError``
-naming the file.
+naming the file. With ``model_names=True`` tensors are named as the
+transformers model names them (``naming.to_model_name``: Mixtral's
+``block_sparse_moe`` read as ``mlp``), which is what the loader matches
+against; the merge and re-export read the names as stored.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from checkpoint_formats.detect import CheckpointFormat, detect_format
+from checkpoint_formats.naming import to_model_name
 from foundation.errors import UserError
 
 _FIX = "the file is damaged or incomplete: copy it again from the original checkpoint"
@@ -23,15 +27,20 @@ _FIX = "the file is damaged or incomplete: copy it again from the original check
 class CheckpointReader:
     """``names()``, ``get(name)``, ``iter_shards()`` over a checkpoint's safetensors files."""
 
-    def __init__(self, checkpoint: CheckpointFormat | str | Path) -> None:
+    def __init__(self, checkpoint: CheckpointFormat | str | Path, *, model_names: bool = False) -> None:
         self.format = checkpoint if isinstance(checkpoint, CheckpointFormat) else detect_format(checkpoint)
         self._handles: dict[Path, object] = {}
         self._location: dict[str, Path] = {}
+        self._stored: dict[str, str] = {}  # name as seen -> name in the file, where they differ
         for shard in self.format.weight_files:
-            for name in self._open(shard).keys():
+            for stored in self._open(shard).keys():
+                name = to_model_name(stored, self.format.config) if model_names else stored
+                if name != stored:
+                    self._stored[name] = stored
                 self._location[name] = shard
         if self.format.weight_map is not None:
-            missing = [name for name in self.format.weight_map if name not in self._location]
+            stored = {self._stored.get(name, name) for name in self._location}
+            missing = [name for name in self.format.weight_map if name not in stored]
             if missing:
                 raise UserError(
                     str(self.format.path),
@@ -58,7 +67,7 @@ class CheckpointReader:
 
     def metadata(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape without reading the data."""
-        tensor_slice = self._open(self._location[name]).get_slice(name)
+        tensor_slice = self._open(self._location[name]).get_slice(self._stored.get(name, name))
         dtype_name = tensor_slice.get_dtype()
         return _SAFETENSORS_DTYPES.get(dtype_name, dtype_name), tuple(tensor_slice.get_shape())
 
@@ -67,7 +76,7 @@ class CheckpointReader:
             raise UserError(str(self.format.path), f"has no tensor {name!r}", "check that the checkpoint is complete")
         shard = self._location[name]
         try:
-            return self._open(shard).get_tensor(name)
+            return self._open(shard).get_tensor(self._stored.get(name, name))
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise UserError(str(shard), f"tensor {name!r} cannot be read ({error})", _FIX) from error
 

@@ -6,6 +6,10 @@ into one 3-D parameter at load time may be stored one tensor per expert
 (``<experts>.<e>.<name>.weight``), and then each of those is edited with its
 expert's slice of the edit. An edited parameter found nowhere on disk is an
 error, never a silent skip (the reference's failure on fused experts).
+Families whose checkpoints spell modules differently (Mixtral's
+``block_sparse_moe`` for the model's ``mlp``) are looked up in the
+checkpoint's own spelling (``checkpoint_formats.naming``), so the export
+rewrites ``experts.E.w2`` and leaves every other name as it was.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 
 from abliterate.artifacts import ChosenTrial, EditRecord
 from checkpoint_formats.layout import FUSED_EXPERT_PARTS
+from checkpoint_formats.naming import checkpoint_candidates
 from foundation.errors import UserError
 
 
@@ -38,12 +43,19 @@ class MergePlan:
         return dict(Counter(edit.record.group for edit in self.edits.values()))
 
 
-def _on_disk(record: EditRecord, names: set[str]) -> list[tuple[str, int | None]]:
-    if record.parameter in names:
-        return [(record.parameter, None)]
+def _on_disk(record: EditRecord, names: set[str], config: dict | None) -> list[tuple[str, int | None]]:
+    for candidate in checkpoint_candidates(record.parameter, config):
+        if (found := _stored_as(record, candidate, names)):
+            return found
+    return []
+
+
+def _stored_as(record: EditRecord, parameter_name: str, names: set[str]) -> list[tuple[str, int | None]]:
+    if parameter_name in names:
+        return [(parameter_name, None)]
     if record.num_experts is None:
         return []
-    module, _, parameter = record.parameter.rpartition(".")
+    module, _, parameter = parameter_name.rpartition(".")
     # the per-expert names a fused parameter may have on disk (down_proj or w2), as the formats loader reads them
     alternatives = [name for part in FUSED_EXPERT_PARTS.get(parameter, ((parameter,),)) for name in part]
     per_expert = re.compile(re.escape(module) + r"\.(\d+)\.(?:" + "|".join(map(re.escape, alternatives)) + r")\.weight$")
@@ -51,12 +63,13 @@ def _on_disk(record: EditRecord, names: set[str]) -> list[tuple[str, int | None]
     return sorted(found, key=lambda item: item[1]) if len(found) == record.num_experts else []
 
 
-def plan_merge(trial: ChosenTrial, names: set[str], where: str) -> MergePlan:
-    """``names``: the full-precision tensor names of the merge source (``FullPrecisionSource.names``)."""
+def plan_merge(trial: ChosenTrial, names: set[str], where: str, config: dict | None = None) -> MergePlan:
+    """``names``: the full-precision tensor names of the merge source (``FullPrecisionSource.names``);
+    ``config``: its config.json, whose ``model_type`` says how the family spells modules on disk."""
     edits: dict[str, TensorEdit] = {}
     missing: list[str] = []
     for record in trial.edits.values():
-        targets = _on_disk(record, names)
+        targets = _on_disk(record, names, config)
         if not targets:
             missing.append(record.parameter)
         for name, expert in targets:
