@@ -19,6 +19,23 @@ FUSED_EXPERT_PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "up_proj": (("up_proj",),),
 }
 
+# --- checkpoint names vs transformers module names, per family ------------------------------------------
+# config.json ``model_type`` -> (module-name fragment, checkpoint-name fragment) pairs. These families' checkpoints
+# (the originals, transformers 5's own save_pretrained and ModelOpt 0.47's export alike) keep names that
+# transformers renames at load time (its conversion_mapping): Mixtral's ``layers.N.block_sparse_moe.experts.E.w1``
+# is the model's ``layers.N.mlp.experts`` (parts per FUSED_EXPERT_PARTS). The first pair that matches wins, in
+# either direction, so a more specific pair comes first. A family missing here uses its module names on disk.
+CHECKPOINT_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "mixtral": ((".mlp.", ".block_sparse_moe."),),
+    "phimoe": ((".mlp.router.", ".block_sparse_moe.gate."), (".mlp.", ".block_sparse_moe.")),
+}
+
+# Families whose ModelOpt NVFP4 export stage 2 cannot read, with why: refused before any work in stage 1 and 2.
+UNSUPPORTED_FAMILIES: dict[str, str] = {
+    "gpt_oss": "ModelOpt 0.47 exports its experts as fused, transposed 3-D NVFP4 tensors (experts.gate_up_proj "
+               "[E, in/2, out] with one weight_scale_2 for all experts), which our loader and re-export do not read",
+}
+
 # MoE routers (glob of the module name, label for messages): tiny, and quantization noise changes expert choice.
 MOE_ROUTERS: tuple[tuple[str, str], ...] = (
     ("*router", "MoE router"),

@@ -31,7 +31,7 @@ from checkpoint_formats import packed_experts, placement
 from checkpoint_formats.detect import CheckpointFormat, FormatKind, detect_format
 from checkpoint_formats.layout import NO_PARAMETER_SUFFIXES as _IGNORED_SUFFIXES
 from checkpoint_formats.modules import FP8Linear, NVFP4Linear
-from checkpoint_formats.naming import naming_for
+from checkpoint_formats.naming import check_family_supported, naming_for
 from checkpoint_formats.quantized_tensors import (
     QuantizedSource,
     find_quantized,
@@ -164,10 +164,11 @@ def load_checkpoint(
     if not fmt.kind.is_quantized:
         return placement.from_pretrained_plain(fmt, dtype, device_map, max_memory, trust_remote_code), fmt
 
+    check_family_supported(fmt.config, str(fmt.path / "config.json"))
     model = _empty_model(fmt, dtype, trust_remote_code)
-    # NemotronH stores ``backbone.*`` where the model says ``model.*``: read the checkpoint in the model's spelling.
+    # The model's spelling of every stored name: NemotronH's backbone.* as model.*, Mixtral's block_sparse_moe as mlp.
     with CheckpointReader(fmt) as disk:
-        naming = naming_for(disk.names(), [name for name, _ in model.named_parameters()])
+        naming = naming_for(disk.names(), [name for name, _ in model.named_parameters()], fmt.config)
     reader = CheckpointReader(fmt, naming)
     activation_mode = _activation_mode(fmt.kind)
 

@@ -3,7 +3,10 @@
 Nothing is read until asked for, so the streaming merge and the loader hold
 at most one tensor (plus the OS page cache of a memory map) at a time. Every
 safetensors failure (corrupt header, truncated file) becomes a ``UserError``
-naming the file.
+naming the file. With a ``naming`` (``checkpoint_formats.naming``) tensors are
+named as the transformers model names them (NemotronH's ``backbone.`` as
+``model.``, Mixtral's ``block_sparse_moe`` as ``mlp``), which is what the
+loader matches against; the merge and re-export read the names as stored.
 """
 
 from __future__ import annotations

@@ -18,7 +18,11 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-from checkpoint_formats.layout import MOE_ROUTERS, SHARED_EXPERT_GATES, scale_sharing_group
+from checkpoint_formats.layout import (
+    MOE_ROUTERS,
+    SHARED_EXPERT_GATES,
+    scale_sharing_group,
+)
 from foundation.errors import UserError
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from checkpoint_formats.naming import check_family_supported
 from checkpoint_formats.servability import require_servable
 from foundation.atomic_output import atomic_output_dir, check_writable_output
 from foundation.dtypes import TORCH_DTYPES
@@ -61,6 +62,7 @@ def run_quantize(settings: QuantizeSettings, console: Console | None = None, cal
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model_config = load_config(settings.input_model, settings.revision, settings.trust_remote_code)
+    check_family_supported(model_config.to_dict(), f"--input_model {settings.input_model}")
     tokenizer = load_tokenizer(settings.input_model, settings.revision, settings.trust_remote_code)
     if calibration_set is None:
         calibration_set = build_calibration(settings, tokenizer, console)

@@ -112,3 +112,47 @@ ALL_MODELS = {
     "transposed_fused_moe": transposed_fused_moe,
     "nemotron_h": nemotron_h_hybrid,
 }
+
+
+# --- one tiny config per family the family matrix (tests/abliterate/test_family_matrix.py) covers ----------------
+# 2 layers, hidden 64, 4 heads / 2 KV heads, head_dim 16 and inputs that are multiples of 16 (NVFP4 blocks).
+_ATTENTION = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256)
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+def family_config(family: str, **overrides):
+    """The tiny config of ``family`` (a transformers ``model_type``), ``architectures`` set as export needs."""
+    import transformers
+
+    class_name, architecture, values = FAMILY_CONFIGS[family]
+    config = getattr(transformers, class_name)(**{**_ATTENTION, "vocab_size": VOCAB, **values, **overrides})
+    config.architectures = [architecture]
+    return config
+
+
+FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=128)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(intermediate_size=128)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=128)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(intermediate_size=128, sliding_window=32)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(intermediate_size=128, sliding_window=32)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(intermediate_size=128, pad_token_id=0)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(intermediate_size=128, num_experts=4,
+                                                                  shared_expert_intermediate_size=32, **_MOE)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(intermediate_size=128, num_experts=4, **_MOE)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=32, num_local_experts=4,
+                                                            num_experts_per_tok=2)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=32, num_local_experts=4,
+                                                         num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        intermediate_size=128, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, head_dim=16,
+        num_key_value_heads=4, **_MOE)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(intermediate_size=32, num_local_experts=4,
+                                                          num_experts_per_tok=2, sliding_window=32)),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        intermediate_size=128, num_experts=4, shared_expert_intermediate_size=32, linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, full_attention_interval=2,
+        **_MOE)),
+}

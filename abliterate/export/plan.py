@@ -7,6 +7,10 @@ into one 3-D parameter at load time may be stored one tensor per expert
 (``<experts>.<e>.<name>.weight``), and then each of those is edited with its
 expert's slice of the edit. An edited parameter found nowhere on disk is an
 error, never a silent skip (the reference's failure on fused experts).
+Families whose checkpoints spell modules differently (Mixtral's
+``block_sparse_moe`` for the model's ``mlp``) are looked up in the
+checkpoint's own spelling (``checkpoint_formats.naming``), so the export
+rewrites ``experts.E.w2`` and leaves every other name as it was.
 """
 
 from __future__ import annotations
@@ -41,12 +45,18 @@ class MergePlan:
 
 
 def _on_disk(record: EditRecord, names: set[str], naming: CheckpointNaming) -> list[tuple[str, int | None]]:
-    disk_parameter = naming.to_disk(record.parameter)  # NemotronH: model.* in the trial, backbone.* on disk
-    if disk_parameter in names:
-        return [(disk_parameter, None)]
+    for candidate in naming.disk_candidates(record.parameter):  # NemotronH backbone.*, Mixtral block_sparse_moe
+        if (found := _stored_as(record, candidate, names)):
+            return found
+    return []
+
+
+def _stored_as(record: EditRecord, parameter_name: str, names: set[str]) -> list[tuple[str, int | None]]:
+    if parameter_name in names:
+        return [(parameter_name, None)]
     if record.num_experts is None:
         return []
-    module, _, parameter = disk_parameter.rpartition(".")
+    module, _, parameter = parameter_name.rpartition(".")
     # the per-expert names a fused parameter may have on disk (down_proj or w2), as the formats loader reads them
     alternatives = [name for part in FUSED_EXPERT_PARTS.get(parameter, ((parameter,),)) for name in part]
     per_expert = re.compile(re.escape(module) + r"\.(\d+)\.(?:" + "|".join(map(re.escape, alternatives)) + r")\.weight$")
@@ -54,11 +64,12 @@ def _on_disk(record: EditRecord, names: set[str], naming: CheckpointNaming) -> l
     return sorted(found, key=lambda item: item[1]) if len(found) == record.num_experts else []
 
 
-def plan_merge(trial: ChosenTrial, names: set[str], where: str) -> MergePlan:
-    """``names``: the full-precision tensor names of the merge source (``FullPrecisionSource.names``)."""
+def plan_merge(trial: ChosenTrial, names: set[str], where: str, config: dict | None = None) -> MergePlan:
+    """``names``: the full-precision tensor names of the merge source (``FullPrecisionSource.names``);
+    ``config``: its config.json, whose ``model_type`` says how the family spells modules on disk."""
     edits: dict[str, TensorEdit] = {}
     missing: list[str] = []
-    naming = naming_for(names)
+    naming = naming_for(names, config=config)
     for record in trial.edits.values():
         targets = _on_disk(record, names, naming)
         if not targets:

@@ -77,7 +77,7 @@ class StreamingMerger:
         export, float32 when they are re-quantized (no rounding in between).
         """
         source = FullPrecisionSource(source_dir, dtype=dtype)
-        return cls(source, trial, plan_merge(trial, source.names, str(source_dir)))
+        return cls(source, trial, plan_merge(trial, source.names, str(source_dir), source.format.config))
 
     def merged(self, name: str) -> torch.Tensor:
         """One tensor of the merged model: edited if the plan touches it, else the source's value."""
