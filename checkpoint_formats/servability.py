@@ -53,9 +53,25 @@ class Problem:
         return f"{self.tensor}: [{self.rule}] {self.detail}"
 
 
-def checkpoint_modules(tensor_names) -> set[str]:
-    """Every module (and parent module) that owns a tensor: ``a.b.weight`` -> {``a``, ``a.b``}."""
-    modules: set[str] = set()
+# Input embeddings are never quantized by a server's Linear method, listed in exclude_modules or not.
+_EMBEDDING_LEAVES = ("embed_tokens", "embeddings", "embedding", "wte", "wpe", "word_embeddings", "embed_positions")
+
+
+def _is_embedding(module: str) -> bool:
+    return module.rpartition(".")[2] in _EMBEDDING_LEAVES
+
+
+def ties_embeddings(config: dict | None) -> bool:
+    """Tied output embeddings: ``lm_head`` is a module of the model whose weight is stored as the embeddings'."""
+    config = config or {}
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def checkpoint_modules(tensor_names, config: dict | None = None) -> set[str]:
+    """Every module (and parent module) that owns a tensor: ``a.b.weight`` -> {``a``, ``a.b``}; plus a tied
+    ``lm_head``, which ModelOpt lists in ``exclude_modules`` although it stores no tensor of its own."""
+    modules: set[str] = {"lm_head"} if ties_embeddings(config) else set()
     for name in tensor_names:
         parts = name.split(".")[:-1]
         modules.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
@@ -94,7 +110,7 @@ def check_servable(path: str | Path) -> list[Problem]:
         problems += _index_problems(fmt)
         if fmt.kind.is_compressed_tensors or not fmt.kind.is_quantized:
             return problems
-        modules = checkpoint_modules(names)
+        modules = checkpoint_modules(names, fmt.config)
         lists = exclusion_lists(path)
         for field, entries in lists.items():
             problems += [Problem(repr(entry), "exclusion", f"in {field} matches no module of the checkpoint")
@@ -120,7 +136,7 @@ def _tensor_problems(reader: CheckpointReader, names: set[str], lists: dict[str,
         if dtype == torch.uint8 or f"{module}.weight_scale" in names:
             quantized.add(module)
             problems += _linear_problems(reader, module, names, weight_only)
-        elif len(shape) == 2 and dtype.is_floating_point:
+        elif len(shape) == 2 and dtype.is_floating_point and not _is_embedding(module):
             full_precision[module] = f"{dtype} {list(shape)}"
     for field, entries in lists.items():
         problems += [Problem(f"{module}.weight", "excluded-but-quantized", f"excluded by {field}, yet stored as NVFP4")

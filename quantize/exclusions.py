@@ -52,7 +52,8 @@ def repair_exclusions(export_dir: Path) -> dict[str, list[str]]:
     export_dir = Path(export_dir)
     with CheckpointReader(export_dir) as reader:
         names = reader.names()
-    modules, naming = checkpoint_modules(names), naming_for(names)
+    config = json.loads((export_dir / "config.json").read_text()) if (export_dir / "config.json").is_file() else {}
+    modules, naming = checkpoint_modules(names, config), naming_for(names)
     repaired: dict[str, list[str]] = {}
     targets = (("hf_quant_config.json", ("quantization", "exclude_modules")),
                ("config.json", ("quantization_config", "ignore")))

@@ -35,7 +35,13 @@ from tests.tiny_models import family_config
 # PEFT's inject_adapter_in_model with target_parameters leaves those Linears without LoRA (lora.py, issue 13).
 _PEFT_GAP = pytest.mark.xfail(raises=AttributeError, strict=True,
                               reason="PEFT leaves mlp Linears named down_proj unwrapped beside fused experts.down_proj")
-SUPPORTED = ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "phimoe",
+# Known gap (ModelOpt's export, caught by our servability check): PhiMoE's router is stored as
+# block_sparse_moe.gate, but ModelOpt 0.47 lists it in exclude_modules as block_sparse_moe.router, a module that does
+# not exist, so servers would quantize the router; the re-export refuses to write that (servability.py).
+_PHIMOE_EXCLUSIONS = pytest.mark.xfail(raises=UserError, strict=True,
+                                       reason="ModelOpt lists PhiMoE's router under a name the checkpoint lacks")
+SUPPORTED = ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe", "mixtral",
+             pytest.param("phimoe", marks=_PHIMOE_EXCLUSIONS),
              pytest.param("deepseek_v3", marks=_PEFT_GAP), pytest.param("qwen3_next", marks=_PEFT_GAP)]
 
 

@@ -175,3 +175,13 @@ def test_verify_serving_cli(exports, tmp_path):
     with pytest.raises(UserError) as caught:
         main([str(exports["raw"]), "--serving"])
     assert "exclusion" in caught.value.problem
+
+
+def test_a_tied_lm_head_counts_as_a_module():
+    """Tied output embeddings store no lm_head tensor, yet ModelOpt (rightly) lists lm_head as excluded."""
+    from checkpoint_formats.servability import checkpoint_modules, entry_matches
+
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.o_proj.weight"]
+    assert not entry_matches("lm_head", checkpoint_modules(names, {"tie_word_embeddings": False}))
+    assert entry_matches("lm_head", checkpoint_modules(names, {"tie_word_embeddings": True}))
+    assert entry_matches("lm_head", checkpoint_modules(names, {"text_config": {"tie_word_embeddings": True}}))
