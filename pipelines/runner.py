@@ -33,7 +33,7 @@ from pipelines.manifest import (
 )
 from pipelines.report import print_final_table
 from pipelines.spec import STAGE_ORDER, PipelineSpec, load_pipeline
-from pipelines.stages import ADAPTER_MODULES, StageContext, adapter_for, artifact_dir
+from pipelines.stages import StageContext, adapter_for, artifact_dir
 
 console = Console()
 
@@ -85,7 +85,7 @@ def run_stage_process(stage: str, settings: dict[str, Any], context: StageContex
     result_path = work / f".{stage}-result.json"
     result_path.unlink(missing_ok=True)
     request_path.write_text(json.dumps({
-        "stage": stage, "adapter": ADAPTER_MODULES[stage], "settings": settings, "result_path": str(result_path), "context": context.__dict__,
+        "stage": stage, "settings": settings, "result_path": str(result_path), "context": context.__dict__,
     }, default=str))
     process = subprocess.run([sys.executable, "-m", "pipelines.stage_exec", str(request_path)], check=False)
     if not result_path.is_file():

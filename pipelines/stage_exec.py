@@ -8,7 +8,6 @@ The request and result travel as JSON files.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import resource
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from foundation.atomic_output import atomic_output_dir
 from foundation.errors import UserError
-from pipelines.stages import StageContext
+from pipelines.stages import ADAPTER_MODULES, StageContext, adapter_for
 
 
 def execute(request_path: Path) -> int:
@@ -29,7 +28,12 @@ def execute(request_path: Path) -> int:
     result_path = Path(request["result_path"])
     context = StageContext(**request["context"])
     final_stage_dir = Path(context.stage_dir)
-    adapter = importlib.import_module(request["adapter"])
+    # The module comes from the fixed table, never from the request file: anyone who can write into
+    # <output_dir> could otherwise make the next run import code of their choosing.
+    stage = request.get("stage")
+    if stage not in ADAPTER_MODULES:
+        raise UserError(str(request_path), f"unknown stage {stage!r}", f"one of: {', '.join(ADAPTER_MODULES)}")
+    adapter = adapter_for(stage)
     started = time.perf_counter()
     try:
         with atomic_output_dir(final_stage_dir, overwrite=True) as work_dir:

@@ -113,7 +113,8 @@ def run_export(job: ExportJob, console: Console | None = None) -> dict:
             console.print("adapter: not verified (an adapter alone is not a model; verify the bf16 or nvfp4 export)")
         elif settings.verify:
             console.print("verifying: reloading the export and re-measuring refusals, compliance and KL ...")
-            verify = verify_export(job.trial, temporary, job.tolerance, device_map=settings.device_map).to_dict()
+            verify = verify_export(job.trial, temporary, job.tolerance, device_map=settings.device_map,
+                                   trust_remote_code=settings.trust_remote_code).to_dict()
         manifest = {
             "format": job.format,
             "trial_dir": str(settings.trial.absolute()),

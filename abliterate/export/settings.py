@@ -33,6 +33,7 @@ class ExportSettings(BaseModel):
     refusal_tolerance: float = Field(default=0.1, ge=0, description="Refusals and compliance may differ from the trial's by this many prompts (>= 1) or this fraction of the harmful test prompts (< 1).")
     kl_tolerance: float = Field(default=0.02, ge=0, description="Absolute KL tolerance, added to 50% of the trial's KL.")
     device_map: str | None = Field(default=None, description="Placement for verification (default: as stage 2 loaded).")
+    trust_remote_code: bool = Field(default=False, description="Run the model's own Python code when verification loads it. Only this flag turns it on: the value recorded in chosen_trial.json is ignored (an edited trial folder must not run code).")
     progress: bool = Field(default=True, description="Progress bars per shard (--no_progress for logs and CI).")
 
     @field_validator("formats")

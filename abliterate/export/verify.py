@@ -76,8 +76,11 @@ def compare(trial_metrics: dict[str, Any], export_metrics: dict[str, Any], toler
 
 
 def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
-                  device_map: str | None = None) -> VerifyResult:
-    """Score the export exactly as the search scored the trial; never raises on a mismatch (see ``passed``)."""
+                  device_map: str | None = None, trust_remote_code: bool = False) -> VerifyResult:
+    """Score the export exactly as the search scored the trial; never raises on a mismatch (see ``passed``).
+
+    ``trust_remote_code`` comes from the export command's own flag, never from chosen_trial.json: a trial
+    folder is data, and an edited one must not be able to make the export run code."""
     from abliterate.evaluation import Evaluator
     from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
     from abliterate.loading import load_model
@@ -95,14 +98,14 @@ def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
     config = evaluation_config(settings, prompts)
     device_map = device_map if device_map is not None else settings.device_map
     reference = load_model(settings.model, dtypes=settings.dtypes, device_map=device_map, load_as=settings.load_as,
-                           max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code)
+                           max_memory=settings.max_memory, trust_remote_code=trust_remote_code)
     texts = perplexity_texts(settings.prompt_spec())
     evaluator = Evaluator(reference.model, reference.tokenizer, prompts.harmful_test, prompts.harmless_test, config,
                           perplexity_texts=texts)
     unedited = {**TrialMetrics.from_eval_result(evaluator.base).to_dict(), "perplexity": evaluator.base.perplexity}
     del reference  # the evaluator keeps the unedited model's KL reference, not the model
     exported = load_model(str(export_dir), dtypes=settings.dtypes, device_map=device_map, load_as=settings.load_as,
-                          max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code)
+                          max_memory=settings.max_memory, trust_remote_code=trust_remote_code)
     with torch.no_grad():
         result = evaluator.evaluate(exported.model, with_perplexity=bool(texts))
     metrics = {**TrialMetrics.from_eval_result(result).to_dict(), "perplexity": result.perplexity}

@@ -21,7 +21,8 @@ def build_settings(user_settings: dict[str, Any], context: StageContext) -> Expo
     searched_another_model = context.previous_results.get("quantize") is not None
     if "base_model" not in user_settings and searched_another_model and Path(context.source_model).is_dir():
         chosen["base_model"] = context.source_model
-    wired = {"trial": context.input_dir, "output": str(Path(context.stage_dir)), "overwrite": False}
+    wired = {"trial": context.input_dir, "output": str(Path(context.stage_dir)), "overwrite": False,
+             "trust_remote_code": context.trust_remote_code}
     return stage_settings("export", ExportSettings, chosen, wired)
 
 

@@ -40,6 +40,16 @@ def run(settings, context):
 '''
 
 
+def route_stage_processes(directory, mapping: dict[str, str]) -> None:
+    """The stage process takes its adapter from ``pipelines.stages.ADAPTER_MODULES`` only (never from the
+    request file), so a test reroutes it there, in the child too: a ``sitecustomize`` on its PYTHONPATH."""
+    (directory / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "sys.path.insert(0, os.getcwd())  # this checkout's pipelines package, as 'python -m' would find it\n"
+        "from pipelines import stages\n"
+        f"stages.ADAPTER_MODULES.update({mapping!r})\n")
+
+
 @pytest.fixture
 def fake_stages(tmp_path, monkeypatch):
     package = tmp_path / "fakeadapters"
@@ -48,6 +58,7 @@ def fake_stages(tmp_path, monkeypatch):
     for name in stages.ADAPTER_MODULES:
         (package / f"{name}.py").write_text(FAKE_ADAPTER.format(name=name))
         monkeypatch.setitem(stages.ADAPTER_MODULES, name, f"fakeadapters.{name}")
+    route_stage_processes(tmp_path, {name: f"fakeadapters.{name}" for name in stages.ADAPTER_MODULES})
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     log = tmp_path / "runs.log"
@@ -248,11 +259,12 @@ def test_stage_process_stops_when_the_runner_is_killed(tmp_path, monkeypatch):
     import time
 
     (tmp_path / "slowadapter.py").write_text(SLOW_ADAPTER)
+    route_stage_processes(tmp_path, {"abliterate": "slowadapter"})
     started = tmp_path / "started"
     stage_dir = tmp_path / "out" / "abliterate"
     request = tmp_path / "request.json"
     request.write_text(json.dumps({
-        "stage": "abliterate", "adapter": "slowadapter", "settings": {"started": str(started)},
+        "stage": "abliterate", "settings": {"started": str(started)},
         "result_path": str(tmp_path / "result.json"),
         "context": {"pipeline_name": "t", "source_model": "m", "input_dir": None, "stage_dir": str(stage_dir)},
     }))
@@ -283,3 +295,26 @@ def test_a_missing_calibration_mix_is_reported_before_any_stage_runs(tmp_path):
     spec.stages[0].settings["dataset_yaml"] = str(tmp_path / "nowhere.yaml")
     with pytest.raises(UserError, match="pipeline stage 'quantize': dataset_yaml.*no such file"):
         runner.validate_all(spec, tmp_path)
+
+
+def test_the_stage_module_never_comes_from_the_request_file(tmp_path, monkeypatch):
+    """<output_dir>/.<stage>-request.json is a file anyone with write access to the output can edit: an
+    'adapter' it names must not be imported, and a stage outside the fixed table is refused."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "evil.py").write_text("from pathlib import Path\nPath(__file__).with_name('pwned').write_text('x')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.getcwd()]))
+    for stage in ("evil", "export"):
+        request = tmp_path / "request.json"
+        request.write_text(json.dumps({
+            "stage": stage, "adapter": "evil", "settings": {"no_such_setting": 1},
+            "result_path": str(tmp_path / "result.json"),
+            "context": {"pipeline_name": "t", "source_model": "m", "input_dir": None, "stage_dir": str(tmp_path / "out")},
+        }))
+        process = subprocess.run([sys.executable, "-m", "pipelines.stage_exec", str(request)], capture_output=True, text=True)
+        assert process.returncode != 0
+        assert not (tmp_path / "pwned").exists(), f"stage {stage!r}: the module named in the request file was imported"
+        if stage == "evil":
+            assert "unknown stage 'evil'" in process.stderr

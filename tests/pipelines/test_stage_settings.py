@@ -14,6 +14,7 @@ from pipelines.adapters import abliterate as abliterate_adapter
 from pipelines.adapters import export as export_adapter
 from pipelines.manifest import OUTPUT_DIR, fingerprint, settings_used
 from pipelines.stages import StageContext
+from tests.pipelines.test_runner import route_stage_processes
 
 # A stage whose default is read when the module is imported, as a new version of the code would change it.
 DEFAULT_ADAPTER = '''
@@ -86,6 +87,7 @@ def test_a_changed_default_reruns_the_stage(tmp_path, monkeypatch):
     (package / "__init__.py").write_text("")
     (package / "quantize.py").write_text(DEFAULT_ADAPTER)
     monkeypatch.setitem(stages.ADAPTER_MODULES, "quantize", "defaultadapters.quantize")
+    route_stage_processes(tmp_path, {"quantize": "defaultadapters.quantize"})
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     log = tmp_path / "runs.log"
