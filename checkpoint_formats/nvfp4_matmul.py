@@ -73,7 +73,12 @@ class KernelConfig:
 
 def available(device: torch.device | str) -> bool:
     """True where the Triton kernels can run: Triton importable and a CUDA device of sm_80+."""
-    device = torch.device(device)
+    return _available_on(torch.device(device))
+
+
+@functools.cache
+def _available_on(device: torch.device) -> bool:
+    """Asked by every packed Linear's forward: decided once per device, not per call."""
     if triton is None or device.type != "cuda" or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)

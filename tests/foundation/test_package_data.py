@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_a_local_file_wins_over_the_packaged_one(tmp_path, monkeypatch):
     (tmp_path / "datasets_yaml").mkdir()
     (tmp_path / "datasets_yaml" / "offline_mix.yaml").write_text("datasets: []\n")
     assert resolve_data_path("datasets_yaml/offline_mix.yaml").resolve() == (tmp_path / "datasets_yaml" / "offline_mix.yaml").resolve()
-    assert resolve_data_path("elsewhere/missing.yaml") == resolve_data_path("elsewhere/missing.yaml")  # left for the caller to report
+    assert resolve_data_path("elsewhere/missing.yaml") == Path("elsewhere/missing.yaml")  # left for the caller to report
     assert not resolve_data_path("datasets_yaml/no_such_mix.yaml").exists()
 
 
