@@ -65,7 +65,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" (tensor cores) or "legacy" (first version)
+    kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" / "swap" (tensor cores; swap: W as the left operand), "legacy"
     join: bool = False  # dot: rebuild K order in registers (one dot) instead of eight dots on strided x
     mul16: bool = True  # dot: code * scale in fp16 (exact) instead of fp32
     asm: bool = True  # decode 8 codes of a word with inline PTX (GPU only; the interpreter takes the portable path)
@@ -208,6 +208,8 @@ def fused_matmul(
     meta.update(EVEN_K=k % config.block_k == 0, ASM=config.asm and not _INTERPRET)
     if config.kernel == "gemv":
         kernels._gemv_kernel[grid](x2d, words, *common, **meta)
+    elif config.kernel == "swap":
+        kernels._swap_kernel[grid](x2d, words, *common, **meta)
     else:
         kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, **meta)
     return out.to(out_dtype) if atomic else out

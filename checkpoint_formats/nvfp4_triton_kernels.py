@@ -292,3 +292,61 @@ def _dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, 
     w = _dequant_tile(w_ptr, s_ptr, offs_n, tl.program_id(1) * BLOCK_K, N, K, tl.load(gs_ptr), BLOCK_N, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _swap_kernel(
+    x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """Tensor-core decode with the weight as the left operand: out^T [n, m] = W [n, k] x^T [k, m].
+
+    Why the swap: Hopper's wgmma reads its left operand from registers and only the right one from shared
+    memory, so the decoded codes go straight from the decode into the MMA (no shared-memory round trip, no
+    K reordering in registers), while the small x^T tile takes the shared-memory side. Code j of every word
+    meets x's columns 8w + j, loaded as their own strided tile (x is small and L2-resident).
+    """
+    k_start = tl.program_id(2) * k_per_split
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n = tl.minimum(offs_n, N - 1)
+    rows_m = tl.minimum(offs_m, M - 1)
+    WORDS: tl.constexpr = BLOCK_K // 8
+    words_k = tl.arange(0, WORDS)
+    w_ptrs = w_ptr + rows_n[:, None] * (K // 8) + (k_start // 8 + words_k)[None, :]
+    s_ptrs = s_ptr + rows_n[:, None] * (K // 16) + (k_start // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
+    xt_ptrs = x_ptr + rows_m[None, :] * stride_xm + (k_start + 8 * words_k)[:, None]  # x[m, k0 + 8w] at [w, m]
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            words = tl.load(w_ptrs)
+            scale = tl.load(s_ptrs)
+        else:
+            words = tl.load(w_ptrs, mask=(k0 // 8 + words_k)[None, :] < K // 8, other=0)
+            scale = tl.load(s_ptrs, mask=(k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :] < K // 16, other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _scaled_codes(words, _word_scale(scale) * 256.0, True, ASM, dtype)
+        x_mask = (k0 + 8 * words_k)[:, None] < K
+        acc = tl.dot(c0, tl.load(xt_ptrs, mask=x_mask, other=0.0), acc)
+        acc = tl.dot(c1, tl.load(xt_ptrs + 1, mask=x_mask, other=0.0), acc)
+        acc = tl.dot(c2, tl.load(xt_ptrs + 2, mask=x_mask, other=0.0), acc)
+        acc = tl.dot(c3, tl.load(xt_ptrs + 3, mask=x_mask, other=0.0), acc)
+        acc = tl.dot(c4, tl.load(xt_ptrs + 4, mask=x_mask, other=0.0), acc)
+        acc = tl.dot(c5, tl.load(xt_ptrs + 5, mask=x_mask, other=0.0), acc)
+        acc = tl.dot(c6, tl.load(xt_ptrs + 6, mask=x_mask, other=0.0), acc)
+        acc = tl.dot(c7, tl.load(xt_ptrs + 7, mask=x_mask, other=0.0), acc)
+        w_ptrs += WORDS
+        s_ptrs += BLOCK_K // 16
+        xt_ptrs += BLOCK_K
+    y = acc * 16384.0 * tl.load(gs_ptr)  # 2^14 (codes)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        y += bias[:, None] * (tl.program_id(2) == 0).to(tl.float32)
+    ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    if ATOMIC:
+        tl.atomic_add(ptrs, y, mask=mask)
+    else:
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)

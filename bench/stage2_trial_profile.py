@@ -1,0 +1,187 @@
+"""Bench (GPU): where one stage-2 trial's time and GPU memory go, on a packed NVFP4 8B-shaped checkpoint.
+
+Why: `stage2_gpu_vs_heretic.py` gives one number per trial; to make a trial faster one needs its parts. This
+writes the 8B-shaped NVFP4 checkpoint directly in ModelOpt's layout (the 70B bench's writer: random codes,
+sane scales; no stage 1 needed), then runs the real `abliterate` CLI in this process with timers (CUDA-synced)
+around each part of a trial: the edit (`LoraAbliterator.apply`), the harmful generation and the harmless KL
+pass (`Evaluator`'s two calls), each static decoder's prefill + decode loop and graph capture, plus GPU memory
+peaks per phase; one trial (`--profile_trial`) also runs under `torch.profiler` (top kernels by GPU time).
+Writes `--out` (JSON) and, next to it, the profiler table and `torch.cuda.memory_summary()`.
+
+Device, one line (carry [".whl"]):
+
+    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python bench/stage2_trial_profile.py --work /tmp/prof --out $OUT/stage2_trial_profile.json
+
+CPU smoke test here: `.venv/bin/python bench/stage2_trial_profile.py --size tiny --work /tmp/proftiny --out /tmp/proftiny/p.json`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(REPO))
+
+import stage2_70b_shaped as writer_bench  # noqa: E402
+import stage2_gpu_vs_heretic as common  # noqa: E402
+
+SIZES = {"8b": {**common.SIZES["8b"], "vocab_size": 1024}, "tiny": writer_bench.SIZES["tiny"]}
+
+
+class Recorder:
+    """Synchronized wall times and GPU memory peaks of named calls, per trial."""
+
+    def __init__(self, torch) -> None:
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        self.events: list[dict] = []
+        self.evaluate_calls = 0
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def wrap(self, owner, name: str, label: str, describe=None):
+        original = getattr(owner, name)
+        recorder = self
+
+        def timed(*args, **kwargs):
+            recorder.sync()
+            started = time.perf_counter()
+            result = original(*args, **kwargs)
+            recorder.sync()
+            event = {"what": label, "seconds": time.perf_counter() - started, "evaluate_call": recorder.evaluate_calls}
+            if describe:
+                event.update(describe(args, kwargs, result))
+            if recorder.cuda:
+                event["gpu_allocated_bytes"] = recorder.torch.cuda.memory_allocated()
+            recorder.events.append(event)
+            return result
+
+        setattr(owner, name, timed)
+
+
+def _decoder_facts(args, kwargs, result) -> dict:
+    decoder = args[0]
+    return {"batch": decoder.batch, "prompt_len": decoder.prompt_len, "cache_len": decoder.cache_len,
+            "steps": int(result.shape[1])}
+
+
+def _prompt_count(args, kwargs, result) -> dict:
+    return {"prompts": len(result) if isinstance(result, list) else None, "max_new_tokens": kwargs.get("max_new_tokens")}
+
+
+def install(recorder: Recorder, profile_call: int, out_dir: Path) -> None:
+    """Timers around the trial's parts; the ``profile_call``-th evaluate() runs under torch.profiler."""
+    torch = recorder.torch
+    from abliterate.edits import lora
+    from abliterate.evaluation import evaluator, static_decode
+
+    recorder.wrap(lora.LoraAbliterator, "apply", "edit.apply")
+    recorder.wrap(lora.LoraAbliterator, "reset", "edit.reset")
+    recorder.wrap(evaluator, "generate_greedy", "generate_greedy", _prompt_count)
+    recorder.wrap(evaluator, "continuation_log_probs", "kl.continuation_log_probs")
+    recorder.wrap(static_decode.StaticDecoder, "run", "static_decoder.run", _decoder_facts)
+    recorder.wrap(static_decode.StaticDecoder, "_capture", "static_decoder.capture")
+    original = evaluator.Evaluator.evaluate
+
+    def evaluate(self, model, **kwargs):
+        recorder.evaluate_calls += 1
+        if recorder.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        recorder.sync()
+        started = time.perf_counter()
+        if recorder.evaluate_calls == profile_call:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if recorder.cuda else [])
+            with profile(activities=activities) as prof:
+                result = original(self, model, **kwargs)
+                recorder.sync()
+            sort = "cuda_time_total" if recorder.cuda else "cpu_time_total"
+            (out_dir / "stage2_trial_profile_kernels.txt").write_text(
+                prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
+        else:
+            result = original(self, model, **kwargs)
+        recorder.sync()
+        event = {"what": "evaluate", "seconds": time.perf_counter() - started, "evaluate_call": recorder.evaluate_calls,
+                 "profiled": recorder.evaluate_calls == profile_call}
+        if recorder.cuda:
+            event["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            event["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        recorder.events.append(event)
+        return result
+
+    evaluator.Evaluator.evaluate = evaluate
+
+
+def summarize(events: list[dict]) -> dict:
+    """Seconds per part, summed per evaluate() call (call 1 is the unedited model; calls >= 2 are trials)."""
+    per_call: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for event in events:
+        per_call[event["evaluate_call"]][event["what"]] += event["seconds"]
+    return {str(call): dict(parts) for call, parts in sorted(per_call.items())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="8b")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/stage2_profile"))
+    parser.add_argument("--out", type=Path, default=BENCH / "stage2_trial_profile.json")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--profile_trial", type=int, default=2, help="which trial runs under torch.profiler (0: none)")
+    parser.add_argument("--max_new_tokens", type=int, default=100)
+    parser.add_argument("--max_test_prompts", type=int, default=100)
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more abliterate flags")
+    args = parser.parse_args()
+    import torch
+
+    args.work = args.work.resolve()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = SIZES[args.size]
+    checkpoint = args.work / "model-nvfp4"
+    written = writer_bench.write_checkpoint(checkpoint, shape, shape["num_hidden_layers"], device, seed=0)
+    print(f"checkpoint: {written['bytes'] / 1e9:.2f} GB in {written['seconds']:.1f} s", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    prompts = common.write_prompts(args.work / "prompts", None, args.max_test_prompts)
+    recorder = Recorder(torch)
+    install(recorder, args.profile_trial + 1 if args.profile_trial else 0, args.out.parent)
+    command = ["abliterate", "--model", str(checkpoint), "--prompts", prompts["spec"], "--n_trials", str(args.trials),
+               "--n_startup_trials", str(args.trials), "--max_response_length", str(args.max_new_tokens),
+               "--device_map", "auto" if device == "cuda" else "cpu", "--out", str(args.work / "out"),
+               "--study_dir", str(args.work / "study"), "--overwrite", "--select", "best_kl_under 0.05", "--no-plot",
+               *(["--load_as", "packed"] if device == "cuda" else []), *args.extra]
+    from pipelines.cli import main as cli
+
+    started = time.perf_counter()
+    try:
+        code = cli(command)
+    except SystemExit as exit_:
+        code = exit_.code
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": common.gpu_name(), "versions": common.versions(),
+        "command": "python bench/stage2_trial_profile.py " + " ".join(sys.argv[1:]), "cli": command, "exit_code": code,
+        "cli_seconds": time.perf_counter() - started, "checkpoint": written, "per_evaluate_call": summarize(recorder.events),
+        "events": recorder.events,
+    }
+    if device == "cuda":
+        result["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        (args.out.parent / "stage2_trial_profile_memory.txt").write_text(torch.cuda.memory_summary())
+    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    for call, parts in result["per_evaluate_call"].items():
+        print(call, {name: round(seconds, 3) for name, seconds in parts.items()}, flush=True)
+    return 0 if code in (0, None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
