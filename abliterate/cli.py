@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
@@ -17,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     if sources:  # values nobody typed on this command line: say where they came from
         console.print("settings not from the command line: "
                       + ", ".join(f"{name}={getattr(settings, name)!r} ({source})" for name, source in sources.items()), markup=False)
+    # A trial allocates many shapes (prefills, KV caches, captured graphs' pools): growable segments keep the
+    # GPU's reserved memory near what is allocated. Read when CUDA first allocates; a user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from abliterate.run import (
         run_abliteration,  # heavy imports only after the flags are valid
     )

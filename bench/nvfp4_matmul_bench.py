@@ -34,7 +34,7 @@ from checkpoint_formats import nvfp4_matmul as mm
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (768, 2048), (2048, 768)]  # (N=out, K=in)
 TOKENS = [1, 4, 16, 64, 128, 2048, 4096]
-SWEEP_TOKENS = [1, 4, 16, 64, 128]  # 100: the trial batch, timed by the stage-2 benches
+SWEEP_TOKENS = [1, 4, 16, 64, 128]
 PREFILL_CONFIG = mm.KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
@@ -149,13 +149,6 @@ def _decode_candidates(m: int, k: int):
         for bn, bk, split in [(32, 128, 1), (32, 128, 2), (32, 128, 4), (64, 128, 2), (16, 128, 2)]:
             yield C(128, bn, bk, split, 8, kernel="dot", join=True)
         yield C(64, 32, 128, 2, 4, kernel="dot", join=True)
-    if m >= 4:  # W as the left (register) operand of the MMA
-        bm = max(16, 1 << max(m - 1, 0).bit_length())
-        shapes = [(64, 256, 1), (64, 256, 2), (64, 128, 4), (128, 128, 2)] if m == 4 else \
-            [(64, 128, 1), (64, 128, 2), (64, 256, 1), (64, 256, 2), (64, 256, 4), (128, 128, 1), (128, 128, 2),
-             (128, 256, 2)]  # fmt: skip
-        for bn, bk, split in shapes:
-            yield C(bm, bn, bk, split, 8 if bn == 128 else 4, kernel="swap")
 
 
 def sweep_shape(n: int, k: int, deadline: float, skip_prefill: bool = True) -> list[dict]:

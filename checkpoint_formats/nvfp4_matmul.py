@@ -65,7 +65,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" / "swap" (tensor cores; swap: W as the left operand), "legacy"
+    kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" (tensor cores) or "legacy" (first version)
     join: bool = False  # dot: rebuild K order in registers (one dot) instead of eight dots on strided x
     mul16: bool = True  # dot: code * scale in fp16 (exact) instead of fp32
     asm: bool = True  # decode 8 codes of a word with inline PTX (GPU only; the interpreter takes the portable path)
@@ -163,6 +163,9 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
             config = KernelConfig(block_m=16, block_n=32, block_k=128, kernel="dot", join=True)
     elif m <= 64:
         config = KernelConfig(block_m=64, block_n=32, block_k=128, kernel="dot", join=True)
+    elif n <= 4096 and n * k >= 4096 * 4096:  # measured: wider N tiles and a 2-way split win here (H200 sweep)
+        config = KernelConfig(block_m=128, block_n=64, block_k=128, split_k=2, num_warps=8, kernel="dot", join=True)
+        return dataclasses.replace(config, block_k=64, num_stages=2) if x_bytes > 2 else config
     else:
         config = KernelConfig(block_m=128, block_n=32, block_k=128, num_warps=8, kernel="dot", join=True)
     if x_bytes > 2 and config.kernel == "dot":  # fp32 x: half the K tile keeps the staged tiles in shared memory
@@ -208,8 +211,6 @@ def fused_matmul(
     meta.update(EVEN_K=k % config.block_k == 0, ASM=config.asm and not _INTERPRET)
     if config.kernel == "gemv":
         kernels._gemv_kernel[grid](x2d, words, *common, **meta)
-    elif config.kernel == "swap":
-        kernels._swap_kernel[grid](x2d, words, *common, **meta)
     else:
         kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, **meta)
     return out.to(out_dtype) if atomic else out

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from abliterate.evaluation import static_decode
 from abliterate.evaluation.batch_size import find_fastest_batch_size
 from abliterate.evaluation.generation import (
     format_chat_prompts,
@@ -123,10 +124,12 @@ class Evaluator:
         self.harmless_ids = format_chat_prompts(tokenizer, self.harmless_prompts, self.config.system_prompt)
         model.eval()
         self.batch_size = self.config.batch_size or self._find_batch_size(model)
+        static_decode.forget_decoders(model)  # the probe's shapes never come back; their KV caches would stay
         continuations = generate_greedy(
             model, tokenizer, self.harmless_ids, max_new_tokens=self.config.kl_tokens, batch_size=self.batch_size,
             decoding=self.config.decoding,
         )
+        static_decode.forget_decoders(model)  # nor do the reference continuations'
         self.reference_continuations = [response.token_ids for response in continuations]
         self.reference_log_probs = self._log_probs(model)
         self.base = self.evaluate(model, with_perplexity=bool(self.perplexity_texts))

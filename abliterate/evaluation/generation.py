@@ -75,8 +75,10 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> PaddedBatch:
-    length = max(len(sequence) for sequence in sequences)
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu",
+             length: int | None = None) -> PaddedBatch:
+    """Left-padded to the longest sequence, or to ``length`` when given (at least the longest)."""
+    length = max([len(sequence) for sequence in sequences] + [length or 0])
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, sequence in enumerate(sequences):
@@ -182,8 +184,11 @@ def generate_greedy(
         top_k=None,
     )
     responses: list[Response | None] = [None] * len(prompt_token_ids)
+    # Static decoding pads every batch to the longest prompt of the call, so that batches of one size share one
+    # decoder (one KV cache, one captured graph) instead of one per prompt length.
+    longest = max((len(ids) for ids in prompt_token_ids), default=0) if static else None
     for indices in batches_by_length([len(ids) for ids in prompt_token_ids], batch_size):
-        batch = left_pad([prompt_token_ids[index] for index in indices], pad_id, device)
+        batch = left_pad([prompt_token_ids[index] for index in indices], pad_id, device, longest)
         if static:
             try:
                 answers = _static_responses(model, tokenizer, batch, max_new_tokens, eos_ids, is_decided)

@@ -14,6 +14,7 @@ unchanged model scores exactly zero.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ def continuation_log_probs(
     if len(prompt_token_ids) != len(continuations):
         raise ValueError("one continuation per prompt is needed")
     device = model_device(model)
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     per_prompt: list[torch.Tensor | None] = [None] * len(prompt_token_ids)
     mask = torch.zeros((len(prompt_token_ids), n_positions), dtype=torch.bool)
     for index, continuation in enumerate(continuations):
@@ -66,13 +68,16 @@ def continuation_log_probs(
         input_ids = torch.cat([prompts.input_ids, tail], dim=1)
         attention_mask = torch.cat([prompts.attention_mask, torch.ones_like(tail)], dim=1)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # The scored positions are the last n_positions of the input: only they need the vocabulary projection
+        # (at a 128k vocabulary, all positions' logits of a batch of 100 are over a GB).
         logits = model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
             use_cache=False,
+            **({"logits_to_keep": n_positions} if keeps_logits else {}),
         ).logits
-        answer_logits = logits[:, prompt_length - 1 : prompt_length - 1 + n_positions, :]
+        answer_logits = logits[:, logits.shape[1] - n_positions :, :]
         log_probs = answer_logits.float().log_softmax(dim=-1).cpu()
         for row, index in enumerate(indices):
             per_prompt[index] = log_probs[row]

@@ -82,8 +82,6 @@ def test_dequantize_kernel_matches_codec_bit_for_bit(interpreted, dtype: torch.d
     [
         (KernelConfig(block_m=16, block_n=16, block_k=32), torch.float16),
         (KernelConfig(block_m=16, block_n=32, block_k=64, split_k=3), torch.float32),
-        (KernelConfig(block_m=16, block_n=16, block_k=128, kernel="swap"), torch.float16),
-        (KernelConfig(block_m=16, block_n=32, block_k=64, split_k=2, kernel="swap"), torch.float32),
     ],
 )
 @pytest.mark.parametrize("m", [1, 5, 17])

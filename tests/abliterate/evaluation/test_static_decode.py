@@ -94,3 +94,37 @@ def test_row_judge_finds_the_first_decided_prefix(testbed):
     assert reason == "decided" and _decided(tokenizer.decode(words[:length]))
     assert not _decided(tokenizer.decode(words[: length - 1]))
     assert judge.end_of(1, tokens.shape[1]) == (len(words) + 1, "eos")
+
+
+@pytest.mark.usefixtures("one_cpu_thread")
+def test_batches_of_one_size_share_one_decoder(testbed):
+    """Prompts of several lengths in equal batches: one KV cache and graph, not one per prompt length."""
+    model, tokenizer = testbed
+    static_decode.forget_decoders(model)
+    ids = _prompts(tokenizer, 4)
+    assert len({len(prompt) for prompt in ids}) > 2, "the test needs prompts of several lengths"
+    reference = generate_greedy(model, tokenizer, ids, max_new_tokens=6, batch_size=2, decoding="generate")
+    static = generate_greedy(model, tokenizer, ids, max_new_tokens=6, batch_size=2, decoding="static")
+    assert len(model.__dict__["_static_decoders"]) == 1
+    assert [r.token_ids for r in static] == [r.token_ids for r in reference]
+
+
+def test_grouped_decode_attention_equals_transformers_sdpa():
+    """One query per row, 8 query heads on 2 KV heads, a padding mask: the same output as sdpa's repeat_kv path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 8, 1, 16, generator=generator)
+    key, value = torch.randn(2, 3, 2, 11, 16, generator=generator)
+    mask = torch.zeros(3, 1, 1, 11)
+    mask[0, ..., :4] = torch.finfo(mask.dtype).min  # row 0 left-padded by 4
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    ours, _ = static_decode.grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
+    reference, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert ours.shape == reference.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    prefill = torch.randn(3, 8, 5, 16, generator=generator)  # anything but one query: transformers' own sdpa
+    mask5 = torch.zeros(3, 1, 5, 11)
+    torch.testing.assert_close(static_decode.grouped_decode_attention(module, prefill, key, value, mask5)[0],
+                               sdpa_attention_forward(module, prefill, key, value, mask5)[0])
