@@ -227,9 +227,10 @@ def run_abliterate(args, checkpoint: Path, prompts: dict, env: dict) -> dict:
 
 
 def run_export(args, trial_dir: Path, checkpoint_bytes: int, env: dict) -> dict:
-    output = args.work / "export-nvfp4"
+    output = args.export_dir or args.work / "export-nvfp4"
     shutil.rmtree(output, ignore_errors=True)
-    free = shutil.disk_usage(args.work).free
+    output.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(output.parent).free
     if free < checkpoint_bytes * 1.1 + 2**30:
         return {"ok": False, "skipped": True, "error_tail": f"needs ~{checkpoint_bytes * 1.1 / 1e9:.1f} GB free disk, "
                 f"{free / 1e9:.1f} GB free; rerun with fewer --layers or on a machine with more disk"}
@@ -320,6 +321,8 @@ def main() -> int:
     parser.add_argument("--budget_s", type=float, default=580,
                         help="the whole bench ends by then (the device allows 600 s a command); children are cut short")
     parser.add_argument("--no_export", action="store_true")
+    parser.add_argument("--export_dir", type=Path, default=None,
+                        help="where the export goes (default: WORK/export-nvfp4), e.g. a tmpfs when the disk is small")
     parser.add_argument("--no_verify", action="store_true", help="export without reloading and re-measuring")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and export afterwards")
     parser.add_argument("--print-setup", "--print_setup", action="store_true")
@@ -372,7 +375,7 @@ def main() -> int:
     print_table(result)
     if not args.keep:
         shutil.rmtree(checkpoint, ignore_errors=True)
-        shutil.rmtree(args.work / "export-nvfp4", ignore_errors=True)
+        shutil.rmtree(args.export_dir or args.work / "export-nvfp4", ignore_errors=True)
     print(f"wrote {args.out}")
     return 0
 

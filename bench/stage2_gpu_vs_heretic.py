@@ -208,8 +208,9 @@ def run_heretic(args, model: Path, prompts: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=args.heretic_pythonpath, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    # at most 55% of what is left, so that our run still fits the budget if heretic hangs
-    result = run_child(command, args.work / "heretic.log", env, cwd, min(args.timeout, 0.55 * time_left()))
+    # what is left minus what our run needs, so that it still fits the budget if heretic hangs
+    result = run_child(command, args.work / "heretic.log", env, cwd,
+                       max(30.0, min(args.timeout, time_left() - args.reserve_for_ours_s)))
     journals = sorted(study_dir.glob("*.jsonl"))
     summary = summarize(result, journals[0] if journals else None)
     summary["command"] = " ".join(command)
@@ -339,6 +340,8 @@ def main() -> int:
     parser.add_argument("--heretic_python", default=sys.executable)
     parser.add_argument("--heretic_pythonpath", default="", help="PYTHONPATH of heretic's process, e.g. /tmp/hsite:/tmp/site")
     parser.add_argument("--skip_heretic", action="store_true")
+    parser.add_argument("--reserve_for_ours_s", type=float, default=100.0,
+                        help="seconds of the budget kept for our run when heretic's time limit is set")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
     parser.add_argument("--budget_s", type=float, default=580,
                         help="the whole bench ends by then (the device allows 600 s a command); children are cut short")
