@@ -30,11 +30,6 @@ from foundation.errors import UserError
 from testbed.tokenizer import train_tokenizer
 from tests.tiny_models import family_config
 
-# Known gap (stage 2's LoRA, not the checkpoint names): when a layer has fused experts *and* a Linear both named
-# ``down_proj`` elsewhere in the MLP (DeepSeek-V3's dense layer 0 and shared_experts, Qwen3-Next's shared_expert),
-# PEFT's inject_adapter_in_model with target_parameters leaves those Linears without LoRA (lora.py, issue 13).
-_PEFT_GAP = pytest.mark.xfail(raises=AttributeError, strict=True,
-                              reason="PEFT leaves mlp Linears named down_proj unwrapped beside fused experts.down_proj")
 # Known gap (ModelOpt's export, caught by our servability check): PhiMoE's router is stored as
 # block_sparse_moe.gate, but ModelOpt 0.47 lists it in exclude_modules as block_sparse_moe.router, a module that does
 # not exist, so servers would quantize the router; the re-export refuses to write that (servability.py).
@@ -42,7 +37,7 @@ _PHIMOE_EXCLUSIONS = pytest.mark.xfail(raises=UserError, strict=True,
                                        reason="ModelOpt lists PhiMoE's router under a name the checkpoint lacks")
 SUPPORTED = ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe", "mixtral",
              pytest.param("phimoe", marks=_PHIMOE_EXCLUSIONS),
-             pytest.param("deepseek_v3", marks=_PEFT_GAP), pytest.param("qwen3_next", marks=_PEFT_GAP)]
+             "deepseek_v3", "qwen3_next"]
 
 
 @pytest.fixture(scope="module")
