@@ -76,6 +76,7 @@ def _inject_linears(config: LoraConfig, model: nn.Module, module_names: list[str
     therefore injected through a holder that is no transformers model (no
     conversion), under names that match nothing else, and put back in place.
     """
+    module_names = list(dict.fromkeys(module_names))
     holder = nn.ModuleDict({f"component{i}": model.get_submodule(name) for i, name in enumerate(module_names)})
     # PEFT reads the placement from the model it injects into; packed NVFP4 Linears hold buffers, no parameter
     holder.hf_device_map = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
