@@ -65,6 +65,27 @@ def usable_components(model: nn.Module, components: list[Component]) -> tuple[li
     return usable, skipped
 
 
+def _inject_linears(config: LoraConfig, model: nn.Module, module_names: list[str]) -> None:
+    """Wrap the Linears at exactly these module paths in LoRA, whatever other modules share their leaf names.
+
+    PEFT's injection into a transformers model first converts the config for
+    transformers v5's fused MoE layout (``convert_peft_config_for_transformers``):
+    for DeepSeek-V3, Qwen3-Next and the like it turns every ``*.down_proj`` module
+    target into the experts' ``down_proj`` parameter, so the dense layers' and
+    shared experts' ``down_proj`` Linears would get no LoRA. The Linears are
+    therefore injected through a holder that is no transformers model (no
+    conversion), under names that match nothing else, and put back in place.
+    """
+    module_names = list(dict.fromkeys(module_names))
+    holder = nn.ModuleDict({f"component{i}": model.get_submodule(name) for i, name in enumerate(module_names)})
+    # PEFT reads the placement from the model it injects into; packed NVFP4 Linears hold buffers, no parameter
+    holder.hf_device_map = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
+    config.target_modules = set(holder)
+    inject_adapter_in_model(config, holder, adapter_name=ADAPTER_NAME)
+    for key, name in zip(holder, module_names, strict=True):
+        model.set_submodule(name, holder[key])
+
+
 class LowRankWeightDelta(nn.Module):
     """Weight parametrization ``W -> W + left @ right`` for projections a LoRA forward cannot reach."""
 
@@ -141,19 +162,22 @@ class LoraAbliterator:
         self.components, self.skipped = usable_components(model, components)
         linear = [c.module_name for c in self.components if c.num_experts is None and not c.weight_level]
         fused = [c.parameter_path for c in self.components if c.num_experts is not None and not c.weight_level]
+        if fused:
+            inject_adapter_in_model(self._config(target_parameters=fused), model, adapter_name=ADAPTER_NAME)
+        if linear:
+            _inject_linears(self._config(target_modules=linear), model, linear)
+        self._layers = {c.parameter_path: self._slot(model, c) for c in self.components}
+        self.reset()
+
+    def _config(self, **targets) -> LoraConfig:
         config = LoraConfig(
             r=self.rank,
             lora_alpha=self.rank,  # scaling alpha / r = 1: the factors are the delta itself
             lora_dropout=0.0,
-            target_modules=linear or None,
-            target_parameters=fused or None,
             bias="none",
+            **targets,
         )
-        register_quantized_lora_layers(config)  # our NVFP4Linear (--quantization nvfp4); PEFT knows torchao and bnb
-        if any(c.num_experts is None and not c.weight_level for c in self.components) or fused:
-            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-        self._layers = {c.parameter_path: self._slot(model, c) for c in self.components}
-        self.reset()
+        return register_quantized_lora_layers(config)  # our NVFP4Linear (--quantization nvfp4); PEFT knows torchao, bnb
 
     def _slot(self, model: nn.Module, component: Component):
         module = model.get_submodule(component.module_name)

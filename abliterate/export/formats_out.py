@@ -23,6 +23,7 @@ from abliterate.export.streaming_merge import (
     write_shards,
 )
 from checkpoint_formats.detect import FormatKind
+from checkpoint_formats.exclusions import repair_exclusions
 from checkpoint_formats.servability import require_servable
 from foundation.errors import UserError
 from foundation.tokenizer_files import copy_tokenizer_files
@@ -71,6 +72,7 @@ def export_nvfp4(merger: StreamingMerger, stage1_dir: Path, out_dir: Path, *, sh
     for name in ("config.json", "hf_quant_config.json"):
         # Same format, same modules quantized, same scales carried: the stage-1 quantization config holds as is.
         (out_dir / name).write_bytes((stage1_dir / name).read_bytes())
+    repaired = repair_exclusions(out_dir)  # a checkpoint ModelOpt wrote elsewhere may carry its exclusion bugs
     require_servable(out_dir, where=f"nvfp4 re-export of {stage1_dir}")  # as stage 1 checks its own export
     return {
         "format": "nvfp4",
@@ -78,6 +80,7 @@ def export_nvfp4(merger: StreamingMerger, stage1_dir: Path, out_dir: Path, *, sh
         "requantized_weights": sorted(plan.requantized),
         "edited_unquantized": sorted(plan.edited_full_precision),
         "quant_algo": stage1.format.quant_algo,
+        "repaired_exclusions": repaired,
     }
 
 

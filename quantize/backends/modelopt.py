@@ -8,10 +8,10 @@ from typing import Any
 
 from rich.console import Console
 
+from checkpoint_formats.exclusions import repair_exclusions
 from quantize import calibrate as calibration_loop
 from quantize import export as checkpoint_export
 from quantize import offload as offload_planning
-from quantize.exclusions import repair_exclusions
 from quantize.recipes import build_quant_config, get_recipe
 from quantize.settings import QuantizeSettings
 from quantize.skip_layers import SkipMatch, disabled_quantizer_patterns
@@ -49,7 +49,7 @@ class ModelOptBackend:
     def export(self, model, staging: Path, settings: QuantizeSettings) -> dict[str, Any]:
         recipe = get_recipe(settings.format)
         checkpoint_export.export_modelopt_checkpoint(model, staging)
-        repaired = repair_exclusions(staging)  # ModelOpt 0.47 mangles NemotronH exclusions (quantize/exclusions.py)
+        repaired = repair_exclusions(staging)  # ModelOpt 0.47 mangles NemotronH and PhiMoE exclusions (checkpoint_formats/exclusions.py)
         hf_quant = checkpoint_export.read_quant_config(staging).get("quantization", {})
         return {
             "backend": self.name, "format": recipe.name, "modelopt_config": recipe.modelopt_config,

@@ -10,7 +10,7 @@ from abliterate.edits.delta import abliteration_delta, abliteration_factors
 from abliterate.edits.kernel import KernelParameters, layer_strength
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
-from tests.tiny_models import ALL_MODELS, dense_llama
+from tests.tiny_models import ALL_MODELS, dense_llama, family_config
 
 PARAMETERS = AbliterationParameters(
     "per_layer", None,
@@ -64,10 +64,22 @@ def test_layer_kernel_shape():
     assert layer_strength(1, kernel) == 0.0
 
 
+def _family_model(family):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(family_config(family)).float().eval()
+
+
+# Fused 3-D experts beside plain Linears also named down_proj (DeepSeek-V3's dense layer 0 and shared_experts,
+# Qwen3-Next's shared_expert): PEFT's v5 MoE conversion would retarget those Linears to the experts' parameter.
+SHARED_LEAF_NAMES = {family: (lambda family=family: _family_model(family)) for family in ("deepseek_v3", "qwen3_next")}
+
+
 @pytest.mark.parametrize("method", ["rank1", "norm_preserving"])
-@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+@pytest.mark.parametrize("name", sorted(ALL_MODELS) + sorted(SHARED_LEAF_NAMES))
 def test_lora_edit_matches_explicit_weights_and_reset_restores_exact_logits(name, method):
-    model = ALL_MODELS[name]()
+    model = {**ALL_MODELS, **SHARED_LEAF_NAMES}[name]()
     architecture = discover(model)
     reference = copy.deepcopy(model)
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -89,6 +101,23 @@ def test_lora_edit_matches_explicit_weights_and_reset_restores_exact_logits(name
         torch.testing.assert_close(edited, explicit, atol=2e-5, rtol=1e-4)
         abliterator.reset()
         assert torch.equal(model(ids).logits, base)
+
+
+@pytest.mark.parametrize("family", sorted(SHARED_LEAF_NAMES))
+def test_every_down_proj_beside_fused_experts_gets_its_own_lora(family):
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import ParamWrapper
+
+    model = SHARED_LEAF_NAMES[family]()
+    components = discover(model).components
+    linears = [c.module_name for c in components if c.num_experts is None and c.module_name.endswith("down_proj")]
+    fused = [c.module_name for c in components if c.num_experts is not None]
+    assert linears and fused, "the tiny config has both kinds"
+    LoraAbliterator(model, components, method="rank1")
+    assert all(isinstance(model.get_submodule(name), LoraLinear) for name in linears)
+    assert all(isinstance(model.get_submodule(name), ParamWrapper) for name in fused)
+    # exactly one adapter layer each: the experts are not wrapped a second time by the Linears' injection
+    assert not any(isinstance(model.get_submodule(name).get_base_layer(), ParamWrapper) for name in fused)
 
 
 def test_meta_and_nan_components_are_skipped_and_counted():

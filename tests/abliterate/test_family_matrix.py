@@ -30,19 +30,8 @@ from foundation.errors import UserError
 from testbed.tokenizer import train_tokenizer
 from tests.tiny_models import family_config
 
-# Known gap (stage 2's LoRA, not the checkpoint names): when a layer has fused experts *and* a Linear both named
-# ``down_proj`` elsewhere in the MLP (DeepSeek-V3's dense layer 0 and shared_experts, Qwen3-Next's shared_expert),
-# PEFT's inject_adapter_in_model with target_parameters leaves those Linears without LoRA (lora.py, issue 13).
-_PEFT_GAP = pytest.mark.xfail(raises=AttributeError, strict=True,
-                              reason="PEFT leaves mlp Linears named down_proj unwrapped beside fused experts.down_proj")
-# Known gap (ModelOpt's export, caught by our servability check): PhiMoE's router is stored as
-# block_sparse_moe.gate, but ModelOpt 0.47 lists it in exclude_modules as block_sparse_moe.router, a module that does
-# not exist, so servers would quantize the router; the re-export refuses to write that (servability.py).
-_PHIMOE_EXCLUSIONS = pytest.mark.xfail(raises=UserError, strict=True,
-                                       reason="ModelOpt lists PhiMoE's router under a name the checkpoint lacks")
-SUPPORTED = ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe", "mixtral",
-             pytest.param("phimoe", marks=_PHIMOE_EXCLUSIONS),
-             pytest.param("deepseek_v3", marks=_PEFT_GAP), pytest.param("qwen3_next", marks=_PEFT_GAP)]
+SUPPORTED = ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "phimoe",
+             "deepseek_v3", "qwen3_next"]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +112,12 @@ def test_export_keeps_stage1_names_and_bytes_except_the_edit(family_run):
         assert not any(".mlp." in name for name in after)
         assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in changed
         assert "model.layers.1.block_sparse_moe.experts.3.w1.weight" not in changed  # w1/w3 are read, not written
+    # The router stays excluded under the name it is stored as (ModelOpt writes PhiMoE's as block_sparse_moe.router).
+    excluded = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert sorted(excluded) == sorted(ignored)
+    if family in {"mixtral", "phimoe"}:
+        assert "model.layers.1.block_sparse_moe.gate" in excluded and not any("router" in e for e in excluded)
 
 
 @pytest.fixture(scope="module")

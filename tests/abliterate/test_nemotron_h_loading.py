@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from abliterate.architectures import discover
 from checkpoint_formats.loader import load_checkpoint
-from quantize.exclusions import repair_exclusions
+from checkpoint_formats.exclusions import repair_exclusions
 from tests.checkpoint_formats.modelopt_checkpoints import modelopt_export
 from tests.tiny_models import nemotron_h_hybrid
 

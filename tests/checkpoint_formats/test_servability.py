@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoint_formats.servability import check_servable, require_servable
 from foundation.errors import UserError
-from quantize.exclusions import repair_exclusions, strip_sentinel
+from checkpoint_formats.exclusions import repair_exclusions, strip_sentinel
 from tests.checkpoint_formats.modelopt_checkpoints import corrupted_copy, modelopt_export
 from tests.tiny_models import dense_llama, nemotron_h_hybrid
 
@@ -185,3 +185,33 @@ def test_a_tied_lm_head_counts_as_a_module():
     assert not entry_matches("lm_head", checkpoint_modules(names, {"tie_word_embeddings": False}))
     assert entry_matches("lm_head", checkpoint_modules(names, {"tie_word_embeddings": True}))
     assert entry_matches("lm_head", checkpoint_modules(names, {"text_config": {"tie_word_embeddings": True}}))
+
+
+def _phimoe_like(directory, router_entry):
+    """A checkpoint stored as PhiMoE is (router at block_sparse_moe.gate), exclusions as ModelOpt 0.47 writes them."""
+    directory.mkdir()
+    tensors = {name: torch.zeros(4, 4, dtype=torch.bfloat16) for name in (
+        "lm_head.weight", "model.embed_tokens.weight", "model.layers.0.block_sparse_moe.gate.weight")}
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    entries = ["lm_head", "model.embed_tokens", router_entry]
+    (directory / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "NVFP4",
+                                                                            "exclude_modules": entries}}))
+    (directory / "config.json").write_text(json.dumps({"model_type": "phimoe", "quantization_config": {
+        "quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": entries}}))
+    return directory
+
+
+def test_family_rename_repairs_modelopts_phimoe_router_name(tmp_path):
+    directory = _phimoe_like(tmp_path / "phimoe", "model.layers.0.block_sparse_moe.router")
+    assert {p.rule for p in check_servable(directory)} >= {"exclusion"}
+    repaired = repair_exclusions(directory)
+    assert repaired == {"hf_quant_config.json: quantization.exclude_modules": ["model.layers.0.block_sparse_moe.router"],
+                        "config.json: quantization_config.ignore": ["model.layers.0.block_sparse_moe.router"]}
+    quant = json.loads((directory / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    ignore = json.loads((directory / "config.json").read_text())["quantization_config"]["ignore"]
+    assert quant == ignore == ["lm_head", "model.embed_tokens", "model.layers.0.block_sparse_moe.gate"]
+    assert repair_exclusions(directory) == {}  # a repaired checkpoint is left as it is
+    # the model's own name is spelled the checkpoint's way too; a router under another family's name is not invented
+    assert repair_exclusions(_phimoe_like(tmp_path / "model-name", "model.layers.0.mlp.router"))
+    with pytest.raises(UserError, match="model.layers.0.block_sparse_moe.switch"):
+        repair_exclusions(_phimoe_like(tmp_path / "bad", "model.layers.0.block_sparse_moe.switch"))

@@ -10,6 +10,15 @@ mangled sentinel off, map in-memory names (``model.``) to the checkpoint's own
 (``backbone.``), and accept an entry only if it then matches a module the
 exported tensors show exists: an entry that still resolves to nothing stops
 stage 1 rather than shipping a checkpoint a server would misload.
+
+ModelOpt also applies only part of a family's renames: for PhiMoE it writes
+the router as ``block_sparse_moe.router`` (``mlp.`` renamed, ``router`` not),
+while the checkpoint stores ``block_sparse_moe.gate`` (transformers'
+``.mlp.router.`` <-> ``.block_sparse_moe.gate.``, ``layout.CHECKPOINT_RENAMES``).
+So an entry is also read back to the model's name and spelled again with the
+family's full renames. Both stage 1 and the NVFP4 re-export (which may start
+from a checkpoint ModelOpt wrote elsewhere) run this repair before their
+servability check.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from checkpoint_formats.naming import naming_for
+from checkpoint_formats.naming import CheckpointNaming, naming_for
 from checkpoint_formats.reader import CheckpointReader
 from checkpoint_formats.servability import checkpoint_modules, entry_matches
 from foundation.errors import UserError
@@ -34,8 +43,17 @@ def strip_sentinel(entry: str) -> str:
     return head.removesuffix(".") + tail
 
 
-def repair_entry(entry: str, modules: set[str], naming, where: str) -> str:
-    for candidate in dict.fromkeys([strip_sentinel(entry), naming.to_disk(strip_sentinel(entry))]):
+def _family_spellings(name: str, naming: CheckpointNaming) -> list[str]:
+    """The checkpoint spellings of the module ``name`` read as the model's: ``...block_sparse_moe.router`` ->
+    ``...block_sparse_moe.gate`` (renames are written for tensor names: a trailing dot makes the module one)."""
+    if not naming.family_renames:
+        return []
+    return [candidate.removesuffix(".") for candidate in naming.disk_candidates(naming.to_model(name + "."))]
+
+
+def repair_entry(entry: str, modules: set[str], naming: CheckpointNaming, where: str) -> str:
+    stripped = strip_sentinel(entry)
+    for candidate in dict.fromkeys([stripped, naming.to_disk(stripped), *_family_spellings(stripped, naming)]):
         if entry_matches(candidate, modules):
             return candidate
     raise UserError(
@@ -53,7 +71,7 @@ def repair_exclusions(export_dir: Path) -> dict[str, list[str]]:
     with CheckpointReader(export_dir) as reader:
         names = reader.names()
     config = json.loads((export_dir / "config.json").read_text()) if (export_dir / "config.json").is_file() else {}
-    modules, naming = checkpoint_modules(names, config), naming_for(names)
+    modules, naming = checkpoint_modules(names, config), naming_for(names, config=config)
     repaired: dict[str, list[str]] = {}
     targets = (("hf_quant_config.json", ("quantization", "exclude_modules")),
                ("config.json", ("quantization_config", "ignore")))
