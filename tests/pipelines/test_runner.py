@@ -276,7 +276,9 @@ def test_stage_process_stops_when_the_runner_is_killed(tmp_path, monkeypatch):
     while not started.exists():
         assert time.monotonic() < deadline and runner_stand_in.poll() is None, "the stage never started"
         time.sleep(0.05)
-    temporary = stage_dir.parent / f".tmp-{stage_dir.name}"
+    from foundation.atomic_output import temporary_dirs
+
+    [temporary] = temporary_dirs(stage_dir)
     assert (temporary / "partial.bin").exists()
 
     os.kill(runner_stand_in.pid, signal.SIGKILL)
