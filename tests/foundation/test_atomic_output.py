@@ -6,7 +6,11 @@ import os
 
 import pytest
 
-from foundation.atomic_output import atomic_output_dir, temporary_dirs, temporary_sibling
+from foundation.atomic_output import (
+    atomic_output_dir,
+    temporary_dirs,
+    temporary_sibling,
+)
 from foundation.errors import UserError
 
 
