@@ -102,7 +102,7 @@ def save_directions_atomically(directions: torch.Tensor, path: Path) -> None:
     killed mid-write must leave either no file (recomputed next time) or a whole one, never a truncated one
     that would make every resume fail to load it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per process (S14)
     try:
         save_file({"refusal_directions": directions.contiguous()}, str(temporary))
         make_readable(temporary)

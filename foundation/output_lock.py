@@ -29,8 +29,9 @@ _held: dict[Path, list[int]] = {}
 
 
 def lock_path_for(target: str | os.PathLike[str]) -> Path:
+    """``.<name>.lock`` beside ``target``; the folder's real path, so every spelling of it names one lock."""
     target = Path(os.path.abspath(os.fspath(target)))
-    return target.parent / f".{target.name}.lock"
+    return Path(os.path.realpath(target.parent)) / f".{target.name}.lock"
 
 
 def _holder_record() -> dict:

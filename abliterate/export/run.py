@@ -186,8 +186,9 @@ def trial_sha256(trial_dir: Path) -> str:
     return digest.hexdigest()
 
 
-# Settings that do not change what a format's directory holds.
-_NOT_CONTENT = ("formats", "overwrite", "progress", "device_map", "trust_remote_code")
+# Settings that do not change what a format's directory holds (the trial is compared by its hash, the
+# output is where we look; both may be spelled differently from another working directory).
+_NOT_CONTENT = ("formats", "overwrite", "progress", "device_map", "trust_remote_code", "trial", "output")
 
 
 def completed_export(output: Path, settings: ExportSettings, fmt: str) -> dict | None:

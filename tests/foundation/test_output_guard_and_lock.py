@@ -143,3 +143,11 @@ def test_the_lock_is_reentrant_within_one_process(tmp_path):
             (out / "x").write_text("x")
         assert lock_path_for(target).exists()
     assert (target / "x").is_file() and not lock_path_for(target).exists()
+
+
+def test_every_spelling_of_the_output_names_one_lock(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    assert lock_path_for(tmp_path / "alias" / "D") == lock_path_for(tmp_path / "real" / "D")
+    with output_lock(tmp_path / "alias" / "D"), output_lock(tmp_path / "real" / "D"):
+        pass  # re-entrant, not a conflict with itself
