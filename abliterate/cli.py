@@ -7,7 +7,17 @@ import sys
 
 from rich.console import Console
 
-from abliterate.settings import outside_sources, parse_settings
+from abliterate.settings import AbliterateSettings, outside_sources, parse_settings
+
+
+def remote_code_warning(settings: AbliterateSettings, sources: dict[str, str]) -> str | None:
+    """Security: remote code turned on by ./config.toml or QA_TRUST_REMOTE_CODE (not typed here) must be loud."""
+    source = sources.get("trust_remote_code")
+    if not (settings.trust_remote_code and source):
+        return None
+    return (f"WARNING: trust_remote_code is ON, set by {source}, not on this command line: the model folder's own "
+            "Python code (configuration_*.py / modeling_*.py) will run with your permissions. Keep it only for a "
+            f"repository you trust: remove it from {source}, or pass --trust_remote_code yourself to make it explicit.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     console = Console()
     sources = outside_sources(argv)
+    warning = remote_code_warning(settings, sources)
+    if warning:
+        Console(stderr=True).print(warning, style="bold red", markup=False, highlight=False)
     if sources:  # values nobody typed on this command line: say where they came from
         console.print("settings not from the command line: "
                       + ", ".join(f"{name}={getattr(settings, name)!r} ({source})" for name, source in sources.items()), markup=False)

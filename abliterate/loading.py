@@ -24,6 +24,7 @@ from abliterate.quantization.options import NVFP4, QuantizationRequest
 from foundation.dtypes import TORCH_DTYPES as _DTYPES
 from foundation.errors import UserError
 from foundation.hub_ids import looks_like_local_path
+from foundation.weight_files import require_safetensors
 
 LOAD_AS = ("auto", "packed", "dequantized")
 
@@ -80,7 +81,7 @@ def _load_once(path: str, dtype_name: str, quantized: str | None, device_map, ma
     # own quantization config decides); never pass 'fp8' on as a torch dtype.
     dtype = "auto" if dtype_name == "fp8" else _DTYPES[dtype_name]
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                                                trust_remote_code=trust_remote_code)
+                                                trust_remote_code=trust_remote_code, use_safetensors=True)
 
 
 def _load_quantizing(path: str, dtype_name: str, quantization: QuantizationRequest, device_map, max_memory,
@@ -98,7 +99,8 @@ def _load_quantizing(path: str, dtype_name: str, quantization: QuantizationReque
         return load_nvfp4(path, quantization, dtype, device_map, max_memory, trust_remote_code)
     config = quantization_config(quantization, dtype, target_device_type(device_map))
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                                                trust_remote_code=trust_remote_code, quantization_config=config)
+                                                trust_remote_code=trust_remote_code, quantization_config=config,
+                                                use_safetensors=True)
 
 
 def _check_quantization(quantized: str | None, quantization: QuantizationRequest, device_map) -> None:
@@ -136,6 +138,7 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
     if Path(path).is_file():  # else transformers reads it as a config and reports invalid JSON
         raise UserError("--model", f"{path} is a file, not a model folder",
                         "give the folder that holds config.json (or a Hub id org/name)")
+    require_safetensors(path, "--model")  # before any load: a pickle would run code in torch.load
     quantized = _quantized_format(path)
     held_as = choose_held_as(load_as, device_map) if quantized is not None else "plain"
     if quantization is not None and quantization.enabled:

@@ -38,6 +38,7 @@ from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
 from abliterate.loading import load_model
 from abliterate.prompts import PromptSets, prompt_sets_of
 from abliterate.residuals import prompt_residuals
+from abliterate.search.journal import no_space_left
 from abliterate.search.naming import study_name
 from abliterate.search.objectives import (
     TrialMetrics,
@@ -68,6 +69,8 @@ from foundation.atomic_output import (
     check_writable_output,
     make_readable,
 )
+from foundation.output_guard import check_output_location
+from foundation.output_lock import output_lock
 
 SVD_SEED = 0
 
@@ -89,7 +92,8 @@ def load_or_compute_directions(path: Path, model, architecture: Architecture, to
             console.print(f"[yellow]warning:[/] {label} residual index {index} (after layer {index - 1}) is NaN/inf "
                           f"for {count} prompts; its direction is zeroed and edits using it do nothing")
     directions = refusal_directions(harmful.values, harmless.values, projected=settings.direction_projected)
-    save_directions_atomically(directions, path)
+    with no_space_left(path):
+        save_directions_atomically(directions, path)
     return directions
 
 
@@ -98,7 +102,7 @@ def save_directions_atomically(directions: torch.Tensor, path: Path) -> None:
     killed mid-write must leave either no file (recomputed next time) or a whole one, never a truncated one
     that would make every resume fail to load it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per process (S14)
     try:
         save_file({"refusal_directions": directions.contiguous()}, str(temporary))
         make_readable(temporary)
@@ -154,10 +158,25 @@ def choose(settings: AbliterateSettings, candidates: list[Candidate], front: lis
     return next(c for c in candidates if c.number == number), "chosen interactively"
 
 
+def check_output_paths(settings: AbliterateSettings) -> None:
+    """--overwrite deletes the output: it must not be (or hold, or lie inside) the model, a prompt file or the study."""
+    inputs = {"--model": settings.model, "--prompts": settings.prompt_spec(), "--study_dir": settings.study_path(),
+              **{f"--{name}": getattr(settings, name) for name in ("harmful_train", "harmless_train", "harmful_test",
+                                                                   "harmless_test")}}
+    check_output_location(settings.output_dir(), inputs, output_flag="--out")
+    check_writable_output(settings.output_dir(), settings.overwrite)
+
+
 def run_abliteration(settings: AbliterateSettings, console: Console,
                      settings_sources: dict[str, str] | None = None) -> Path:
+    """Search and write the chosen trial; the output and the study are locked for the whole run (one writer each)."""
+    check_output_paths(settings)
+    with output_lock(settings.output_dir()), output_lock(settings.study_path(), what="study"):
+        return _abliterate(settings, console, settings_sources)
+
+
+def _abliterate(settings: AbliterateSettings, console: Console, settings_sources: dict[str, str] | None) -> Path:
     out = settings.output_dir()
-    check_writable_output(out, settings.overwrite)
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
     inputs = EvaluationInputs.from_settings(settings)
@@ -185,7 +204,9 @@ def run_abliteration(settings: AbliterateSettings, console: Console,
 
     name = study_name(settings, prompts, config)
     study_dir = settings.study_path()
-    study = open_study(study_dir / "journal.log", name)
+    journal = study_dir / "journal.log"  # a full disk while writing it: a UserError; the re-run repairs and resumes
+    study = open_study(journal, name, on_repair=lambda note: console.print(f"[yellow]journal repaired:[/] {note}",
+                                                                           highlight=False))
     directions = load_or_compute_directions(study_dir / f"{name}.directions.safetensors", model, architecture,
                                             tokenizer, prompts, settings, evaluator.batch_size, console)
     abliterator = LoraAbliterator(model, architecture.components, method=settings.method, rank=settings.lowrank_rank,
@@ -216,9 +237,10 @@ def run_abliteration(settings: AbliterateSettings, console: Console,
         def failed(number: int, error: BaseException) -> None:
             progress.console.print(f"[red]trial {number} failed:[/] {error}")
 
-        run_trials(study, suggest=lambda trial: suggest_parameters(trial, architecture.num_layers, groups, settings.direction_scope),
-                   evaluate=evaluate, base=base, n_trials=settings.n_trials, n_startup_trials=settings.n_startup_trials,
-                   seed=settings.seed, kl_target=settings.kl_target, report=report, on_failure=failed)
+        with no_space_left(journal):
+            run_trials(study, suggest=lambda trial: suggest_parameters(trial, architecture.num_layers, groups, settings.direction_scope),
+                       evaluate=evaluate, base=base, n_trials=settings.n_trials, n_startup_trials=settings.n_startup_trials,
+                       seed=settings.seed, kl_target=settings.kl_target, report=report, on_failure=failed)
 
     candidates = candidates_of(study, base)
     front = pareto_front(candidates)
@@ -226,7 +248,7 @@ def run_abliteration(settings: AbliterateSettings, console: Console,
     chosen, reason = choose(settings, candidates, front, base.n_harmful, console)
     console.print(f"chosen: trial {chosen.number} - {reason}")
     parameters = trial_parameters(next(t for t in completed_trials(study) if t.number == chosen.number))
-    with atomic_output_dir(out, settings.overwrite) as temporary:
+    with no_space_left(out), atomic_output_dir(out, settings.overwrite) as temporary:
         write_chosen_trial(
             temporary,
             header={

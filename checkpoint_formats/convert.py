@@ -25,6 +25,7 @@ from checkpoint_formats.reader import CheckpointReader
 from checkpoint_formats.writer import StreamingCheckpointWriter
 from foundation.atomic_output import atomic_output_dir
 from foundation.errors import UserError
+from foundation.output_guard import check_output_location
 
 TARGETS = ("compressed-tensors", "modelopt")
 PRODUCER = {"name": "quant-abliterate convert", "version": "0.1.0"}
@@ -131,6 +132,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, overwrite: 
     """Convert ``src`` into a new directory ``dst``; ``to`` is "compressed-tensors" or "modelopt"."""
     if to not in TARGETS:
         raise UserError("--to", f"unknown target {to!r}", f"use one of {', '.join(TARGETS)}")
+    check_output_location(dst, {"SRC": src}, output_flag="DST")  # --overwrite must never delete the source
     fmt = detect_format(src)
     activations = _check_source(fmt, to)
     to_ct = to == "compressed-tensors"

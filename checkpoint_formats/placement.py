@@ -92,7 +92,8 @@ def from_pretrained_plain(
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            fmt.path, dtype=dtype, device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code
+            fmt.path, dtype=dtype, device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(

@@ -3,18 +3,26 @@
 Outputs are built in a hidden sibling directory (same filesystem, so the final
 ``rename`` is atomic) and moved into place at the end. An interrupted run leaves
 no partial output, only the hidden temporary directory, which the next run
-removes. An existing output is never replaced unless ``overwrite`` is set.
+removes. An existing output is never replaced unless ``overwrite`` is set, and
+never when it is (or holds) the working directory or the home folder
+(``foundation.output_guard``). The output is locked while it is written
+(``foundation.output_lock``), and temporary names are unique per process, so two
+writers can neither collide nor both succeed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from foundation.errors import UserError
+from foundation.output_guard import check_output_location
+from foundation.output_lock import output_lock
 
 TEMP_PREFIX = ".tmp-"
 
@@ -40,8 +48,18 @@ def make_readable(path: str | os.PathLike[str]) -> None:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
-def temporary_sibling(final_dir: Path) -> Path:
-    return final_dir.parent / f"{TEMP_PREFIX}{final_dir.name}"
+def temporary_sibling(final_dir: Path, role: str = "") -> Path:
+    """A hidden sibling name unique to this process and call (``.tmp-<name>~<pid>-<random>``)."""
+    return final_dir.parent / f"{TEMP_PREFIX}{role}{final_dir.name}~{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def temporary_dirs(final_dir: Path) -> list[Path]:
+    """Every temporary sibling of ``final_dir`` left by any run (also the fixed names of older versions)."""
+    final_dir = Path(final_dir)
+    if not final_dir.parent.is_dir():
+        return []
+    pattern = re.compile(rf"{re.escape(TEMP_PREFIX)}(old-)?{re.escape(final_dir.name)}(~\d+-[0-9a-f]{{8}})?")
+    return sorted(path for path in final_dir.parent.iterdir() if pattern.fullmatch(path.name))
 
 
 def check_writable_output(final_dir: Path, overwrite: bool, flag: str = "--overwrite") -> None:
@@ -65,26 +83,27 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
     removed and ``final_dir`` is left exactly as it was.
     """
     final_dir = Path(final_dir).absolute()
+    check_output_location(final_dir)
     check_writable_output(final_dir, overwrite)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    temp_dir = temporary_sibling(final_dir)
-    if temp_dir.exists():
-        shutil.rmtree(temp_dir)
-    temp_dir.mkdir()
-    try:
-        yield temp_dir
-    except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
-    make_readable(temp_dir)
-    if final_dir.exists():
-        # Replace: move the old output aside first so there is never a moment
-        # with neither the old nor the new directory in place.
-        old_dir = final_dir.parent / f"{TEMP_PREFIX}old-{final_dir.name}"
-        if old_dir.exists():
-            shutil.rmtree(old_dir)
-        final_dir.rename(old_dir)
-        temp_dir.rename(final_dir)
-        shutil.rmtree(old_dir, ignore_errors=True)
-    else:
-        temp_dir.rename(final_dir)
+    with output_lock(final_dir):
+        check_writable_output(final_dir, overwrite)  # again: another run may have finished it meanwhile
+        for stale in temporary_dirs(final_dir):  # we hold the lock: no live run owns these
+            shutil.rmtree(stale, ignore_errors=True)
+        temp_dir = temporary_sibling(final_dir)
+        temp_dir.mkdir()
+        try:
+            yield temp_dir
+        except BaseException:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        make_readable(temp_dir)
+        if final_dir.exists():
+            # Replace: move the old output aside first so there is never a moment
+            # with neither the old nor the new directory in place.
+            old_dir = temporary_sibling(final_dir, role="old-")
+            final_dir.rename(old_dir)
+            temp_dir.rename(final_dir)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            temp_dir.rename(final_dir)

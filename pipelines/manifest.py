@@ -92,7 +92,7 @@ class Manifest:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".json.tmp")
+        temporary = self.path.with_suffix(f".json.{os.getpid()}.tmp")  # unique per process (S14)
         temporary.write_text(json.dumps(self.data, indent=2, sort_keys=False, default=str) + "\n")
         os.replace(temporary, self.path)
 

@@ -20,6 +20,8 @@ from typing import Any
 from rich.console import Console
 
 from foundation.errors import UserError
+from foundation.output_guard import check_output_location
+from foundation.output_lock import output_lock
 from pipelines.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -61,6 +63,12 @@ def apply_overrides(spec: PipelineSpec, overrides: list[str]) -> None:
         if stage_name not in stages:
             raise UserError(f"--set {item}", f"stage '{stage_name}' is not in this pipeline", f"use one of: {', '.join(stages)}")
         stages[stage_name].settings[setting] = yaml.safe_load(raw_value)
+
+
+def check_output_dir(output_dir: Path, spec: PipelineSpec, pipeline_file: str) -> None:
+    """--overwrite deletes an output_dir without a manifest: it must not be (or hold, or lie in) the model or the YAML."""
+    check_output_location(output_dir, {"model": spec.model, "pipeline file": pipeline_file},
+                          output_flag="output_dir (--output_dir or the YAML's)")
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -120,9 +128,15 @@ def main(argv: list[str]) -> int:
     spec = load_pipeline(args.pipeline)
     apply_overrides(spec, args.set)
     output_dir = Path(args.output_dir or spec.output_dir).absolute()
+    check_output_dir(output_dir, spec, args.pipeline)
     validate_all(spec, output_dir)
-    prepare_output_dir(output_dir, args.overwrite)
+    # One run per output_dir: a second one is refused (naming this one) before it touches anything.
+    with output_lock(output_dir, what="pipeline output_dir"):
+        prepare_output_dir(output_dir, args.overwrite)
+        return run_stages(args, spec, output_dir)
 
+
+def run_stages(args: argparse.Namespace, spec: PipelineSpec, output_dir: Path) -> int:
     manifest = Manifest.open(output_dir)
     input_hash, model_hashes = source_hash(spec.model)
     manifest.data.update({

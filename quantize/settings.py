@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
 from foundation.hub_ids import looks_like_local_path
+from foundation.output_guard import check_output_location
 from foundation.package_data import resolve_data_path
 from foundation.settings_cli import (
     add_model_arguments,
@@ -30,6 +31,7 @@ from foundation.settings_cli import (
     given_values,
     validate,
 )
+from foundation.weight_files import require_safetensors
 from quantize.calibration.schema import (
     CalibrationSettings,
     MaxSamples,
@@ -178,6 +180,7 @@ def check_paths(settings: QuantizeSettings) -> None:
     if Path(settings.input_model).exists() and not (Path(settings.input_model) / "config.json").is_file():
         raise UserError("--input_model", f"{settings.input_model} has no config.json",
                         "point at a Hugging Face model directory (the one holding config.json)")
+    require_safetensors(settings.input_model, "--input_model")
     if not resolve_data_path(settings.dataset_yaml).is_file():
         raise UserError("--dataset_yaml", f"no such file: {settings.dataset_yaml}",
                         "pass a calibration mix YAML, e.g. datasets_yaml/offline_mix.yaml")
@@ -189,6 +192,10 @@ def check_paths(settings: QuantizeSettings) -> None:
                         "pick one of those or use --backend modelopt")
     if settings.offload_folder is not None and settings.offload_folder.exists() and not settings.offload_folder.is_dir():
         raise UserError("--offload_folder", f"{settings.offload_folder} exists and is not a directory", "pass a directory path")
+    if settings.output_model is not None:  # --overwrite must never delete the model or the mix it reads
+        check_output_location(settings.output_model, {"--input_model": settings.input_model,
+                                                      "--dataset_yaml": resolve_data_path(settings.dataset_yaml)},
+                              output_flag="--output_model")
 
 
 if __name__ == "__main__":

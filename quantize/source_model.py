@@ -63,6 +63,7 @@ def load_model(
             trust_remote_code=trust_remote_code,
             device_map=device_map,
             offload_folder=offload_folder,
+            use_safetensors=True,  # never a pickle (foundation.weight_files)
         )
     except (OSError, ValueError) as error:
         raise _load_error(input_model, error) from error

@@ -17,6 +17,7 @@ from checkpoint_formats.naming import check_family_supported
 from checkpoint_formats.servability import require_servable
 from foundation.atomic_output import atomic_output_dir, check_writable_output
 from foundation.dtypes import TORCH_DTYPES
+from foundation.output_lock import output_lock
 from foundation.package_data import resolve_data_path
 from foundation.tokenizer_files import copy_tokenizer_files
 from quantize import manifest as run_manifest
@@ -55,9 +56,16 @@ def preflight(settings: QuantizeSettings) -> None:
 
 
 def run_quantize(settings: QuantizeSettings, console: Console | None = None, calibration_set=None) -> Path:
-    """Quantize ``settings.input_model`` into ``settings.output_model``; returns the output path."""
-    console = console or Console()
+    """Quantize ``settings.input_model`` into ``settings.output_model``; returns the output path.
+
+    The output is locked from the first check to the rename: a second run on the same output is refused
+    at once, not after its calibration."""
     preflight(settings)
+    with output_lock(Path(settings.output_model)):
+        return _quantize(settings, console or Console(), calibration_set)
+
+
+def _quantize(settings: QuantizeSettings, console: Console, calibration_set) -> Path:
     backend = backend_for(settings.backend)
     timings: dict[str, float] = {}
     started = time.perf_counter()

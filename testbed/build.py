@@ -59,7 +59,7 @@ def save_checkpoint(model, tokenizer, directory: Path) -> None:
 
 def load_checkpoint(directory: Path):
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, use_safetensors=True).eval()
     return model, tokenizer
 
 

@@ -7,6 +7,7 @@ is read; the output directory appears, complete and verified, only at the end
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -15,7 +16,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from abliterate.artifacts import ChosenTrial, read_chosen_trial
+from abliterate.artifacts import (
+    DIRECTIONS_FILE,
+    TRIAL_FILE,
+    ChosenTrial,
+    read_chosen_trial,
+)
 from abliterate.export.formats_out import (
     FORMATS,
     NVFP4_REEXPORTABLE,
@@ -32,7 +38,10 @@ from abliterate.export.verify import Tolerance, verify_export
 from checkpoint_formats.detect import detect_format
 from foundation.atomic_output import atomic_output_dir, check_writable_output
 from foundation.errors import UserError
+from foundation.output_guard import check_output_location
+from foundation.output_lock import output_lock
 from foundation.provenance import library_versions, peak_memory_bytes
+from foundation.weight_files import require_safetensors
 
 MANIFEST_NAME = "export_manifest.json"
 
@@ -65,11 +74,18 @@ class ExportJob:
 def check_job(job: ExportJob) -> None:
     if job.format not in FORMATS:
         raise UserError("--format", f"unknown format {job.format!r}", f"choose from {', '.join(FORMATS)}")
-    check_writable_output(job.output, job.settings.overwrite)
+    settings = job.settings
+    # --overwrite deletes the output first: it must not be, hold or sit inside anything the export reads.
+    check_output_location(job.output, {"trial": settings.trial, "--checkpoint": job.checkpoint,
+                                       "--base_model": settings.base_model, "--dataset_yaml": settings.dataset_yaml},
+                          output_flag="--output")
+    check_writable_output(job.output, settings.overwrite)
     for flag, path in (("--checkpoint", job.checkpoint), ("--base_model", job.settings.base_model)):
         if path is not None and not (Path(path) / "config.json").is_file():
             raise UserError(flag, f"{path} is not a Hugging Face checkpoint directory (no config.json)",
                             "give a local model folder")
+        if path is not None:
+            require_safetensors(path, flag)
     if job.format == "nvfp4" and not job.recalibrate and \
             detect_format(job.checkpoint).kind not in NVFP4_REEXPORTABLE:
         raise UserError("--checkpoint", f"{job.checkpoint} is not a ModelOpt NVFP4 checkpoint",
@@ -87,9 +103,14 @@ def make_merger(job: ExportJob) -> StreamingMerger:
 
 
 def run_export(job: ExportJob, console: Console | None = None) -> dict:
-    console = console or Console()
-    settings = job.settings
+    """One format; its output is locked from the checks to the rename (a second writer is refused at once)."""
     check_job(job)
+    with output_lock(job.output):
+        return _export(job, console or Console())
+
+
+def _export(job: ExportJob, console: Console) -> dict:
+    settings = job.settings
     merger = make_merger(job)
     console.print(f"merge source: {merger.source.description}")
     console.print(f"edit: trial {job.trial.header.trial_number} ({job.trial.method}), "
@@ -119,6 +140,7 @@ def run_export(job: ExportJob, console: Console | None = None) -> dict:
             "format": job.format,
             "trial_dir": str(settings.trial.absolute()),
             "trial_number": job.trial.header.trial_number,
+            "trial_sha256": trial_sha256(settings.trial),
             "merge_source": {"path": str(Path(merger.source.directory).absolute()),
                              "kind": "dequantized" if merger.source.is_dequantized else "full_precision",
                              "description": merger.source.description},
@@ -156,12 +178,60 @@ def export_job(settings: ExportSettings, fmt: str, output: Path, trial: ChosenTr
     return ExportJob(settings=settings, trial=trial, format=fmt, output=output, checkpoint=checkpoint)
 
 
+def trial_sha256(trial_dir: Path) -> str:
+    """What defines the edit: chosen_trial.json and its directions (a re-run abliterate at the same path differs)."""
+    digest = hashlib.sha256()
+    for name in (TRIAL_FILE, DIRECTIONS_FILE):
+        digest.update((Path(trial_dir) / name).read_bytes())
+    return digest.hexdigest()
+
+
+# Settings that do not change what a format's directory holds (the trial is compared by its hash, the
+# output is where we look; both may be spelled differently from another working directory).
+_NOT_CONTENT = ("formats", "overwrite", "progress", "device_map", "trust_remote_code", "trial", "output")
+
+
+def completed_export(output: Path, settings: ExportSettings, fmt: str) -> dict | None:
+    """The manifest of a complete export of ``fmt`` at ``output`` made from this trial with these settings, else None.
+
+    A multi-format export killed after one format was written leaves that format complete (each format is
+    its own atomic directory): the re-run skips it and writes the missing ones. An existing output of
+    another trial or other settings is an error naming the difference (--overwrite replaces it)."""
+    manifest_path = output / MANIFEST_NAME
+    if not output.is_dir():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None  # not one of our exports: check_job reports the existing directory
+    recorded = {k: v for k, v in (manifest.get("settings") or {}).items() if k not in _NOT_CONTENT}
+    current = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _NOT_CONTENT}
+    differences = [] if manifest.get("format") == fmt else ["format"]
+    if manifest.get("trial_sha256") != trial_sha256(settings.trial):
+        differences.append("trial (chosen_trial.json / directions)")
+    differences += sorted(key for key in {*recorded, *current} if recorded.get(key) != current.get(key))
+    if differences:
+        raise UserError(str(output), f"holds an export of another {fmt} run (differs in: {', '.join(differences)})",
+                        "choose another --output, or pass --overwrite to replace it")
+    return manifest
+
+
 def run_exports(settings: ExportSettings, console: Console | None = None, *, formats: tuple[str, ...] | None = None,
                 subdirectories: bool | None = None) -> dict[str, dict]:
-    """Every requested format, each its own atomic directory; returns format -> manifest (with ``output``)."""
+    """Every requested format, each its own atomic directory; returns format -> manifest (with ``output``).
+
+    Without --overwrite, a format whose directory already holds the same export is skipped (said so): an
+    export killed between formats resumes with the missing ones."""
+    console = console or Console()
     trial = read_chosen_trial(settings.trial)
     manifests = {}
     for fmt in formats or settings.formats:
         output = settings.output_for(fmt, subdirectories=subdirectories)
+        done = None if settings.overwrite else completed_export(output, settings, fmt)
+        if done is not None:
+            console.print(f"{fmt}: {output} is already complete (same trial and settings), skipped; "
+                          "pass --overwrite to redo it")
+            manifests[fmt] = {"output": str(output), **done}
+            continue
         manifests[fmt] = {"output": str(output), **run_export(export_job(settings, fmt, output, trial), console)}
     return manifests

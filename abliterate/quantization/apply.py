@@ -101,7 +101,8 @@ def load_nvfp4(path: str, request: QuantizationRequest, dtype: torch.dtype | str
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
     quantize_to_nvfp4(model, request, dtype)
     plan = resolve(model, device_map, max_memory)
     if len(plan.devices) == 1:

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from abliterate.edits.plan import AbliterationParameters
+from abliterate.search.journal import no_space_left, open_journal
 from abliterate.search.objectives import TrialMetrics, objective_values
 
 METRICS_ATTR = "metrics"
@@ -35,15 +34,18 @@ MAX_CONSECUTIVE_FAILURES = 5
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def open_study(journal_path: Path, study_name: str) -> optuna.Study:
-    journal_path.parent.mkdir(parents=True, exist_ok=True)
-    storage = JournalStorage(JournalFileBackend(str(journal_path)))
-    return optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        directions=["minimize", "minimize"],
-        load_if_exists=True,
-    )
+def open_study(journal_path: Path, study_name: str, on_repair: Callable[[str], None] | None = None) -> optuna.Study:
+    """Load (or create) the study; a journal cut short by a full disk is repaired first (``on_repair`` is told)."""
+    storage, note = open_journal(journal_path)
+    if note and on_repair:
+        on_repair(note)
+    with no_space_left(journal_path):
+        return optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            directions=["minimize", "minimize"],
+            load_if_exists=True,
+        )
 
 
 def seeded_sampler(seed: int, trial_number: int, n_startup_trials: int) -> optuna.samplers.TPESampler:

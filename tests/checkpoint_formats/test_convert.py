@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +100,11 @@ def test_refuses_other_formats_and_existing_output(modelopt_checkpoint, tmp_path
         convert_checkpoint(src, tmp_path / "exists", to="compressed-tensors")
     with pytest.raises(UserError, match="unknown target"):
         convert_checkpoint(src, tmp_path / "z", to="gguf")
+    files = sorted(path.name for path in Path(src).iterdir())
+    for dst in (src, Path(src).parent):  # --overwrite must never delete the source
+        with pytest.raises(UserError, match="the input SRC"):
+            convert_checkpoint(src, dst, to="compressed-tensors", overwrite=True)
+    assert sorted(path.name for path in Path(src).iterdir()) == files
 
 
 @torch.no_grad()

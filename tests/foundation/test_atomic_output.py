@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from foundation.atomic_output import atomic_output_dir, temporary_sibling
+from foundation.atomic_output import (
+    atomic_output_dir,
+    temporary_dirs,
+    temporary_sibling,
+)
 from foundation.errors import UserError
 
 
@@ -14,7 +20,7 @@ def test_success_moves_complete_directory_into_place(tmp_path):
         (work / "a.txt").write_text("hello")
         assert not final.exists(), "the final path must not appear before completion"
     assert (final / "a.txt").read_text() == "hello"
-    assert not temporary_sibling(final).exists()
+    assert not temporary_dirs(final)
 
 
 def test_interrupted_write_leaves_nothing(tmp_path):
@@ -24,7 +30,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
             (work / "partial.bin").write_bytes(b"x" * 10)
             raise KeyboardInterrupt
     assert not final.exists()
-    assert not temporary_sibling(final).exists()
+    assert not temporary_dirs(final)
 
 
 def test_existing_output_is_refused_without_overwrite(tmp_path):
@@ -54,8 +60,23 @@ def test_overwrite_replaces_only_on_success(tmp_path):
 def test_stale_temporary_directory_from_a_killed_run_is_cleared(tmp_path):
     final = tmp_path / "out"
     stale = temporary_sibling(final)
-    stale.mkdir()
-    (stale / "junk").write_text("from a killed run")
+    legacy = tmp_path / ".tmp-out"  # the fixed name of older versions
+    for directory in (stale, legacy):
+        directory.mkdir()
+        (directory / "junk").write_text("from a killed run")
+    neighbour = tmp_path / ".tmp-out-NVFP4~1-0123abcd"  # another output's temporary: not ours to remove
+    neighbour.mkdir()
     with atomic_output_dir(final) as work:
         assert list(work.iterdir()) == []
-    assert final.exists() and not stale.exists()
+    assert final.exists() and not stale.exists() and not legacy.exists()
+    assert neighbour.exists()
+
+
+def test_temporary_names_are_unique_per_call(tmp_path):
+    """Two writers of one output must never share a temporary directory (S14: fixed .tmp- names collided)."""
+    final = tmp_path / "out"
+    first, second = temporary_sibling(final), temporary_sibling(final)
+    assert first != second and str(os.getpid()) in first.name
+    assert temporary_dirs(final) == []
+    first.mkdir()
+    assert temporary_dirs(final) == [first]

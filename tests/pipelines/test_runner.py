@@ -162,6 +162,51 @@ def test_existing_foreign_output_dir_is_not_overwritten(fake_stages):
     assert (out / "precious.txt").exists() and not executed(log)
 
 
+@pytest.mark.parametrize("output", ["model", ".", "model/out"])
+def test_overwrite_never_deletes_the_model_or_the_working_directory(fake_stages, monkeypatch, output):
+    """S12 / security 4: output_dir = the model folder (or one holding it) used to be rmtree'd by --overwrite."""
+    tmp, log = fake_stages
+    monkeypatch.chdir(tmp)
+    pipe = write_pipeline(tmp, "name: t\nmodel: model\noutput_dir: out\nstages: [quantize]\n")
+    with pytest.raises(UserError) as caught:
+        runner.main([str(pipe), "--output_dir", output, "--overwrite"])
+    assert "output_dir" in str(caught.value) and "--overwrite" in str(caught.value)
+    assert (tmp / "model" / "config.json").is_file() and pipe.is_file() and not executed(log)
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_first(fake_stages, monkeypatch):
+    """S14: two `make pipeline ARGS="--output_dir D"` at once; the second must not touch D."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    tmp, _ = fake_stages
+    out = tmp / "out"
+    started = tmp / "started"
+    slow = FAKE_ADAPTER.format(name="quantize").replace(
+        "    if settings.fail:", f"    Path({str(started)!r}).write_text('x')\n    import time; time.sleep(600)\n    if settings.fail:")
+    (tmp / "fakeadapters" / "quantize.py").write_text(slow)
+    pipe = write_pipeline(tmp, "name: t\nmodel: model\noutput_dir: out\nstages: [quantize]\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp), os.getcwd()]))
+    first = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(pipe), "--output_dir", str(out)],
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert time.monotonic() < deadline and first.poll() is None, "the first run never started its stage"
+            time.sleep(0.05)
+        manifest_before = (out / "manifest.json").read_bytes()
+        with pytest.raises(UserError) as caught:
+            runner.main([str(pipe), "--output_dir", str(out)])
+        message = str(caught.value)
+        assert f"pid {first.pid}" in message and "--output_dir" in message and "since" in message
+        assert (out / "manifest.json").read_bytes() == manifest_before
+    finally:
+        os.killpg(first.pid, 9)
+        first.wait()
+
+
 @pytest.mark.parametrize("name", ["testbed_default", "llama3_8b", "qwen3_30b_a3b_moe", "nemotron_h_9b",
                                   "llama3_70b_offload"])
 def test_shipped_pipelines_validate_against_the_stages_own_settings(name, tmp_path):
@@ -276,7 +321,9 @@ def test_stage_process_stops_when_the_runner_is_killed(tmp_path, monkeypatch):
     while not started.exists():
         assert time.monotonic() < deadline and runner_stand_in.poll() is None, "the stage never started"
         time.sleep(0.05)
-    temporary = stage_dir.parent / f".tmp-{stage_dir.name}"
+    from foundation.atomic_output import temporary_dirs
+
+    [temporary] = temporary_dirs(stage_dir)
     assert (temporary / "partial.bin").exists()
 
     os.kill(runner_stand_in.pid, signal.SIGKILL)

@@ -37,8 +37,12 @@ def test_bf16_export_writes_plain_checkpoint_card_and_manifest(llama_dir, trial_
     assert "rank1" in card and "| abliterated, trial 7" in card and "max_weight" in card
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)  # plain transformers loads it
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
-    with pytest.raises(UserError, match="already exists"):
-        export_cli.main([str(trial_dir), "--checkpoint", str(llama_dir), "--format", "bf16", "-o", str(out), "--no-verify"])
+    # the same export again is complete already (skipped, S15); one with other settings is refused
+    assert export_cli.main([str(trial_dir), "--checkpoint", str(llama_dir), "--format", "bf16", "-o", str(out),
+                            "--no-verify"]) == 0
+    with pytest.raises(UserError, match="differs in: kl_tolerance"):
+        export_cli.main([str(trial_dir), "--checkpoint", str(llama_dir), "--format", "bf16", "-o", str(out),
+                         "--no-verify", "--kl_tolerance", "0.5"])
 
 
 def test_adapter_reproduces_the_merge(llama_dir, trial_dir, tmp_path):
