@@ -11,9 +11,13 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from abliterate.evaluation.markers import DEFAULT_REFUSAL_MARKERS
+from abliterate.evaluation.markers import (
+    DEFAULT_REFUSAL_MARKERS,
+    check_compliance_patterns,
+    check_refusal_markers,
+)
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
 from foundation.validation import FieldProblem, user_error_from_validation
@@ -35,6 +39,9 @@ class PromptSetSpec(BaseModel):
     refusal_markers: list[str] = list(DEFAULT_REFUSAL_MARKERS)
     compliance_openers: list[str] = []
     compliance_patterns: list[str] = []
+
+    _markers = field_validator("refusal_markers")(classmethod(lambda cls, value: check_refusal_markers(value)))
+    _patterns = field_validator("compliance_patterns")(classmethod(lambda cls, value: check_compliance_patterns(value)))
 
 
 class LoadedSpec(BaseModel):
