@@ -26,13 +26,19 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from abliterate.evaluation.markers import check_compliance_patterns, check_refusal_markers
+from abliterate.evaluation.markers import (
+    check_compliance_patterns,
+    check_refusal_markers,
+)
 from abliterate.evaluation.prompt_sets import DEFAULT_SPEC
-from abliterate.quantization.options import TORCHAO_GROUP_SIZES
 from abliterate.quantization.options import OPTIONS as QUANTIZATION_OPTIONS
-from abliterate.quantization.options import QuantizationRequest, check_overrides
-from foundation.dtypes import TORCH_DTYPES
+from abliterate.quantization.options import (
+    TORCHAO_GROUP_SIZES,
+    QuantizationRequest,
+    check_overrides,
+)
 from foundation.devices import check_device_map
+from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
 from foundation.memory_size import check_memory_size
 from foundation.package_data import resolve_data_path

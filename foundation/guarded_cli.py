@@ -22,9 +22,9 @@ def run_guarded(entry, argv: list[str]) -> int:
         return int(entry(argv) or 0)
     except UserError as error:
         return _print_error(error)
-    except Exception as error:  # noqa: BLE001 - safetensors and torch wrap a full disk in their own types:
-        problem = disk_problem(error)                    # a full / read-only disk is said plainly, anything else
-        if problem is None:                              # is a bug and keeps its traceback
+    except Exception as error:  # safetensors and torch wrap a full disk in their own exception types
+        problem = disk_problem(error)  # a full / read-only disk is said plainly; anything else is a bug: traceback
+        if problem is None:
             raise
         return _print_error(problem)
     except KeyboardInterrupt:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +23,6 @@ from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
 from foundation.hub_ids import looks_like_local_path
 from foundation.memory_size import MEMORY_SIZE
-from foundation.tokenizer_files import has_tokenizer
 from foundation.package_data import resolve_data_path
 from foundation.settings_cli import (
     add_model_arguments,
@@ -33,6 +31,7 @@ from foundation.settings_cli import (
     given_values,
     validate,
 )
+from foundation.tokenizer_files import has_tokenizer
 from quantize.calibration.schema import (
     CalibrationSettings,
     MaxSamples,

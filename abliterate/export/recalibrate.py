@@ -21,7 +21,6 @@ from abliterate.export.formats_out import carry_model_files, export_full_precisi
 from abliterate.export.streaming_merge import StreamingMerger
 from quantize.manifest import read_manifest
 
-
 MERGED_SCRATCH = ".merged-bf16"
 
 
