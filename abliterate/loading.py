@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate.quantization.options import NVFP4, QuantizationRequest
+from checkpoint_formats.integrity import check_safetensors_folder
+from foundation.devices import require_visible_device
 from foundation.dtypes import TORCH_DTYPES as _DTYPES
 from foundation.errors import UserError
 from foundation.hub_ids import looks_like_local_path
@@ -113,6 +116,60 @@ def _check_quantization(quantized: str | None, quantization: QuantizationRequest
     check_runs_here(quantization, device_facts(device_map))
 
 
+def check_config_readable(path: str, trust_remote_code: bool):
+    """The config must name an architecture this transformers knows (an unknown model_type failed once per dtype)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as error:
+        text = ". ".join(" ".join(line.strip() for line in str(error).splitlines() if line.strip()).split(". ")[:2])
+        model_type = _model_type(path)
+        fix = ("this transformers does not know that architecture: upgrade transformers, or pass --trust_remote_code "
+               "if the model repository ships its own code (only for repositories you trust)")
+        raise UserError("--model", f"cannot read the config of {path}" + (f" (model_type {model_type!r})" if model_type else "")
+                        + f": {text}", fix) from None
+    except OSError:
+        return None  # a Hub id without network, a gated repo: the tokenizer load below says so in its own words
+
+
+def check_group_size_fits(config, quantization: QuantizationRequest) -> None:
+    """torchao int4 groups each Linear's input dimension: a group size that does not divide it fails in every layer."""
+    from abliterate.quantization.options import TORCHAO_INT4_WEIGHT_ONLY
+
+    text_config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    if text_config is None or quantization.option != TORCHAO_INT4_WEIGHT_ONLY:
+        return
+    sizes = {name: getattr(text_config, name, None) for name in ("hidden_size", "intermediate_size", "moe_intermediate_size")}
+    bad = {name: size for name, size in sizes.items() if isinstance(size, int) and size % quantization.group_size}
+    if bad:
+        listed = ", ".join(f"{name} {size}" for name, size in bad.items())
+        good = [size for size in (32, 64, 128, 256) if all(value % size == 0 for value in bad.values())]
+        raise UserError("--torchao_group_size", f"group size {quantization.group_size} does not divide this model's "
+                        f"Linear input sizes ({listed})",
+                        f"pass --torchao_group_size {good[-1]}" if good else "pass another --quantization option")
+
+
+def _model_type(path: str) -> str | None:
+    import json
+
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@torch.no_grad()
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the model's floating-point parameters and buffers that hold NaN / inf."""
+    return [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all()]
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 @torch.inference_mode()
 def check_generates_finite(model, tokenizer) -> None:
     """One token of a real chat prompt; raises ValueError on NaN/inf logits."""
@@ -139,10 +196,14 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
         raise UserError("--model", f"{path} is a file, not a model folder",
                         "give the folder that holds config.json (or a Hub id org/name)")
     require_safetensors(path, "--model")  # before any load: a pickle would run code in torch.load
+    require_visible_device(device_map)  # --device_map cuda on a machine without a GPU: now, not once per dtype
+    check_safetensors_folder(path, "--model")  # a truncated / corrupt shard: now, not as a SafetensorError per dtype
+    config = check_config_readable(path, trust_remote_code)
     quantized = _quantized_format(path)
     held_as = choose_held_as(load_as, device_map) if quantized is not None else "plain"
     if quantization is not None and quantization.enabled:
         _check_quantization(quantized, quantization, device_map)
+        check_group_size_fits(config, quantization)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -154,16 +215,30 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
         try:
             model = _load_once(path, dtype_name, quantized, device_map, memory, trust_remote_code, quantization, held_as)
             model.eval()
-            check_generates_finite(model, tokenizer)
         except UserError:
             raise
-        except (ValueError, RuntimeError, TypeError, OSError) as error:
-            errors.append(f"{dtype_name}: {str(error).splitlines()[0][:200]}")
+        except (ValueError, RuntimeError, TypeError, OSError, SafetensorError) as error:
+            errors.append(f"{dtype_name}: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}")
+            continue
+        try:
+            check_generates_finite(model, tokenizer)
+        except ValueError as error:
+            bad = non_finite_tensors(model)
+            if bad and _DTYPES.get(dtype_name) != torch.float16:  # in the checkpoint itself: no dtype will help
+                raise UserError("--model", f"{path} holds NaN or inf values in {len(bad)} tensor(s): {_listed(bad)}",
+                                "the checkpoint is corrupt or was badly converted: re-download or re-convert it "
+                                "(check it with `quant-abliterate inspect`)") from None
+            # float16 overflows where bf16 / fp32 do not (values beyond 65504 become inf): say which, try the next dtype
+            errors.append(f"{dtype_name}: {error}" + (f" (not finite after the cast: {_listed(bad)})" if bad else ""))
             continue
         source_format = quantized or "plain"
         if quantization is not None and quantization.enabled:
             source_format = f"plain, quantized on load: {quantization.describe()}"
             held_as = f"quantized on load ({quantization.option})"
         return LoadedModel(model, tokenizer, source_format, dtype_name, held_as)
+    reasons = {error.split(": ", 1)[1] for error in errors}
+    if len(errors) > 1 and len(reasons) == 1:  # the same failure whatever the dtype: another --dtypes list cannot help
+        raise UserError("--model", f"{path} did not load (the same error with every dtype of --dtypes): {reasons.pop()}",
+                        "check the checkpoint and the flags (--device_map, --max_memory, --quantization)")
     raise UserError("--model", f"{path} did not load with any dtype of --dtypes:\n    " + "\n    ".join(errors),
                     "try another --dtypes list (e.g. '[\"float32\"]'), or check the checkpoint")

@@ -26,11 +26,21 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from abliterate.evaluation.markers import (
+    check_compliance_patterns,
+    check_refusal_markers,
+)
 from abliterate.evaluation.prompt_sets import DEFAULT_SPEC
 from abliterate.quantization.options import OPTIONS as QUANTIZATION_OPTIONS
-from abliterate.quantization.options import QuantizationRequest, check_overrides
+from abliterate.quantization.options import (
+    TORCHAO_GROUP_SIZES,
+    QuantizationRequest,
+    check_overrides,
+)
+from foundation.devices import check_device_map
 from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
+from foundation.memory_size import check_memory_size
 from foundation.package_data import resolve_data_path
 from foundation.validation import user_error_from_validation
 
@@ -107,6 +117,38 @@ class AbliterateSettings(BaseSettings):
         unknown = [item for item in value if item not in known]
         if unknown or not value:
             raise ValueError(f"unknown dtype(s) {unknown or value}; choose from {sorted(known)}")
+        return value
+
+    @field_validator("refusal_markers")
+    @classmethod
+    def _usable_markers(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_refusal_markers(value)
+
+    @field_validator("compliance_patterns")
+    @classmethod
+    def _compiling_patterns(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_compliance_patterns(value)
+
+    @field_validator("device_map")
+    @classmethod
+    def _known_device_map(cls, value: str) -> str:
+        return check_device_map(value)
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_sizes(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for device, size in (value or {}).items():
+            if not re.fullmatch(r"cpu|disk|mps|\d+|(cuda|xpu|npu):\d+", str(device)):
+                raise ValueError(f"unknown device {device!r}; keys are GPU indices (\"0\", \"1\", ...), \"cpu\" or \"disk\"")
+            check_memory_size(size, f"max_memory[{device!r}]")
+        return value
+
+    @field_validator("torchao_group_size")
+    @classmethod
+    def _supported_group_size(cls, value: int) -> int:
+        if value not in TORCHAO_GROUP_SIZES:
+            raise ValueError(f"torchao int4 supports group sizes {', '.join(map(str, TORCHAO_GROUP_SIZES))}, not {value} "
+                             "(a Linear's input size must also be a multiple of it)")
         return value
 
     @field_validator("select")

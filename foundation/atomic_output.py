@@ -63,16 +63,48 @@ def temporary_dirs(final_dir: Path) -> list[Path]:
 
 
 def check_writable_output(final_dir: Path, overwrite: bool, flag: str = "--overwrite") -> None:
-    """Fail early (before any expensive work) if the output already exists."""
+    """Fail early (before any expensive work) if the output cannot be written.
+
+    It may not exist yet (unless ``overwrite``), may not be a file, and its nearest existing parent must be a
+    writable directory: a read-only parent or a file in the path otherwise shows only after the calibration or
+    the search, as a bare ``OSError``.
+    """
     final_dir = Path(final_dir)
+    if final_dir.exists() and not final_dir.is_dir():
+        raise UserError(str(final_dir), "the output path is an existing file, not a directory",
+                        "choose another output path (a directory to be created), or move that file away")
     if final_dir.exists() and not overwrite:
         raise UserError(
             str(final_dir),
             "the output directory already exists",
             f"choose another output path, or pass {flag} to replace it",
         )
-    if final_dir.exists() and not final_dir.is_dir():
-        raise UserError(str(final_dir), "the output path exists and is not a directory", "choose another output path")
+    check_parent_writable(final_dir)
+
+
+def check_parent_writable(final_dir: Path) -> None:
+    """The directory the output (and its hidden temporary sibling) will be created in must be writable."""
+    check_can_write_in(Path(final_dir).absolute().parent, what=str(final_dir))
+
+
+def check_can_write_in(directory: Path, what: str | None = None) -> None:
+    """``directory``, or the nearest of its parents that exists (it will be created), must be a writable directory."""
+    directory = Path(directory).absolute()
+    what = what or str(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(what, f"{existing} is a file, so no directory can be created below it",
+                        "choose an output path whose parent folders are directories")
+    probe = existing / f"{TEMP_PREFIX}probe-{os.getpid()}"
+    try:  # a real attempt: os.access says yes to root on a read-only mount's 0555 folder, and knows no ENOSPC
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise UserError(what, f"cannot create the output in {existing}: {reason}",
+                        "choose an output path in a writable folder with free space, or fix that folder's permissions") from None
 
 
 @contextlib.contextmanager

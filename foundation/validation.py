@@ -45,7 +45,7 @@ Explain = Callable[[FieldProblem], tuple[str, str, str | None]]
 
 
 def field_problems(error: ValidationError) -> list[FieldProblem]:
-    return [FieldProblem(tuple(detail["loc"]), detail["type"], detail["msg"], detail.get("input"),
+    return [FieldProblem(tuple(detail["loc"]), detail["type"], detail["msg"].removeprefix("Value error, "), detail.get("input"),
                          detail.get("ctx") or {}) for detail in error.errors(include_url=False)]
 
 

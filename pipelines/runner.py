@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
+from foundation.atomic_output import check_can_write_in
 from foundation.errors import UserError
 from foundation.output_guard import check_output_location
 from foundation.output_lock import output_lock
@@ -62,7 +63,14 @@ def apply_overrides(spec: PipelineSpec, overrides: list[str]) -> None:
             raise UserError(f"--set {item}", "expected STAGE.KEY=VALUE", "e.g. --set abliterate.n_trials=8")
         if stage_name not in stages:
             raise UserError(f"--set {item}", f"stage '{stage_name}' is not in this pipeline", f"use one of: {', '.join(stages)}")
-        stages[stage_name].settings[setting] = yaml.safe_load(raw_value)
+        try:
+            stages[stage_name].settings[setting] = yaml.safe_load(raw_value)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            tag = " (YAML tags such as !!python/... are blocked: values are read with yaml.safe_load)" if "tag" in problem else ""
+            raise UserError(f"--set {item}", f"the value is not plain YAML: {problem}{tag}",
+                            "write a plain value (a number, true/false, a string, [a, b]); quote a string that "
+                            "starts with ! & * or holds ': '") from None
 
 
 def check_output_dir(output_dir: Path, spec: PipelineSpec, pipeline_file: str) -> None:
@@ -72,6 +80,10 @@ def check_output_dir(output_dir: Path, spec: PipelineSpec, pipeline_file: str) -
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(str(output_dir), "output_dir is an existing file, not a directory",
+                        "pass another --output_dir (a directory to create, or a previous pipeline output)")
+    check_can_write_in(output_dir)  # a file or a read-only folder above it: say so now, not as NotADirectoryError
     if output_dir.exists() and not (output_dir / MANIFEST_NAME).is_file() and any(output_dir.iterdir()):
         if not overwrite:
             raise UserError(str(output_dir), "exists and is not a pipeline output (no manifest.json)",

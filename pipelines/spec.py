@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from foundation.errors import UserError
 from foundation.hub_ids import is_hub_id
 from foundation.package_data import resolve_data_path
+from foundation.text_files import read_utf8_text
 from foundation.validation import FieldProblem, user_error_from_validation
 
 STAGE_ORDER = ("quantize", "abliterate", "export")
@@ -66,7 +67,11 @@ class PipelineSpec(BaseModel):
 def _format_validation_error(path: Path, error: ValidationError) -> UserError:
     def explain(first: FieldProblem) -> tuple[str, str, str]:
         problem = first.message
-        if first.kind == "extra_forbidden":
+        if first.kind == "extra_forbidden" and first.loc[:1] == ("stages",) and len(first.loc) == 3:
+            problem = "unknown key in a stage entry"
+            fix = ("a stage entry holds only: " + ", ".join(StageEntry.model_fields) + "; or write it as "
+                   "'- quantize: {format: nvfp4, ...}' with the stage's settings below its name")
+        elif first.kind == "extra_forbidden":
             problem = "unknown key"
             fix = "remove it or check its spelling; allowed top-level keys: " + ", ".join(PipelineSpec.model_fields)
         elif first.kind == "missing":
@@ -125,7 +130,7 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
     if not path.is_file():
         raise UserError(str(path), "pipeline file not found", "pass the path of a pipeline YAML, e.g. pipelines/testbed_default.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_utf8_text(path))
     except yaml.YAMLError as error:
         raise UserError(str(path), f"invalid YAML: {error}", "fix the YAML syntax") from None
     if not isinstance(raw, dict):

@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from foundation.atomic_output import atomic_output_dir
+from foundation.disk_errors import disk_problem
 from foundation.errors import UserError
 from pipelines.stages import ADAPTER_MODULES, StageContext, adapter_for
 
@@ -43,8 +44,9 @@ def execute(request_path: Path) -> int:
         status, error = "complete", None
     except UserError as problem:
         status, error, outcome = "failed", str(problem), {}
-    except Exception:  # noqa: BLE001 - recorded in the manifest, then re-raised as exit code
-        status, error, outcome = "failed", traceback.format_exc(), {}
+    except Exception as failure:  # noqa: BLE001 - recorded in the manifest, then re-raised as exit code
+        plain = disk_problem(failure)  # a full disk is said plainly, not as a safetensors traceback
+        status, error, outcome = "failed", str(plain) if plain else traceback.format_exc(), {}
     outcome["status"] = status
     outcome["error"] = error
     outcome["seconds"] = round(time.perf_counter() - started, 2)

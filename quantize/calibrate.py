@@ -24,6 +24,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from foundation.errors import UserError
+
 
 class SamplesPerSecondColumn(ProgressColumn):
     def render(self, task) -> Text:
@@ -88,5 +90,29 @@ def calibrate(model: torch.nn.Module, quant_config: dict, forward_loop) -> tuple
     import modelopt.torch.quantization as mtq
 
     started = time.perf_counter()
-    model = mtq.quantize(model, quant_config, forward_loop)
+    try:
+        model = mtq.quantize(model, quant_config, forward_loop)
+    except (AssertionError, RuntimeError) as error:
+        raise explain_calibration_failure(error) from error
     return model, time.perf_counter() - started
+
+
+def explain_calibration_failure(error: BaseException) -> BaseException:
+    """ModelOpt's own assertions, as the UserError they mean; anything else unchanged (a real bug)."""
+    text = str(error).lower()
+    if "nan" in text or ("inf" in text and "amax" in text):
+        return UserError(
+            "--input_model",
+            f"ModelOpt found NaN or inf values while calibrating ({str(error).strip() or type(error).__name__}): "
+            "the model's weights, or its activations on the calibration data, are not finite",
+            "check the source weights (a NaN/inf tensor means a corrupt or badly converted checkpoint: re-download "
+            "or re-convert it); with --dtype float16, try --dtype bfloat16 (float16 activations overflow)",
+        )
+    if "no weight quantizer" in text:
+        return UserError(
+            "--skip_layers",
+            "ModelOpt enabled no weight quantizer: the skip patterns and the format together leave nothing to quantize",
+            "keep fewer layers in full precision (--skip_layers), or pick a --format that targets this model's layers "
+            "(see --list_configs)",
+        )
+    return error

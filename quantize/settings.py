@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from checkpoint_formats.integrity import check_safetensors_folder
 from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
 from foundation.hub_ids import looks_like_local_path
+from foundation.memory_size import MEMORY_SIZE
 from foundation.output_guard import check_output_location
 from foundation.package_data import resolve_data_path
 from foundation.settings_cli import (
@@ -31,6 +32,7 @@ from foundation.settings_cli import (
     given_values,
     validate,
 )
+from foundation.tokenizer_files import has_tokenizer
 from foundation.weight_files import require_safetensors
 from quantize.calibration.schema import (
     CalibrationSettings,
@@ -48,7 +50,6 @@ DEFAULT_MIX = Path("datasets_yaml/offline_mix.yaml")
 # every spelling of the shared table, named by its long form (what the settings and the manifest record)
 _LONG_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DTYPE_ALIASES = {spelling: _LONG_NAMES.get(dtype, "auto") for spelling, dtype in TORCH_DTYPES.items()}
-MEMORY_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
 OFFLOAD = "offload (70B-405B models)"
 # Seed compatibility: these come from the environment (or ./.env) when the flag is not given.
 ENVIRONMENT = {"input_model": "INPUT_MODEL", "output_model": "OUTPUT_MODEL"}
@@ -181,6 +182,12 @@ def check_paths(settings: QuantizeSettings) -> None:
         raise UserError("--input_model", f"{settings.input_model} has no config.json",
                         "point at a Hugging Face model directory (the one holding config.json)")
     require_safetensors(settings.input_model, "--input_model")
+    if Path(settings.input_model).is_dir() and not has_tokenizer(settings.input_model):
+        raise UserError("--input_model", f"{settings.input_model} has no tokenizer (none of tokenizer.json, "
+                        "tokenizer_config.json, tokenizer.model)",
+                        "copy the tokenizer files of the model it came from into that folder: calibration tokenizes "
+                        "with them and the exported checkpoint ships them")
+    check_safetensors_folder(settings.input_model, "--input_model")  # a truncated shard: now, not inside from_pretrained
     if not resolve_data_path(settings.dataset_yaml).is_file():
         raise UserError("--dataset_yaml", f"no such file: {settings.dataset_yaml}",
                         "pass a calibration mix YAML, e.g. datasets_yaml/offline_mix.yaml")

@@ -126,6 +126,20 @@ def check_fused_groups(matches: list[SkipMatch], module_names: list[str], flag: 
             )
 
 
+def check_something_left(matches: list[SkipMatch], module_names: list[str], flag: str = "--skip_layers") -> None:
+    """Skips that cover every quantizable module leave nothing to quantize: ModelOpt would stop with
+    'no weight quantizer is enabled' after loading and wrapping the whole model."""
+    skipped = {module for match in matches for module in match.modules}
+    if module_names and skipped >= set(module_names):
+        user = [match.module_glob for match in matches if match.reason.startswith("requested")]
+        raise UserError(
+            flag,
+            f"{' '.join(repr(glob) for glob in user) or 'the skips'} keep all {len(module_names)} quantizable modules "
+            "in full precision, so there is nothing left to quantize",
+            "name only the layers to keep, e.g. --skip_layers '*layers.0.*' '*down_proj' (or leave the flag out)",
+        )
+
+
 def disabled_quantizer_patterns(matches: list[SkipMatch]) -> list[str]:
     return [quantizer_pattern(match.module_glob) for match in matches]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from safetensors import SafetensorError
 
 from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
@@ -19,9 +20,12 @@ def resolve_device(requested: str) -> str:
 
 
 def _load_error(input_model: str, error: Exception) -> UserError:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # not cut at "from one of:"
+    if len(text) > 600:
+        text = text[:600] + " ..."
     return UserError(
         "--input_model",
-        f"cannot load {input_model!r}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+        f"cannot load {input_model!r}: {type(error).__name__}: {text}",
         "check the path or Hub id (and HF_TOKEN for gated models; no network means only local directories work)",
     )
 
@@ -65,7 +69,7 @@ def load_model(
             offload_folder=offload_folder,
             use_safetensors=True,  # never a pickle (foundation.weight_files)
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise _load_error(input_model, error) from error
     model.eval()
     return model

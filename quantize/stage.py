@@ -93,6 +93,7 @@ def _quantize(settings: QuantizeSettings, console: Console, calibration_set) -> 
     user_matches = skip_layers.resolve_user_skips(list(settings.skip_layers), module_names)
     skip_layers.print_skip_table(console, default_matches, user_matches)
     skipped = [*default_matches, *user_matches]
+    skip_layers.check_something_left(skipped, module_names)
     calibrate_started = time.perf_counter()
     model = backend.calibrate(model, tokenizer, calibration_set, skipped, settings, console)
     timings["calibrate"] = time.perf_counter() - calibrate_started

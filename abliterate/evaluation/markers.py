@@ -125,3 +125,27 @@ class ComplianceRule:
 def is_compliant(text: str, rule: ComplianceRule, markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS) -> bool:
     """A real answer: not a refusal, and shaped like an answer."""
     return not is_refusal(text, markers) and rule.matches(text)
+
+
+def check_refusal_markers(markers: Sequence[str]) -> list[str]:
+    """A usable marker list, else ValueError: an empty list used to fall back to the defaults silently,
+    and a blank marker is a substring of every answer (everything would count as a refusal)."""
+    markers = list(markers)
+    if not markers:
+        raise ValueError("the refusal marker list is empty; leave it out to use the built-in list, "
+                         "or give at least one marker such as 'i cannot'")
+    blank = [index for index, marker in enumerate(markers) if not str(marker).strip()]
+    if blank:
+        raise ValueError(f"refusal marker #{blank[0] + 1} is blank, and a blank marker matches every answer; remove it")
+    return markers
+
+
+def check_compliance_patterns(patterns: Sequence[str]) -> list[str]:
+    """Every pattern compiles (the evaluator would raise re.error only when it first scores an answer)."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern, flags=re.IGNORECASE)
+        except re.error as error:
+            raise ValueError(f"compliance pattern {pattern!r} is not a valid regular expression ({error}); "
+                             "escape literal characters such as ( [ + * ? with a backslash") from None
+    return list(patterns)

@@ -11,11 +11,16 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from abliterate.evaluation.markers import DEFAULT_REFUSAL_MARKERS
+from abliterate.evaluation.markers import (
+    DEFAULT_REFUSAL_MARKERS,
+    check_compliance_patterns,
+    check_refusal_markers,
+)
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
+from foundation.text_files import read_utf8_text
 from foundation.validation import FieldProblem, user_error_from_validation
 
 DEFAULT_SPEC = Path("datasets_yaml/testbed_prompts.yaml")
@@ -35,6 +40,9 @@ class PromptSetSpec(BaseModel):
     refusal_markers: list[str] = list(DEFAULT_REFUSAL_MARKERS)
     compliance_openers: list[str] = []
     compliance_patterns: list[str] = []
+
+    _markers = field_validator("refusal_markers")(classmethod(lambda cls, value: check_refusal_markers(value)))
+    _patterns = field_validator("compliance_patterns")(classmethod(lambda cls, value: check_compliance_patterns(value)))
 
 
 class LoadedSpec(BaseModel):
@@ -58,7 +66,7 @@ def read_field(path: Path, field: str, where: str) -> list[str]:
     """One string per line of a JSONL file (``field`` of each object), or per line of a .txt file."""
     if not path.is_file():
         raise UserError(where, f"file not found: {path}", "fix the path (relative to the spec file)")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in read_utf8_text(path, where).splitlines() if line.strip()]
     if not lines:  # an empty set would only fail later, deep in the residual capture
         raise UserError(where, f"{path} holds no prompts", "add at least one prompt (one per line)")
     if path.suffix == ".txt":
@@ -71,6 +79,8 @@ def read_field(path: Path, field: str, where: str) -> list[str]:
             raise UserError(f"{path}:{number}", f"not valid JSON ({error.msg})", "write one JSON object per line") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise UserError(f"{path}:{number}", f"no string field '{field}'", f"give each line a '{field}' string")
+        if not record[field].strip():  # an empty prompt measures nothing and skews every count
+            raise UserError(f"{path}:{number}", f"the '{field}' is empty", "remove the line or write the prompt")
         values.append(record[field])
     return values
 
@@ -80,7 +90,7 @@ def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> LoadedSpec:
     if not path.is_file():
         raise UserError(str(path), "prompt-set spec not found", "pass an existing YAML file")
     try:
-        spec = PromptSetSpec.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        spec = PromptSetSpec.model_validate(yaml.safe_load(read_utf8_text(path)) or {})
     except yaml.YAMLError as error:  # a syntax slip must point at its line, not dump a parser traceback
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

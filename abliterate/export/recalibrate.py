@@ -21,6 +21,8 @@ from abliterate.export.formats_out import carry_model_files, export_full_precisi
 from abliterate.export.streaming_merge import StreamingMerger
 from quantize.manifest import read_manifest
 
+MERGED_SCRATCH = ".merged-bf16"
+
 
 def stage1_recorded_settings(stage1_dir: Path) -> dict[str, Any]:
     """The QuantizeSettings fields stage 1 recorded in its manifest (empty when it has none)."""
@@ -46,8 +48,14 @@ def recalibrated_export(merger: StreamingMerger, stage1_dir: Path, out_dir: Path
     from quantize.settings import QuantizeSettings
     from quantize.stage import run_quantize
 
-    merged_dir = out_dir.parent / f"{out_dir.name}.merged-bf16"
+    # Inside the export's temporary directory, so a run killed mid-way leaves its bf16 copy where the next run's
+    # atomic_output_dir removes it anyway; beside it (older versions) it survived and made every re-run fail.
+    legacy = out_dir.parent / f"{out_dir.name}.merged-bf16"
+    if legacy.exists():
+        shutil.rmtree(legacy)
+    merged_dir = out_dir / MERGED_SCRATCH
     try:
+        shutil.rmtree(merged_dir, ignore_errors=True)
         merged_dir.mkdir()
         export_full_precision(merger, merged_dir, show_progress=show_progress)
         carry_model_files([stage1_dir, merger.source.directory], merged_dir)

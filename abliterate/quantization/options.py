@@ -32,6 +32,8 @@ TORCHAO_OPTIONS = (
 )
 OPTIONS = (NONE, BNB_4BIT, NVFP4, *TORCHAO_OPTIONS)
 DEFAULT_GROUP_SIZE = 128
+# what torchao int4 packs (tinygemm on CUDA, IntxWeightOnly PerGroup on CPU): 100 fails per layer, inside from_pretrained
+TORCHAO_GROUP_SIZES = (32, 64, 128, 256)
 # int4 on CPU: torchao's Int4WeightOnlyConfig layouts need CUDA (tinygemm) or the
 # mslk kernels; IntxWeightOnlyConfig stores int4 values unpacked in int8 and runs anywhere.
 CPU_INT4_NOTE = "IntxWeightOnlyConfig(int4, PerGroup)"

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from abliterate.edits.plan import AbliterationParameters
 from abliterate.search.journal import no_space_left, open_journal
 from abliterate.search.objectives import TrialMetrics, objective_values
+from foundation.errors import UserError
 
 METRICS_ATTR = "metrics"
 PARAMETERS_ATTR = "abliteration_parameters"
@@ -118,13 +120,27 @@ def run_trials(
         if report:
             report(TrialOutcome(trial.number, parameters, metrics, values, durations[-1]), done, n_trials, eta)
 
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if len(completed_trials(study)) >= n_trials:
-            break
-        run_one(optuna.trial.Trial(study, stale._trial_id))
-    while len(completed_trials(study)) < n_trials:
-        study.sampler = seeded_sampler(seed, len(study.trials), n_startup_trials)
-        run_one(study.ask())
+    try:
+        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if len(completed_trials(study)) >= n_trials:
+                break
+            run_one(optuna.trial.Trial(study, stale._trial_id))
+        while len(completed_trials(study)) < n_trials:
+            study.sampler = seeded_sampler(seed, len(study.trials), n_startup_trials)
+            run_one(study.ask())
+    except UpdateFinishedTrialError as error:
+        raise concurrent_writer_error(study, error) from None
+
+
+def concurrent_writer_error(study: optuna.Study, error: UpdateFinishedTrialError) -> UserError:
+    """Another process finished a trial this one was running: two searches of one study at once."""
+    return UserError(
+        f"study {study.study_name!r}",
+        f"another process is running the same search and finished a trial this one was evaluating ({error}); "
+        "two searches must not write one study at the same time",
+        "let the other run finish (its results are in the same study), or stop it; then re-run this command, "
+        "which continues the study where it stands (or pass another --study_dir / --out for a separate search)",
+    )
 
 
 def trial_parameters(trial: FrozenTrial) -> AbliterationParameters:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from foundation.errors import UserError
+from foundation.text_files import is_blank_file, require_utf8
 from foundation.validation import FieldProblem, user_error_from_validation
 from quantize.calibration.calibration_set import CalibrationSet, DatasetCount
 from quantize.calibration.formatters import (
@@ -140,6 +141,7 @@ def _draw_dataset(
     if count == 0:
         return 0, entry.formatter or "-", []
     console.print(f"[dim]calibration: drawing {count} rows from {escape(entry.name)} ({escape(entry.path)})[/]")
+    check_local_text_file(entry.path, f"{where}, field 'path'")
     dataset = open_dataset(entry, where)
     try:
         plan = plan_format(entry, column_names(dataset))
@@ -150,6 +152,21 @@ def _draw_dataset(
     token_ids = tokenize(rendered, tokenizer, settings.max_seq_len)
     kept = [ids for ids in token_ids if ids is not None and len(ids) >= settings.min_token_length]
     return len(rows), plan.formatter, kept
+
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
+
+
+def check_local_text_file(path: str, where: str) -> None:
+    """A local text data file must be UTF-8 and hold something: else `datasets` fails with a
+    UnicodeDecodeError (inside pyarrow, after loading) or a bare 'StopIteration'."""
+    file = Path(path)
+    if not file.is_file() or file.suffix.lower() not in TEXT_SUFFIXES:
+        return
+    if is_blank_file(file):
+        raise UserError(where, f"{file} is empty: it holds no rows",
+                        "add data to the file, or remove this entry from the mix (or give it weight: 0)")
+    require_utf8(file, where)
 
 
 def tokenize(

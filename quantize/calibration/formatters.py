@@ -90,7 +90,7 @@ def plan_format(entry: DatasetEntry, available: list[str]) -> FormatPlan:
         return FormatPlan(formatter, (prompt, answer, *extra))
     column = (entry.columns or [entry.text_column or CONVERSATION_COLUMNS[formatter]])[0]
     field = "columns" if entry.columns else ("text_column" if entry.text_column else "formatter")
-    return FormatPlan(formatter, tuple(_require([column], available, field)))
+    return FormatPlan(formatter, tuple(_require([column], available, field, formatter)))
 
 
 def _detect_formatter(entry: DatasetEntry, available: list[str]) -> str:
@@ -109,15 +109,18 @@ def _first_present(candidates: tuple[str, ...], available: list[str]) -> str | N
     return next((name for name in candidates if name in available), None)
 
 
-def _require(columns: list[str], available: list[str], field: str) -> list[str]:
+def _require(columns: list[str], available: list[str], field: str, formatter: str | None = None) -> list[str]:
     missing = [name for name in columns if name not in available]
     if missing:
-        raise ColumnProblem(
-            field,
-            f"column(s) {', '.join(repr(m) for m in missing)} not in the dataset; "
-            f"available columns: {', '.join(available)}",
-            f"set {field} to existing column names",
-        )
+        problem = (f"column(s) {', '.join(repr(m) for m in missing)} not in the dataset; "
+                   f"available columns: {', '.join(available)}")
+        if field == "formatter":  # the formatter's default column is absent: the formatter or the column is wrong
+            fix = (f"formatter {formatter!r} reads its conversations from column {missing[0]!r}: name the column that "
+                   f"holds them (columns: [<one of: {', '.join(available)}>]), or pick the formatter that fits the data "
+                   "(raw_text for plain text), or leave formatter out to detect it")
+        else:
+            fix = f"set {field} to existing column names (one of: {', '.join(available)})"
+        raise ColumnProblem(field, problem, fix)
     return columns
 
 

@@ -27,6 +27,7 @@ from pydantic import (
 
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
+from foundation.text_files import decode_utf8
 from quantize.calibration.sources import SourceProblem, resolve_source
 from quantize.calibration.validation_errors import (
     EntryProblem,
@@ -53,7 +54,7 @@ MaxSamples = Annotated[int, Field(gt=0, description="exact number of calibration
 MaxSeqLen = Annotated[int, Field(ge=8, description="samples are truncated to this many tokens")]
 Seed = Annotated[int, Field(ge=0, description="seeds every random choice of the sampling")]
 MinTokenLength = Annotated[int, Field(ge=1, description="samples shorter than this many tokens are dropped")]
-OversampleRatio = Annotated[float, Field(ge=1.0, description="draw this many times max_samples before length filtering")]
+OversampleRatio = Annotated[float, Field(ge=1.0, allow_inf_nan=False, description="draw this many times max_samples before length filtering")]
 
 
 class CalibrationSettings(BaseModel):
@@ -94,7 +95,8 @@ class DatasetEntry(BaseModel):
     path: str = Field(min_length=1, description="Hub id, save_to_disk folder, or data file")
     subset: str | None = Field(None, description="Hub configuration name (e.g. wikitext-103-raw-v1)")
     split: str = Field("train", min_length=1)
-    weight: float = Field(1.0, ge=0, description="relative share of the samples")
+    # strict: YAML's `true` is not a share (lax float would read it as 1.0); finite: `.inf` cannot be normalized
+    weight: float = Field(1.0, ge=0, strict=True, allow_inf_nan=False, description="relative share of the samples")
     text_column: str | None = Field(None, min_length=1)
     formatter: FormatterName | None = Field(None, description="None = detect from the columns")
     columns: list[str] | None = Field(None, min_length=1)
@@ -117,6 +119,19 @@ class DatasetEntry(BaseModel):
         except SourceProblem as problem:
             raise EntryProblem(problem.problem, problem.fix) from None
         return source.location
+
+    @model_validator(mode="after")
+    def _local_file_has_only_train(self) -> DatasetEntry:
+        """One data file is one split, which `datasets` calls 'train'; any other name would silently read it anyway."""
+        if Path(self.path).is_file() and self.split.split("[", 1)[0] != "train":
+            raise EntryProblem(
+                f"split {self.split!r} does not exist in a single local file ({Path(self.path).name}): "
+                "a data file is one split, 'train'",
+                "remove 'split' (or write split: train, or a slice such as train[:1000]); for a validation set, "
+                "point path at its own file",
+                field="split",
+            )
+        return self
 
     @model_validator(mode="after")
     def _columns_fit_formatter(self) -> DatasetEntry:
@@ -210,8 +225,9 @@ def load_mix(path: str | Path) -> CalibrationMix:
 
 
 def _parse_yaml(raw: bytes, path: Path) -> dict[str, Any]:
+    text = decode_utf8(raw, path)  # not UTF-8: say so, not "fix the indentation"
     try:
-        data = yaml.safe_load(raw)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -74,6 +74,11 @@ def _explain(
         if field == "weight":
             fix += " (weights are relative shares, normalized over all datasets; 0 disables an entry)"
         return where, f"{field} must be {relation} {bound}, got {value!r}", fix
+    if field == "weight" and kind in ("float_type", "finite_number"):
+        return (where, f"weight must be a finite number >= 0, got {value!r}",
+                "write a relative share such as weight: 0.5 (shares are normalized over all datasets; 0 disables an entry)")
+    if kind == "finite_number":
+        return where, f"{field} must be a finite number, got {value!r}", f"set {field} to a finite number"
     if kind == "literal_error" and field == "formatter":
         return (
             where,
