@@ -7,6 +7,7 @@ model), and the output directory only appears, complete, at the very end.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from checkpoint_formats.naming import check_family_supported
 from checkpoint_formats.servability import require_servable
 from foundation.atomic_output import atomic_output_dir, check_writable_output
 from foundation.dtypes import TORCH_DTYPES
+from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
 from foundation.tokenizer_files import copy_tokenizer_files
 from quantize import manifest as run_manifest
@@ -34,15 +36,26 @@ from quantize.source_model import (
 
 
 def build_calibration(settings: QuantizeSettings, tokenizer, console: Console):
-    from quantize.calibration import build_calibration_set
+    from quantize.calibration import build_calibration_set, load_mix
 
+    mix = load_mix(str(resolve_data_path(settings.dataset_yaml)))
     calibration_set = build_calibration_set(
-        str(resolve_data_path(settings.dataset_yaml)), tokenizer, max_samples=settings.max_samples, max_seq_len=settings.max_seq_len,
+        mix, tokenizer, max_samples=settings.max_samples, max_seq_len=settings.max_seq_len,
         seed=settings.seed, oversample_ratio=settings.oversample_ratio, min_token_length=settings.min_token_length,
-        console=console,
+        console=console, min_samples=min_calibration_samples(settings, settings.max_samples or mix.calibration.max_samples),
     )
     calibration_set.print_summary(console)
     return calibration_set
+
+
+def min_calibration_samples(settings: QuantizeSettings, max_samples: int) -> int:
+    """Fewer surviving samples than this stop the run: ``--min_calibration_samples``, else half the target."""
+    if settings.min_calibration_samples is None:
+        return max(1, math.ceil(max_samples / 2))
+    if settings.min_calibration_samples > max_samples:
+        raise UserError("--min_calibration_samples", f"{settings.min_calibration_samples} is more than the "
+                        f"{max_samples} samples the run draws (max_samples)", "lower it, or raise --max_samples")
+    return settings.min_calibration_samples
 
 
 def preflight(settings: QuantizeSettings) -> None:

@@ -1,0 +1,88 @@
+"""Stage 1 stops on inputs that used to give a silently wrong checkpoint (issue 14: S1/S2, S3, S4, S8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from foundation.errors import UserError
+from tests.quantize.conftest import CORPUS, quantize_args
+
+
+def cli_error(argv: list[str]) -> UserError:
+    from quantize import cli
+
+    with pytest.raises(UserError) as caught:
+        cli.main(argv)
+    return caught.value
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """The calibration data is checked before the (expensive) model load."""
+    import quantize.stage
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the calibration data was checked")
+
+    monkeypatch.setattr(quantize.stage, "load_model", refuse)
+
+
+def _mix(tmp_path: Path, entry: str, calibration: str) -> Path:
+    path = tmp_path / "mix.yaml"
+    path.write_text(f"datasets:\n  - {entry}\ncalibration: {calibration}\n")
+    return path
+
+
+def test_min_token_length_that_drops_every_sample_stops_naming_the_filter(tiny_model_dir, tmp_path, no_model_load):
+    mix = _mix(tmp_path, f"{{name: general, path: {CORPUS}, text_column: text}}",
+               "{max_samples: 16, max_seq_len: 4096, min_token_length: 4000}")
+    error = cli_error(quantize_args(tiny_model_dir, mix, tmp_path / "out"))
+    assert error.where == str(mix)
+    assert "only 0 of 16 calibration samples" in error.problem and "no activation scales" in error.problem
+    assert "general" in error.problem and "shorter than min_token_length=4000" in error.problem
+    assert "max_seq_len=4096" in error.problem
+    assert "--min_token_length" in error.fix and "--min_calibration_samples" in error.fix
+    assert not (tmp_path / "out").exists()
+
+
+def test_rows_with_null_text_stop_naming_the_source(tiny_model_dir, tmp_path, no_model_load):
+    corpus = tmp_path / "nulls.jsonl"
+    corpus.write_text("".join(json.dumps({"text": None}) + "\n" for _ in range(20)))
+    mix = _mix(tmp_path, f"{{name: empty-rows, path: {corpus}, text_column: text, formatter: raw_text}}",
+               "{max_samples: 16, max_seq_len: 64, min_token_length: 4}")
+    error = cli_error(quantize_args(tiny_model_dir, mix, tmp_path / "out"))
+    assert "only 0 of 16" in error.problem
+    assert "empty-rows (nulls.jsonl)" in error.problem and "20 with no text" in error.problem
+    assert "text_column" in error.fix
+
+
+def test_too_few_samples_stop_below_the_threshold_and_pass_when_the_user_insists(tiny_model_dir, tmp_path, monkeypatch):
+    import quantize.stage
+    from quantize.settings import QuantizeSettings
+
+    rows = [{"text": " ".join(["word"] * 40)} for _ in range(3)] + [{"text": "hi"} for _ in range(30)]
+    corpus = tmp_path / "few.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    mix = _mix(tmp_path, f"{{name: few, path: {corpus}, text_column: text}}",
+               "{max_samples: 16, max_seq_len: 64, min_token_length: 16, oversample_ratio: 2}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    settings = QuantizeSettings(input_model=str(tiny_model_dir), dataset_yaml=mix, output_model=tmp_path / "o")
+    assert quantize.stage.min_calibration_samples(settings, 16) == 8  # default: half the target
+    with pytest.raises(UserError, match=r"only 3 of 16 .* fewer than the 8 required") as caught:
+        quantize.stage.build_calibration(settings, tokenizer, _console())
+    assert "--min_calibration_samples 3" in caught.value.fix
+    insisted = settings.model_copy(update={"min_calibration_samples": 3})
+    assert len(quantize.stage.build_calibration(insisted, tokenizer, _console())) == 3
+    with pytest.raises(UserError, match="--min_calibration_samples"):
+        quantize.stage.min_calibration_samples(settings.model_copy(update={"min_calibration_samples": 17}), 16)
+
+
+def _console():
+    from tests.quantize.conftest import quiet_console
+
+    return quiet_console()
