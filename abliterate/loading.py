@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from abliterate.quantization.options import NVFP4, QuantizationRequest
 from foundation.dtypes import TORCH_DTYPES as _DTYPES
 from foundation.errors import UserError
+from foundation.load_report import require_complete_load
 from foundation.hub_ids import looks_like_local_path
 
 LOAD_AS = ("auto", "packed", "dequantized")
@@ -79,8 +80,10 @@ def _load_once(path: str, dtype_name: str, quantized: str | None, device_map, ma
     # 'fp8' on an ordinary checkpoint: keep whatever the checkpoint stores (its
     # own quantization config decides); never pass 'fp8' on as a torch dtype.
     dtype = "auto" if dtype_name == "fp8" else _DTYPES[dtype_name]
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                                                trust_remote_code=trust_remote_code)
+    model, loading_info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                                               trust_remote_code=trust_remote_code, output_loading_info=True)
+    require_complete_load(loading_info, path, "--model")  # never search on random weights
+    return model
 
 
 def _load_quantizing(path: str, dtype_name: str, quantization: QuantizationRequest, device_map, max_memory,
@@ -97,8 +100,11 @@ def _load_quantizing(path: str, dtype_name: str, quantization: QuantizationReque
     if quantization.option == NVFP4:
         return load_nvfp4(path, quantization, dtype, device_map, max_memory, trust_remote_code)
     config = quantization_config(quantization, dtype, target_device_type(device_map))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                                                trust_remote_code=trust_remote_code, quantization_config=config)
+    model, loading_info = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
+        quantization_config=config, output_loading_info=True)
+    require_complete_load(loading_info, path, "--model")
+    return model
 
 
 def _check_quantization(quantized: str | None, quantization: QuantizationRequest, device_map) -> None:

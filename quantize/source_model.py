@@ -6,6 +6,7 @@ import torch
 
 from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
+from foundation.load_report import require_complete_load
 
 
 def resolve_device(requested: str) -> str:
@@ -56,16 +57,18 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, loading_info = AutoModelForCausalLM.from_pretrained(
             input_model,
             dtype=TORCH_DTYPES[dtype],
             revision=revision,
             trust_remote_code=trust_remote_code,
             device_map=device_map,
             offload_folder=offload_folder,
+            output_loading_info=True,
         )
     except (OSError, ValueError) as error:
         raise _load_error(input_model, error) from error
+    require_complete_load(loading_info, input_model, "--input_model")  # never quantize random weights
     model.eval()
     return model
 

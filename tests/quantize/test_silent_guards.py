@@ -86,3 +86,34 @@ def _console():
     from tests.quantize.conftest import quiet_console
 
     return quiet_console()
+
+
+def _edited_model(source: Path, destination: Path, edit) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, destination)
+    tensors = load_file(str(destination / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(destination / "model.safetensors"), metadata={"format": "pt"})
+    return destination
+
+
+def test_a_tensor_missing_from_the_source_stops_stage_1_naming_it(tiny_model_dir, mix_yaml, tmp_path):
+    broken = _edited_model(tiny_model_dir, tmp_path / "missing-o-proj",
+                           lambda tensors: tensors.pop("model.layers.1.self_attn.o_proj.weight"))
+    error = cli_error(quantize_args(broken, mix_yaml, tmp_path / "out", "--device", "cpu"))
+    assert error.where == "--input_model" and str(broken) in error.problem
+    assert "1 tensor(s) the model needs are missing" in error.problem
+    assert "model.layers.1.self_attn.o_proj.weight" in error.problem
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unexpected_tensor_in_the_source_stops_stage_1(tiny_model_dir, mix_yaml, tmp_path):
+    import torch
+
+    broken = _edited_model(tiny_model_dir, tmp_path / "extra",
+                           lambda tensors: tensors.update({"model.layers.0.stray.weight": torch.zeros(4)}))
+    error = cli_error(quantize_args(broken, mix_yaml, tmp_path / "out", "--device", "cpu"))
+    assert "match no parameter" in error.problem and "model.layers.0.stray.weight" in error.problem

@@ -1,4 +1,4 @@
-"""verify fails a checkpoint whose logits on one prompt look fine but which is broken (issue 14 S1, S4)."""
+"""verify fails a checkpoint that looks fine on one prompt but is broken, the loader refuses stray tensors (issue 14 S1, S3, S4)."""
 
 from __future__ import annotations
 
@@ -89,3 +89,21 @@ def test_inspect_flags_missing_input_scales(modelopt_checkpoint, tmp_path, capsy
     broken = _edited_copy(path, tmp_path / "no-scales", lambda t: t.pop("model.layers.1.mlp.up_proj.input_scale"))
     assert cli_main(["inspect", str(broken)]) == 0
     assert "1 quantized Linear(s) lack the input_scale" in " ".join(capsys.readouterr().out.split())
+
+
+def test_quantized_loader_refuses_a_tensor_that_matches_no_parameter(modelopt_checkpoint, tmp_path):
+    from checkpoint_formats.loader import load_checkpoint
+
+    path, _ = modelopt_checkpoint("llama_nvfp4")
+    broken = _edited_copy(path, tmp_path / "stray", lambda t: t.update({"model.layers.0.mlp.stray.weight": torch.ones(4)}))
+    with pytest.raises(UserError, match=r"match no parameter .*model\.layers\.0\.mlp\.stray\.weight"):
+        load_checkpoint(broken, dequantize=True)
+
+
+def test_quantized_loader_refuses_a_missing_tensor(modelopt_checkpoint, tmp_path):
+    from checkpoint_formats.loader import load_checkpoint
+
+    path, _ = modelopt_checkpoint("llama_nvfp4")
+    broken = _edited_copy(path, tmp_path / "hole", lambda t: t.pop("model.layers.1.post_attention_layernorm.weight"))
+    with pytest.raises(UserError, match=r"not in the checkpoint.*post_attention_layernorm"):
+        load_checkpoint(broken, dequantize=True)
