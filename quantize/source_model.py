@@ -73,6 +73,29 @@ def load_model(
     return model
 
 
+def stored_parameters(model: torch.nn.Module):
+    """(name, tensor) of every parameter, offloaded ones read one at a time from accelerate's weights map."""
+    for name, parameter in model.named_parameters():
+        if parameter.device.type != "meta":
+            yield name, parameter
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        weights_map = getattr(getattr(model.get_submodule(module_name), "_hf_hook", None), "weights_map", None)
+        if weights_map is not None and leaf in weights_map:
+            yield name, weights_map[leaf]
+
+
+def require_finite_weights(model: torch.nn.Module, input_model: str) -> None:
+    """NaN/inf in a weight would reach ModelOpt as a NaN amax (an assertion deep inside calibration) or, worse,
+    a checkpoint that exports and serves garbage: refuse before calibrating, naming the tensors."""
+    from checkpoint_formats.health import describe_names, nonfinite_tensors
+
+    bad = nonfinite_tensors(stored_parameters(model))
+    if bad:
+        raise UserError("--input_model", f"{input_model} holds NaN/inf in {len(bad)} weight tensor(s): {describe_names(bad)}",
+                        "fix or re-download the source model (a weight must be finite to be quantized)")
+
+
 def pad_token_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:

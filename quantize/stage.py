@@ -31,6 +31,7 @@ from quantize.source_model import (
     load_config,
     load_model,
     load_tokenizer,
+    require_finite_weights,
     resolve_device,
 )
 
@@ -91,6 +92,7 @@ def run_quantize(settings: QuantizeSettings, console: Console | None = None, cal
         device_map, offload_folder = ({"": device} if device != "cpu" else None), None
     model = load_model(settings.input_model, dtype=settings.dtype, revision=settings.revision,
                        trust_remote_code=settings.trust_remote_code, device_map=device_map, offload_folder=offload_folder)
+    require_finite_weights(model, settings.input_model)
     timings["load"] = time.perf_counter() - load_started
 
     module_names = skip_layers.quantizable_module_names(model)

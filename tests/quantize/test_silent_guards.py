@@ -117,3 +117,45 @@ def test_an_unexpected_tensor_in_the_source_stops_stage_1(tiny_model_dir, mix_ya
                            lambda tensors: tensors.update({"model.layers.0.stray.weight": torch.zeros(4)}))
     error = cli_error(quantize_args(broken, mix_yaml, tmp_path / "out", "--device", "cpu"))
     assert "match no parameter" in error.problem and "model.layers.0.stray.weight" in error.problem
+
+
+def test_nan_in_an_embedding_stops_stage_1_before_calibration(tiny_model_dir, mix_yaml, tmp_path, monkeypatch):
+    import quantize.stage
+
+    def poison(tensors):
+        tensors["model.embed_tokens.weight"][7, 1] = float("nan")
+        tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("inf")
+
+    broken = _edited_model(tiny_model_dir, tmp_path / "nan", poison)
+    monkeypatch.setattr(quantize.stage, "backend_for", lambda name: _NoCalibration())
+    error = cli_error(quantize_args(broken, mix_yaml, tmp_path / "out", "--device", "cpu"))
+    assert error.where == "--input_model"
+    assert "NaN/inf in 2 weight tensor(s): model.embed_tokens.weight, model.layers.0.mlp.up_proj.weight" in error.problem
+
+
+class _NoCalibration:
+    name, loads_on_gpu = "refuses", False
+
+    def calibrate(self, *args, **kwargs):
+        raise AssertionError("calibration started on NaN weights")
+
+
+def test_offloaded_weights_are_checked_too(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from quantize.source_model import require_finite_weights, stored_parameters
+    from tests.tiny_models import llama_config
+
+    model = LlamaForCausalLM(llama_config(vocab_size=64)).to(torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[2, 2] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map, dtype=torch.bfloat16,
+                                                     offload_folder=str(tmp_path / "off"))
+    assert offloaded.model.layers[1].self_attn.v_proj.weight.device.type == "meta"
+    assert len(list(stored_parameters(offloaded))) == len(list(offloaded.named_parameters()))
+    with pytest.raises(UserError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight"):
+        require_finite_weights(offloaded, "m")
