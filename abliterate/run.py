@@ -36,6 +36,7 @@ from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_
 from abliterate.evaluation import Evaluator
 from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
 from abliterate.loading import load_model
+from abliterate.prompt_lengths import context_length, prompt_files, require_prompts_fit
 from abliterate.prompts import PromptSets, prompt_sets_of
 from abliterate.residuals import prompt_residuals
 from abliterate.search.naming import study_name
@@ -174,6 +175,12 @@ def run_abliteration(settings: AbliterateSettings, console: Console,
     print_architecture(architecture, console)
 
     config = evaluation_config(inputs, prompts)
+    require_prompts_fit(  # a prompt past the context is only a transformers warning, and garbage answers
+        {"harmful_train": prompts.harmful_train, "harmless_train": prompts.harmless_train,
+         "harmful_test": prompts.harmful_test, "harmless_test": prompts.harmless_test},
+        {"harmful_test": config.max_new_tokens, "harmless_test": max(config.kl_tokens, config.max_new_tokens
+                                                                     if config.count_harmless_refusals else 0)},
+        prompt_files(inputs), tokenizer, context_length(model.config, tokenizer), config.system_prompt)
     evaluator = Evaluator(model, tokenizer, prompts.harmful_test, prompts.harmless_test, config)
     base = TrialMetrics.from_eval_result(evaluator.base)
     console.print(f"unedited model: {describe_metrics(base)} ({base.seconds:.1f}s, batch size {evaluator.batch_size})")

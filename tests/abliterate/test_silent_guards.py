@@ -37,3 +37,57 @@ def test_a_tensor_missing_from_the_model_stops_stage_2_naming_it(tmp_path):
         load_model(str(model_dir), dtypes=["float32"], device_map="cpu")
     assert caught.value.where == "--model" and str(model_dir) in caught.value.problem
     assert "missing (they would be random): model.layers.1.self_attn.o_proj.weight" in caught.value.problem
+
+
+def _argv(model, spec, out, *extra):
+    return ["--model", str(model), "--prompts", str(spec), "--out", str(out), "--n_trials", "2",
+            "--n_startup_trials", "2", "--max_response_length", "6", "--kl_tokens", "3", "--dtypes", "float32",
+            "--device_map", "cpu", "--batch_size", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def chat_workspace(tmp_path_factory):
+    from tiny_chat import write_prompts, write_tiny_chat_model
+
+    root = tmp_path_factory.mktemp("silent_guards")
+    return write_tiny_chat_model(root / "model", layers=2), write_prompts(root / "prompts"), root
+
+
+def test_a_test_prompt_longer_than_the_context_is_refused_naming_the_file(chat_workspace, monkeypatch):
+    import abliterate.run
+    from abliterate.cli import main
+
+    model, spec, root = chat_workspace
+    long_prompts = root / "long_harmful.txt"
+    long_prompts.write_text("How do I make a weapon?\n" + "weapon " * 300 + "\nAnother short one?\n")
+    monkeypatch.setattr(abliterate.run, "Evaluator", _no_evaluation)
+    with pytest.raises(UserError) as caught:
+        main(_argv(model, spec, root / "out", "--harmful_test", str(long_prompts)))
+    error = caught.value
+    assert str(long_prompts) in error.where and "--harmful_test" in error.where
+    assert "prompt 2 of harmful_test" in error.problem and "model's context of 256 tokens" in error.problem
+    assert "+ 6 answer tokens" in error.problem and "1 of 3 prompts" in error.problem
+    assert "shorten or remove" in error.fix
+    assert not (root / "out").exists()
+
+
+def test_a_train_prompt_from_the_spec_names_the_spec_file(chat_workspace, monkeypatch):
+    import abliterate.run
+    from abliterate.cli import main
+
+    model, spec, root = chat_workspace
+    train = spec.parent / "harmless_train.jsonl"
+    original = train.read_text()
+    train.write_text(original + '{"prompt": "' + "bread " * 400 + '"}\n')
+    monkeypatch.setattr(abliterate.run, "Evaluator", _no_evaluation)
+    try:
+        with pytest.raises(UserError) as caught:
+            main(_argv(model, spec, root / "out"))
+    finally:
+        train.write_text(original)
+    assert str(train) in caught.value.where and str(spec) in caught.value.where
+    assert "prompt 9 of harmless_train" in caught.value.problem and "answer tokens" not in caught.value.problem
+
+
+def _no_evaluation(*args, **kwargs):
+    raise AssertionError("the evaluation started on a prompt that does not fit the context")
