@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from abliterate.quantization.options import NVFP4, QuantizationRequest
 from foundation.dtypes import TORCH_DTYPES as _DTYPES
 from foundation.errors import UserError
-from foundation.load_report import require_complete_load
 from foundation.hub_ids import looks_like_local_path
+from foundation.load_report import require_complete_load
 
 LOAD_AS = ("auto", "packed", "dequantized")
 

@@ -39,6 +39,7 @@ from abliterate.loading import load_model
 from abliterate.prompt_lengths import context_length, prompt_files, require_prompts_fit
 from abliterate.prompts import PromptSets, prompt_sets_of
 from abliterate.residuals import prompt_residuals
+from abliterate.search.model_identity import open_study_of_model
 from abliterate.search.naming import study_name
 from abliterate.search.objectives import (
     TrialMetrics,
@@ -58,7 +59,6 @@ from abliterate.search.space import suggest_parameters
 from abliterate.search.study import (
     TrialOutcome,
     completed_trials,
-    open_study,
     run_trials,
     trial_metrics,
     trial_parameters,
@@ -69,6 +69,7 @@ from foundation.atomic_output import (
     check_writable_output,
     make_readable,
 )
+from foundation.model_fingerprint import model_fingerprint
 
 SVD_SEED = 0
 
@@ -192,8 +193,11 @@ def run_abliteration(settings: AbliterateSettings, console: Console,
 
     name = study_name(settings, prompts, config)
     study_dir = settings.study_path()
-    study = open_study(study_dir / "journal.log", name)
-    directions = load_or_compute_directions(study_dir / f"{name}.directions.safetensors", model, architecture,
+    directions_path = study_dir / f"{name}.directions.safetensors"
+    # the name hashes the model's path; its content is checked here: a model replaced at that path starts over
+    study = open_study_of_model(study_dir / "journal.log", name, model_fingerprint(settings.model), settings.model,
+                                directions_path, console)
+    directions = load_or_compute_directions(directions_path, model, architecture,
                                             tokenizer, prompts, settings, evaluator.batch_size, console)
     abliterator = LoraAbliterator(model, architecture.components, method=settings.method, rank=settings.lowrank_rank,
                                   seed=SVD_SEED)

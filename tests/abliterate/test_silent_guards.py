@@ -91,3 +91,54 @@ def test_a_train_prompt_from_the_spec_names_the_spec_file(chat_workspace, monkey
 
 def _no_evaluation(*args, **kwargs):
     raise AssertionError("the evaluation started on a prompt that does not fit the context")
+
+
+def test_a_study_of_a_replaced_model_is_discarded_saying_so(tmp_path):
+    import io
+    import os
+
+    import optuna
+    from rich.console import Console
+
+    from abliterate.search.model_identity import FINGERPRINT_ATTR, open_study_of_model
+    from foundation.model_fingerprint import model_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    journal, directions = tmp_path / "study" / "journal.log", tmp_path / "study" / "x.directions.safetensors"
+    output = io.StringIO()
+    console = Console(file=output, width=400)
+
+    study = open_study_of_model(journal, "s", model_fingerprint(model), str(model), directions, console)
+    study.add_trial(optuna.trial.create_trial(values=[1.0, 0.5], distributions={}, params={}))
+    directions.write_bytes(b"old directions")
+    again = open_study_of_model(journal, "s", model_fingerprint(model), str(model), directions, console)
+    assert len(again.trials) == 1 and directions.exists() and "model changed" not in output.getvalue()
+
+    stat = (model / "model.safetensors").stat()
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # replaced: same size
+    fresh = open_study_of_model(journal, "s", model_fingerprint(model), str(model), directions, console)
+    text = " ".join(output.getvalue().split())
+    assert len(fresh.trials) == 0 and not directions.exists()
+    assert "model changed:" in text and "model.safetensors changed (mtime_ns)" in text and "discarding its 1 trial(s)" in text
+    assert fresh.user_attrs[FINGERPRINT_ATTR] == model_fingerprint(model)
+    # the discard is on disk: a later run with the same model keeps the (new, empty) study
+    assert len(open_study_of_model(journal, "s", model_fingerprint(model), str(model), directions, console).trials) == 0
+
+
+def test_the_search_starts_over_when_the_model_at_the_same_path_changed(tmp_path, capsys):
+    from tiny_chat import write_prompts, write_tiny_chat_model
+
+    from abliterate.cli import main
+
+    model, spec = write_tiny_chat_model(tmp_path / "model", layers=2), write_prompts(tmp_path / "prompts")
+    argv = _argv(model, spec, tmp_path / "out", "--n_trials", "1", "--n_startup_trials", "1")
+    assert main(argv) == 0
+    assert "model changed" not in capsys.readouterr().out
+    write_tiny_chat_model(model, layers=2)  # another save at the same path (as a re-trained model would be)
+    assert main([*argv, "--overwrite"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "model changed:" in printed and "discarding its 1 trial(s)" in printed
+    assert "(0/1 trials done)" in printed
