@@ -159,3 +159,40 @@ def test_offloaded_weights_are_checked_too(tmp_path):
     assert len(list(stored_parameters(offloaded))) == len(list(offloaded.named_parameters()))
     with pytest.raises(UserError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight"):
         require_finite_weights(offloaded, "m")
+
+
+def test_layerwise_checkpoints_are_keyed_by_model_content_and_stale_ones_discarded(tiny_model_dir, mix_yaml, tmp_path):
+    import io
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from quantize.backends.modelopt import layerwise_checkpoint_dir
+    from quantize.settings import QuantizeSettings
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    settings = QuantizeSettings(input_model=str(model), dataset_yaml=mix_yaml, output_model=tmp_path / "out",
+                                offload_folder=tmp_path / "offload", layerwise=True)
+    calibration = SimpleNamespace(token_ids_sha256="ab" * 32)
+    output = io.StringIO()
+    console = Console(file=output, width=400)
+
+    first = Path(layerwise_checkpoint_dir(settings, calibration, console))
+    (first / "layer_0000").mkdir()  # what an interrupted run leaves for the resume
+    assert Path(layerwise_checkpoint_dir(settings, calibration, console)) == first  # same model: resumes
+    assert (first / "layer_0000").is_dir() and "model changed" not in output.getvalue()
+
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # replaced in place
+    second = Path(layerwise_checkpoint_dir(settings, calibration, console))
+    text = " ".join(output.getvalue().split())
+    assert second != first and not first.exists() and not (second / "layer_0000").exists()
+    assert "model changed:" in text and "model.safetensors changed (mtime_ns)" in text and "calibrating every layer again" in text
+    # another model's checkpoints in the same offload folder are left alone
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    third = Path(layerwise_checkpoint_dir(settings.model_copy(update={"input_model": str(other)}), calibration, console))
+    assert third.is_dir() and second.is_dir()
