@@ -27,6 +27,7 @@ from foundation.devices import require_visible_device
 from foundation.dtypes import TORCH_DTYPES as _DTYPES
 from foundation.errors import UserError
 from foundation.hub_ids import looks_like_local_path
+from foundation.load_report import require_complete_load
 from foundation.weight_files import require_safetensors
 
 LOAD_AS = ("auto", "packed", "dequantized")
@@ -83,8 +84,10 @@ def _load_once(path: str, dtype_name: str, quantized: str | None, device_map, ma
     # 'fp8' on an ordinary checkpoint: keep whatever the checkpoint stores (its
     # own quantization config decides); never pass 'fp8' on as a torch dtype.
     dtype = "auto" if dtype_name == "fp8" else _DTYPES[dtype_name]
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                                                trust_remote_code=trust_remote_code, use_safetensors=True)
+    model, loading_info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                                               trust_remote_code=trust_remote_code, output_loading_info=True, use_safetensors=True)
+    require_complete_load(loading_info, path, "--model")  # never search on random weights
+    return model
 
 
 def _load_quantizing(path: str, dtype_name: str, quantization: QuantizationRequest, device_map, max_memory,
@@ -101,9 +104,11 @@ def _load_quantizing(path: str, dtype_name: str, quantization: QuantizationReque
     if quantization.option == NVFP4:
         return load_nvfp4(path, quantization, dtype, device_map, max_memory, trust_remote_code)
     config = quantization_config(quantization, dtype, target_device_type(device_map))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                                                trust_remote_code=trust_remote_code, quantization_config=config,
-                                                use_safetensors=True)
+    model, loading_info = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
+        quantization_config=config, output_loading_info=True, use_safetensors=True)
+    require_complete_load(loading_info, path, "--model")
+    return model
 
 
 def _check_quantization(quantized: str | None, quantization: QuantizationRequest, device_map) -> None:

@@ -36,9 +36,11 @@ from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_
 from abliterate.evaluation import Evaluator
 from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
 from abliterate.loading import load_model
+from abliterate.prompt_lengths import context_length, prompt_files, require_prompts_fit
 from abliterate.prompts import PromptSets, prompt_sets_of
 from abliterate.residuals import prompt_residuals
 from abliterate.search.journal import no_space_left
+from abliterate.search.model_identity import open_study_of_model
 from abliterate.search.naming import study_name
 from abliterate.search.objectives import (
     TrialMetrics,
@@ -58,7 +60,6 @@ from abliterate.search.space import suggest_parameters
 from abliterate.search.study import (
     TrialOutcome,
     completed_trials,
-    open_study,
     run_trials,
     trial_metrics,
     trial_parameters,
@@ -69,6 +70,7 @@ from foundation.atomic_output import (
     check_writable_output,
     make_readable,
 )
+from foundation.model_fingerprint import model_fingerprint
 from foundation.output_guard import check_output_location
 from foundation.output_lock import output_lock
 
@@ -193,6 +195,12 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     print_architecture(architecture, console)
 
     config = evaluation_config(inputs, prompts)
+    require_prompts_fit(  # a prompt past the context is only a transformers warning, and garbage answers
+        {"harmful_train": prompts.harmful_train, "harmless_train": prompts.harmless_train,
+         "harmful_test": prompts.harmful_test, "harmless_test": prompts.harmless_test},
+        {"harmful_test": config.max_new_tokens, "harmless_test": max(config.kl_tokens, config.max_new_tokens
+                                                                     if config.count_harmless_refusals else 0)},
+        prompt_files(inputs), tokenizer, context_length(model.config, tokenizer), config.system_prompt)
     evaluator = Evaluator(model, tokenizer, prompts.harmful_test, prompts.harmless_test, config)
     base = TrialMetrics.from_eval_result(evaluator.base)
     console.print(f"unedited model: {describe_metrics(base)} ({base.seconds:.1f}s, batch size {evaluator.batch_size})")
@@ -205,9 +213,12 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     name = study_name(settings, prompts, config)
     study_dir = settings.study_path()
     journal = study_dir / "journal.log"  # a full disk while writing it: a UserError; the re-run repairs and resumes
-    study = open_study(journal, name, on_repair=lambda note: console.print(f"[yellow]journal repaired:[/] {note}",
-                                                                           highlight=False))
-    directions = load_or_compute_directions(study_dir / f"{name}.directions.safetensors", model, architecture,
+    directions_path = study_dir / f"{name}.directions.safetensors"
+    # the name hashes the model's path; its content is checked here: a model replaced at that path starts over
+    study = open_study_of_model(journal, name, model_fingerprint(settings.model), settings.model, directions_path,
+                                console, on_repair=lambda note: console.print(f"[yellow]journal repaired:[/] {note}",
+                                                                              highlight=False))
+    directions = load_or_compute_directions(directions_path, model, architecture,
                                             tokenizer, prompts, settings, evaluator.batch_size, console)
     abliterator = LoraAbliterator(model, architecture.components, method=settings.method, rank=settings.lowrank_rank,
                                   seed=SVD_SEED)

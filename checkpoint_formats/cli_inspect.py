@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from checkpoint_formats.detect import detect_format
+from checkpoint_formats.health import describe_names, missing_activation_scales
 from checkpoint_formats.layout import QUANTIZATION_STATE_SUFFIXES
 from checkpoint_formats.reader import CheckpointReader
 from foundation.dtypes import SHORT_NAMES
@@ -92,6 +93,7 @@ def main(argv: list[str]) -> int:
     fmt = detect_format(args.path)
     with CheckpointReader(fmt) as reader:
         rows = summarize(reader)
+        missing_scales = missing_activation_scales(fmt, reader)
     total, bf16_total = sum(r.bytes for r in rows), sum(r.bf16_bytes for r in rows)
     if args.json:
         print(
@@ -103,6 +105,7 @@ def main(argv: list[str]) -> int:
                     "total_bytes": total,
                     "bf16_bytes": bf16_total,
                     "module_types": [asdict(r) for r in rows],
+                    "missing_input_scales": missing_scales,
                 },
                 indent=2,
             )
@@ -119,4 +122,7 @@ def main(argv: list[str]) -> int:
     console.print(table)
     ratio = bf16_total / total if total else 0.0
     console.print(f"total {_human(total)} vs {_human(bf16_total)} in bf16 ({ratio:.2f}x smaller)")
+    if missing_scales:  # inspect describes; verify fails such a checkpoint
+        console.print(f"[red]broken:[/] {len(missing_scales)} quantized Linear(s) lack the input_scale their format needs "
+                      f"({describe_names(missing_scales)}); run quant-abliterate verify {fmt.path}")
     return 0

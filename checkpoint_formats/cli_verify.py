@@ -5,6 +5,9 @@ deployed activation rounding; the reference is the same model with that
 rounding switched off, which computes exactly what the checkpoint dequantized
 to bf16 computes (one model in memory, not two). Their distance is the error
 the activation quantization adds; non-finite logits mean a broken checkpoint.
+Before loading, every tensor is checked for NaN/inf and a checkpoint that
+quantizes activations for a missing ``input_scale`` (``health.py``): one
+prompt's logits can be finite on a broken checkpoint.
 """
 
 from __future__ import annotations
@@ -16,8 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint_formats.detect import detect_format
+from checkpoint_formats.health import (
+    describe_names,
+    missing_activation_scales,
+    nonfinite_tensors,
+    quantized_modules,
+)
 from checkpoint_formats.loader import load_checkpoint
 from checkpoint_formats.modules import set_activation_simulation
+from checkpoint_formats.reader import CheckpointReader
 from foundation.errors import UserError
 from foundation.tokenizer_files import has_tokenizer
 
@@ -85,6 +95,7 @@ def main(argv: list[str]) -> int:
     if args.tokens < 1:
         raise UserError("--tokens", "must be at least 1")
     fmt = detect_format(args.path)
+    check_weights(fmt)
     simulate = fmt.activations_quantized and not args.no_simulate_activations
     model, _ = load_checkpoint(args.path, device_map=args.device, simulate_activations=simulate)
     ids, tokenizer = _prompt_ids(args.path, args.prompt, model.config.vocab_size)
@@ -105,11 +116,31 @@ def main(argv: list[str]) -> int:
     console.print(f"[bold]{fmt.path}[/]: {fmt.describe()}" + ("; activations simulated" if simulate else ""))
     console.print(f"generated: {text!r}")
     console.print(
+        "weights finite: [green]yes[/]; "
         f"logits finite: {'[green]yes[/]' if comparison.finite else '[red]NO[/]'}; vs dequantized reference: "
         f"max |diff| {comparison.max_abs_diff:.4g}, relative L2 {comparison.relative_l2:.4g}, "
         f"KL {comparison.mean_kl:.4g} nats, top-1 agreement {comparison.top1_agreement:.1%}"
     )
     return 0 if comparison.finite else 1
+
+
+def check_weights(fmt) -> None:
+    """What one prompt's logits cannot show: activation scales missing, NaN/inf in any weight (UserError)."""
+    with CheckpointReader(fmt) as reader:
+        missing = missing_activation_scales(fmt, reader)
+        if missing:
+            total = len(quantized_modules(reader))
+            raise UserError(
+                f"{fmt.path}: {missing[0]}",
+                f"{fmt.describe()} quantizes activations, but {len(missing)} of {total} quantized Linears have no "
+                f"input_scale ({describe_names(missing)}); servers would run them with an uninitialized scale",
+                "quantize again with calibration data that survives the mix's filters (stage 1 now stops when "
+                "too few samples survive), or export weight-only (--format w4a16_nvfp4)",
+            )
+        nonfinite = nonfinite_tensors(reader.iter_tensors())
+    if nonfinite:
+        raise UserError(f"{fmt.path}: {nonfinite[0]}", f"NaN/inf in {len(nonfinite)} tensor(s): {describe_names(nonfinite)}",
+                        "re-create the checkpoint from a source model whose weights are finite")
 
 
 def _verify_serving(path: str) -> int:

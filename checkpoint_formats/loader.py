@@ -22,6 +22,7 @@ through ``from_pretrained``, which knows every model family's renamings.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ from checkpoint_formats.quantized_tensors import (
 )
 from checkpoint_formats.reader import CheckpointReader
 from foundation.errors import UserError
+from foundation.load_report import require_complete_load
 
 logger = logging.getLogger(__name__)
 
@@ -248,10 +250,15 @@ def load_checkpoint(
         if buffer.device != devices.device_of(name):
             _set_tensor(model, name, buffer, devices.device_of(name))
     leftovers = [n for n in reader.names() if n not in consumed and not n.endswith(_IGNORED_SUFFIXES)]
-    if leftovers:  # e.g. multi-token-prediction heads the HF class does not build; from_pretrained also only warns
-        logger.warning(
-            "%d checkpoint tensor(s) match no model parameter and were skipped, e.g. %s", len(leftovers), leftovers[:3]
-        )
+    optional = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    ignored = [n for n in leftovers if any(pattern.search(n) for pattern in optional)]
+    if ignored:  # e.g. multi-token-prediction heads the HF class declares it does not build (from_pretrained skips them too)
+        logger.warning("%d checkpoint tensor(s) the model class declares optional were skipped, e.g. %s",
+                       len(ignored), ignored[:3])
+    unexpected = [n for n in leftovers if n not in ignored]
+    if unexpected:  # as transformers' loading report would call them: a stage must not go on without them
+        reader.close()
+        require_complete_load({"unexpected_keys": unexpected}, str(fmt.path), str(fmt.path))
     reader.close()
     model.eval()
     placement.dispatch(model, devices)

@@ -9,6 +9,7 @@ from torch import nn
 
 from checkpoint_formats.detect import CheckpointFormat
 from foundation.errors import UserError
+from foundation.load_report import require_complete_load
 
 _AUTO_MAPS = {"auto", "balanced", "balanced_low_0", "sequential"}
 
@@ -91,9 +92,9 @@ def from_pretrained_plain(
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, loading_info = AutoModelForCausalLM.from_pretrained(
             fmt.path, dtype=dtype, device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
-            use_safetensors=True,
+            output_loading_info=True, use_safetensors=True,
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(
@@ -101,4 +102,5 @@ def from_pretrained_plain(
             f"cannot be loaded ({error})",
             "check that the checkpoint is complete and matches config.json",
         ) from error
+    require_complete_load(loading_info, str(fmt.path), str(fmt.path))
     return model.eval()

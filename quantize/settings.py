@@ -74,6 +74,7 @@ class QuantizeSettings(BaseModel):
     oversample_ratio: OversampleRatio | None = Field(default=None, description=_mix_override("oversample_ratio"))
     min_token_length: MinTokenLength | None = Field(default=None, description=_mix_override("min_token_length"))
     seed: Seed | None = Field(default=None, description=_mix_override("seed"))
+    min_calibration_samples: int | None = Field(default=None, ge=1, description="stop when fewer calibration samples survive the filters (default: half of max_samples, rounded up)")
     batch_size: int = Field(default=4, ge=1, description="calibration batch size")
     dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(default="bfloat16", description="load dtype: bfloat16 (bf16), float16 (fp16, half), float32 (fp32) or auto",
                                                                      json_schema_extra=cli(metavar="DTYPE"))

@@ -7,6 +7,7 @@ from safetensors import SafetensorError
 
 from foundation.dtypes import TORCH_DTYPES
 from foundation.errors import UserError
+from foundation.load_report import require_complete_load
 
 
 def resolve_device(requested: str) -> str:
@@ -60,7 +61,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, loading_info = AutoModelForCausalLM.from_pretrained(
             input_model,
             dtype=TORCH_DTYPES[dtype],
             revision=revision,
@@ -68,11 +69,36 @@ def load_model(
             device_map=device_map,
             offload_folder=offload_folder,
             use_safetensors=True,  # never a pickle (foundation.weight_files)
+            output_loading_info=True,
         )
     except (OSError, ValueError, SafetensorError) as error:
         raise _load_error(input_model, error) from error
+    require_complete_load(loading_info, input_model, "--input_model")  # never quantize random weights
     model.eval()
     return model
+
+
+def stored_parameters(model: torch.nn.Module):
+    """(name, tensor) of every parameter, offloaded ones read one at a time from accelerate's weights map."""
+    for name, parameter in model.named_parameters():
+        if parameter.device.type != "meta":
+            yield name, parameter
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        weights_map = getattr(getattr(model.get_submodule(module_name), "_hf_hook", None), "weights_map", None)
+        if weights_map is not None and leaf in weights_map:
+            yield name, weights_map[leaf]
+
+
+def require_finite_weights(model: torch.nn.Module, input_model: str) -> None:
+    """NaN/inf in a weight would reach ModelOpt as a NaN amax (an assertion deep inside calibration) or, worse,
+    a checkpoint that exports and serves garbage: refuse before calibrating, naming the tensors."""
+    from checkpoint_formats.health import describe_names, nonfinite_tensors
+
+    bad = nonfinite_tensors(stored_parameters(model))
+    if bad:
+        raise UserError("--input_model", f"{input_model} holds NaN/inf in {len(bad)} weight tensor(s): {describe_names(bad)}",
+                        "fix or re-download the source model (a weight must be finite to be quantized)")
 
 
 def pad_token_id(tokenizer) -> int:

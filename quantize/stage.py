@@ -7,6 +7,7 @@ model), and the output directory only appears, complete, at the very end.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from checkpoint_formats.naming import check_family_supported
 from checkpoint_formats.servability import require_servable
 from foundation.atomic_output import atomic_output_dir, check_writable_output
 from foundation.dtypes import TORCH_DTYPES
+from foundation.errors import UserError
 from foundation.output_lock import output_lock
 from foundation.package_data import resolve_data_path
 from foundation.tokenizer_files import copy_tokenizer_files
@@ -30,20 +32,32 @@ from quantize.source_model import (
     load_config,
     load_model,
     load_tokenizer,
+    require_finite_weights,
     resolve_device,
 )
 
 
 def build_calibration(settings: QuantizeSettings, tokenizer, console: Console):
-    from quantize.calibration import build_calibration_set
+    from quantize.calibration import build_calibration_set, load_mix
 
+    mix = load_mix(str(resolve_data_path(settings.dataset_yaml)))
     calibration_set = build_calibration_set(
-        str(resolve_data_path(settings.dataset_yaml)), tokenizer, max_samples=settings.max_samples, max_seq_len=settings.max_seq_len,
+        mix, tokenizer, max_samples=settings.max_samples, max_seq_len=settings.max_seq_len,
         seed=settings.seed, oversample_ratio=settings.oversample_ratio, min_token_length=settings.min_token_length,
-        console=console,
+        console=console, min_samples=min_calibration_samples(settings, settings.max_samples or mix.calibration.max_samples),
     )
     calibration_set.print_summary(console)
     return calibration_set
+
+
+def min_calibration_samples(settings: QuantizeSettings, max_samples: int) -> int:
+    """Fewer surviving samples than this stop the run: ``--min_calibration_samples``, else half the target."""
+    if settings.min_calibration_samples is None:
+        return max(1, math.ceil(max_samples / 2))
+    if settings.min_calibration_samples > max_samples:
+        raise UserError("--min_calibration_samples", f"{settings.min_calibration_samples} is more than the "
+                        f"{max_samples} samples the run draws (max_samples)", "lower it, or raise --max_samples")
+    return settings.min_calibration_samples
 
 
 def preflight(settings: QuantizeSettings) -> None:
@@ -86,6 +100,7 @@ def _quantize(settings: QuantizeSettings, console: Console, calibration_set) -> 
         device_map, offload_folder = ({"": device} if device != "cpu" else None), None
     model = load_model(settings.input_model, dtype=settings.dtype, revision=settings.revision,
                        trust_remote_code=settings.trust_remote_code, device_map=device_map, offload_folder=offload_folder)
+    require_finite_weights(model, settings.input_model)
     timings["load"] = time.perf_counter() - load_started
 
     module_names = skip_layers.quantizable_module_names(model)

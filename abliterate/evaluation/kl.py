@@ -56,7 +56,6 @@ def continuation_log_probs(
         mask[index, : min(len(continuation), n_positions)] = True
     for indices in batches_by_length([len(ids) for ids in prompt_token_ids], batch_size):
         prompts = left_pad([prompt_token_ids[index] for index in indices], pad_id)
-        prompt_length = prompts.input_ids.shape[1]
         # The continuation is appended after the left-padded prompt. The last
         # continuation token never needs to be fed (nothing is scored after it),
         # so N positions need N - 1 continuation tokens; missing ones are padding.

@@ -24,6 +24,7 @@ from abliterate.quantization.options import (
 from checkpoint_formats import nvfp4
 from checkpoint_formats.modules import NVFP4Linear
 from checkpoint_formats.placement import dispatch, resolve
+from foundation.load_report import require_complete_load
 
 # Output embeddings stay in the compute dtype, as in the stage-1 NVFP4 format.
 NEVER_QUANTIZED = ("lm_head",)
@@ -101,8 +102,9 @@ def load_nvfp4(path: str, request: QuantizationRequest, dtype: torch.dtype | str
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
+    model, loading_info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu",
+                                                               trust_remote_code=trust_remote_code, output_loading_info=True, use_safetensors=True)
+    require_complete_load(loading_info, str(path), "--model")
     quantize_to_nvfp4(model, request, dtype)
     plan = resolve(model, device_map, max_memory)
     if len(plan.devices) == 1:

@@ -59,7 +59,11 @@ def parse_rule(rule: str, n_harmful: int) -> tuple[str, float]:
         raise UserError("--select", f"cannot read {rule!r}", "use 'best_kl_under 3', 'best_kl_under 0.05' or 'trial 12'")
     kind, number = match.group(1), match.group(2)
     if kind == "trial":
-        return kind, float(int(float(number)))
+        if not number.isdigit():  # 'trial 1.5' must not quietly become trial 1
+            raise UserError("--select", f"{rule!r}: a trial number is a whole number, not {number!r}",
+                            "use 'trial N' with N an integer trial number from the table (e.g. 'trial 12'), "
+                            "or 'best_kl_under 3' / 'best_kl_under 0.05'")
+        return kind, float(int(number))
     value = float(number)
     return kind, value * n_harmful if "." in number and value < 1 else value
 

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from checkpoint_formats.exclusions import repair_exclusions
+from foundation.model_fingerprint import (
+    changed_files,
+    fingerprint_digest,
+    model_fingerprint,
+)
 from quantize import calibrate as calibration_loop
 from quantize import export as checkpoint_export
 from quantize import offload as offload_planning
@@ -17,15 +25,53 @@ from quantize.settings import QuantizeSettings
 from quantize.skip_layers import SkipMatch, disabled_quantizer_patterns
 from quantize.source_model import pad_token_id
 
+SOURCE_FILE = "quant_abliterate_source.json"  # beside ModelOpt's manifest.json / layer_NNNN in a checkpoint dir
 
-def layerwise_checkpoint_dir(settings: QuantizeSettings, calibration_set) -> str | None:
-    """Per-layer resume checkpoints, keyed by what they depend on so a changed run never resumes stale state."""
+
+def layerwise_checkpoint_dir(settings: QuantizeSettings, calibration_set, console: Console | None = None) -> str | None:
+    """Per-layer resume checkpoints, keyed by what they depend on so a changed run never resumes stale state.
+
+    The model enters the key by its content (``foundation.model_fingerprint``: size, mtime and header hash of
+    every weights file), not its path: a model replaced at the same path must not resume the old one's layers.
+    Checkpoints of an earlier run on the same path whose model has changed since are deleted, saying so.
+    """
     if not (settings.layerwise and settings.offload):
         return None
-    inputs = "|".join([str(settings.input_model), settings.format, settings.kv_cache, settings.dtype,
+    fingerprint = model_fingerprint(settings.input_model)
+    model_key = fingerprint_digest(fingerprint) if fingerprint is not None else str(settings.input_model)
+    inputs = "|".join([model_key, settings.format, settings.kv_cache, settings.dtype,
                        *sorted(settings.skip_layers), calibration_set.token_ids_sha256])
     run_key = f"{settings.format}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}"
-    return str(offload_planning.offload_work_dir(settings.offload_folder) / "layerwise_checkpoints" / run_key)
+    root = offload_planning.offload_work_dir(settings.offload_folder) / "layerwise_checkpoints"
+    source = {"input_model": str(Path(settings.input_model).expanduser().resolve()), "fingerprint": fingerprint}
+    if fingerprint is not None:
+        discard_stale_checkpoints(root, run_key, source, console)
+    directory = root / run_key
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SOURCE_FILE).write_text(json.dumps(source, indent=1, sort_keys=True) + "\n")
+    return str(directory)
+
+
+def discard_stale_checkpoints(root: Path, run_key: str, source: dict, console: Console | None) -> None:
+    """Delete other runs' checkpoints of the same model path whose recorded model content differs from today's."""
+    if not root.is_dir():
+        return
+    for other in sorted(root.iterdir()):
+        recorded_file = other / SOURCE_FILE
+        if other.name == run_key or other.is_symlink() or not recorded_file.is_file():
+            continue
+        try:
+            recorded = json.loads(recorded_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if recorded.get("input_model") != source["input_model"] or recorded.get("fingerprint") == source["fingerprint"]:
+            continue
+        changes = "; ".join(changed_files(recorded.get("fingerprint") or {}, source["fingerprint"]))
+        if console is not None:
+            console.print(f"[bold yellow]model changed:[/] {escape(source['input_model'])} is not the model the "
+                          f"layerwise checkpoints in {escape(str(other))} were calibrated on ({escape(changes)}): "
+                          "discarding them and calibrating every layer again")
+        shutil.rmtree(other)
 
 
 class ModelOptBackend:
@@ -37,7 +83,8 @@ class ModelOptBackend:
         recipe = get_recipe(settings.format)
         quant_config = build_quant_config(
             recipe, kv_cache=settings.kv_cache, disabled_quantizer_patterns=disabled_quantizer_patterns(skipped),
-            layerwise=settings.layerwise, layerwise_checkpoint_dir=layerwise_checkpoint_dir(settings, calibration_set),
+            layerwise=settings.layerwise,
+            layerwise_checkpoint_dir=layerwise_checkpoint_dir(settings, calibration_set, console),
         )
         forward_loop = calibration_loop.make_forward_loop(
             calibration_set, settings.batch_size, pad_token_id(tokenizer), console,

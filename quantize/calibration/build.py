@@ -5,7 +5,9 @@ The steps (and their counts in the summary table):
 2. render each row to text (formatter) and tokenize it, truncated to max_seq_len;
 3. drop samples shorter than min_token_length;
 4. keep exactly max_samples, still split by weight where the data allows,
-   in one seeded shuffled order. Too few left: warn with the counts, go on.
+   in one seeded shuffled order. Too few left: warn with the counts and go on,
+   unless fewer than ``min_samples`` survived: then stop with a UserError that
+   names each dataset and the filter that emptied it.
 """
 
 from __future__ import annotations
@@ -62,8 +64,12 @@ def build_calibration_set(
     oversample_ratio: float | None = None,
     min_token_length: int | None = None,
     console: Console | None = None,
+    min_samples: int | None = None,
 ) -> CalibrationSet:
-    """Token ids for calibration. Overrides left at None take the YAML's value."""
+    """Token ids for calibration. Overrides left at None take the YAML's value.
+
+    ``min_samples``: fewer surviving samples than this is a UserError (None: only warn).
+    """
     mix = mix_path_or_mix if isinstance(mix_path_or_mix, CalibrationMix) else load_mix(mix_path_or_mix)
     console = console or Console(stderr=True)
     overrides = {
@@ -82,11 +88,12 @@ def build_calibration_set(
     counts: list[dict] = []
     for index, (entry, count) in enumerate(zip(mix.datasets, requested)):
         where = f"{file_label}: datasets[{index}] (name: {entry.name!r})"
-        loaded, formatter, kept = _draw_dataset(entry, count, tokenizer, settings, where, console)
+        loaded, formatter, kept, no_text = _draw_dataset(entry, count, tokenizer, settings, where, console)
         kept_per_dataset.append(kept)
         counts.append(
             {"requested": count, "loaded": loaded, "kept": len(kept), "formatter": formatter,
-             "source": _short_source(entry), "weight": entry.weight}
+             "source": _short_source(entry), "weight": entry.weight,
+             "no_text": no_text, "too_short": loaded - no_text - len(kept)}
         )
 
     used = allocate_used(settings.max_samples, weights, [len(k) for k in kept_per_dataset])
@@ -109,9 +116,44 @@ def build_calibration_set(
         mix_path=str(mix.source_path) if mix.source_path else None,
         sample_sources=[name for name, _ in chosen],
     )
+    if min_samples is not None and len(samples) < min_samples:
+        result.print_summary(console)
+        raise too_few_samples_error(result, min_samples, file_label)
     if len(samples) < settings.max_samples:
         _warn_too_few(result, console)
     return result
+
+
+def too_few_samples_error(result: CalibrationSet, min_samples: int, file_label: str) -> UserError:
+    """Which dataset lost its rows to which filter, and what to change."""
+    s = result.settings
+    reasons, fixes = [], []
+    for name, c in result.per_dataset.items():
+        if c.requested == 0:
+            continue
+        parts = [f"{c.loaded} of {c.requested} rows read"]
+        if c.no_text:
+            parts.append(f"{c.no_text} with no text (null or empty in the column the '{c.formatter}' formatter reads)")
+        if c.too_short:
+            parts.append(f"{c.too_short} shorter than min_token_length={s.min_token_length} tokens "
+                         f"(samples are cut at max_seq_len={s.max_seq_len})")
+        parts.append(f"{c.kept} kept")
+        reasons.append(f"{name} ({c.source}): " + ", ".join(parts))
+    per_dataset = result.per_dataset.values()
+    if any(c.too_short for c in per_dataset):
+        fixes.append(f"lower min_token_length (--min_token_length, now {s.min_token_length}) or use longer texts")
+    if any(c.no_text for c in per_dataset):
+        fixes.append("point text_column / columns / formatter at the field that holds the text, or drop the empty rows")
+    if any(c.loaded < c.requested for c in per_dataset):
+        fixes.append("add rows or raise oversample_ratio")
+    fixes.append(f"or, to calibrate on what is left anyway, pass --min_calibration_samples {max(1, len(result))}")
+    return UserError(
+        file_label,
+        f"only {len(result)} of {s.max_samples} calibration samples survived the filters, fewer than the "
+        f"{min_samples} required (a checkpoint calibrated on {'no' if not result.samples else 'so few'} samples has "
+        f"{'no activation scales' if not result.samples else 'unreliable activation scales'}): " + "; ".join(reasons),
+        "; ".join(fixes),
+    )
 
 
 def effective_settings(base: CalibrationSettings, overrides: dict[str, object]) -> CalibrationSettings:
@@ -136,10 +178,10 @@ def _draw_dataset(
     settings: CalibrationSettings,
     where: str,
     console: Console,
-) -> tuple[int, str, list[list[int]]]:
-    """(rows loaded, formatter used, token ids kept after the length filter)."""
+) -> tuple[int, str, list[list[int]], int]:
+    """(rows loaded, formatter used, token ids kept after the length filter, rows that rendered to no text)."""
     if count == 0:
-        return 0, entry.formatter or "-", []
+        return 0, entry.formatter or "-", [], 0
     console.print(f"[dim]calibration: drawing {count} rows from {escape(entry.name)} ({escape(entry.path)})[/]")
     check_local_text_file(entry.path, f"{where}, field 'path'")
     dataset = open_dataset(entry, where)
@@ -151,7 +193,8 @@ def _draw_dataset(
     rendered = [render_row(plan, row, tokenizer) for row in rows]
     token_ids = tokenize(rendered, tokenizer, settings.max_seq_len)
     kept = [ids for ids in token_ids if ids is not None and len(ids) >= settings.min_token_length]
-    return len(rows), plan.formatter, kept
+    no_text = sum(1 for ids in token_ids if not ids)
+    return len(rows), plan.formatter, kept, no_text
 
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")

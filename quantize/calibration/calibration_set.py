@@ -29,6 +29,8 @@ class DatasetCount:
     source: str = ""
     formatter: str = ""
     weight: float = 0.0
+    no_text: int = 0  # rows that rendered to no text (null / empty column, no usable messages)
+    too_short: int = 0  # rows dropped by the min_token_length filter
 
 
 @dataclass(frozen=True)
