@@ -17,6 +17,12 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from foundation.dataset_sources import (
+    column_names,
+    open_dataset,
+    resolve_source,
+    take_rows,
+)
 from foundation.errors import UserError
 from foundation.validation import FieldProblem, user_error_from_validation
 from quantize.calibration.calibration_set import CalibrationSet, DatasetCount
@@ -39,12 +45,6 @@ from quantize.calibration.schema import (
     CalibrationSettings,
     DatasetEntry,
     load_mix,
-)
-from quantize.calibration.sources import (
-    column_names,
-    open_dataset,
-    resolve_source,
-    take_rows,
 )
 
 if TYPE_CHECKING:

@@ -25,9 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from foundation.dataset_sources import SourceProblem, resolve_source
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
-from quantize.calibration.sources import SourceProblem, resolve_source
 from quantize.calibration.validation_errors import (
     EntryProblem,
     user_error_from_validation,

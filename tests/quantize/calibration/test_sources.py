@@ -9,14 +9,14 @@ from pathlib import Path
 import datasets
 import pytest
 
-from foundation.errors import UserError
-from quantize.calibration import build_calibration_set, load_mix
-from quantize.calibration.sources import (
+from foundation.dataset_sources import (
     DatasetSource,
     open_dataset,
     resolve_source,
     take_rows,
 )
+from foundation.errors import UserError
+from quantize.calibration import build_calibration_set, load_mix
 from tests.quantize.calibration.conftest import write_jsonl, write_mix
 from tests.quantize.calibration.tiny_tokenizer import words
 
