@@ -191,9 +191,9 @@ def _slice_saved(loaded: Any, split: str, location: str, where: str) -> Dataset:
         raise UserError(f"{where}, field 'split'", f"split {missing[0]!r} not in the saved dataset at {location}",
                         f"use one of: {', '.join(loaded)}")
     try:
-        pieces = [(loaded[part.splitname] if is_dict else loaded).select(range(part.from_, part.to))
+        pieces = [(loaded[part.splitname] if is_dict else loaded).select(range(part.from_, part.to) if part.to > part.from_ else [])
                   for part in instruction.to_absolute(sizes)]
-    except (ValueError, AssertionError) as error:
+    except (ValueError, AssertionError, IndexError) as error:
         raise UserError(f"{where}, field 'split'", f"cannot apply split {split!r} to {location} ({error})",
                         f"sizes there: {', '.join(f'{name}: {size} rows' for name, size in sizes.items())}") from None
     return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
