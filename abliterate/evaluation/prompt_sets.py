@@ -23,7 +23,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from abliterate.evaluation.markers import DEFAULT_REFUSAL_MARKERS
-from foundation.dataset_sources import SourceProblem, column_names, open_dataset, resolve_source
+from foundation.dataset_sources import (
+    SourceProblem,
+    column_names,
+    open_dataset,
+    resolve_source,
+)
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
 from foundation.validation import FieldProblem, user_error_from_validation
