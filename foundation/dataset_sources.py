@@ -136,7 +136,7 @@ def open_dataset(entry: DatasetRequest, where: str) -> Dataset | IterableDataset
         )
     except UserError:
         raise
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the library raises many kinds; all mean "cannot load"
         hub_fix = (
             "check the id, subset and split on huggingface.co, log in (HF_TOKEN) for gated "
             "datasets, check the network, or download it and point path at a local copy"
