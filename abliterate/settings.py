@@ -78,6 +78,7 @@ class AbliterateSettings(BaseSettings):
     compliance_patterns: list[str] | None = Field(default=None, description="Regular expressions of a well-formed answer (None = the prompt spec's).")
     max_response_length: int = Field(default=100, ge=1, description="Most tokens generated per harmful prompt; generation stops earlier once the answer is decided.")
     kl_tokens: int = Field(default=8, ge=1, description="KL divergence is averaged over this many generated positions of each harmless prompt.")
+    false_refusal_tokens: int | None = Field(default=None, ge=0, description="False refusals (refusal markers in the answers to the harmless test prompts) are counted on the first this many answer tokens, for the unedited model and every trial. None = --kl_tokens, the cheapest: where the edited model's greedy tokens agree with the unedited model's over those positions, the KL pass already decided the answer and only the other prompts are generated. 0 = do not count.")
     batch_size: int | None = Field(default=None, ge=1, description="Prompts per batch (None = the fastest that fits, found automatically).")
     max_batch_size: int = Field(default=128, ge=1, description="Largest batch the automatic batch size tries.")
 
@@ -97,7 +98,7 @@ class AbliterateSettings(BaseSettings):
     out: Path | None = Field(default=None, description="Output directory (chosen_trial.json, directions.safetensors, pareto.png); default outputs/<model name>-abliterate.")
     study_dir: Path | None = Field(default=None, description="Where the resumable Optuna journal lives; default <out>.study.")
     overwrite: bool = Field(default=False, description="Replace an existing output directory.")
-    select: str | None = Field(default=None, description="Non-interactive choice: 'best_kl_under R' (R a refusal count, or a fraction like 0.05 of the harmful test prompts) or 'trial N'. None = ask on a TTY, else 'best_kl_under 0.05'.")
+    select: str | None = Field(default=None, description="Non-interactive choice: 'best_kl_under R' (R a refusal count, or a fraction like 0.05 of the harmful test prompts) or 'trial N'; 'best_kl_under R, false_refusals<=F' also caps the false refusals (F a count, or a fraction of the harmless test prompts). None = ask on a TTY, else 'best_kl_under 0.05'.")
     plot: bool = Field(default=True, description="Write pareto.png (matplotlib).")
 
     @field_validator("dtypes")
@@ -114,10 +115,10 @@ class AbliterateSettings(BaseSettings):
     def _readable_select(cls, value: str | None) -> str | None:
         """A typo in --select must fail now, not after hours of search when the trial is picked."""
         if value is not None:
-            from abliterate.search.selection import parse_rule
+            from abliterate.search.selection import parse_selection
 
             try:
-                parse_rule(value, n_harmful=1)
+                parse_selection(value, n_harmful=1, n_harmless=1)
             except UserError as error:
                 raise ValueError(f"{error.problem}; {error.fix}") from None
         return value

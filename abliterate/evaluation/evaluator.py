@@ -7,6 +7,17 @@ unedited model itself (``base``). Each ``evaluate(model)`` then costs one
 early-stopping generation pass over the harmful prompts and one
 teacher-forced forward pass over the harmless ones. Stage 2 calls it once per
 trial on the same model object with different adapters applied.
+
+**False refusals** (``count_harmless_refusals``): refusals among the answers to
+the harmless prompts, each answer up to ``harmless_max_new_tokens`` tokens.
+Within the positions the KL pass already scored, that pass tells for free what
+the model's greedy answer is wherever it agrees with the unedited model's: a
+harmless prompt whose teacher-forced argmax tokens equal the reference
+continuation over the whole window has the reference's answer, and so its
+verdict. Only the prompts whose answer departs from the reference within the
+window are generated (same early stop on a refusal marker). With a window no
+longer than ``kl_tokens`` a mild edit costs almost nothing extra; a longer one
+generates every harmless answer.
 """
 
 from __future__ import annotations
@@ -50,7 +61,8 @@ class EvaluationConfig:
     max_batch_size: int = 128
     decoding: str = "auto"  # generation.DECODING: the captured static decoder on a GPU, generate() on a CPU
     system_prompt: str | None = None
-    count_harmless_refusals: bool = False  # also generate full harmless answers
+    count_harmless_refusals: bool = False  # also count refusals of the harmless prompts (false refusals)
+    harmless_max_new_tokens: int | None = None  # the false-refusal window; None: max_new_tokens
     perplexity_max_length: int = 512
 
     def __post_init__(self) -> None:
@@ -60,6 +72,13 @@ class EvaluationConfig:
             raise UserError("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}", "use e.g. 100")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError("batch_size", f"must be positive, got {self.batch_size}", "omit it to pick automatically")
+        if self.harmless_max_new_tokens is not None and self.harmless_max_new_tokens < 1:
+            raise UserError("harmless_max_new_tokens", f"must be at least 1, got {self.harmless_max_new_tokens}",
+                            "use e.g. 8, or turn counting off with count_harmless_refusals=False")
+
+    @property
+    def false_refusal_window(self) -> int:
+        return self.harmless_max_new_tokens or self.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -71,7 +90,7 @@ class EvalResult:
     kl_first_token: float
     kl_tokens: int
     n_harmless: int
-    harmless_refusals: int | None = None
+    harmless_refusals: int | None = None  # false refusals; None when not counted
     perplexity: float | None = None
     responses: tuple[str, ...] = field(default=(), repr=False)  # answers to the harmful prompts
     seconds: float = 0.0
@@ -143,10 +162,7 @@ class Evaluator:
         refused = [is_refusal(answer, config.refusal_markers) for answer in answers]
         compliance = self._count_compliant(answers, refused)
         log_probs = self._log_probs(model)
-        harmless_refusals = None
-        if config.count_harmless_refusals:
-            harmless_answers = self._answers(model, self.harmless_ids)
-            harmless_refusals = sum(is_refusal(answer.text, config.refusal_markers) for answer in harmless_answers)
+        harmless_refusals = self._count_false_refusals(model, log_probs) if config.count_harmless_refusals else None
         ppl = None
         if with_perplexity and self.perplexity_texts:
             ppl = perplexity(
@@ -170,13 +186,30 @@ class Evaluator:
             seconds=time.perf_counter() - start,
         )
 
-    def _answers(self, model, prompt_ids):
+    def _count_false_refusals(self, model, log_probs) -> int:
+        """Refusals among the harmless answers (window ``false_refusal_window``); see the module docstring."""
+        window, markers = self.config.false_refusal_window, self.config.refusal_markers
+        verdicts: list[bool | None] = [None] * len(self.harmless_ids)
+        if window <= self.config.kl_tokens:
+            greedy = log_probs.log_probs[:, :window].argmax(dim=-1).tolist()
+            for index, reference in enumerate(self.reference_continuations):
+                reference = list(reference[:window])  # shorter only where it ends in EOS: the answer ends there too
+                if greedy[index][: len(reference)] == reference:
+                    verdicts[index] = is_refusal(self.tokenizer.decode(reference, skip_special_tokens=True), markers)
+        departed = [index for index, verdict in enumerate(verdicts) if verdict is None]
+        if departed:
+            answers = self._answers(model, [self.harmless_ids[index] for index in departed], window)
+            for index, answer in zip(departed, answers, strict=True):
+                verdicts[index] = is_refusal(answer.text, markers)
+        return sum(bool(verdict) for verdict in verdicts)
+
+    def _answers(self, model, prompt_ids, max_new_tokens: int | None = None):
         markers = self.config.refusal_markers
         return generate_greedy(
             model,
             self.tokenizer,
             prompt_ids,
-            max_new_tokens=self.config.max_new_tokens,
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens,
             batch_size=self.batch_size,
             is_decided=lambda text: contains_refusal_marker(text, markers),
             decoding=self.config.decoding,
