@@ -65,11 +65,11 @@ class AbliterateSettings(BaseSettings):
     quantization_overrides: dict[str, str] = Field(default_factory=dict, description="Per-module choice: {regex of the full module name: option or 'none'}, first match wins, e.g. {\"model\\\\.layers\\\\.0\\\\..*\": \"none\"}. torchao options may be mixed; bnb_4bit and nvfp4 accept only 'none'.")
 
     # --- prompts and evaluation ---
-    prompts: Path = Field(default=DEFAULT_SPEC, description="Prompt spec YAML naming the harmful/harmless train/test prompt files, refusal markers and compliance openers.")
+    prompts: Path = Field(default=DEFAULT_SPEC, description="Prompt spec YAML naming the harmful/harmless train/test prompt sets (local files, save_to_disk folders or Hub datasets with split and column), refusal markers and compliance openers.")
     harmful_train: Path | None = Field(default=None, description="Override: harmful prompts for the directions (.txt one per line, or .jsonl with a 'prompt' field).")
     harmless_train: Path | None = Field(default=None, description="Override: harmless prompts for the directions.")
     harmful_test: Path | None = Field(default=None, description="Override: harmful prompts for counting refusals and compliance.")
-    harmless_test: Path | None = Field(default=None, description="Override: harmless prompts for the KL divergence.")
+    harmless_test: Path | None = Field(default=None, description="Override: harmless prompts for the KL divergence and the false refusals.")
     max_train_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts of each train set (None = all).")
     max_test_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts of each test set (None = all).")
     system_prompt: str | None = Field(default=None, description="System message put before every prompt (None = the chat template's default).")
