@@ -31,6 +31,7 @@ from abliterate.evaluation.generation import (
     format_chat_prompts,
     generate_greedy,
     pad_token_id,
+    use_static_decode,
 )
 from abliterate.evaluation.kl import (
     continuation_log_probs,
@@ -198,10 +199,26 @@ class Evaluator:
                     verdicts[index] = is_refusal(self.tokenizer.decode(reference, skip_special_tokens=True), markers)
         departed = [index for index, verdict in enumerate(verdicts) if verdict is None]
         if departed:
-            answers = self._answers(model, [self.harmless_ids[index] for index in departed], window)
+            prompts = self._fixed_shape([self.harmless_ids[index] for index in departed], model)
+            answers = self._answers(model, prompts, window)[: len(departed)]
             for index, answer in zip(departed, answers, strict=True):
                 verdicts[index] = is_refusal(answer.text, markers)
         return sum(bool(verdict) for verdict in verdicts)
+
+    def _fixed_shape(self, prompts: list[list[int]], model) -> list[list[int]]:
+        """For the captured static decoder: whole batches that include the longest harmless prompt.
+
+        How many answers depart from the reference changes with every trial; a batch shape per count
+        would capture a decoder (KV cache and CUDA graph) per trial and push the harmful prompts' decoder
+        out of the kept few. Padding with copies of the longest prompt gives every trial the same shape;
+        their answers are dropped. transformers' ``generate`` (the CPU path) needs no such padding.
+        """
+        if not use_static_decode(model, self.config.decoding):
+            return prompts
+        longest = max(self.harmless_ids, key=len)
+        size = min(self.batch_size, len(self.harmless_ids))
+        padded = prompts + ([longest] if max(map(len, prompts)) < len(longest) else [])
+        return padded + [longest] * (-len(padded) % size)
 
     def _answers(self, model, prompt_ids, max_new_tokens: int | None = None):
         markers = self.config.refusal_markers
