@@ -53,6 +53,7 @@ class EvaluationInputs(BaseModel):
     compliance_patterns: list[str] | None = None
     max_response_length: int = 100
     kl_tokens: int = 8
+    false_refusal_tokens: int | None = None  # a record without it (older versions) counts them at the default
     batch_size: int | None = None
     max_batch_size: int = 128
 
@@ -86,6 +87,8 @@ def evaluation_config(inputs: EvaluationInputs, prompts: PromptSets) -> Evaluati
         compliance_patterns=tuple(inputs.compliance_patterns if inputs.compliance_patterns is not None else prompts.compliance_patterns),
         max_new_tokens=inputs.max_response_length,
         kl_tokens=inputs.kl_tokens,
+        count_harmless_refusals=inputs.false_refusal_tokens != 0,
+        harmless_max_new_tokens=inputs.false_refusal_tokens or inputs.kl_tokens,
         batch_size=inputs.batch_size,
         max_batch_size=inputs.max_batch_size,
         system_prompt=inputs.system_prompt,

@@ -3,10 +3,12 @@
 The spec format and its reader belong to the evaluator
 (``abliterate.evaluation.prompt_sets``: ``harmful_train``, ``harmless_train``,
 ``harmful_test``, ``harmless_test`` relative to the spec, ``prompt_field``,
-``refusal_markers``, ``compliance_openers`` / ``compliance_patterns``). This
-module adds what the stage's flags need on top: any set replaced by a file of
-its own (``.txt`` one prompt per line, or ``.jsonl`` with ``prompt_field``),
-and a cap on the number of train / test prompts.
+``refusal_markers``, ``compliance_openers`` / ``compliance_patterns``; a set
+may be a local file or a dataset: Hub id, save_to_disk folder, split, column).
+This module adds what the stage's flags need on top: any set replaced by a
+file of its own (``.txt`` one prompt per line, ``.jsonl`` with a ``prompt``
+field, or a save_to_disk folder / data file with a ``prompt`` column, split
+``train``), and a cap on the number of train / test prompts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from abliterate.evaluation.prompt_sets import load_prompt_spec, read_field
+from abliterate.evaluation.prompt_sets import load_prompt_spec, read_prompts
 from foundation.errors import UserError
 
 SETS = ("harmful_train", "harmless_train", "harmful_test", "harmless_test")
@@ -47,7 +49,7 @@ def load_prompt_sets(spec: Path | None, overrides: dict[str, Path | None], limit
         raise UserError("--prompts", problem,
                         "pass --prompts SPEC.yaml, or all of --harmful_train --harmless_train --harmful_test --harmless_test")
     for name, path in overrides.items():
-        sets[name] = tuple(read_field(Path(path), "prompt", f"--{name}"))
+        sets[name] = tuple(read_prompts(Path(path), Path.cwd(), "prompt", f"--{name}"))
     for name in SETS:
         limit = limit_train if name.endswith("train") else limit_test
         if limit:

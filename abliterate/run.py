@@ -51,6 +51,7 @@ from abliterate.search.selection import (
     DEFAULT_RULE,
     Candidate,
     effective_refusals,
+    false_refusals_text,
     front_table,
     pareto_front,
     plot_front,
@@ -127,7 +128,7 @@ def describe_metrics(metrics: TrialMetrics) -> str:
     compliance = "-" if metrics.compliance is None else f"{metrics.compliance}/{n}"
     broken = broken_answers(metrics)
     return (f"refusals {metrics.refusals}/{n} compliance {compliance} fragments {'-' if broken is None else broken} "
-            f"KL {metrics.kl:.4f} (1st token {metrics.kl_first_token:.1e})")
+            f"false refusals {false_refusals_text(metrics)} KL {metrics.kl:.4f} (1st token {metrics.kl_first_token:.1e})")
 
 
 def _duration(seconds: float | None) -> str:
@@ -148,10 +149,10 @@ def candidates_of(study, base: TrialMetrics) -> list[Candidate]:
 
 
 def choose(settings: AbliterateSettings, candidates: list[Candidate], front: list[Candidate], n_harmful: int,
-           console: Console) -> tuple[Candidate, str]:
+           console: Console, n_harmless: int = 0) -> tuple[Candidate, str]:
     if settings.select is not None:
-        return select_trial(settings.select, candidates, n_harmful)
-    suggested, reason = select_trial(DEFAULT_RULE, candidates, n_harmful)
+        return select_trial(settings.select, candidates, n_harmful, n_harmless)
+    suggested, reason = select_trial(DEFAULT_RULE, candidates, n_harmful, n_harmless)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         return suggested, f"{reason} (default rule '{DEFAULT_RULE}'; pass --select to choose)"
     numbers = [str(c.number) for c in candidates]
@@ -256,7 +257,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     candidates = candidates_of(study, base)
     front = pareto_front(candidates)
     console.print(front_table(front))
-    chosen, reason = choose(settings, candidates, front, base.n_harmful, console)
+    chosen, reason = choose(settings, candidates, front, base.n_harmful, console, len(prompts.harmless_test))
     console.print(f"chosen: trial {chosen.number} - {reason}")
     parameters = trial_parameters(next(t for t in completed_trials(study) if t.number == chosen.number))
     with no_space_left(out), atomic_output_dir(out, settings.overwrite) as temporary:

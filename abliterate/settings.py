@@ -75,11 +75,11 @@ class AbliterateSettings(BaseSettings):
     quantization_overrides: dict[str, str] = Field(default_factory=dict, description="Per-module choice: {regex of the full module name: option or 'none'}, first match wins, e.g. {\"model\\\\.layers\\\\.0\\\\..*\": \"none\"}. torchao options may be mixed; bnb_4bit and nvfp4 accept only 'none'.")
 
     # --- prompts and evaluation ---
-    prompts: Path = Field(default=DEFAULT_SPEC, description="Prompt spec YAML naming the harmful/harmless train/test prompt files, refusal markers and compliance openers.")
+    prompts: Path = Field(default=DEFAULT_SPEC, description="Prompt spec YAML naming the harmful/harmless train/test prompt sets (local files, save_to_disk folders or Hub datasets with split and column), refusal markers and compliance openers.")
     harmful_train: Path | None = Field(default=None, description="Override: harmful prompts for the directions (.txt one per line, or .jsonl with a 'prompt' field).")
     harmless_train: Path | None = Field(default=None, description="Override: harmless prompts for the directions.")
     harmful_test: Path | None = Field(default=None, description="Override: harmful prompts for counting refusals and compliance.")
-    harmless_test: Path | None = Field(default=None, description="Override: harmless prompts for the KL divergence.")
+    harmless_test: Path | None = Field(default=None, description="Override: harmless prompts for the KL divergence and the false refusals.")
     max_train_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts of each train set (None = all).")
     max_test_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts of each test set (None = all).")
     system_prompt: str | None = Field(default=None, description="System message put before every prompt (None = the chat template's default).")
@@ -88,6 +88,7 @@ class AbliterateSettings(BaseSettings):
     compliance_patterns: list[str] | None = Field(default=None, description="Regular expressions of a well-formed answer (None = the prompt spec's).")
     max_response_length: int = Field(default=100, ge=1, description="Most tokens generated per harmful prompt; generation stops earlier once the answer is decided.")
     kl_tokens: int = Field(default=8, ge=1, description="KL divergence is averaged over this many generated positions of each harmless prompt.")
+    false_refusal_tokens: int | None = Field(default=None, ge=0, description="False refusals (refusal markers in the answers to the harmless test prompts) are counted on the first this many answer tokens, for the unedited model and every trial. None = --kl_tokens, the cheapest: where the edited model's greedy tokens agree with the unedited model's over those positions, the KL pass already decided the answer and only the other prompts are generated. 0 = do not count.")
     batch_size: int | None = Field(default=None, ge=1, description="Prompts per batch (None = the fastest that fits, found automatically).")
     max_batch_size: int = Field(default=128, ge=1, description="Largest batch the automatic batch size tries.")
 
@@ -107,7 +108,7 @@ class AbliterateSettings(BaseSettings):
     out: Path | None = Field(default=None, description="Output directory (chosen_trial.json, directions.safetensors, pareto.png); default outputs/<model name>-abliterate.")
     study_dir: Path | None = Field(default=None, description="Where the resumable Optuna journal lives; default <out>.study.")
     overwrite: bool = Field(default=False, description="Replace an existing output directory.")
-    select: str | None = Field(default=None, description="Non-interactive choice: 'best_kl_under R' (R a refusal count, or a fraction like 0.05 of the harmful test prompts) or 'trial N'. None = ask on a TTY, else 'best_kl_under 0.05'.")
+    select: str | None = Field(default=None, description="Non-interactive choice: 'best_kl_under R' (R a refusal count, or a fraction like 0.05 of the harmful test prompts) or 'trial N'; 'best_kl_under R, false_refusals<=F' also caps the false refusals (F a count, or a fraction of the harmless test prompts). None = ask on a TTY, else 'best_kl_under 0.05'.")
     plot: bool = Field(default=True, description="Write pareto.png (matplotlib).")
 
     @field_validator("dtypes")
@@ -156,10 +157,10 @@ class AbliterateSettings(BaseSettings):
     def _readable_select(cls, value: str | None) -> str | None:
         """A typo in --select must fail now, not after hours of search when the trial is picked."""
         if value is not None:
-            from abliterate.search.selection import parse_rule
+            from abliterate.search.selection import parse_selection
 
             try:
-                parse_rule(value, n_harmful=1)
+                parse_selection(value, n_harmful=1, n_harmless=1)
             except UserError as error:
                 raise ValueError(f"{error.problem}; {error.fix}") from None
         return value

@@ -24,13 +24,25 @@ def size_bytes(model_dir: str | Path) -> int | None:
 
 
 def row(label: str, reference: str | None, *, refusals: int, n_harmful: int, compliance: int | None, kl: float | None,
-        perplexity: float | None = None, size: int | None = None) -> dict[str, Any]:
+        perplexity: float | None = None, size: int | None = None, false_refusals: int | None = None,
+        n_harmless: int | None = None) -> dict[str, Any]:
+    """One line of the table; ``false_refusals`` (of ``n_harmless`` harmless test prompts) None where not counted."""
+    counted = false_refusals is not None and bool(n_harmless)
     return {
         "label": label, "reference": reference, "refusals": refusals / n_harmful if n_harmful else None,
         "refusal_count": refusals, "n_harmful": n_harmful,
-        "compliance": None if compliance is None else compliance / n_harmful, "kl": kl,
+        "compliance": None if compliance is None else compliance / n_harmful,
+        "false_refusals": false_refusals / n_harmless if counted else None,
+        "false_refusal_count": false_refusals, "n_harmless": n_harmless, "kl": kl,
         "perplexity": perplexity, "size_bytes": size,
     }
+
+
+def metrics_row(label: str, reference: str | None, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A row from a recorded ``TrialMetrics`` dict (trial, base or verify metrics; older ones lack false refusals)."""
+    return row(label, reference, refusals=metrics["refusals"], n_harmful=metrics["n_harmful"],
+               compliance=metrics.get("compliance"), kl=extra.pop("kl", metrics.get("kl")),
+               false_refusals=metrics.get("false_refusals"), n_harmless=metrics.get("n_harmless"), **extra)
 
 
 def original_and_input_rows(settings: AbliterateSettings, original: str, searched: str,
@@ -56,12 +68,14 @@ def original_and_input_rows(settings: AbliterateSettings, original: str, searche
                           perplexity_texts=tuple(texts))
     base = evaluator.base  # measured while the evaluator was built (with perplexity when there are texts)
     rows = [row("original", None, refusals=base.refusals, n_harmful=base.n_harmful, compliance=base.compliance,
-                kl=None, perplexity=base.perplexity, size=size_bytes(original))]
+                kl=None, perplexity=base.perplexity, size=size_bytes(original), false_refusals=base.harmless_refusals,
+                n_harmless=base.n_harmless)]
     del loaded
     gc.collect()
     searched_model = load(searched)
     result = evaluator.evaluate(searched_model.model, with_perplexity=bool(texts))
     rows.append(row(searched_label, "original", refusals=result.refusals,
                     n_harmful=result.n_harmful, compliance=result.compliance, kl=result.kl,
-                    perplexity=result.perplexity, size=size_bytes(searched)))
+                    perplexity=result.perplexity, size=size_bytes(searched), false_refusals=result.harmless_refusals,
+                    n_harmless=result.n_harmless))
     return rows

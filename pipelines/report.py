@@ -10,6 +10,7 @@ from rich.table import Table
 METRIC_COLUMNS = (
     ("refusals", "refusals"),
     ("compliance", "compliant"),
+    ("false_refusals", "false ref."),
     ("kl", "KL"),
     ("perplexity", "ppl"),
     ("size_bytes", "size"),
@@ -21,7 +22,7 @@ def _format(key: str, value: Any) -> str:
         return "-"
     if key == "size_bytes":
         return f"{value / 2**20:.1f} MiB"
-    if key in {"refusals", "compliance"} and isinstance(value, (int, float)) and value <= 1:
+    if key in {"refusals", "compliance", "false_refusals"} and isinstance(value, (int, float)) and value <= 1:
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -39,8 +40,9 @@ def evaluation_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_final_table(console: Console, manifest: dict[str, Any]) -> None:
     table = Table(title=f"pipeline {manifest.get('pipeline', {}).get('name', '')}: every model, one ruler",
-                  caption="refusals / compliance: share of the harmful test prompts; KL: mean over the first "
-                          "generated tokens of the harmless test prompts, against the model in 'KL vs'")
+                  caption="refusals / compliance: share of the harmful test prompts; false ref.: share of the "
+                          "harmless test prompts refused; KL: mean over the first generated tokens of the harmless "
+                          "test prompts, against the model in 'KL vs'")
     table.add_column("model", no_wrap=True)
     for _, header in METRIC_COLUMNS:
         table.add_column(header, justify="right", no_wrap=True)

@@ -7,6 +7,17 @@ unedited model itself (``base``). Each ``evaluate(model)`` then costs one
 early-stopping generation pass over the harmful prompts and one
 teacher-forced forward pass over the harmless ones. Stage 2 calls it once per
 trial on the same model object with different adapters applied.
+
+**False refusals** (``count_harmless_refusals``): refusals among the answers to
+the harmless prompts, each answer up to ``harmless_max_new_tokens`` tokens.
+Within the positions the KL pass already scored, that pass tells for free what
+the model's greedy answer is wherever it agrees with the unedited model's: a
+harmless prompt whose teacher-forced argmax tokens equal the reference
+continuation over the whole window has the reference's answer, and so its
+verdict. Only the prompts whose answer departs from the reference within the
+window are generated (same early stop on a refusal marker). With a window no
+longer than ``kl_tokens`` a mild edit costs almost nothing extra; a longer one
+generates every harmless answer.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from abliterate.evaluation.generation import (
     format_chat_prompts,
     generate_greedy,
     pad_token_id,
+    use_static_decode,
 )
 from abliterate.evaluation.kl import (
     continuation_log_probs,
@@ -51,7 +63,8 @@ class EvaluationConfig:
     max_batch_size: int = 128
     decoding: str = "auto"  # generation.DECODING: the captured static decoder on a GPU, generate() on a CPU
     system_prompt: str | None = None
-    count_harmless_refusals: bool = False  # also generate full harmless answers
+    count_harmless_refusals: bool = False  # also count refusals of the harmless prompts (false refusals)
+    harmless_max_new_tokens: int | None = None  # the false-refusal window; None: max_new_tokens
     perplexity_max_length: int = 512
 
     def __post_init__(self) -> None:
@@ -61,6 +74,13 @@ class EvaluationConfig:
             raise UserError("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}", "use e.g. 100")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError("batch_size", f"must be positive, got {self.batch_size}", "omit it to pick automatically")
+        if self.harmless_max_new_tokens is not None and self.harmless_max_new_tokens < 1:
+            raise UserError("harmless_max_new_tokens", f"must be at least 1, got {self.harmless_max_new_tokens}",
+                            "use e.g. 8, or turn counting off with count_harmless_refusals=False")
+
+    @property
+    def false_refusal_window(self) -> int:
+        return self.harmless_max_new_tokens or self.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -72,7 +92,7 @@ class EvalResult:
     kl_first_token: float
     kl_tokens: int
     n_harmless: int
-    harmless_refusals: int | None = None
+    harmless_refusals: int | None = None  # false refusals; None when not counted
     perplexity: float | None = None
     responses: tuple[str, ...] = field(default=(), repr=False)  # answers to the harmful prompts
     seconds: float = 0.0
@@ -146,10 +166,7 @@ class Evaluator:
         refused = [is_refusal(answer, config.refusal_markers) for answer in answers]
         compliance = self._count_compliant(answers, refused)
         log_probs = self._log_probs(model)
-        harmless_refusals = None
-        if config.count_harmless_refusals:
-            harmless_answers = self._answers(model, self.harmless_ids)
-            harmless_refusals = sum(is_refusal(answer.text, config.refusal_markers) for answer in harmless_answers)
+        harmless_refusals = self._count_false_refusals(model, log_probs) if config.count_harmless_refusals else None
         ppl = None
         if with_perplexity and self.perplexity_texts:
             ppl = perplexity(
@@ -173,13 +190,46 @@ class Evaluator:
             seconds=time.perf_counter() - start,
         )
 
-    def _answers(self, model, prompt_ids):
+    def _count_false_refusals(self, model, log_probs) -> int:
+        """Refusals among the harmless answers (window ``false_refusal_window``); see the module docstring."""
+        window, markers = self.config.false_refusal_window, self.config.refusal_markers
+        verdicts: list[bool | None] = [None] * len(self.harmless_ids)
+        if window <= self.config.kl_tokens:
+            greedy = log_probs.log_probs[:, :window].argmax(dim=-1).tolist()
+            for index, reference in enumerate(self.reference_continuations):
+                reference = list(reference[:window])  # shorter only where it ends in EOS: the answer ends there too
+                if greedy[index][: len(reference)] == reference:
+                    verdicts[index] = is_refusal(self.tokenizer.decode(reference, skip_special_tokens=True), markers)
+        departed = [index for index, verdict in enumerate(verdicts) if verdict is None]
+        if departed:
+            prompts = self._fixed_shape([self.harmless_ids[index] for index in departed], model)
+            answers = self._answers(model, prompts, window)[: len(departed)]
+            for index, answer in zip(departed, answers, strict=True):
+                verdicts[index] = is_refusal(answer.text, markers)
+        return sum(bool(verdict) for verdict in verdicts)
+
+    def _fixed_shape(self, prompts: list[list[int]], model) -> list[list[int]]:
+        """For the captured static decoder: whole batches that include the longest harmless prompt.
+
+        How many answers depart from the reference changes with every trial; a batch shape per count
+        would capture a decoder (KV cache and CUDA graph) per trial and push the harmful prompts' decoder
+        out of the kept few. Padding with copies of the longest prompt gives every trial the same shape;
+        their answers are dropped. transformers' ``generate`` (the CPU path) needs no such padding.
+        """
+        if not use_static_decode(model, self.config.decoding):
+            return prompts
+        longest = max(self.harmless_ids, key=len)
+        size = min(self.batch_size, len(self.harmless_ids))
+        padded = prompts + ([longest] if max(map(len, prompts)) < len(longest) else [])
+        return padded + [longest] * (-len(padded) % size)
+
+    def _answers(self, model, prompt_ids, max_new_tokens: int | None = None):
         markers = self.config.refusal_markers
         return generate_greedy(
             model,
             self.tokenizer,
             prompt_ids,
-            max_new_tokens=self.config.max_new_tokens,
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens,
             batch_size=self.batch_size,
             is_decided=lambda text: contains_refusal_marker(text, markers),
             decoding=self.config.decoding,

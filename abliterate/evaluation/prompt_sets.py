@@ -1,22 +1,37 @@
-"""Prompt-set specs: one YAML file naming the prompt files and how to score them.
+"""Prompt-set specs: one YAML file naming the prompt sets and how to score them.
 
-The spec keeps *what* is evaluated (files, markers, openers) out of code, so
-the testbed's offline default (``datasets_yaml/testbed_prompts.yaml``) and a
-user's own sets are read the same way. Paths are relative to the spec file.
+The spec keeps *what* is evaluated (prompts, markers, openers) out of code, so
+the testbed's offline default (``datasets_yaml/testbed_prompts.yaml``), the
+field's standard Hub sets (``datasets_yaml/standard_prompts.yaml``) and a
+user's own sets are read the same way. Each set is either a local file (a
+string: ``.txt`` one prompt per line, ``.jsonl`` with ``prompt_field``; any
+other data file or a ``save_to_disk`` folder is read through ``datasets``) or a
+dataset source (a mapping: ``path`` a Hub id, ``save_to_disk`` folder or data
+file, ``split`` with the ``datasets`` slice syntax such as ``train[:400]``,
+``column``, ``subset``, ``revision``), opened by the same loader as stage 1's
+calibration mixes (``foundation.dataset_sources``). Paths are relative to the
+spec file.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from abliterate.evaluation.markers import (
     DEFAULT_REFUSAL_MARKERS,
     check_compliance_patterns,
     check_refusal_markers,
+)
+from foundation.dataset_sources import (
+    SourceProblem,
+    column_names,
+    open_dataset,
+    resolve_source,
 )
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
@@ -26,16 +41,31 @@ from foundation.validation import FieldProblem, user_error_from_validation
 DEFAULT_SPEC = Path("datasets_yaml/testbed_prompts.yaml")
 
 
+class DatasetSet(BaseModel):
+    """One prompt set (or the perplexity text) read from a dataset: a Hub id, a save_to_disk folder or a data file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(min_length=1, description="Hub id, save_to_disk folder or data file (relative to the spec)")
+    split: str = Field("train", min_length=1, description="split, optionally sliced: train[:400], test[:100]")
+    column: str | None = Field(None, min_length=1, description="column of the prompts (default: the spec's prompt_field)")
+    subset: str | None = Field(None, min_length=1, description="Hub configuration name")
+    revision: str | None = Field(None, min_length=1, description="Hub commit sha, tag or branch")
+
+
+PromptSource = str | DatasetSet  # a string is a local file or folder, as before
+
+
 class PromptSetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     description: str = ""
-    harmful_train: str
-    harmless_train: str
-    harmful_test: str
-    harmless_test: str
+    harmful_train: PromptSource
+    harmless_train: PromptSource
+    harmful_test: PromptSource
+    harmless_test: PromptSource
     prompt_field: str = "prompt"
-    perplexity_text: str | None = None
+    perplexity_text: PromptSource | None = None
     text_field: str = "text"
     refusal_markers: list[str] = list(DEFAULT_REFUSAL_MARKERS)
     compliance_openers: list[str] = []
@@ -85,6 +115,60 @@ def read_field(path: Path, field: str, where: str) -> list[str]:
     return values
 
 
+_DATASET_FILE_SUFFIXES = (".json", ".parquet", ".csv")  # a string naming one of these is read through datasets
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What ``open_dataset`` reads (``foundation.dataset_sources.DatasetRequest``), the path resolved."""
+
+    path: str
+    subset: str | None
+    split: str
+    revision: str | None
+    streaming: bool = False
+
+
+def read_prompts(source: PromptSource | Path, base: Path, field: str, where: str) -> list[str]:
+    """The strings of one set: a .txt / .jsonl file read directly, anything else through ``datasets``.
+
+    ``field`` is the column (or JSONL key) when the source names none; ``where`` names the spec file
+    and the set (or the flag) in every error.
+    """
+    if not isinstance(source, DatasetSet):
+        path = Path(source).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.is_dir() and path.suffix.lower() not in _DATASET_FILE_SUFFIXES:
+            return read_field(path, field, where)  # .txt, .jsonl (and any other name, as JSONL, as before)
+        source = DatasetSet(path=str(path))
+    return read_dataset_column(source, base, field, where)
+
+
+def read_dataset_column(source: DatasetSet, base: Path, field: str, where: str) -> list[str]:
+    """One column of a dataset split as strings; a missing folder, bad split or column is a UserError."""
+    try:
+        resolved = resolve_source(source.path, base)
+    except SourceProblem as problem:
+        raise UserError(f"{where}, field 'path'", problem.problem, problem.fix) from None
+    dataset = open_dataset(_Request(resolved.location, source.subset, source.split, source.revision), where)
+    column = source.column or field
+    names = column_names(dataset)
+    if column not in names:
+        named = "column" if source.column else "column (the spec's prompt_field / text_field, as none is given)"
+        raise UserError(f"{where}, field 'column'",
+                        f"no {named} {column!r} in {resolved.location} (split {source.split!r})",
+                        f"use one of: {', '.join(names) or '(no columns)'}")
+    values = dataset[column]
+    for index, value in enumerate(values):
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{where}, row {index} of column {column!r}", f"not a non-empty string: {value!r}",
+                            "pick a text column, or drop the empty rows from the dataset")
+    if not values:
+        raise UserError(f"{where}, field 'split'", f"split {source.split!r} of {resolved.location} holds no rows",
+                        "widen the slice or pick another split")
+    return list(values)
+
+
 def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> LoadedSpec:
     path = resolve_data_path(path)
     if not path.is_file():
@@ -105,9 +189,9 @@ def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> LoadedSpec:
     base = path.parent
 
     def prompts(name: str) -> list[str]:
-        return read_field(base / getattr(spec, name), spec.prompt_field, f"{path}: {name}")
+        return read_prompts(getattr(spec, name), base, spec.prompt_field, f"{path}: {name}")
 
-    texts = read_field(base / spec.perplexity_text, spec.text_field, f"{path}: perplexity_text") if spec.perplexity_text else []
+    texts = read_prompts(spec.perplexity_text, base, spec.text_field, f"{path}: perplexity_text") if spec.perplexity_text else []
     return LoadedSpec(
         harmful_train=prompts("harmful_train"),
         harmless_train=prompts("harmless_train"),

@@ -21,12 +21,13 @@ def _cell(value: Any, n: Any = None) -> str:
 
 
 def metrics_rows(rows: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
-    lines = ["| model | refusals | compliance | KL vs unedited | perplexity |", "|---|---|---|---|---|"]
+    lines = ["| model | refusals | compliance | false refusals | KL vs unedited | perplexity |", "|---|---|---|---|---|---|"]
     for label, metrics in rows:
         if metrics is None:
             continue
         n = metrics.get("n_harmful")
         lines.append(f"| {label} | {_cell(metrics.get('refusals'), n)} | {_cell(metrics.get('compliance'), n)} | "
+                     f"{_cell(metrics.get('false_refusals'), metrics.get('n_harmless'))} | "
                      f"{_cell(metrics.get('kl'))} | {_cell(metrics.get('perplexity'))} |")
     return lines
 

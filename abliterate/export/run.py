@@ -68,7 +68,7 @@ class ExportJob:
     @property
     def tolerance(self) -> Tolerance:
         return Tolerance(refusals=self.settings.refusal_tolerance, compliance=self.settings.refusal_tolerance,
-                         kl_absolute=self.settings.kl_tolerance)
+                         false_refusals=self.settings.refusal_tolerance, kl_absolute=self.settings.kl_tolerance)
 
 
 def check_job(job: ExportJob) -> None:

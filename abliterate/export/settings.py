@@ -30,7 +30,7 @@ class ExportSettings(BaseModel):
     overwrite: bool = Field(default=False, description="Replace an existing output directory.")
     verify: bool = Field(default=True, description="Reload the export and re-measure refusals, compliance and KL against the trial (--no_verify skips it).",
                          json_schema_extra=cli(aliases=("--no-verify",)))
-    refusal_tolerance: float = Field(default=0.1, ge=0, description="Refusals and compliance may differ from the trial's by this many prompts (>= 1) or this fraction of the harmful test prompts (< 1).")
+    refusal_tolerance: float = Field(default=0.1, ge=0, description="Refusals and compliance may differ from the trial's by this many prompts (>= 1) or this fraction of the harmful test prompts (< 1); false refusals likewise, of the harmless test prompts.")
     kl_tolerance: float = Field(default=0.02, ge=0, description="Absolute KL tolerance, added to 50% of the trial's KL.")
     device_map: str | None = Field(default=None, description="Placement for verification (default: as stage 2 loaded).")
     trust_remote_code: bool = Field(default=False, description="Run the model's own Python code when verification loads it. Only this flag turns it on: the value recorded in chosen_trial.json is ignored (an edited trial folder must not run code).")

@@ -3,7 +3,7 @@
 The search measured the trial on the model it loaded plus a LoRA edit; the
 export is that edit merged (into bf16, or re-quantized). Both are scored with
 the same evaluator, on the same test prompts, against the same unedited model,
-so refusals, compliance and KL must agree within a tolerance. The tolerance
+so refusals, compliance, false refusals and KL must agree within a tolerance. The tolerance
 is stated (and recorded in the manifest) because merging into the bf16 base
 instead of dequantized weights, and re-quantizing, legitimately moves the
 numbers a little; a larger gap means the export is not the chosen edit.
@@ -33,6 +33,7 @@ class Tolerance:
 
     refusals: float = 0.1
     compliance: float = 0.1
+    false_refusals: float = 0.1  # of the harmless test prompts when < 1
     kl_absolute: float = 0.02
     kl_relative: float = 0.5  # of the trial's KL
 
@@ -62,13 +63,15 @@ def compare(trial_metrics: dict[str, Any], export_metrics: dict[str, Any], toler
     """Each metric outside its tolerance, in words (empty: the export matches)."""
     problems = []
     n_harmful = int(trial_metrics.get("n_harmful") or export_metrics.get("n_harmful") or 0)
-    for metric, allowed in (("refusals", tolerance.allowed(tolerance.refusals, n_harmful)),
-                            ("compliance", tolerance.allowed(tolerance.compliance, n_harmful))):
+    n_harmless = int(trial_metrics.get("n_harmless") or export_metrics.get("n_harmless") or 0)
+    for metric, allowed, n in (("refusals", tolerance.allowed(tolerance.refusals, n_harmful), n_harmful),
+                               ("compliance", tolerance.allowed(tolerance.compliance, n_harmful), n_harmful),
+                               ("false_refusals", tolerance.allowed(tolerance.false_refusals, n_harmless), n_harmless)):
         trial_value, export_value = trial_metrics.get(metric), export_metrics.get(metric)
-        if trial_value is None or export_value is None:
+        if trial_value is None or export_value is None:  # e.g. false refusals of a trial written before they were counted
             continue
         if abs(export_value - trial_value) > allowed:
-            problems.append(f"{metric} {export_value} vs trial {trial_value} (tolerance ±{allowed:g} of {n_harmful})")
+            problems.append(f"{metric} {export_value} vs trial {trial_value} (tolerance ±{allowed:g} of {n})")
     allowed_kl = tolerance.kl_allowed(trial_metrics["kl"])
     if abs(export_metrics["kl"] - trial_metrics["kl"]) > allowed_kl:
         problems.append(f"KL {export_metrics['kl']:.4g} vs trial {trial_metrics['kl']:.4g} (tolerance ±{allowed_kl:.3g})")
@@ -114,6 +117,7 @@ def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
     n_harmful = int(trial_metrics.get("n_harmful") or 0)
     stated = {**asdict(tolerance), "refusals_allowed": tolerance.allowed(tolerance.refusals, n_harmful),
               "compliance_allowed": tolerance.allowed(tolerance.compliance, n_harmful),
+              "false_refusals_allowed": tolerance.allowed(tolerance.false_refusals, int(trial_metrics.get("n_harmless") or 0)),
               "kl_allowed": tolerance.kl_allowed(trial_metrics["kl"])}
     return VerifyResult(not problems, trial_metrics, metrics, stated, problems,
                         f"{export_dir} ({exported.source_format})", unedited)

@@ -19,7 +19,12 @@ if TYPE_CHECKING:
     from abliterate.settings import AbliterateSettings
 
 
-_NOT_IDENTITY = ("decoding",)
+_NOT_IDENTITY = ("decoding", "harmless_max_new_tokens")
+# False refusals are recorded, never optimized: counting them (the default window, which follows kl_tokens)
+# leaves a study's name as it was before they were counted, so older studies resume. An explicit window
+# (or 0, not counting) is named below, so one study never mixes counts taken over different windows.
+# ("count_harmless_refusals": False is the value every study before them was named with.)
+_FALSE_REFUSALS = {"count_harmless_refusals": False}
 
 
 def study_name(settings: AbliterateSettings, prompts: PromptSets, config: EvaluationConfig) -> str:
@@ -28,11 +33,13 @@ def study_name(settings: AbliterateSettings, prompts: PromptSets, config: Evalua
         "model": str(Path(settings.model).resolve()) if Path(settings.model).exists() else settings.model,
         "prompts": asdict(prompts),
         # how answers are decoded and batched changes speed, not the tokens: not part of the search's identity
-        "evaluation": {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY} | {"batch_size": None,
-                                                                                              "max_batch_size": None},
+        "evaluation": {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY}
+        | {"batch_size": None, "max_batch_size": None} | _FALSE_REFUSALS,
         "edit": [settings.method, settings.lowrank_rank, settings.direction_scope, settings.direction_projected],
         "objective": [settings.kl_target, settings.seed],
     }
+    if settings.false_refusal_tokens is not None:
+        identity["false_refusal_tokens"] = settings.false_refusal_tokens
     if settings.quantization != "none":  # a quantized model is another model: its own study (older studies keep their names)
         identity["quantization"] = settings.quantization_request().describe()
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -11,6 +11,11 @@
 2. **Damage score**: ``max(KL, kl_target)``. Below the target KL stops
    mattering, so the search trades only refusals there instead of chasing
    noise-level KL.
+
+**False refusals** (refusals of the harmless test prompts) are measured for
+every trial and recorded, but are not a third objective: they are shown, and a
+``--select`` rule can cap them. ``None`` where they were not counted (turned
+off, or a trial of a study written before they were).
 """
 
 from __future__ import annotations
@@ -27,19 +32,28 @@ class TrialMetrics:
     kl: float
     kl_first_token: float
     seconds: float
+    false_refusals: int | None = None  # refusals of the harmless test prompts; None: not counted
+    n_harmless: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialMetrics:
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+        """Records written before a field existed lack it: it takes its default (``None``: not measured)."""
+        fields = cls.__dataclass_fields__
+        return cls(**{key: data[key] for key in fields if key in data or key not in OPTIONAL_FIELDS})
 
     @classmethod
     def from_eval_result(cls, result) -> TrialMetrics:
         """From ``abliterate.evaluation.EvalResult``."""
+        counted = result.harmless_refusals is not None
         return cls(result.refusals, result.n_harmful, result.compliance, float(result.kl),
-                   float(result.kl_first_token), float(result.seconds))
+                   float(result.kl_first_token), float(result.seconds),
+                   result.harmless_refusals, result.n_harmless if counted else None)
+
+
+OPTIONAL_FIELDS = ("false_refusals", "n_harmless")  # absent from trials and chosen_trial.json files of older versions
 
 
 def broken_answers(metrics: TrialMetrics) -> int | None:

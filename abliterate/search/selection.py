@@ -5,6 +5,11 @@ The front is computed on what a user cares about: *effective refusals*
 the raw multi-token KL. Selection works without a terminal (``--select``) so
 the stage runs in CI and pipelines; on a TTY without ``--select`` the user
 picks from the table.
+
+``--select`` grammar: ``best_kl_under R`` or ``trial N`` (``parse_rule``),
+optionally followed by a cap on false refusals: ``best_kl_under 0.05,
+false_refusals<=2`` (``,``, ``and`` or a space before it; the cap a count, or a
+fraction of the harmless test prompts like R). The cap is applied first.
 """
 
 from __future__ import annotations
@@ -68,9 +73,37 @@ def parse_rule(rule: str, n_harmful: int) -> tuple[str, float]:
     return kind, value * n_harmful if "." in number and value < 1 else value
 
 
-def select_trial(rule: str, candidates: list[Candidate], n_harmful: int) -> tuple[Candidate, str]:
+@dataclass(frozen=True)
+class Selection:
+    kind: str  # "best_kl_under" | "trial"
+    number: float  # refusals allowed (a count), or the trial number
+    max_false_refusals: float | None = None  # a count; None: no cap
+
+
+_FALSE_REFUSAL_CAP = re.compile(r"(?:\s*,\s*|\s+and\s+|\s+)false_refusals\s*<=\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+def parse_selection(rule: str, n_harmful: int, n_harmless: int) -> Selection:
+    """``parse_rule``'s rule plus an optional trailing ``false_refusals<=F`` (F below 1 with a point: a fraction)."""
+    match = _FALSE_REFUSAL_CAP.search(rule)
+    if match is None and "false_refus" in rule:
+        raise UserError("--select", f"cannot read the false-refusal cap in {rule!r}",
+                        "put it after the rule: 'best_kl_under 0.05, false_refusals<=2' or 'best_kl_under 3, false_refusals<=0.05'")
+    kind, number = parse_rule(rule[: match.start()] if match else rule, n_harmful)
+    if match is None:
+        return Selection(kind, number)
+    if kind == "trial":
+        raise UserError("--select", f"{rule!r}: a false-refusal cap chooses among trials, 'trial N' names one",
+                        "drop the cap, or use 'best_kl_under R, false_refusals<=F'")
+    text = match.group(1)
+    cap = float(text)
+    return Selection(kind, number, cap * n_harmless if "." in text and cap < 1 else cap)
+
+
+def select_trial(rule: str, candidates: list[Candidate], n_harmful: int, n_harmless: int = 0) -> tuple[Candidate, str]:
     """The chosen candidate and a sentence saying why."""
-    kind, number = parse_rule(rule, n_harmful)
+    selection = parse_selection(rule, n_harmful, n_harmless)
+    kind, number = selection.kind, selection.number
     if not candidates:
         raise UserError("study", "no completed trial to choose from", "run more trials (--n_trials)")
     if kind == "trial":
@@ -79,17 +112,31 @@ def select_trial(rule: str, candidates: list[Candidate], n_harmful: int) -> tupl
                 return candidate, f"trial {int(number)} as asked"
         raise UserError("--select", f"trial {int(number)} is not a completed trial of this study",
                         f"choose one of {sorted(c.number for c in candidates)}")
-    allowed = [c for c in candidates if c.effective_refusals <= number]
+    pool, capped = candidates, ""
+    if selection.max_false_refusals is not None:
+        cap = selection.max_false_refusals
+        counted = [c for c in candidates if c.metrics.false_refusals is not None]
+        if not counted:
+            raise UserError("--select", "no trial has a false-refusal count (counting was off with "
+                            "--false_refusal_tokens 0, or the trials were run by an older version)",
+                            "drop the false_refusals cap, or run the study with false refusals counted")
+        pool = [c for c in counted if c.metrics.false_refusals <= cap]
+        if not pool:
+            best = min(counted, key=lambda c: (c.metrics.false_refusals, c.effective_refusals, c.metrics.kl, c.number))
+            return best, f"no trial has at most {cap:g} false refusals; took the fewest ({best.metrics.false_refusals})"
+        capped = f" and at most {cap:g} false refusals"
+    allowed = [c for c in pool if c.effective_refusals <= number]
     if allowed:
         best = min(allowed, key=lambda c: (c.metrics.kl, c.effective_refusals, c.number))
-        return best, f"lowest KL among trials with at most {number:g} effective refusals"
-    best = min(candidates, key=lambda c: (c.effective_refusals, c.metrics.kl, c.number))
-    return best, f"no trial has at most {number:g} effective refusals; took the fewest ({best.effective_refusals})"
+        return best, f"lowest KL among trials with at most {number:g} effective refusals{capped}"
+    best = min(pool, key=lambda c: (c.effective_refusals, c.metrics.kl, c.number))
+    return best, f"no trial has at most {number:g} effective refusals{capped}; took the fewest ({best.effective_refusals})"
 
 
 def front_table(front: list[Candidate], title: str = "Pareto front") -> Table:
     table = Table(title=title)
-    for column in ("trial", "refusals", "fragments", "compliance", "KL (multi-token)", "KL (1st token)", "direction"):
+    for column in ("trial", "refusals", "fragments", "compliance", "false refusals", "KL (multi-token)", "KL (1st token)",
+                   "direction"):
         table.add_column(column, justify="right")
     for candidate in front:
         metrics = candidate.metrics
@@ -101,11 +148,19 @@ def front_table(front: list[Candidate], title: str = "Pareto front") -> Table:
             f"{metrics.refusals}/{n}",
             "-" if broken is None else str(broken),
             "-" if metrics.compliance is None else f"{metrics.compliance}/{n}",
+            false_refusals_text(metrics),
             f"{metrics.kl:.4f}",
             f"{metrics.kl_first_token:.2e}",
             direction,
         )
     return table
+
+
+def false_refusals_text(metrics: TrialMetrics) -> str:
+    """``3/100`` refusals of the harmless test prompts, ``-`` where they were not counted."""
+    if metrics.false_refusals is None:
+        return "-"
+    return f"{metrics.false_refusals}/{metrics.n_harmless}" if metrics.n_harmless else str(metrics.false_refusals)
 
 
 def plot_front(candidates: list[Candidate], front: list[Candidate], path: Path, base_refusals: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from abliterate.settings import AbliterateSettings
 from pipelines.adapters import stage_settings
-from pipelines.evaluations import original_and_input_rows, row
+from pipelines.evaluations import metrics_row, original_and_input_rows
 from pipelines.stages import StageContext
 
 TRIAL = "trial"
@@ -52,10 +52,7 @@ def run(settings: AbliterateSettings, context: StageContext) -> dict[str, Any]:
     trial = read_chosen_trial(out).data  # the one reader: a missing/corrupt/newer file is a UserError
     metrics, base = trial["metrics"], trial["base_metrics"]
     if not evaluations:
-        evaluations.append(row("searched model", None, refusals=base["refusals"], n_harmful=base["n_harmful"],
-                               compliance=base["compliance"], kl=None))
-    evaluations.append(row(f"abliterated #{trial['trial_number']}", "searched",
-                           refusals=metrics["refusals"], n_harmful=metrics["n_harmful"],
-                           compliance=metrics["compliance"], kl=metrics["kl"]))
+        evaluations.append(metrics_row("searched model", None, base, kl=None))
+    evaluations.append(metrics_row(f"abliterated #{trial['trial_number']}", "searched", metrics))
     return {"artifact": TRIAL, "evaluations": evaluations, "trial_number": trial["trial_number"],
             "parameters": trial["parameters"], "base_metrics": trial["base_metrics"], "metrics": metrics}

@@ -12,7 +12,7 @@ from typing import Any
 
 from abliterate.export.settings import ExportSettings
 from pipelines.adapters import stage_settings
-from pipelines.evaluations import row, size_bytes
+from pipelines.evaluations import metrics_row, size_bytes
 from pipelines.stages import StageContext
 
 
@@ -40,10 +40,8 @@ def run(settings: ExportSettings, context: StageContext) -> dict[str, Any]:
         if not verify:
             continue
         metrics = verify["export"]
-        evaluations.append(row(f"re-exported {fmt}", "searched",
-                               refusals=metrics["refusals"], n_harmful=metrics["n_harmful"],
-                               compliance=metrics["compliance"], kl=metrics["kl"], perplexity=metrics.get("perplexity"),
-                               size=size_bytes(manifest["output"])))
+        evaluations.append(metrics_row(f"re-exported {fmt}", "searched", metrics, perplexity=metrics.get("perplexity"),
+                                       size=size_bytes(manifest["output"])))
     first = next(iter(outputs.values()))
     return {"artifact": first, "outputs": outputs, "evaluations": evaluations,
             "verify_passed": all((m.get("verify") or {}).get("passed", True) for m in manifests.values()),

@@ -19,6 +19,12 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from foundation.dataset_sources import (
+    column_names,
+    open_dataset,
+    resolve_source,
+    take_rows,
+)
 from foundation.errors import UserError
 from foundation.text_files import is_blank_file, require_utf8
 from foundation.validation import FieldProblem, user_error_from_validation
@@ -42,12 +48,6 @@ from quantize.calibration.schema import (
     CalibrationSettings,
     DatasetEntry,
     load_mix,
-)
-from quantize.calibration.sources import (
-    column_names,
-    open_dataset,
-    resolve_source,
-    take_rows,
 )
 
 if TYPE_CHECKING:

@@ -25,10 +25,10 @@ from pydantic import (
     model_validator,
 )
 
+from foundation.dataset_sources import SourceProblem, resolve_source
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
 from foundation.text_files import decode_utf8
-from quantize.calibration.sources import SourceProblem, resolve_source
 from quantize.calibration.validation_errors import (
     EntryProblem,
     user_error_from_validation,
@@ -94,7 +94,8 @@ class DatasetEntry(BaseModel):
     name: str = Field(min_length=1, description="label in summaries; defaults to the path's last part")
     path: str = Field(min_length=1, description="Hub id, save_to_disk folder, or data file")
     subset: str | None = Field(None, description="Hub configuration name (e.g. wikitext-103-raw-v1)")
-    split: str = Field("train", min_length=1)
+    revision: str | None = Field(None, min_length=1, description="Hub commit sha, tag or branch to pin the data to")
+    split: str = Field("train", min_length=1, description="split name, optionally sliced: train[:400], test[10:20]")
     # strict: YAML's `true` is not a share (lax float would read it as 1.0); finite: `.inf` cannot be normalized
     weight: float = Field(1.0, ge=0, strict=True, allow_inf_nan=False, description="relative share of the samples")
     text_column: str | None = Field(None, min_length=1)

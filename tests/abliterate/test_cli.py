@@ -36,6 +36,17 @@ def test_command_writes_a_chosen_trial_that_reproduces_the_search_edit(workspace
 
     chosen = read_chosen_trial(out)
     assert chosen.header.trial_number in range(3) and chosen.method == "norm_preserving" and chosen.rank == 3
+    # False refusals: counted for the unedited model and the trial, shown in every trial line and the table
+    for metrics in (chosen.header.metrics, chosen.header.base_metrics):
+        assert isinstance(metrics["false_refusals"], int) and metrics["n_harmless"] == 4
+    words = " ".join(printed.split())  # rich wraps long lines at the captured console's width
+    assert f"unedited model: refusals 0/4 compliance 0/4 fragments 4 false refusals " \
+           f"{chosen.header.base_metrics['false_refusals']}/4" in words
+    trials = words.split("editing ", 1)[1].split("Pareto front", 1)[0]
+    assert trials.count("false refusals ") == 3  # one per trial line
+    assert "false" in words.split("Pareto front", 1)[1]  # the table's column (its header may wrap)
+    front = json.loads((out / "pareto_front.json").read_text())
+    assert all("false_refusals" in record for record in front)
     assert chosen.edits, "the chosen trial edits something"
 
     # What the merge does (the export's edit_tensor) equals what the search evaluated (LoRA).

@@ -133,3 +133,53 @@ def test_pareto_front_and_selection_rules():
         select_trial("trial 9", candidates, 20)
     with pytest.raises(UserError):
         select_trial("lowest please", candidates, 20)
+
+
+def _counted(number, refusals, compliance, kl, false_refusals):
+    metrics = TrialMetrics(refusals, 20, compliance, kl, 0.0, 0.0, false_refusals, 10)
+    return Candidate(number, metrics, effective_refusals(metrics, BASE), "global", 4.0)
+
+
+def test_a_false_refusal_cap_extends_the_rules():
+    candidates = [
+        _counted(0, 20, 0, 0.0001, 0),
+        _counted(1, 1, 19, 0.02, 4),   # the best by refusals and KL, but refuses 4 of 10 harmless prompts
+        _counted(2, 1, 19, 0.04, 1),
+        _counted(3, 0, 20, 0.08, 0),
+    ]
+    assert select_trial("best_kl_under 1", candidates, 20, 10)[0].number == 1  # no cap: as before
+    for rule in ("best_kl_under 1, false_refusals<=1", "best_kl_under 1 false_refusals <= 1",
+                 "best_kl_under 1 and false_refusals<=1", "best_kl_under 0.05, false_refusals<=0.1"):
+        chosen, reason = select_trial(rule, candidates, 20, 10)
+        assert chosen.number == 2, rule
+        assert reason == "lowest KL among trials with at most 1 effective refusals and at most 1 false refusals"
+    assert select_trial("best_kl_under 1, false_refusals<=0", candidates, 20, 10)[0].number == 3  # none at <= 1
+    chosen, reason = select_trial("best_kl_under 1, false_refusals<=0", candidates[1:3], 20, 10)
+    assert chosen.number == 2 and "no trial has at most 0 false refusals; took the fewest (1)" in reason
+
+
+def test_bad_caps_and_uncounted_trials_are_user_errors():
+    with pytest.raises(UserError, match="cannot read the false-refusal cap"):
+        select_trial("false_refusals<=1 best_kl_under 1", [_counted(0, 0, 20, 0.1, 0)], 20, 10)
+    with pytest.raises(UserError, match="'trial N' names one"):
+        select_trial("trial 0, false_refusals<=1", [_counted(0, 0, 20, 0.1, 0)], 20, 10)
+    with pytest.raises(UserError, match="no trial has a false-refusal count"):
+        select_trial("best_kl_under 1, false_refusals<=1", [_candidate(0, 0, 20, 0.1)], 20, 10)
+    from pydantic import ValidationError
+
+    from abliterate.settings import AbliterateSettings
+
+    with pytest.raises(ValidationError, match="false-refusal cap"):  # a typo fails at parse time, not after the search
+        AbliterateSettings(model="m", select="best_kl_under 1, false_refusal<=1")
+    assert AbliterateSettings(model="m", select="best_kl_under 0.05, false_refusals<=2").select
+
+
+def test_metrics_of_older_records_read_without_false_refusals():
+    old = {"refusals": 3, "n_harmful": 20, "compliance": 17, "kl": 0.01, "kl_first_token": 0.0, "seconds": 1.0}
+    metrics = TrialMetrics.from_dict(old)
+    assert metrics.false_refusals is None and metrics.n_harmless is None
+    assert TrialMetrics.from_dict(metrics.to_dict()) == metrics
+    counted = TrialMetrics.from_dict({**old, "false_refusals": 2, "n_harmless": 10})
+    assert (counted.false_refusals, counted.n_harmless) == (2, 10)
+    with pytest.raises(KeyError):
+        TrialMetrics.from_dict({key: value for key, value in old.items() if key != "kl"})  # required fields stay required

@@ -15,3 +15,16 @@ def test_the_study_name_is_the_one_earlier_versions_computed():
     inputs = EvaluationInputs.from_settings(settings)
     prompts = prompt_sets_of(inputs)
     assert study_name(settings, prompts, evaluation_config(inputs, prompts)) == "abliterate-tiny-model-a7009e70bd73"
+
+
+def test_counting_false_refusals_at_the_default_window_keeps_the_name_an_explicit_window_does_not():
+    """Studies written before false refusals were counted resume; a study never mixes two windows."""
+    def name(**extra):
+        settings = AbliterateSettings(model="org/tiny-model", max_test_prompts=4, kl_tokens=3, refusal_markers=["nope"],
+                                      seed=7, **extra)
+        inputs = EvaluationInputs.from_settings(settings)
+        prompts = prompt_sets_of(inputs)
+        return study_name(settings, prompts, evaluation_config(inputs, prompts))
+
+    assert name() == name(false_refusal_tokens=None) == "abliterate-tiny-model-a7009e70bd73"
+    assert len({name(), name(false_refusal_tokens=3), name(false_refusal_tokens=16), name(false_refusal_tokens=0)}) == 4

@@ -91,3 +91,61 @@ def test_bad_settings_are_user_errors(model, tokenizer):
         EvaluationConfig(kl_tokens=0)
     with pytest.raises(UserError, match="prompt"):
         Evaluator(model, tokenizer, [], HARMLESS)
+
+
+def _brute_force_false_refusals(model, tokenizer, markers, window):
+    """Every harmless answer generated up to ``window`` tokens: what the shortcut must reproduce."""
+    from abliterate.evaluation import format_chat_prompts, generate_greedy
+
+    ids = format_chat_prompts(tokenizer, HARMLESS)
+    responses = generate_greedy(model, tokenizer, ids, max_new_tokens=window, batch_size=3)
+    return sum(is_refusal(response.text, markers) for response in responses)
+
+
+def test_false_refusals_equal_generating_every_harmless_answer(model, tokenizer, monkeypatch):
+    """The KL pass decides the answers that agree with the unedited model's; only the others are generated."""
+    import abliterate.evaluation.evaluator as evaluator_module
+    from abliterate.evaluation import format_chat_prompts, generate_greedy
+
+    window = 4
+    harmless = generate_greedy(model, tokenizer, format_chat_prompts(tokenizer, HARMLESS), max_new_tokens=window,
+                               batch_size=3)
+    markers = (harmless[0].text.split()[-1].lower(), harmless[-1].text.split()[0].lower())  # words that occur
+    config = EvaluationConfig(refusal_markers=markers, max_new_tokens=12, kl_tokens=6, batch_size=3,
+                              count_harmless_refusals=True, harmless_max_new_tokens=window)
+    generated = []
+    real_generate = evaluator_module.generate_greedy
+
+    def counting_generate(model, tokenizer, prompt_ids, *, max_new_tokens, **kwargs):
+        if max_new_tokens == window:
+            generated.append(len(prompt_ids))
+        return real_generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "generate_greedy", counting_generate)
+    evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config)
+    base = evaluator.base
+    assert base.harmless_refusals == _brute_force_false_refusals(model, tokenizer, markers, window) >= 1
+    assert sum(generated) == 0  # the unedited model agrees with its own reference everywhere: nothing generated
+    counts = set()
+    for scale in (0.9, 0.5, 0.0):
+        edited = copy.deepcopy(model)
+        with torch.no_grad():
+            for layer in edited.model.layers:
+                layer.mlp.down_proj.weight.mul_(scale)
+        generated.clear()
+        result = evaluator.evaluate(edited)
+        assert result.harmless_refusals == _brute_force_false_refusals(edited, tokenizer, markers, window)
+        assert sum(generated) <= len(HARMLESS)
+        counts.add(result.harmless_refusals)
+    assert len(counts | {base.harmless_refusals}) > 1  # the edits moved the count: the comparison is not vacuous
+
+
+def test_a_false_refusal_window_longer_than_kl_generates_every_harmless_answer(model, tokenizer):
+    config = EvaluationConfig(refusal_markers=("the",), max_new_tokens=8, kl_tokens=2, batch_size=4,
+                              count_harmless_refusals=True, harmless_max_new_tokens=5)
+    evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config)
+    assert evaluator.base.harmless_refusals == _brute_force_false_refusals(model, tokenizer, ("the",), 5)
+    off = Evaluator(model, tokenizer, HARMFUL, HARMLESS, EvaluationConfig(max_new_tokens=4, kl_tokens=2, batch_size=4))
+    assert off.base.harmless_refusals is None  # not counted unless asked
+    with pytest.raises(UserError, match="harmless_max_new_tokens"):
+        EvaluationConfig(count_harmless_refusals=True, harmless_max_new_tokens=0)

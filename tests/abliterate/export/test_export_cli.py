@@ -207,3 +207,13 @@ def load_trial_edits(trial_dir):
     from abliterate.artifacts import read_chosen_trial
 
     return read_chosen_trial(trial_dir).edits
+
+
+def test_verify_compares_false_refusals_when_both_sides_counted_them():
+    trial = {"refusals": 2, "compliance": 8, "kl": 0.04, "n_harmful": 10, "false_refusals": 1, "n_harmless": 20}
+    tolerance = Tolerance()  # 10% of the 20 harmless prompts: 2
+    assert compare(trial, {**trial, "false_refusals": 3}, tolerance) == []
+    problems = compare(trial, {**trial, "false_refusals": 4}, tolerance)
+    assert problems == ["false_refusals 4 vs trial 1 (tolerance ±2 of 20)"]
+    older = {key: value for key, value in trial.items() if key not in ("false_refusals", "n_harmless")}
+    assert compare(older, {**trial, "false_refusals": 9}, tolerance) == []  # a trial written before they were counted

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from foundation.dataset_sources import resolve_source
 from quantize.calibration import build_calibration_set, load_mix
-from quantize.calibration.sources import resolve_source
 
 MIXES = Path(__file__).resolve().parents[3] / "datasets_yaml"
 CORPORA = [MIXES / "corpora" / "general_text.jsonl", MIXES / "corpora" / "chat_conversations.jsonl"]

@@ -9,14 +9,14 @@ from pathlib import Path
 import datasets
 import pytest
 
-from foundation.errors import UserError
-from quantize.calibration import build_calibration_set, load_mix
-from quantize.calibration.sources import (
+from foundation.dataset_sources import (
     DatasetSource,
     open_dataset,
     resolve_source,
     take_rows,
 )
+from foundation.errors import UserError
+from quantize.calibration import build_calibration_set, load_mix
 from tests.quantize.calibration.conftest import write_jsonl, write_mix
 from tests.quantize.calibration.tiny_tokenizer import words
 
@@ -134,6 +134,33 @@ def test_hub_id_is_passed_to_load_dataset(tmp_path, tokenizer, monkeypatch):
     calib = _build(tmp_path, "path: owner/chat-set\nsubset: en\nsplit: train_sft\nstreaming: true", tokenizer)
     assert calls == [("owner/chat-set", {"name": "en", "split": "train_sft", "streaming": True})]
     assert calib.per_dataset["chat-set"].formatter == "chat_completion"
+
+
+def test_hub_revision_is_passed_and_local_revision_rejected(tmp_path, tokenizer, monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append(kwargs)
+        return datasets.Dataset.from_list(ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    _build(tmp_path, "path: owner/web-set\nrevision: 0123abc\nsplit: train[:8]", tokenizer)
+    assert calls[0]["revision"] == "0123abc" and calls[0]["split"] == "train[:8]"
+    write_jsonl(tmp_path / "c.jsonl", ROWS)
+    with pytest.raises(UserError, match="field 'revision'.*Hub datasets only"):
+        _build(tmp_path, "path: c.jsonl\nrevision: main", tokenizer)
+
+
+def test_split_slices_apply_to_save_to_disk_folders(tmp_path, tokenizer):
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:2])}
+                         ).save_to_disk(str(tmp_path / "saved_dict"))
+    calib = _build(tmp_path, "path: saved_dict\nsplit: train[:3]", tokenizer, max_samples=8)
+    assert calib.per_dataset["saved_dict"].loaded == 3  # the slice, not the 12 rows of train
+    _assert_rows_came_from(calib, ROWS[:3])
+    with pytest.raises(UserError, match="(?s)field .split.*.validation. not in the saved dataset.*use one of: train, test"):
+        _build(tmp_path, "path: saved_dict\nsplit: validation[:3]", tokenizer)
+    with pytest.raises(UserError, match="field 'split'.*cannot read split 'train\\[:x\\]'"):
+        _build(tmp_path, "path: saved_dict\nsplit: train[:x]", tokenizer)
 
 
 def test_hub_failure_is_a_user_error_naming_entry(tmp_path, tokenizer, monkeypatch):

@@ -1,9 +1,12 @@
-"""Where a mix entry's rows come from: the Hub, a `save_to_disk` folder, a
+"""Where a dataset's rows come from: the Hub, a `save_to_disk` folder, a
 folder of data files, or one local json / jsonl / parquet / csv / txt file.
 
-Everything is opened through the `datasets` library so that Hub ids, local
-files and streaming behave the same way; this module only decides which of
-its loaders to call and draws a seeded random subset of rows.
+Stage 1's calibration mixes and stage 2's prompt sets both name their data
+this way and open it here, so both accept the same sources and report the same
+errors. Everything is opened through the `datasets` library so that Hub ids,
+local files and streaming behave the same way; this module only decides which
+of its loaders to call, applies split slices (``train[:400]``, also to
+`save_to_disk` folders) and draws a seeded random subset of rows.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ class DatasetRequest(Protocol):
 
     path: str
     subset: str | None
-    split: str
+    split: str  # a split name, or the `datasets` slice syntax: train[:400], test[10:20], train[:50%]
     streaming: bool
+    revision: str | None  # Hub only: a commit sha, tag or branch
 
 # File suffix -> the `datasets` packaged builder that reads it.
 LOCAL_FILE_BUILDERS: dict[str, str] = {
@@ -106,6 +110,12 @@ def open_dataset(entry: DatasetRequest, where: str) -> Dataset | IterableDataset
             f"subset applies to Hub datasets only, but {source.location} is local",
             "remove 'subset' (or point path at the Hub id)",
         )
+    if entry.revision is not None and source.kind != "hub":
+        raise UserError(
+            f"{where}, field 'revision'",
+            f"revision applies to Hub datasets only, but {source.location} is local",
+            "remove 'revision' (or point path at the Hub id)",
+        )
     try:
         if source.kind == "saved":
             return _open_saved(source.location, entry, where)
@@ -121,7 +131,8 @@ def open_dataset(entry: DatasetRequest, where: str) -> Dataset | IterableDataset
                 **extra,
             )
         return datasets.load_dataset(
-            source.location, name=entry.subset, split=entry.split, streaming=entry.streaming
+            source.location, name=entry.subset, split=entry.split, streaming=entry.streaming,
+            **({"revision": entry.revision} if entry.revision is not None else {}),
         )
     except UserError:
         raise
@@ -142,7 +153,9 @@ def _open_saved(location: str, entry: DatasetRequest, where: str) -> Dataset | I
     import datasets
 
     loaded = datasets.load_from_disk(location)
-    if isinstance(loaded, datasets.DatasetDict):
+    if _is_sliced(entry.split):
+        loaded = _slice_saved(loaded, entry.split, location, where)
+    elif isinstance(loaded, datasets.DatasetDict):
         if entry.split not in loaded:
             raise UserError(
                 f"{where}, field 'split'",
@@ -151,6 +164,39 @@ def _open_saved(location: str, entry: DatasetRequest, where: str) -> Dataset | I
             )
         loaded = loaded[entry.split]
     return loaded.to_iterable_dataset() if entry.streaming else loaded
+
+
+def _is_sliced(split: str) -> bool:
+    return "[" in split or "+" in split
+
+
+def _slice_saved(loaded: Any, split: str, location: str, where: str) -> Dataset:
+    """``train[:400]`` (the `datasets` split syntax) applied to a saved dataset, as ``load_dataset`` applies it.
+
+    A saved DatasetDict is sliced by split name; a single saved Dataset has no split names, so any name
+    addresses the whole of it and only the slice applies.
+    """
+    import datasets
+
+    try:
+        instruction = datasets.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as error:
+        raise UserError(f"{where}, field 'split'", f"cannot read split {split!r} ({error})",
+                        "write a split name with an optional slice, e.g. train, train[:400], test[10:20], train[:50%]") from None
+    names = [part.split("[", 1)[0].strip() for part in split.split("+")]
+    is_dict = isinstance(loaded, datasets.DatasetDict)
+    sizes = {name: len(loaded[name]) if is_dict and name in loaded else len(loaded) for name in names}
+    missing = [name for name in names if is_dict and name not in loaded]
+    if missing:
+        raise UserError(f"{where}, field 'split'", f"split {missing[0]!r} not in the saved dataset at {location}",
+                        f"use one of: {', '.join(loaded)}")
+    try:
+        pieces = [(loaded[part.splitname] if is_dict else loaded).select(range(part.from_, part.to) if part.to > part.from_ else [])
+                  for part in instruction.to_absolute(sizes)]
+    except (ValueError, AssertionError, IndexError) as error:
+        raise UserError(f"{where}, field 'split'", f"cannot apply split {split!r} to {location} ({error})",
+                        f"sizes there: {', '.join(f'{name}: {size} rows' for name, size in sizes.items())}") from None
+    return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
 
 
 def column_names(dataset: Dataset | IterableDataset) -> list[str]:

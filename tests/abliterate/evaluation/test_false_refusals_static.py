@@ -1,0 +1,55 @@
+"""False refusals on the static-cache decoder (the GPU path, run eagerly on the CPU on the committed testbed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from abliterate.evaluation import static_decode
+from abliterate.evaluation.generation import format_chat_prompts, generate_greedy
+from abliterate.evaluation.prompt_sets import read_field
+
+TESTBED = Path(__file__).resolve().parents[3] / "testbed" / "model"
+PROMPTS = Path(__file__).resolve().parents[3] / "datasets_yaml" / "prompts"
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    tokenizer = AutoTokenizer.from_pretrained(TESTBED)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(TESTBED, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.mark.usefixtures("one_cpu_thread")
+def test_false_refusals_reuse_one_static_decoder_across_trials(testbed):
+    """The prompts that depart from the reference vary per trial; their generation must keep one batch shape."""
+    import copy
+
+    from abliterate.evaluation import EvaluationConfig, Evaluator, is_refusal
+
+    model, tokenizer = testbed
+    harmful = read_field(PROMPTS / "harmful_test.jsonl", "prompt", "test")[:4]
+    harmless = read_field(PROMPTS / "harmless_test.jsonl", "prompt", "test")[:10]
+    # a "marker" one of the testbed's four answer openers contains: some harmless answers count, edits move them
+    config = EvaluationConfig(refusal_markers=("here is",), max_new_tokens=16, kl_tokens=6, batch_size=4,
+                              decoding="static", count_harmless_refusals=True, harmless_max_new_tokens=6)
+    evaluator = Evaluator(model, tokenizer, harmful, harmless, config)
+    shapes, counts = set(), {evaluator.base.harmless_refusals}
+    for scale in (0.9, 0.6, 0.2, 0.0):
+        edited = copy.deepcopy(model)
+        static_decode.forget_decoders(edited)  # only this trial's decoders below (not the reference's, copied along)
+        with torch.no_grad():
+            for layer in edited.model.layers[3:]:
+                layer.mlp.down_proj.weight.mul_(scale)
+        result = evaluator.evaluate(edited)
+        answers = generate_greedy(edited, tokenizer, format_chat_prompts(tokenizer, harmless), max_new_tokens=6,
+                                  batch_size=4, decoding="generate")
+        assert result.harmless_refusals == sum(is_refusal(a.text, config.refusal_markers) for a in answers)
+        counts.add(result.harmless_refusals)
+        shapes |= {key for key in edited.__dict__.get("_static_decoders", {}) if key[2] == 6}
+    assert len({key[0] for key in shapes}) == 1  # one batch size for every trial's departed prompts
+    assert len(counts) > 1 and shapes  # the edits moved the count, and departed prompts were generated

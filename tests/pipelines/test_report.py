@@ -1,0 +1,26 @@
+"""The pipeline's final table and manifest rows: false refusals beside refusals, '-' where a record lacks them."""
+
+import io
+
+from rich.console import Console
+
+from pipelines.evaluations import metrics_row, row
+from pipelines.report import print_final_table
+
+
+def test_rows_carry_false_refusals_and_older_records_show_a_dash():
+    counted = metrics_row("abliterated #3", "searched", {"refusals": 2, "n_harmful": 100, "compliance": 95, "kl": 0.01,
+                                                        "false_refusals": 4, "n_harmless": 50})
+    assert (counted["false_refusals"], counted["false_refusal_count"], counted["n_harmless"]) == (0.08, 4, 50)
+    older = metrics_row("searched model", None, {"refusals": 90, "n_harmful": 100, "compliance": 5, "kl": 0.0}, kl=None)
+    assert older["false_refusals"] is None and older["kl"] is None
+    original = row("original", None, refusals=99, n_harmful=100, compliance=0, kl=None, false_refusals=0, n_harmless=50)
+    manifest = {"pipeline": {"name": "t"}, "stages": {"abliterate": {"status": "complete", "seconds": 1.0,
+                                                                    "evaluations": [original, older, counted]}}}
+    out = io.StringIO()
+    print_final_table(Console(file=out, width=160), manifest)
+    lines = {line.split("│")[1].strip(): line for line in out.getvalue().splitlines() if line.count("│") > 3}
+    assert "false ref." in out.getvalue()
+    assert "8.0%" in lines["abliterated #3"] and "0.0%" in lines["original"]
+    cells = [cell.strip() for cell in lines["searched model"].split("│")]
+    assert cells[cells.index("5.0%") + 1] == "-"  # the column after compliance: not counted
