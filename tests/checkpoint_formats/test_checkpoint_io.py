@@ -145,8 +145,14 @@ def test_our_codecs_reproduce_modelopt_export_from_the_original_weights(modelopt
         assert torch.equal(q.weight.view(torch.uint8), exported[f"{module}.weight"].view(torch.uint8)), module
 
 
-def test_extra_tensors_are_skipped_with_a_warning(modelopt_checkpoint, tmp_path, caplog):
+def test_extra_tensors_stop_the_load_unless_the_model_class_declares_them_optional(modelopt_checkpoint, tmp_path,
+                                                                                   caplog, monkeypatch):
+    """A stray tensor is a checkpoint that does not match the model: refused, named. Tensors the HF class itself
+    declares optional (multi-token-prediction heads it never builds) are skipped with a warning, as from_pretrained does."""
     from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from foundation.errors import UserError
 
     src, _ = modelopt_checkpoint("llama_nvfp4")
     extra = tmp_path / "extra"
@@ -154,6 +160,9 @@ def test_extra_tensors_are_skipped_with_a_warning(modelopt_checkpoint, tmp_path,
     tensors = load_file(str(extra / "model.safetensors"))
     tensors["mtp.layers.0.proj.weight"] = torch.ones(4, 4)
     save_file(tensors, str(extra / "model.safetensors"))
+    with pytest.raises(UserError, match="mtp.layers.0.proj.weight"):
+        load_checkpoint(extra)
+    monkeypatch.setattr(LlamaForCausalLM, "_keys_to_ignore_on_load_unexpected", [r"^mtp\."], raising=False)
     with caplog.at_level("WARNING"):
         model, _ = load_checkpoint(extra)
     assert "mtp.layers.0.proj.weight" in caplog.text
