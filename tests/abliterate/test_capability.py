@@ -110,3 +110,9 @@ def test_unknown_task_name_suggests_the_close_one():
     """A name that is not local is looked up in lm-eval's index of its built-in tasks (the slow part)."""
     with pytest.raises(UserError, match=r"unknown lm-eval task .testbed_heldot.(.|\n)*did you mean 'testbed_heldout'"):
         select_tasks(["testbed_heldot"])
+
+
+def test_readme_holds_the_generated_flags_table():
+    from abliterate.capability.settings import settings_table_markdown
+
+    assert settings_table_markdown() in (REPO / "README.md").read_text()
