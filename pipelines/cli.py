@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("checkpoint_formats.cli_convert", "convert ModelOpt NVFP4 <-> compressed-tensors NVFP4"),
     "abliterate": ("abliterate.cli", "stage 2: find refusal directions and search abliteration parameters"),
     "export": ("abliterate.export_cli", "merge the chosen trial into full-precision weights and re-export"),
+    "evaluate": ("abliterate.capability.cli", "capability benchmarks: lm-evaluation-harness tasks on a model (eval extra)"),
     "run": ("pipelines.runner", "run a pipeline YAML (both stages chained)"),
 }
 

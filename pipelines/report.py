@@ -38,6 +38,28 @@ def evaluation_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def capability_scores(manifest: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``{row label: {"task metric": value}}`` from every stage's ``capability`` list (the evaluate stage)."""
+    scores: dict[str, dict[str, float | None]] = {}
+    for record in manifest.get("stages", {}).values():
+        for entry in record.get("capability", []):
+            flat = {f"{task} {metric}": value for task, metrics in entry.get("scores", {}).items()
+                    for metric, value in metrics.items()}
+            scores.setdefault(entry["label"], {}).update(flat)
+    return scores
+
+
+def with_capability(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows with each model's capability scores added (a measured model without a row gets one), and the
+    score columns in order."""
+    scores = capability_scores(manifest)
+    columns = list(dict.fromkeys(key for values in scores.values() for key in values))
+    merged = [{**row, **scores.get(row.get("label", ""), {})} for row in rows]
+    labels = {row.get("label") for row in rows}
+    merged += [{"stage": "evaluate", "label": label, **values} for label, values in scores.items() if label not in labels]
+    return merged, columns
+
+
 def print_final_table(console: Console, manifest: dict[str, Any]) -> None:
     table = Table(title=f"pipeline {manifest.get('pipeline', {}).get('name', '')}: every model, one ruler",
                   caption="refusals / compliance: share of the harmful test prompts; false ref.: share of the "
@@ -47,9 +69,12 @@ def print_final_table(console: Console, manifest: dict[str, Any]) -> None:
     for _, header in METRIC_COLUMNS:
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("KL vs", no_wrap=True)
-    for row in evaluation_rows(manifest):
+    rows, capability_columns = with_capability(evaluation_rows(manifest), manifest)
+    for column in capability_columns:  # lm-eval scores of the evaluate stage: one column per task and metric
+        table.add_column(column.replace(" ", "\n", 1), justify="right", no_wrap=True)
+    for row in rows:
         table.add_row(row.get("label", row["stage"]), *(_format(key, row.get(key)) for key, _ in METRIC_COLUMNS),
-                      row.get("reference") or "-")
+                      row.get("reference") or "-", *(_format(column, row.get(column)) for column in capability_columns))
     if not console.is_terminal:  # a log or CI: rich would assume 80 columns and crop the numbers
         console = Console(file=console.file, width=max(console.width, 110))
     console.print(table)

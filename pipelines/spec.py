@@ -20,9 +20,9 @@ from foundation.package_data import resolve_data_path
 from foundation.text_files import read_utf8_text
 from foundation.validation import FieldProblem, user_error_from_validation
 
-STAGE_ORDER = ("quantize", "abliterate", "export")
-# A stage may only run after the stages it reads from.
-STAGE_NEEDS = {"quantize": (), "abliterate": (), "export": ("abliterate",)}
+STAGE_ORDER = ("quantize", "abliterate", "export", "evaluate")
+# A stage may only run after the stages it reads from ('evaluate' measures whichever models the stages before it wrote).
+STAGE_NEEDS = {"quantize": (), "abliterate": (), "export": ("abliterate",), "evaluate": ()}
 
 
 class StageEntry(BaseModel):

@@ -40,6 +40,7 @@ ADAPTER_MODULES = {
     "quantize": "pipelines.adapters.quantize",
     "abliterate": "pipelines.adapters.abliterate",
     "export": "pipelines.adapters.export",
+    "evaluate": "pipelines.adapters.evaluate",
 }
 
 

@@ -10,7 +10,7 @@ from pipelines.cli import main
 def test_help_lists_every_stage(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("quantize", "abliterate", "export", "run", "inspect", "verify"):
+    for command in ("quantize", "abliterate", "export", "evaluate", "run", "inspect", "verify"):
         assert command in out
 
 

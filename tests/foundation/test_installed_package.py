@@ -54,6 +54,7 @@ def test_installed_copy_ships_its_data_and_is_imported(installed):
     assert module_file.startswith(str(site)) and mix.startswith(str(site)) and Path(mix).is_file()
     assert (site / "testbed" / "model" / "model.safetensors").is_file()
     assert (site / "datasets_yaml" / "prompts" / "harmful_test.jsonl").is_file()
+    assert (site / "datasets_yaml" / "lm_eval_tasks" / "testbed_heldout.yaml").is_file()  # evaluate's local task
 
 
 @pytest.mark.slow

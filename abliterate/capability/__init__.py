@@ -1,0 +1,1 @@
+"""Capability benchmarks of a model the project wrote: lm-evaluation-harness tasks (the optional eval extra)."""
