@@ -165,7 +165,7 @@ def build_parser(prog: str = "quant-abliterate quantize", offload: bool = False)
     parser = argparse.ArgumentParser(prog=prog, description="Calibrate a Hugging Face causal LM and export a quantized checkpoint.")
     add_model_arguments(parser, QuantizeSettings, required=("offload_folder",) if offload else ())
     parser.add_argument("--w4a8", action="store_true", help="seed alias for --format w4a8")
-    parser.add_argument("--list_configs", action="store_true", help="print the formats and the ModelOpt config each maps to, then exit")
+    parser.add_argument("--list_configs", action="store_true", help="print the formats (with the ModelOpt config each maps to) and the calibration algorithms, then exit")
     return parser
 
 

@@ -84,7 +84,8 @@ def test_gpu_only_pairs_are_refused_without_cuda():
     (["--algorithm", "mse", "--backend", "llmcompressor"], "--algorithm", "ModelOpt algorithm"),
     (["--format", "nvfp4_experts_only", "--device", "cpu"], "--format", "has none"),
 ])
-def test_refusals_come_before_the_model_load(tiny_model_dir, mix_yaml, tmp_path, no_model_load, extra, flag, words):
+@pytest.mark.usefixtures("no_model_load")
+def test_refusals_come_before_the_model_load(tiny_model_dir, mix_yaml, tmp_path, extra, flag, words):
     error = cli_error(quantize_args(tiny_model_dir, mix_yaml, tmp_path / "out", *extra))
     assert error.where == flag and words in error.problem, error
     assert not (tmp_path / "out").exists()

@@ -186,3 +186,19 @@ def test_inspect_counts_experts_with_zero_or_default_scales(tiny_moe_dir, mix_ya
     assert sanity["zero_or_default_input_scale"] == 2 and sanity["zero_or_default_weight_scale_2"] == 1
     assert sanity["examples"]["input_scale"] == ["model.layers.0.mlp.experts.5", "model.layers.1.mlp.experts.2"]
     assert sanity["examples"]["weight_scale_2"] == ["model.layers.1.mlp.experts.9"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "nemotron_h"])
+def test_routing_to_every_expert_across_moe_families(family):
+    from tests.tiny_models import family_config, nemotron_h_hybrid, transposed_fused_moe
+
+    builders = {"gpt_oss": transposed_fused_moe, "nemotron_h": nemotron_h_hybrid}
+    model = builders[family]() if family in builders else _build(family_config(family))
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    unrouted: set[str] = set()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        with route_all_experts(model, unrouted) as patched:
+            routed = model(input_ids=ids).logits
+    assert patched and not unrouted
+    torch.testing.assert_close(routed, reference, rtol=0, atol=1e-5)
