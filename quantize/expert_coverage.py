@@ -137,10 +137,16 @@ def _looks_routed(hidden: object, index: object, weights: object) -> bool:
 
 
 class CoverageRecorder:
-    """Which experts' quantizers ran on at least one token during the calibration loop."""
+    """Which experts' quantizers ran on at least one token during the calibration loop.
+
+    Evidence per expert: its own input quantizers (ModuleList experts) ran on a non-empty input; for
+    fused experts, whose input quantizers ModelOpt shares across experts, its per-expert weight
+    quantizer ran (ModelOpt calls it only inside that expert's ``F.linear``).
+    """
 
     def __init__(self) -> None:
-        self.experts_seen: set[str] = set()
+        self.inputs_seen: set[str] = set()
+        self.weights_seen: set[str] = set()
         self.unrouted_layers: set[str] = set()
 
     @contextlib.contextmanager
@@ -151,7 +157,8 @@ class CoverageRecorder:
         for name, module in model.named_modules():
             expert = expert_of(name)
             if expert is not None and isinstance(module, TensorQuantizer) and module.is_enabled:
-                handles.append(module.register_forward_hook(self._hook(expert)))
+                seen = self.inputs_seen if "input_quantizer" in name else self.weights_seen
+                handles.append(module.register_forward_hook(self._hook(expert, seen)))
         routing = route_all_experts(model, self.unrouted_layers) if all_experts else contextlib.nullcontext()
         try:
             with routing:
@@ -160,10 +167,11 @@ class CoverageRecorder:
             for handle in handles:
                 handle.remove()
 
-    def _hook(self, expert: str) -> Callable:
+    @staticmethod
+    def _hook(expert: str, seen: set[str]) -> Callable:
         def hook(module, inputs, output) -> None:
             if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].numel():
-                self.experts_seen.add(expert)
+                seen.add(expert)
         return hook
 
     def wrap(self, forward_loop: Callable[[torch.nn.Module], None], all_experts: bool) -> Callable[[torch.nn.Module], None]:
@@ -197,16 +205,25 @@ def quantizers_without_statistics(model: torch.nn.Module) -> list[str]:
     return missing
 
 
-def expert_names(model: torch.nn.Module) -> list[str]:
-    """Every routed expert that holds an enabled quantizer, in model order."""
+def expert_names(model: torch.nn.Module) -> tuple[list[str], set[str], bool]:
+    """Every routed expert that holds an enabled quantizer (in model order), those with input quantizers
+    of their own, and whether the experts' activations are quantized at all (shared quantizers count)."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     names: dict[str, None] = {}
+    own_inputs: set[str] = set()
+    activations = False
     for name, module in model.named_modules():
+        if not isinstance(module, TensorQuantizer) or not module.is_enabled:
+            continue
         expert = expert_of(name)
-        if expert is not None and isinstance(module, TensorQuantizer) and module.is_enabled:
+        is_input = "input_quantizer" in name
+        activations = activations or (is_input and ".experts." in name)
+        if expert is not None:
             names.setdefault(expert)
-    return list(names)
+            if is_input:
+                own_inputs.add(expert)
+    return list(names), own_inputs, activations
 
 
 @dataclass
@@ -225,10 +242,15 @@ class CoverageReport:
 
 
 def coverage_report(model: torch.nn.Module, recorder: CoverageRecorder, calib_all_experts: bool) -> CoverageReport:
-    experts = expert_names(model)
+    """Weight-only formats report no expert as without tokens: their scales come from the weights alone."""
+    experts, own_inputs, activations = expert_names(model)
+
+    def seen(expert: str) -> bool:
+        return expert in (recorder.inputs_seen if expert in own_inputs else recorder.weights_seen)
+
     return CoverageReport(
         calib_all_experts=calib_all_experts, experts=len(experts),
-        experts_without_tokens=[name for name in experts if name not in recorder.experts_seen],
+        experts_without_tokens=[name for name in experts if activations and not seen(name)],
         quantizers_without_statistics=quantizers_without_statistics(model),
         unrouted_layers=sorted(recorder.unrouted_layers),
     )

@@ -65,11 +65,11 @@ def test_routing_to_every_expert_leaves_the_output_unchanged_and_is_undone():
     assert torch.equal(again, reference) and "forward" not in experts.__dict__
 
 
-def _calibrate(model, ids, all_experts: bool):
+def _calibrate(model, ids, all_experts: bool, format_name: str = "nvfp4"):
     import modelopt.torch.quantization as mtq
 
     recorder = CoverageRecorder()
-    config = build_quant_config(get_recipe("nvfp4"), calib_all_experts=all_experts)
+    config = build_quant_config(get_recipe(format_name), calib_all_experts=all_experts)
     mtq.quantize(model, config, recorder.wrap(lambda m: m(input_ids=ids), all_experts))
     return coverage_report(model, recorder, all_experts)
 
@@ -102,6 +102,35 @@ def test_modulelist_experts_use_modelopts_ratio(all_experts):
     # ModelOpt's own mechanism gives each expert its own input amax (the sibling sync is off)
     amaxes = {float(model.model.layers[0].mlp.experts[e].down_proj.input_quantizer.amax) for e in range(4)}
     assert (len(amaxes) == 4) is all_experts
+
+
+def test_experts_called_on_no_tokens_still_count_as_uncalibrated():
+    """Some MoE code runs every expert, also on an empty token set: the weight quantizer then runs,
+    the input quantizer sees nothing, and the expert has no statistics of its own."""
+    from tests.tiny_models import ModuleListExperts
+
+    class EveryExpertCalled(ModuleListExperts):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            output = torch.zeros_like(hidden_states)
+            for expert_index, expert in enumerate(self):
+                token_index, slot = torch.where(top_k_index == expert_index)
+                contribution = expert(hidden_states[token_index]) * top_k_weights[token_index, slot, None]
+                output.index_add_(0, token_index, contribution.to(output.dtype))
+            return output
+
+    model = modulelist_moe()
+    for layer in model.model.layers:
+        layer.mlp.gate.top_k = 1
+        layer.mlp.experts.__class__ = EveryExpertCalled
+    report = _calibrate(model, torch.randint(0, 96, (1, 2), generator=torch.Generator().manual_seed(0)), False)
+    assert len(report.experts_without_tokens) >= 4
+
+
+def test_weight_only_experts_need_no_tokens():
+    model = _build(qwen3_moe_config(num_experts=EXPERTS, num_experts_per_tok=1))
+    report = _calibrate(model, torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(0)), False,
+                        format_name="w4a16_nvfp4")
+    assert report.experts == 2 * EXPERTS and report.experts_without_tokens == []  # scales come from the weights
 
 
 def test_quantizer_without_statistics_is_refused_unless_allowed():
