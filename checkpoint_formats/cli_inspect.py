@@ -13,7 +13,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from checkpoint_formats.detect import detect_format
-from checkpoint_formats.health import describe_names, missing_activation_scales
+from checkpoint_formats.health import (
+    describe_names,
+    expert_scale_sanity,
+    missing_activation_scales,
+)
 from checkpoint_formats.layout import QUANTIZATION_STATE_SUFFIXES
 from checkpoint_formats.reader import CheckpointReader
 from foundation.dtypes import SHORT_NAMES
@@ -94,6 +98,7 @@ def main(argv: list[str]) -> int:
     with CheckpointReader(fmt) as reader:
         rows = summarize(reader)
         missing_scales = missing_activation_scales(fmt, reader)
+        expert_scales = expert_scale_sanity(fmt, reader)
     total, bf16_total = sum(r.bytes for r in rows), sum(r.bf16_bytes for r in rows)
     if args.json:
         print(
@@ -106,6 +111,7 @@ def main(argv: list[str]) -> int:
                     "bf16_bytes": bf16_total,
                     "module_types": [asdict(r) for r in rows],
                     "missing_input_scales": missing_scales,
+                    "expert_scales": expert_scales,
                 },
                 indent=2,
             )
@@ -122,6 +128,13 @@ def main(argv: list[str]) -> int:
     console.print(table)
     ratio = bf16_total / total if total else 0.0
     console.print(f"total {_human(total)} vs {_human(bf16_total)} in bf16 ({ratio:.2f}x smaller)")
+    if expert_scales is not None:
+        unmeasured = expert_scales["zero_or_default_input_scale"] or expert_scales["zero_or_default_weight_scale_2"]
+        examples = expert_scales["examples"]["input_scale"] or expert_scales["examples"]["weight_scale_2"]
+        console.print(f"{'[yellow]experts:[/]' if unmeasured else 'experts:'} {expert_scales['experts']} quantized; "
+                      f"{expert_scales['zero_or_default_input_scale']} with a zero or default input_scale, "
+                      f"{expert_scales['zero_or_default_weight_scale_2']} with a zero weight_scale_2"
+                      + (f" (e.g. {', '.join(examples)}): re-quantize with --calib_all_experts" if unmeasured else ""))
     if missing_scales:  # inspect describes; verify fails such a checkpoint
         console.print(f"[red]broken:[/] {len(missing_scales)} quantized Linear(s) lack the input_scale their format needs "
                       f"({describe_names(missing_scales)}); run quant-abliterate verify {fmt.path}")

@@ -7,6 +7,10 @@
   ``quant_algo`` of hf_quant_config.json / config.json).
 * ``nonfinite_tensors``: NaN / inf anywhere in the weights, also where the
   prompt at hand never looks (an embedding row of a token it does not use).
+* ``expert_scale_sanity``: MoE experts whose ``input_scale`` is zero or
+  ModelOpt's stand-in for a missing amax (0.5, written by its export for an
+  expert that got no calibration token), or whose ``weight_scale_2`` is zero:
+  scales that were never measured.
 
 Both read tensors by name only (headers, then one tensor at a time), so they
 work on a checkpoint of any size, and on a loaded model's parameters alike.
@@ -14,6 +18,7 @@ work on a checkpoint of any size, and on a loaded model's parameters alike.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -65,3 +70,39 @@ def nonfinite_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list
 def describe_names(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+_EXPERT_MODULE = re.compile(r"^(?P<expert>.*\.experts\.\d+)\.[^.]+$")
+MODELOPT_FALLBACK_AMAX = 0.5  # modelopt/torch/export/layer_utils.py set_expert_quantizer_amax(fallback_value=0.5)
+_ACTIVATION_MAXBOUND = {FormatKind.MODELOPT_NVFP4: 6.0 * 448.0, FormatKind.MODELOPT_W4A8: 448.0,
+                        FormatKind.MODELOPT_FP8: 448.0}
+
+
+def _unmeasured(value: torch.Tensor, stand_in: float | None) -> bool:
+    value = value.float().reshape(-1)
+    if not bool(torch.isfinite(value).all()) or bool((value <= 0).any()):
+        return True
+    return stand_in is not None and bool(torch.isclose(value, torch.tensor(stand_in), rtol=1e-5, atol=0).any())
+
+
+def expert_scale_sanity(fmt: CheckpointFormat, reader: CheckpointReader, limit: int = 5) -> dict | None:
+    """Per-expert scale check of a ModelOpt checkpoint; None when it has no quantized experts."""
+    if fmt.kind not in _STATIC_ACTIVATION_KINDS and fmt.kind != FormatKind.MODELOPT_W4A16_NVFP4:
+        return None
+    experts: dict[str, list[str]] = {}
+    for module in quantized_modules(reader):
+        match = _EXPERT_MODULE.match(module)
+        if match is not None:
+            experts.setdefault(match["expert"], []).append(module)
+    if not experts:
+        return None
+    maxbound = _ACTIVATION_MAXBOUND.get(fmt.kind)
+    stand_in = MODELOPT_FALLBACK_AMAX / maxbound if maxbound else None
+    bad_input = [expert for expert, modules in experts.items()
+                 if any(f"{m}.input_scale" in reader and _unmeasured(reader.get(f"{m}.input_scale"), stand_in) for m in modules)]
+    bad_weight = [expert for expert, modules in experts.items()
+                  if any(f"{m}.weight_scale_2" in reader and _unmeasured(reader.get(f"{m}.weight_scale_2"), None)
+                         for m in modules)]
+    return {"experts": len(experts), "zero_or_default_input_scale": len(bad_input),
+            "zero_or_default_weight_scale_2": len(bad_weight),
+            "examples": {"input_scale": bad_input[:limit], "weight_scale_2": bad_weight[:limit]}}

@@ -42,7 +42,14 @@ from quantize.calibration.schema import (
     OversampleRatio,
     Seed,
 )
-from quantize.recipes import DEFAULT_FORMAT, FORMATS, KV_CACHE_FORMATS
+from quantize.recipes import (
+    ALGORITHMS,
+    DEFAULT_FORMAT,
+    FORMATS,
+    KV_CACHE_FORMATS,
+    check_algorithm_fits,
+    offered_algorithms,
+)
 from quantize.skip_layers import parse_skip_patterns
 
 DEFAULT_MIX = Path("datasets_yaml/offline_mix.yaml")
@@ -67,6 +74,14 @@ class QuantizeSettings(BaseModel):
                                       json_schema_extra=cli(aliases=("--output",)))
     dataset_yaml: Path = Field(default=DEFAULT_MIX, description="calibration mix YAML", json_schema_extra=cli(aliases=("--mix",)))
     format: str = Field(default=DEFAULT_FORMAT, description=f"one of {', '.join(FORMATS)} (see --list_configs; --w4a8 is the seed's alias for --format w4a8)")
+    algorithm: str | None = Field(default=None, description=f"calibration algorithm: one of {', '.join(offered_algorithms())} "
+                                  "(default: the format's own, max for all but nvfp4_awq; see --list_configs)")
+    calib_all_experts: bool = Field(default=True, description="MoE models: route every calibration token through every expert "
+                                    "(as llm-compressor does), so no expert is left with borrowed or default scales; "
+                                    "--no_calib_all_experts calibrates with the real routing only",
+                                    json_schema_extra=cli(aliases=("--no-calib_all_experts",)))
+    allow_uncalibrated: bool = Field(default=False, description="export even when enabled quantizers got no calibration "
+                                     "statistics (ModelOpt then fills their scales from a sibling or a fixed default)")
     kv_cache: Literal[tuple(KV_CACHE_FORMATS)] = Field(default="none", description="also quantize the KV cache")
     backend: Literal["modelopt", "llmcompressor"] = Field(default="modelopt", description="llmcompressor: compressed-tensors NVFP4 via its sequential pipeline")
     max_samples: MaxSamples | None = Field(default=None, description=_mix_override("max_samples"))
@@ -111,6 +126,13 @@ class QuantizeSettings(BaseModel):
             raise ValueError(f"unknown format {value!r}; choose one of: {', '.join(FORMATS)}")
         return value
 
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str | None) -> str | None:
+        if value is not None and value not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {value!r}; choose one of: {', '.join(offered_algorithms())}")
+        return value
+
     @field_validator("dtype", mode="before")
     @classmethod
     def _dtype_alias(cls, value: Any) -> Any:
@@ -143,7 +165,7 @@ def build_parser(prog: str = "quant-abliterate quantize", offload: bool = False)
     parser = argparse.ArgumentParser(prog=prog, description="Calibrate a Hugging Face causal LM and export a quantized checkpoint.")
     add_model_arguments(parser, QuantizeSettings, required=("offload_folder",) if offload else ())
     parser.add_argument("--w4a8", action="store_true", help="seed alias for --format w4a8")
-    parser.add_argument("--list_configs", action="store_true", help="print the formats and the ModelOpt config each maps to, then exit")
+    parser.add_argument("--list_configs", action="store_true", help="print the formats (with the ModelOpt config each maps to) and the calibration algorithms, then exit")
     return parser
 
 
@@ -195,6 +217,15 @@ def check_paths(settings: QuantizeSettings) -> None:
     if settings.layerwise and settings.backend != "modelopt":
         raise UserError("--layerwise", "layerwise calibration is a ModelOpt option (llm-compressor is always sequential)",
                         "drop --layerwise or use --backend modelopt")
+    if settings.format in FORMATS:
+        check_algorithm_fits(FORMATS[settings.format], settings.algorithm)
+        algorithm = settings.algorithm or FORMATS[settings.format].algorithm
+        if settings.layerwise and algorithm != "max":
+            raise UserError("--layerwise", f"layerwise calibration is wired for max calibration only; this run uses "
+                            f"{algorithm!r}", "drop --layerwise, or use --algorithm max with a format other than nvfp4_awq")
+    if settings.backend == "llmcompressor" and settings.algorithm not in (None, "max"):
+        raise UserError("--algorithm", f"--algorithm {settings.algorithm} is a ModelOpt algorithm; --backend llmcompressor "
+                        "calibrates with its own QuantizationModifier (min-max)", "drop --algorithm or use --backend modelopt")
     if settings.backend == "llmcompressor" and settings.format not in {"nvfp4", "w4a16_nvfp4"}:
         raise UserError("--format", f"--backend llmcompressor supports nvfp4 and w4a16_nvfp4, not {settings.format!r}",
                         "pick one of those or use --backend modelopt")

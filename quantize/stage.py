@@ -26,7 +26,7 @@ from quantize import manifest as run_manifest
 from quantize import offload as offload_planning
 from quantize import skip_layers
 from quantize.backends import backend_for
-from quantize.recipes import check_device_supports, get_recipe
+from quantize.recipes import check_device_supports, check_format_fits_model, get_recipe
 from quantize.settings import QuantizeSettings, check_paths
 from quantize.source_model import (
     load_config,
@@ -65,7 +65,8 @@ def preflight(settings: QuantizeSettings) -> None:
     check_paths(settings)
     recipe = get_recipe(settings.format)
     device = resolve_device(settings.device)
-    check_device_supports(recipe, cuda_available=device.startswith("cuda") or (settings.offload and torch.cuda.is_available()))
+    check_device_supports(recipe, cuda_available=device.startswith("cuda") or (settings.offload and torch.cuda.is_available()),
+                          algorithm=settings.algorithm)
     check_writable_output(Path(settings.output_model), settings.overwrite)
 
 
@@ -85,6 +86,7 @@ def _quantize(settings: QuantizeSettings, console: Console, calibration_set) -> 
     started = time.perf_counter()
     model_config = load_config(settings.input_model, settings.revision, settings.trust_remote_code)
     check_family_supported(model_config.to_dict(), f"--input_model {settings.input_model}")
+    check_format_fits_model(get_recipe(settings.format), model_config.to_dict())
     tokenizer = load_tokenizer(settings.input_model, settings.revision, settings.trust_remote_code)
     if calibration_set is None:
         calibration_set = build_calibration(settings, tokenizer, console)

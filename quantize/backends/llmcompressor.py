@@ -47,6 +47,7 @@ class LLMCompressorBackend:
             num_calibration_samples=len(calibration_set.samples),
             max_seq_length=max(len(sample) for sample in calibration_set.samples),
             batch_size=settings.batch_size, shuffle_calibration_samples=False, pipeline="sequential",
+            moe_calibrate_all_experts=settings.calib_all_experts,
         )
 
     def export(self, model, staging: Path, settings: QuantizeSettings) -> dict[str, Any]:

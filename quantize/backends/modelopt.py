@@ -18,6 +18,7 @@ from foundation.model_fingerprint import (
     model_fingerprint,
 )
 from quantize import calibrate as calibration_loop
+from quantize import expert_coverage
 from quantize import export as checkpoint_export
 from quantize import offload as offload_planning
 from quantize.recipes import build_quant_config, get_recipe
@@ -39,7 +40,8 @@ def layerwise_checkpoint_dir(settings: QuantizeSettings, calibration_set, consol
         return None
     fingerprint = model_fingerprint(settings.input_model)
     model_key = fingerprint_digest(fingerprint) if fingerprint is not None else str(settings.input_model)
-    inputs = "|".join([model_key, settings.format, settings.kv_cache, settings.dtype,
+    inputs = "|".join([model_key, settings.format, settings.kv_cache, settings.dtype, str(settings.algorithm),
+                       f"all_experts={settings.calib_all_experts}",
                        *sorted(settings.skip_layers), calibration_set.token_ids_sha256])
     run_key = f"{settings.format}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}"
     root = offload_planning.offload_work_dir(settings.offload_folder) / "layerwise_checkpoints"
@@ -81,16 +83,21 @@ class ModelOptBackend:
     def calibrate(self, model, tokenizer, calibration_set, skipped: list[SkipMatch], settings: QuantizeSettings,
                   console: Console):
         recipe = get_recipe(settings.format)
+        all_experts = settings.calib_all_experts and expert_coverage.is_moe_model(model)
         quant_config = build_quant_config(
             recipe, kv_cache=settings.kv_cache, disabled_quantizer_patterns=disabled_quantizer_patterns(skipped),
-            layerwise=settings.layerwise,
+            layerwise=settings.layerwise, algorithm=settings.algorithm, calib_all_experts=all_experts,
             layerwise_checkpoint_dir=layerwise_checkpoint_dir(settings, calibration_set, console),
         )
+        algorithm = settings.algorithm or recipe.algorithm
         forward_loop = calibration_loop.make_forward_loop(
             calibration_set, settings.batch_size, pad_token_id(tokenizer), console,
-            description=f"calibrating {recipe.name}",
+            description=f"calibrating {recipe.name} ({algorithm}{', every expert' if all_experts else ''})",
         )
-        model, _ = calibration_loop.calibrate(model, quant_config, forward_loop)
+        recorder = expert_coverage.CoverageRecorder()
+        model, _ = calibration_loop.calibrate(model, quant_config, recorder.wrap(forward_loop, all_experts))
+        self.coverage = expert_coverage.coverage_report(model, recorder, all_experts)
+        expert_coverage.enforce_coverage(self.coverage, settings.allow_uncalibrated, console)
         return model
 
     def export(self, model, staging: Path, settings: QuantizeSettings) -> dict[str, Any]:
@@ -101,6 +108,8 @@ class ModelOptBackend:
         return {
             "backend": self.name, "format": recipe.name, "modelopt_config": recipe.modelopt_config,
             "quant_algo": hf_quant.get("quant_algo"), "kv_cache": settings.kv_cache, "layerwise": settings.layerwise,
+            "algorithm": settings.algorithm or recipe.algorithm,
+            "calibration_coverage": self.coverage.as_manifest() if getattr(self, "coverage", None) else None,
             "exclude_modules": hf_quant.get("exclude_modules"),
             "repaired_exclusions": repaired,
         }
