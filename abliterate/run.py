@@ -34,6 +34,7 @@ from abliterate.directions import refusal_directions
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
 from abliterate.evaluation import Evaluator
+from abliterate.evaluation.judge import check_judge_source
 from abliterate.evaluation_inputs import (
     EvaluationInputs,
     evaluation_config,
@@ -190,6 +191,8 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
         torch.set_num_threads(settings.cpu_threads)
     inputs = EvaluationInputs.from_settings(settings)
     prompts = prompt_sets_of(inputs)
+    if settings.judge:  # a mistyped --judge must fail before the model loads, not after
+        check_judge_source(settings.judge)
     console.print(f"prompts: {len(prompts.harmful_train)}+{len(prompts.harmless_train)} train, "
                   f"{len(prompts.harmful_test)}+{len(prompts.harmless_test)} test (harmful+harmless)")
     loaded = load_model(settings.model, dtypes=settings.dtypes, device_map=settings.device_map,

@@ -128,7 +128,8 @@ def refusal_label_ids(config, name: str) -> frozenset[int]:
     return refusal
 
 
-def _check_source(name: str) -> None:
+def check_judge_source(name: str) -> None:
+    """A local judge path that cannot be a model folder fails here, before any model is loaded."""
     path = Path(name)
     if not path.exists() and looks_like_local_path(name):
         raise UserError(FLAG, f"{name} does not exist", "give a local judge folder (e.g. testbed/judge) or a Hub id (org/name)")
@@ -148,7 +149,7 @@ def load_refusal_judge(name: str, device: torch.device | str, *, batch_size: int
         AutoTokenizer,
     )
 
-    _check_source(name)
+    check_judge_source(name)
     require_safetensors(name, FLAG)  # a pickle would run code in torch.load
     try:
         config = AutoConfig.from_pretrained(name)
@@ -163,8 +164,10 @@ def load_refusal_judge(name: str, device: torch.device | str, *, batch_size: int
     auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
     try:
         model, info = auto.from_pretrained(name, dtype=dtype, use_safetensors=True, output_loading_info=True)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        if "mismatch" in first:
+            first = "its weights do not match its config.json (tensor shapes differ)"
         raise UserError(FLAG, f"cannot load the weights of the judge {name}: {first}",
                         "give a folder with the judge's .safetensors next to its config.json") from None
     require_complete_load(info, name, FLAG)  # a head missing from the weights would judge at random
