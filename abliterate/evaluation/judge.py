@@ -34,6 +34,7 @@ from abliterate.evaluation.markers import strip_reasoning
 from foundation.errors import UserError
 from foundation.hub_ids import looks_like_local_path
 from foundation.load_report import require_complete_load
+from foundation.package_data import resolve_data_path
 from foundation.weight_files import require_safetensors
 
 FLAG = "--judge"
@@ -128,8 +129,15 @@ def refusal_label_ids(config, name: str) -> frozenset[int]:
     return refusal
 
 
+def resolve_judge(name: str) -> str:
+    """``testbed/judge`` from any directory (the installed copy when there is none here); anything else as given."""
+    resolved = resolve_data_path(name)
+    return str(resolved) if resolved.exists() else name
+
+
 def check_judge_source(name: str) -> None:
     """A local judge path that cannot be a model folder fails here, before any model is loaded."""
+    name = resolve_judge(name)
     path = Path(name)
     if not path.exists() and looks_like_local_path(name):
         raise UserError(FLAG, f"{name} does not exist", "give a local judge folder (e.g. testbed/judge) or a Hub id (org/name)")
@@ -149,6 +157,7 @@ def load_refusal_judge(name: str, device: torch.device | str, *, batch_size: int
         AutoTokenizer,
     )
 
+    name = resolve_judge(name)
     check_judge_source(name)
     require_safetensors(name, FLAG)  # a pickle would run code in torch.load
     try:
