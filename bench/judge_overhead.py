@@ -5,7 +5,7 @@ generation on the static decoder, the harmless KL pass, false refusals):
 
 * ``markers``: no judge, answers up to ``--max_new_tokens`` (100);
 * ``classifier``: the shipped ``testbed/judge`` (a tiny sequence classifier), answers to ``--judge_tokens`` (128);
-* ``*_window_100``: the same judges with ``--judge_tokens`` equal to ``--max_new_tokens`` (the judging alone);
+* ``*_same_window``: the same judges with ``--judge_tokens`` equal to ``--max_new_tokens`` (the judging alone);
 * ``chat_llm_8b``: an 8B-shaped chat LLM as the judge (random weights, the testbed tokenizer and chat template:
   the cost of a real 8B instruct judge, not its verdicts), answers to ``--judge_tokens``.
 
@@ -91,9 +91,9 @@ def main() -> None:
     judges = {  # name -> (judge, judge_tokens)
         "markers": (None, None),
         "classifier": (classifier, args.judge_tokens),
-        "classifier_window_100": (classifier, args.max_new_tokens),  # the judge alone, no longer window
+        "classifier_same_window": (classifier, args.max_new_tokens),  # the judging alone, no longer window
         "chat_llm_8b": (chat, args.judge_tokens),
-        "chat_llm_8b_window_100": (chat, args.max_new_tokens),
+        "chat_llm_8b_same_window": (chat, args.max_new_tokens),
     }
     evaluators = {}
     for name, (judge, judge_tokens) in judges.items():
