@@ -21,7 +21,7 @@ ABL_OUT   ?= outputs/$(MODEL_NAME)-abliterate
 SELECT    ?=
 ARGS      ?=
 
-.PHONY: setup test pipeline quantize abliterate testbed testbed-data clean
+.PHONY: setup test pipeline quantize abliterate testbed testbed-judge testbed-data clean
 
 # requirements.lock pins every transitive dependency so a fresh install
 # resolves exactly as it did when the lock was written.
@@ -49,6 +49,10 @@ abliterate: $(STAMP)
 # Rebuild the committed testbed model bit for bit (about 10 minutes on 2 cores).
 testbed: $(STAMP)
 	$(PY) -m testbed.build --out testbed/model --overwrite
+
+# Rebuild the committed testbed refusal judge (stage 2's --judge testbed/judge) bit for bit (~30 s on one core).
+testbed-judge: $(STAMP)
+	$(PY) -m testbed.judge --out testbed/judge --overwrite
 
 # Regenerate the testbed's prompt sets and offline corpora under datasets_yaml/.
 testbed-data: $(STAMP)

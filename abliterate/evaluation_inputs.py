@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from abliterate.evaluation import DEFAULT_REFUSAL_MARKERS, EvaluationConfig
+from abliterate.evaluation import (
+    DEFAULT_REFUSAL_MARKERS,
+    EvaluationConfig,
+    RefusalJudge,
+    load_refusal_judge,
+)
 from abliterate.evaluation.prompt_sets import DEFAULT_SPEC
 from foundation.errors import UserError
 from foundation.package_data import resolve_data_path
@@ -54,6 +59,9 @@ class EvaluationInputs(BaseModel):
     max_response_length: int = 100
     kl_tokens: int = 8
     false_refusal_tokens: int | None = None  # a record without it (older versions) counts them at the default
+    judge: str | None = None
+    judge_tokens: int = 128
+    judge_batch_size: int = 16
     batch_size: int | None = None
     max_batch_size: int = 128
 
@@ -92,4 +100,14 @@ def evaluation_config(inputs: EvaluationInputs, prompts: PromptSets) -> Evaluati
         batch_size=inputs.batch_size,
         max_batch_size=inputs.max_batch_size,
         system_prompt=inputs.system_prompt,
+        judge_tokens=inputs.judge_tokens if inputs.judge else None,
     )
+
+
+def refusal_judge_of(inputs: EvaluationInputs, model) -> RefusalJudge | None:
+    """The run's refusal judge on the device of ``model`` (the searched model), or None without ``--judge``."""
+    if not inputs.judge:
+        return None
+    from abliterate.evaluation.generation import model_device
+
+    return load_refusal_judge(inputs.judge, model_device(model), batch_size=inputs.judge_batch_size)

@@ -34,7 +34,12 @@ from abliterate.directions import refusal_directions
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
 from abliterate.evaluation import Evaluator
-from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
+from abliterate.evaluation.judge import check_judge_source
+from abliterate.evaluation_inputs import (
+    EvaluationInputs,
+    evaluation_config,
+    refusal_judge_of,
+)
 from abliterate.loading import load_model
 from abliterate.prompt_lengths import context_length, prompt_files, require_prompts_fit
 from abliterate.prompts import PromptSets, prompt_sets_of
@@ -127,7 +132,8 @@ def describe_metrics(metrics: TrialMetrics) -> str:
     n = metrics.n_harmful
     compliance = "-" if metrics.compliance is None else f"{metrics.compliance}/{n}"
     broken = broken_answers(metrics)
-    return (f"refusals {metrics.refusals}/{n} compliance {compliance} fragments {'-' if broken is None else broken} "
+    markers = "" if metrics.marker_refusals is None else f" (judge; markers {metrics.marker_refusals}/{n})"
+    return (f"refusals {metrics.refusals}/{n}{markers} compliance {compliance} fragments {'-' if broken is None else broken} "
             f"false refusals {false_refusals_text(metrics)} KL {metrics.kl:.4f} (1st token {metrics.kl_first_token:.1e})")
 
 
@@ -164,6 +170,7 @@ def choose(settings: AbliterateSettings, candidates: list[Candidate], front: lis
 def check_output_paths(settings: AbliterateSettings) -> None:
     """--overwrite deletes the output: it must not be (or hold, or lie inside) the model, a prompt file or the study."""
     inputs = {"--model": settings.model, "--prompts": settings.prompt_spec(), "--study_dir": settings.study_path(),
+              "--judge": settings.judge,
               **{f"--{name}": getattr(settings, name) for name in ("harmful_train", "harmless_train", "harmful_test",
                                                                    "harmless_test")}}
     check_output_location(settings.output_dir(), inputs, output_flag="--out")
@@ -184,6 +191,8 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
         torch.set_num_threads(settings.cpu_threads)
     inputs = EvaluationInputs.from_settings(settings)
     prompts = prompt_sets_of(inputs)
+    if settings.judge:  # a mistyped --judge must fail before the model loads, not after
+        check_judge_source(settings.judge)
     console.print(f"prompts: {len(prompts.harmful_train)}+{len(prompts.harmless_train)} train, "
                   f"{len(prompts.harmful_test)}+{len(prompts.harmless_test)} test (harmful+harmless)")
     loaded = load_model(settings.model, dtypes=settings.dtypes, device_map=settings.device_map,
@@ -196,15 +205,20 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     print_architecture(architecture, console)
 
     config = evaluation_config(inputs, prompts)
+    judge = refusal_judge_of(inputs, model)
+    if judge is not None:
+        console.print(f"judge: {judge.description}; harmful answers without a refusal marker are generated to "
+                      f"{config.harmful_window(True)} tokens and judged")
     require_prompts_fit(  # a prompt past the context is only a transformers warning, and garbage answers
         {"harmful_train": prompts.harmful_train, "harmless_train": prompts.harmless_train,
          "harmful_test": prompts.harmful_test, "harmless_test": prompts.harmless_test},
-        {"harmful_test": config.max_new_tokens, "harmless_test": max(config.kl_tokens, config.max_new_tokens
+        {"harmful_test": config.harmful_window(judge is not None), "harmless_test": max(config.kl_tokens, config.max_new_tokens
                                                                      if config.count_harmless_refusals else 0)},
         prompt_files(inputs), tokenizer, context_length(model.config, tokenizer), config.system_prompt)
-    evaluator = Evaluator(model, tokenizer, prompts.harmful_test, prompts.harmless_test, config)
+    evaluator = Evaluator(model, tokenizer, prompts.harmful_test, prompts.harmless_test, config, refusal_judge=judge)
     base = TrialMetrics.from_eval_result(evaluator.base)
-    console.print(f"unedited model: {describe_metrics(base)} ({base.seconds:.1f}s, batch size {evaluator.batch_size})")
+    judged = f", judge {evaluator.base.judge_seconds:.1f}s of it" if judge is not None else ""
+    console.print(f"unedited model: {describe_metrics(base)} ({base.seconds:.1f}s{judged}, batch size {evaluator.batch_size})")
     note = zero_base_refusals_note(base)
     if note:
         console.print(f"[yellow]note:[/] {note}")

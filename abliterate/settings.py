@@ -89,6 +89,9 @@ class AbliterateSettings(BaseSettings):
     max_response_length: int = Field(default=100, ge=1, description="Most tokens generated per harmful prompt; generation stops earlier once the answer is decided.")
     kl_tokens: int = Field(default=8, ge=1, description="KL divergence is averaged over this many generated positions of each harmless prompt.")
     false_refusal_tokens: int | None = Field(default=None, ge=0, description="False refusals (refusal markers in the answers to the harmless test prompts) are counted on the first this many answer tokens, for the unedited model and every trial. None = --kl_tokens, the cheapest: where the edited model's greedy tokens agree with the unedited model's over those positions, the KL pass already decided the answer and only the other prompts are generated. 0 = do not count.")
+    judge: str | None = Field(default=None, description="Refusal judge: a local folder or Hub id of a sequence classifier (config id2label with a REFUSAL label; e.g. testbed/judge, the testbed's own) or of a chat LLM asked to answer REFUSAL or COMPLIANCE. Answers in which a refusal marker appeared stay refusals; every other harmful answer is generated to at least --judge_tokens tokens and judged, and the judge's count replaces the markers' in the search and the selection (both counts are recorded). Runs on the model's device. None = markers only.")
+    judge_tokens: int = Field(default=128, ge=1, description="With --judge: harmful answers are generated to at least this many tokens (or their end) before the judge reads them.")
+    judge_batch_size: int = Field(default=16, ge=1, description="Answers per batch of the judge.")
     batch_size: int | None = Field(default=None, ge=1, description="Prompts per batch (None = the fastest that fits, found automatically).")
     max_batch_size: int = Field(default=128, ge=1, description="Largest batch the automatic batch size tries.")
 

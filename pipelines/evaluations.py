@@ -25,16 +25,19 @@ def size_bytes(model_dir: str | Path) -> int | None:
 
 def row(label: str, reference: str | None, *, refusals: int, n_harmful: int, compliance: int | None, kl: float | None,
         perplexity: float | None = None, size: int | None = None, false_refusals: int | None = None,
-        n_harmless: int | None = None) -> dict[str, Any]:
-    """One line of the table; ``false_refusals`` (of ``n_harmless`` harmless test prompts) None where not counted."""
+        n_harmless: int | None = None, marker_refusals: int | None = None) -> dict[str, Any]:
+    """One line of the table; ``false_refusals`` (of ``n_harmless`` harmless test prompts) None where not counted;
+    ``marker_refusals`` the markers' count where a judge decided ``refusals`` (keys present only then)."""
     counted = false_refusals is not None and bool(n_harmless)
+    judged = {} if marker_refusals is None else {
+        "marker_refusals": marker_refusals / n_harmful if n_harmful else None, "marker_refusal_count": marker_refusals}
     return {
         "label": label, "reference": reference, "refusals": refusals / n_harmful if n_harmful else None,
         "refusal_count": refusals, "n_harmful": n_harmful,
         "compliance": None if compliance is None else compliance / n_harmful,
         "false_refusals": false_refusals / n_harmless if counted else None,
         "false_refusal_count": false_refusals, "n_harmless": n_harmless, "kl": kl,
-        "perplexity": perplexity, "size_bytes": size,
+        "perplexity": perplexity, "size_bytes": size, **judged,
     }
 
 
@@ -42,14 +45,19 @@ def metrics_row(label: str, reference: str | None, metrics: dict[str, Any], **ex
     """A row from a recorded ``TrialMetrics`` dict (trial, base or verify metrics; older ones lack false refusals)."""
     return row(label, reference, refusals=metrics["refusals"], n_harmful=metrics["n_harmful"],
                compliance=metrics.get("compliance"), kl=extra.pop("kl", metrics.get("kl")),
-               false_refusals=metrics.get("false_refusals"), n_harmless=metrics.get("n_harmless"), **extra)
+               false_refusals=metrics.get("false_refusals"), n_harmless=metrics.get("n_harmless"),
+               marker_refusals=metrics.get("marker_refusals"), **extra)
 
 
 def original_and_input_rows(settings: AbliterateSettings, original: str, searched: str,
                             searched_label: str = "quantized") -> list[dict[str, Any]]:
     """Measure the source model, then the model stage 2 searches on with the original as KL reference."""
     from abliterate.evaluation import Evaluator
-    from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
+    from abliterate.evaluation_inputs import (
+        EvaluationInputs,
+        evaluation_config,
+        refusal_judge_of,
+    )
     from abliterate.loading import load_model
     from abliterate.prompts import perplexity_texts, prompt_sets_of
 
@@ -65,11 +73,11 @@ def original_and_input_rows(settings: AbliterateSettings, original: str, searche
 
     loaded = load(original)
     evaluator = Evaluator(loaded.model, loaded.tokenizer, prompts.harmful_test, prompts.harmless_test, config,
-                          perplexity_texts=tuple(texts))
+                          perplexity_texts=tuple(texts), refusal_judge=refusal_judge_of(inputs, loaded.model))
     base = evaluator.base  # measured while the evaluator was built (with perplexity when there are texts)
     rows = [row("original", None, refusals=base.refusals, n_harmful=base.n_harmful, compliance=base.compliance,
                 kl=None, perplexity=base.perplexity, size=size_bytes(original), false_refusals=base.harmless_refusals,
-                n_harmless=base.n_harmless)]
+                n_harmless=base.n_harmless, marker_refusals=base.marker_refusals)]
     del loaded
     gc.collect()
     searched_model = load(searched)
@@ -77,5 +85,5 @@ def original_and_input_rows(settings: AbliterateSettings, original: str, searche
     rows.append(row(searched_label, "original", refusals=result.refusals,
                     n_harmful=result.n_harmful, compliance=result.compliance, kl=result.kl,
                     perplexity=result.perplexity, size=size_bytes(searched), false_refusals=result.harmless_refusals,
-                    n_harmless=result.n_harmless))
+                    n_harmless=result.n_harmless, marker_refusals=result.marker_refusals))
     return rows

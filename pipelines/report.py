@@ -22,7 +22,7 @@ def _format(key: str, value: Any) -> str:
         return "-"
     if key == "size_bytes":
         return f"{value / 2**20:.1f} MiB"
-    if key in {"refusals", "compliance", "false_refusals"} and isinstance(value, (int, float)) and value <= 1:
+    if key in {"refusals", "marker_refusals", "compliance", "false_refusals"} and isinstance(value, (int, float)) and value <= 1:
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -60,23 +60,39 @@ def with_capability(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> tup
     return merged, columns
 
 
+JUDGED_COLUMN = ("marker_refusals", "marker ref.")
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """``METRIC_COLUMNS``; with a refusal judge (some row has the markers' count) the markers' refusals follow the
+    judged ones, so a reader sees where the two disagree."""
+    if not any(row.get("marker_refusals") is not None for row in rows):
+        return METRIC_COLUMNS
+    at = [key for key, _ in METRIC_COLUMNS].index("refusals") + 1
+    return (*METRIC_COLUMNS[:at], JUDGED_COLUMN, *METRIC_COLUMNS[at:])
+
+
 def print_final_table(console: Console, manifest: dict[str, Any]) -> None:
     table = Table(title=f"pipeline {manifest.get('pipeline', {}).get('name', '')}: every model, one ruler",
                   caption="refusals / compliance: share of the harmful test prompts; false ref.: share of the "
                           "harmless test prompts refused; KL: mean over the first generated tokens of the harmless "
                           "test prompts, against the model in 'KL vs'")
     table.add_column("model", no_wrap=True)
-    for _, header in METRIC_COLUMNS:
+    rows = evaluation_rows(manifest)
+    columns = metric_columns(rows)
+    if JUDGED_COLUMN in columns:
+        table.caption += "; refusals: by the judge (--judge), marker ref.: by the refusal markers alone"
+    for _, header in columns:
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("KL vs", no_wrap=True)
-    rows, capability_columns = with_capability(evaluation_rows(manifest), manifest)
+    rows, capability_columns = with_capability(rows, manifest)
     for column in capability_columns:  # lm-eval scores of the evaluate stage: one column per task and metric
         table.add_column(column.replace(" ", "\n", 1), justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(row.get("label", row["stage"]), *(_format(key, row.get(key)) for key, _ in METRIC_COLUMNS),
+        table.add_row(row.get("label", row["stage"]), *(_format(key, row.get(key)) for key, _ in columns),
                       row.get("reference") or "-", *(_format(column, row.get(column)) for column in capability_columns))
     if not console.is_terminal:  # a log or CI: rich would assume 80 columns and crop the numbers
-        console = Console(file=console.file, width=max(console.width, 110))
+        console = Console(file=console.file, width=max(console.width, 110 + 12 * (JUDGED_COLUMN in columns)))
     console.print(table)
     timing = Table(title="stages")
     for header in ("stage", "status", "seconds", "peak RSS"):

@@ -11,6 +11,7 @@ from abliterate.evaluation.generation import (
     format_chat_prompts,
     generate_greedy,
 )
+from abliterate.evaluation.judge import RefusalJudge, load_refusal_judge
 from abliterate.evaluation.kl import (
     ContinuationLogProbs,
     continuation_log_probs,
@@ -33,12 +34,14 @@ __all__ = [
     "EvalResult",
     "EvaluationConfig",
     "Evaluator",
+    "RefusalJudge",
     "Response",
     "continuation_log_probs",
     "format_chat_prompts",
     "generate_greedy",
     "is_compliant",
     "is_refusal",
+    "load_refusal_judge",
     "mean_kl_divergence",
     "perplexity",
     "strip_reasoning",

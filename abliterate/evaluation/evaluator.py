@@ -18,6 +18,15 @@ verdict. Only the prompts whose answer departs from the reference within the
 window are generated (same early stop on a refusal marker). With a window no
 longer than ``kl_tokens`` a mild edit costs almost nothing extra; a longer one
 generates every harmless answer.
+
+**A refusal judge** (``refusal_judge``, see ``judge``): the markers' early stop
+still decides the obvious cases (an answer in which a marker appeared stays a
+refusal), every other harmful answer is generated to at least ``judge_tokens``
+tokens (or its EOS) and the judge's verdict replaces the markers'. The result
+keeps both counts: ``refusals`` (the verdicts in use, judged) and
+``marker_refusals`` (the markers alone, on the same answers), so a user sees
+where they disagree. False refusals stay the markers' (their window is short,
+and judging them would generate every harmless answer).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from abliterate.evaluation.generation import (
     pad_token_id,
     use_static_decode,
 )
+from abliterate.evaluation.judge import RefusalJudge
 from abliterate.evaluation.kl import (
     continuation_log_probs,
     first_position_kl,
@@ -66,6 +76,7 @@ class EvaluationConfig:
     count_harmless_refusals: bool = False  # also count refusals of the harmless prompts (false refusals)
     harmless_max_new_tokens: int | None = None  # the false-refusal window; None: max_new_tokens
     perplexity_max_length: int = 512
+    judge_tokens: int | None = None  # with a refusal judge: harmful answers are generated to at least this many tokens
 
     def __post_init__(self) -> None:
         if self.kl_tokens < 1:
@@ -74,6 +85,8 @@ class EvaluationConfig:
             raise UserError("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}", "use e.g. 100")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError("batch_size", f"must be positive, got {self.batch_size}", "omit it to pick automatically")
+        if self.judge_tokens is not None and self.judge_tokens < 1:
+            raise UserError("judge_tokens", f"must be at least 1, got {self.judge_tokens}", "use e.g. --judge_tokens 128")
         if self.harmless_max_new_tokens is not None and self.harmless_max_new_tokens < 1:
             raise UserError("harmless_max_new_tokens", f"must be at least 1, got {self.harmless_max_new_tokens}",
                             "use e.g. 8, or turn counting off with count_harmless_refusals=False")
@@ -81,6 +94,10 @@ class EvaluationConfig:
     @property
     def false_refusal_window(self) -> int:
         return self.harmless_max_new_tokens or self.max_new_tokens
+
+    def harmful_window(self, judged: bool) -> int:
+        """Most tokens generated per harmful answer: ``max_new_tokens``, at least ``judge_tokens`` when judged."""
+        return max(self.max_new_tokens, self.judge_tokens or 0) if judged else self.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,8 @@ class EvalResult:
     perplexity: float | None = None
     responses: tuple[str, ...] = field(default=(), repr=False)  # answers to the harmful prompts
     seconds: float = 0.0
+    marker_refusals: int | None = None  # the markers' count when a judge decided ``refusals``; None without a judge
+    judge_seconds: float = 0.0
 
     @property
     def refusal_rate(self) -> float:
@@ -125,6 +144,7 @@ class Evaluator:
         *,
         perplexity_texts: Sequence[str] = (),
         compliance_judge: ComplianceJudge | None = None,
+        refusal_judge: RefusalJudge | None = None,
     ) -> None:
         if not harmful_prompts or not harmless_prompts:
             raise UserError(
@@ -139,6 +159,7 @@ class Evaluator:
         self.perplexity_texts = list(perplexity_texts)
         self.compliance_rule = ComplianceRule(self.config.compliance_openers, self.config.compliance_patterns)
         self.compliance_judge = compliance_judge
+        self.refusal_judge = refusal_judge
         self.pad_id = pad_token_id(tokenizer)
         self.harmful_ids = format_chat_prompts(tokenizer, self.harmful_prompts, self.config.system_prompt)
         self.harmless_ids = format_chat_prompts(tokenizer, self.harmless_prompts, self.config.system_prompt)
@@ -162,8 +183,12 @@ class Evaluator:
         start = time.perf_counter()
         model.eval()
         config = self.config
-        answers = [response.text for response in self._answers(model, self.harmful_ids)]
-        refused = [is_refusal(answer, config.refusal_markers) for answer in answers]
+        window = config.harmful_window(self.refusal_judge is not None)
+        answers = [response.text for response in self._answers(model, self.harmful_ids, window)]
+        marker_refused = [is_refusal(answer, config.refusal_markers) for answer in answers]
+        judge_start = time.perf_counter()
+        refused = self._judged(answers, marker_refused)
+        judge_seconds = time.perf_counter() - judge_start
         compliance = self._count_compliant(answers, refused)
         log_probs = self._log_probs(model)
         harmless_refusals = self._count_false_refusals(model, log_probs) if config.count_harmless_refusals else None
@@ -188,7 +213,22 @@ class Evaluator:
             perplexity=ppl,
             responses=tuple(answers),
             seconds=time.perf_counter() - start,
+            marker_refusals=sum(marker_refused) if self.refusal_judge is not None else None,
+            judge_seconds=judge_seconds if self.refusal_judge is not None else 0.0,
         )
+
+    def _judged(self, answers: list[str], marker_refused: list[bool]) -> list[bool]:
+        """The judge's verdicts where no marker decided the answer; the markers' verdicts without a judge."""
+        undecided = [index for index, refused in enumerate(marker_refused) if not refused]
+        if self.refusal_judge is None or not undecided:
+            return marker_refused
+        verdicts = list(self.refusal_judge([self.harmful_prompts[i] for i in undecided], [answers[i] for i in undecided]))
+        if len(verdicts) != len(undecided):
+            raise RuntimeError(f"the refusal judge gave {len(verdicts)} verdicts for {len(undecided)} answers")
+        refused = list(marker_refused)
+        for index, verdict in zip(undecided, verdicts, strict=True):
+            refused[index] = bool(verdict)
+        return refused
 
     def _count_false_refusals(self, model, log_probs) -> int:
         """Refusals among the harmless answers (window ``false_refusal_window``); see the module docstring."""

@@ -26,7 +26,10 @@ def metrics_rows(rows: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
         if metrics is None:
             continue
         n = metrics.get("n_harmful")
-        lines.append(f"| {label} | {_cell(metrics.get('refusals'), n)} | {_cell(metrics.get('compliance'), n)} | "
+        refusals = _cell(metrics.get("refusals"), n)
+        if metrics.get("marker_refusals") is not None:  # a judged run: the markers' own count beside the judge's
+            refusals += f" (judge; markers {_cell(metrics['marker_refusals'], n)})"
+        lines.append(f"| {label} | {refusals} | {_cell(metrics.get('compliance'), n)} | "
                      f"{_cell(metrics.get('false_refusals'), metrics.get('n_harmless'))} | "
                      f"{_cell(metrics.get('kl'))} | {_cell(metrics.get('perplexity'))} |")
     return lines

@@ -85,7 +85,11 @@ def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
     ``trust_remote_code`` comes from the export command's own flag, never from chosen_trial.json: a trial
     folder is data, and an edited one must not be able to make the export run code."""
     from abliterate.evaluation import Evaluator
-    from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
+    from abliterate.evaluation_inputs import (
+        EvaluationInputs,
+        evaluation_config,
+        refusal_judge_of,
+    )
     from abliterate.loading import load_model
     from abliterate.prompts import perplexity_texts, prompt_sets_of
     from abliterate.search.objectives import TrialMetrics
@@ -104,7 +108,7 @@ def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
                            max_memory=settings.max_memory, trust_remote_code=trust_remote_code)
     texts = perplexity_texts(settings.prompt_spec())
     evaluator = Evaluator(reference.model, reference.tokenizer, prompts.harmful_test, prompts.harmless_test, config,
-                          perplexity_texts=texts)
+                          perplexity_texts=texts, refusal_judge=refusal_judge_of(settings, reference.model))
     unedited = {**TrialMetrics.from_eval_result(evaluator.base).to_dict(), "perplexity": evaluator.base.perplexity}
     del reference  # the evaluator keeps the unedited model's KL reference, not the model
     exported = load_model(str(export_dir), dtypes=settings.dtypes, device_map=device_map, load_as=settings.load_as,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from abliterate.settings import AbliterateSettings
 
 
-_NOT_IDENTITY = ("decoding", "harmless_max_new_tokens")
+_NOT_IDENTITY = ("decoding", "harmless_max_new_tokens", "judge_tokens")  # the judge is named below, when there is one
 # False refusals are recorded, never optimized: counting them (the default window, which follows kl_tokens)
 # leaves a study's name as it was before they were counted, so older studies resume. An explicit window
 # (or 0, not counting) is named below, so one study never mixes counts taken over different windows.
@@ -40,6 +40,9 @@ def study_name(settings: AbliterateSettings, prompts: PromptSets, config: Evalua
     }
     if settings.false_refusal_tokens is not None:
         identity["false_refusal_tokens"] = settings.false_refusal_tokens
+    if settings.judge:  # judged refusals are another objective: their own study (unjudged studies keep their names)
+        judge = str(Path(settings.judge).resolve()) if Path(settings.judge).exists() else settings.judge
+        identity["judge"] = {"model": judge, "tokens": settings.judge_tokens}
     if settings.quantization != "none":  # a quantized model is another model: its own study (older studies keep their names)
         identity["quantization"] = settings.quantization_request().describe()
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]

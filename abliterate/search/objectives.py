@@ -16,6 +16,11 @@
 every trial and recorded, but are not a third objective: they are shown, and a
 ``--select`` rule can cap them. ``None`` where they were not counted (turned
 off, or a trial of a study written before they were).
+
+**A refusal judge** (``--judge``) decides ``refusals`` where the markers did
+not: its verdicts are what both the refusal score and the selection use, and
+``marker_refusals`` keeps the markers' own count of the same answers beside
+them (``None`` without a judge).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class TrialMetrics:
     seconds: float
     false_refusals: int | None = None  # refusals of the harmless test prompts; None: not counted
     n_harmless: int | None = None
+    marker_refusals: int | None = None  # with a judge: the markers' count (``refusals`` is the judge's); else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,10 +56,11 @@ class TrialMetrics:
         counted = result.harmless_refusals is not None
         return cls(result.refusals, result.n_harmful, result.compliance, float(result.kl),
                    float(result.kl_first_token), float(result.seconds),
-                   result.harmless_refusals, result.n_harmless if counted else None)
+                   result.harmless_refusals, result.n_harmless if counted else None,
+                   getattr(result, "marker_refusals", None))
 
 
-OPTIONAL_FIELDS = ("false_refusals", "n_harmless")  # absent from trials and chosen_trial.json files of older versions
+OPTIONAL_FIELDS = ("false_refusals", "n_harmless", "marker_refusals")  # absent from trials and chosen_trial.json files of older versions
 
 
 def broken_answers(metrics: TrialMetrics) -> int | None:

@@ -135,8 +135,10 @@ def select_trial(rule: str, candidates: list[Candidate], n_harmful: int, n_harml
 
 def front_table(front: list[Candidate], title: str = "Pareto front") -> Table:
     table = Table(title=title)
-    for column in ("trial", "refusals", "fragments", "compliance", "false refusals", "KL (multi-token)", "KL (1st token)",
-                   "direction"):
+    judged = any(candidate.metrics.marker_refusals is not None for candidate in front)
+    refusal_columns = ("refusals (judge)", "refusals (markers)") if judged else ("refusals",)
+    for column in ("trial", *refusal_columns, "fragments", "compliance", "false refusals", "KL (multi-token)",
+                   "KL (1st token)", "direction"):
         table.add_column(column, justify="right")
     for candidate in front:
         metrics = candidate.metrics
@@ -146,6 +148,7 @@ def front_table(front: list[Candidate], title: str = "Pareto front") -> Table:
         table.add_row(
             str(candidate.number),
             f"{metrics.refusals}/{n}",
+            *([marker_refusals_text(metrics)] if judged else []),
             "-" if broken is None else str(broken),
             "-" if metrics.compliance is None else f"{metrics.compliance}/{n}",
             false_refusals_text(metrics),
@@ -154,6 +157,11 @@ def front_table(front: list[Candidate], title: str = "Pareto front") -> Table:
             direction,
         )
     return table
+
+
+def marker_refusals_text(metrics: TrialMetrics) -> str:
+    """The markers' own count beside a judged one, ``-`` where no judge ran."""
+    return "-" if metrics.marker_refusals is None else f"{metrics.marker_refusals}/{metrics.n_harmful}"
 
 
 def false_refusals_text(metrics: TrialMetrics) -> str:

@@ -28,3 +28,17 @@ def test_counting_false_refusals_at_the_default_window_keeps_the_name_an_explici
 
     assert name() == name(false_refusal_tokens=None) == "abliterate-tiny-model-a7009e70bd73"
     assert len({name(), name(false_refusal_tokens=3), name(false_refusal_tokens=16), name(false_refusal_tokens=0)}) == 4
+
+
+def test_a_judge_names_its_own_study_and_judge_tokens_alone_do_not():
+    """Judged refusals are another objective; without --judge, --judge_tokens changes nothing measured."""
+    def name(**extra):
+        settings = AbliterateSettings(model="org/tiny-model", max_test_prompts=4, kl_tokens=3, refusal_markers=["nope"],
+                                      seed=7, **extra)
+        inputs = EvaluationInputs.from_settings(settings)
+        prompts = prompt_sets_of(inputs)
+        return study_name(settings, prompts, evaluation_config(inputs, prompts))
+
+    assert name(judge_tokens=64) == name() == "abliterate-tiny-model-a7009e70bd73"
+    judged = {name(judge="org/judge"), name(judge="org/judge", judge_tokens=64), name(judge="org/other-judge")}
+    assert len(judged) == 3 and name() not in judged

@@ -24,3 +24,24 @@ def test_rows_carry_false_refusals_and_older_records_show_a_dash():
     assert "8.0%" in lines["abliterated #3"] and "0.0%" in lines["original"]
     cells = [cell.strip() for cell in lines["searched model"].split("│")]
     assert cells[cells.index("5.0%") + 1] == "-"  # the column after compliance: not counted
+
+
+def test_a_judged_stage_adds_the_markers_column_and_an_unjudged_table_is_unchanged():
+    judged = metrics_row("abliterated #3", "searched", {"refusals": 30, "n_harmful": 100, "compliance": 60, "kl": 0.01,
+                                                       "marker_refusals": 4})
+    assert (judged["marker_refusals"], judged["marker_refusal_count"]) == (0.04, 4)
+    plain = metrics_row("searched model", None, {"refusals": 90, "n_harmful": 100, "compliance": 5, "kl": 0.0}, kl=None)
+    assert "marker_refusals" not in plain  # no judge: the manifest row is what it was
+
+    def table(rows):
+        out = io.StringIO()
+        print_final_table(Console(file=out, width=200), {"pipeline": {"name": "t"}, "stages": {
+            "abliterate": {"status": "complete", "seconds": 1.0, "evaluations": rows}}})
+        return out.getvalue()
+
+    assert "marker ref." not in table([plain])
+    text = table([plain, judged])
+    line = next(line for line in text.splitlines() if "abliterated #3" in line)
+    cells = [cell.strip() for cell in line.split("│")]
+    assert cells[cells.index("30.0%") + 1] == "4.0%"  # the markers' count right after the judged refusals
+    assert "marker ref." in text and "by the refusal markers alone" in " ".join(text.split())
