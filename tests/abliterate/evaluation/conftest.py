@@ -1,11 +1,18 @@
-"""A tiny random Llama with a word-level tokenizer and a chat template, made offline."""
+"""A tiny random Llama with a word-level tokenizer and a chat template, made offline; and the committed testbed."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from tests.tiny_models import llama_config
 
@@ -41,6 +48,15 @@ def make_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         model.lm_head.weight[:4] = 0.0
         model.lm_head.weight[4:] *= 20.0  # sharp distributions: greedy choices well separated
     return model
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    """The committed testbed model (fp32) and its tokenizer, left-padded; one per test module (decoders attach to it)."""
+    path = Path(__file__).resolve().parents[3] / "testbed" / "model"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -6,22 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate.evaluation import static_decode
 from abliterate.evaluation.generation import format_chat_prompts, generate_greedy
 from abliterate.evaluation.prompt_sets import read_field
 
-TESTBED = Path(__file__).resolve().parents[3] / "testbed" / "model"
 PROMPTS = Path(__file__).resolve().parents[3] / "datasets_yaml" / "prompts"
-
-
-@pytest.fixture(scope="module")
-def testbed():
-    tokenizer = AutoTokenizer.from_pretrained(TESTBED)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(TESTBED, dtype=torch.float32).eval()
-    return model, tokenizer
 
 
 @pytest.mark.usefixtures("one_cpu_thread")

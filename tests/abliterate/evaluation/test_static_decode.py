@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate.evaluation import static_decode
 from abliterate.evaluation.generation import (
@@ -27,16 +26,7 @@ from abliterate.evaluation.markers import (
 from abliterate.evaluation.prompt_sets import read_field
 from foundation.errors import UserError
 
-TESTBED = Path(__file__).resolve().parents[3] / "testbed" / "model"
 PROMPTS = Path(__file__).resolve().parents[3] / "datasets_yaml" / "prompts"
-
-
-@pytest.fixture(scope="module")
-def testbed():
-    tokenizer = AutoTokenizer.from_pretrained(TESTBED)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(TESTBED, dtype=torch.float32).eval()
-    return model, tokenizer
 
 
 def _prompts(tokenizer, count: int):
