@@ -6,6 +6,15 @@ from abliterate.search.naming import study_name
 from abliterate.settings import AbliterateSettings
 
 
+def name(**extra) -> str:
+    """The study name of the golden test's settings, with ``extra`` settings added."""
+    settings = AbliterateSettings(model="org/tiny-model", max_test_prompts=4, kl_tokens=3, refusal_markers=["nope"],
+                                  seed=7, **extra)
+    inputs = EvaluationInputs.from_settings(settings)
+    prompts = prompt_sets_of(inputs)
+    return study_name(settings, prompts, evaluation_config(inputs, prompts))
+
+
 def test_the_study_name_is_the_one_earlier_versions_computed():
     """The digest below was computed by the code before the builders left abliterate/run.py (commit 3ecbd21).
 
@@ -19,26 +28,12 @@ def test_the_study_name_is_the_one_earlier_versions_computed():
 
 def test_counting_false_refusals_at_the_default_window_keeps_the_name_an_explicit_window_does_not():
     """Studies written before false refusals were counted resume; a study never mixes two windows."""
-    def name(**extra):
-        settings = AbliterateSettings(model="org/tiny-model", max_test_prompts=4, kl_tokens=3, refusal_markers=["nope"],
-                                      seed=7, **extra)
-        inputs = EvaluationInputs.from_settings(settings)
-        prompts = prompt_sets_of(inputs)
-        return study_name(settings, prompts, evaluation_config(inputs, prompts))
-
     assert name() == name(false_refusal_tokens=None) == "abliterate-tiny-model-a7009e70bd73"
     assert len({name(), name(false_refusal_tokens=3), name(false_refusal_tokens=16), name(false_refusal_tokens=0)}) == 4
 
 
 def test_a_judge_names_its_own_study_and_judge_tokens_alone_do_not():
     """Judged refusals are another objective; without --judge, --judge_tokens changes nothing measured."""
-    def name(**extra):
-        settings = AbliterateSettings(model="org/tiny-model", max_test_prompts=4, kl_tokens=3, refusal_markers=["nope"],
-                                      seed=7, **extra)
-        inputs = EvaluationInputs.from_settings(settings)
-        prompts = prompt_sets_of(inputs)
-        return study_name(settings, prompts, evaluation_config(inputs, prompts))
-
     assert name(judge_tokens=64) == name() == "abliterate-tiny-model-a7009e70bd73"
     judged = {name(judge="org/judge"), name(judge="org/judge", judge_tokens=64), name(judge="org/other-judge")}
     assert len(judged) == 3 and name() not in judged
