@@ -44,7 +44,7 @@ from testbed.corpus import (
     general_text,
     helpful_answer,
 )
-from testbed.train import deterministic_torch
+from testbed.train import deterministic_torch, run_steps
 
 LABELS = ("COMPLIANCE", "REFUSAL")
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "model"
@@ -128,18 +128,13 @@ def train_judge(tokenizer, seed: int = 0, steps: int = 400, batch_size: int = 32
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, foreach=False)
     schedule = get_cosine_schedule_with_warmup(optimizer, steps // 20, steps)
-    losses = []
-    for step in range(steps):
+
+    def batch_of(step: int) -> dict:
         chunk = data[step * batch_size : (step + 1) * batch_size]
         batch = tokenizer([text for text, _ in chunk], padding=True, return_tensors="pt")
-        loss = model(**batch, labels=torch.tensor([label for _, label in chunk])).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-    model.eval()
+        return {**batch, "labels": torch.tensor([label for _, label in chunk])}
+
+    losses = run_steps(model, optimizer, schedule, steps, batch_of)
     tail = losses[-20:]
     return model, {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
                    "first_loss": round(losses[0], 4), "final_loss": round(sum(tail) / len(tail), 5),

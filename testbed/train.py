@@ -139,6 +139,25 @@ def model_config(config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> Lla
         architectures=["LlamaForCausalLM"],
     )
 
+def run_steps(model, optimizer, schedule, steps: int, batch_of: Callable[[int], dict],
+              on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """The loop both testbed models (the chat model and its judge) train with: one batch per step, gradients
+    clipped to norm 1, the schedule stepped after the optimizer; returns each step's loss, the model in eval mode."""
+    losses = []
+    for step in range(steps):
+        loss = model(**batch_of(step)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
 def train(
     config: TrainConfig, on_step: Callable[[int, float], None] | None = None
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict]:
@@ -166,19 +185,11 @@ def _train(
         foreach=False,
     )
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    losses = []
-    for step in range(config.steps):
-        batch = collate(sequences[step * config.batch_size : (step + 1) * config.batch_size], tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step, losses[-1])
-    model.eval()
+    losses = run_steps(
+        model, optimizer, schedule, config.steps,
+        lambda step: collate(sequences[step * config.batch_size : (step + 1) * config.batch_size], tokenizer.pad_token_id),
+        on_step,
+    )  # fmt: skip
     tail = losses[-max(1, len(losses) // 20) :]
     stats = {
         "parameters": sum(p.numel() for p in model.parameters()),
