@@ -20,7 +20,11 @@ from torch.nn.utils import parametrize
 
 from abliterate.architectures import Component
 from abliterate.edits.delta import Method, abliteration_factors
-from abliterate.edits.offloaded import OffloadedEditSlot, OffloadedTensor, find_offloaded
+from abliterate.edits.offloaded import (
+    OffloadedEditSlot,
+    OffloadedTensor,
+    find_offloaded,
+)
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
 from abliterate.quantization.lora_support import (
     dequantized_weight,
