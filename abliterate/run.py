@@ -197,7 +197,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                   f"{len(prompts.harmful_test)}+{len(prompts.harmless_test)} test (harmful+harmless)")
     loaded = load_model(settings.model, dtypes=settings.dtypes, device_map=settings.device_map,
                         max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code,
-                        quantization=settings.quantization_request(), load_as=settings.load_as)
+                        offload_folder=settings.offload_folder, quantization=settings.quantization_request(), load_as=settings.load_as)
     model, tokenizer = loaded.model, loaded.tokenizer
     console.print(f"model: {settings.model} ({loaded.source_format}, dtype {loaded.dtype}, held {loaded.held_as}, "
                   f"resident {loaded.resident_bytes / 2**30:.2f} GiB)")
@@ -239,15 +239,26 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                                   seed=SVD_SEED)
     for skipped in abliterator.skipped:
         console.print(f"[yellow]skipped:[/] {skipped.component.parameter_path} ({skipped.reason})")
-    console.print(f"editing {len(abliterator.components)} components, skipped {len(abliterator.skipped)}; "
+    placement = abliterator.placement_summary()
+    offloaded = f" ({placement['offloaded']} offloaded by the device_map, edited through accelerate's weights map)" \
+        if placement["offloaded"] else ""
+    console.print(f"editing {len(abliterator.components)} components{offloaded}, skipped {len(abliterator.skipped)}; "
                   f"study {name} in {study_dir} ({len(completed_trials(study))}/{settings.n_trials} trials done)")
+    if len(placement["components_by_device"]) > 1:
+        console.print("components by device: " + ", ".join(f"{device} {count}" for device, count
+                                                            in placement["components_by_device"].items()))
+    checked = {"offloaded_edits": not placement["offloaded"]}
 
     groups = sorted({c.group for c in abliterator.components})
 
     def evaluate(parameters: AbliterationParameters) -> TrialMetrics:
         abliterator.apply(parameters, directions)
         try:
-            return TrialMetrics.from_eval_result(evaluator.evaluate(model))
+            metrics = TrialMetrics.from_eval_result(evaluator.evaluate(model))
+            if not checked["offloaded_edits"]:  # once: every offloaded edit reached a forward pass
+                abliterator.require_offloaded_edits_served()
+                checked["offloaded_edits"] = True
+            return metrics
         finally:
             abliterator.reset()
 
@@ -284,6 +295,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                 "parameters": parameters.to_dict(), "layers_path": architecture.layers_path,
                 "num_layers": architecture.num_layers, "hidden_size": architecture.hidden_size,
                 "skipped": [{"parameter": s.component.parameter_path, "reason": s.reason} for s in abliterator.skipped],
+                "placement": placement,
                 "metrics": chosen.metrics.to_dict(), "base_metrics": base.to_dict(),
                 "settings": json.loads(settings.model_dump_json()),
                 "settings_sources": settings_sources or {},

@@ -65,6 +65,7 @@ class AbliterateSettings(BaseSettings):
     device_map: str = Field(default="auto", description="accelerate device_map ('auto', 'cpu', 'cuda:0', ...).")
     load_as: Literal["auto", "packed", "dequantized"] = Field(default="auto", description="How a quantized checkpoint (ModelOpt NVFP4 / W4A16 / W4A8 / FP8, compressed-tensors) is held: packed (4/8-bit weights, matmul kernels dequantize on the fly, the edit as a LoRA side path) or dequantized (a bf16 copy of every weight). auto: packed when the model is placed on a GPU, dequantized on the CPU (no fast kernel there).")
     max_memory: dict[str, str] | None = Field(default=None, description="Per-device memory caps for device_map, e.g. {\"0\": \"70GiB\", \"cpu\": \"200GiB\"}.")
+    offload_folder: str | None = Field(default=None, description="Folder for the weights that fit neither the GPUs nor the CPU (device_map 'auto' with --max_memory caps): accelerate memory-maps them from there; the edits reach them through its offload hook.")
     trust_remote_code: bool = Field(default=False, description="Run the model repository's own Python code. Only set it for repositories you trust.")
     cpu_threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None = torch's default). 1 is far faster for small models on a busy shared CPU.")
 

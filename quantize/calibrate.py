@@ -34,23 +34,11 @@ class SamplesPerSecondColumn(ProgressColumn):
 
 
 def model_input_device(model: torch.nn.Module) -> torch.device:
-    """Device where input ids must live: the embedding's, else the first parameter's.
+    """Device where input ids must live: the embedding's execution device under an accelerate map (its weight
+    may be on "meta"), else the embedding's weight's (see ``checkpoint_formats.placement.input_device``)."""
+    from checkpoint_formats.placement import input_device
 
-    With an accelerate map whose embedding sits on "disk"/"meta", the hook's
-    execution device is the truth.
-    """
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    for module in (embedding, model):
-        if module is None:
-            continue
-        hook = getattr(module, "_hf_hook", None)
-        execution_device = getattr(hook, "execution_device", None)
-        if execution_device is not None:
-            return torch.device(execution_device)
-        for parameter in module.parameters():
-            if parameter.device.type != "meta":
-                return parameter.device
-    return torch.device("cpu")
+    return input_device(model)
 
 
 def make_forward_loop(

@@ -114,6 +114,11 @@ def test_an_edit_no_forward_loaded_is_reported(tmp_path):
     abliterator = LoraAbliterator(model, architecture.components, method="rank1")
     abliterator.apply(EVERY_LAYER, torch.nn.functional.normalize(torch.randn(architecture.num_layers + 1, 64), dim=-1))
     assert set(abliterator.unserved_offloaded_edits()) == {c.parameter_path for c in abliterator.offloaded}
+    with pytest.raises(RuntimeError, match="never reached a forward pass"):
+        abliterator.require_offloaded_edits_served()
+    with torch.no_grad():
+        model(_ids())
+    abliterator.require_offloaded_edits_served()
 
 
 def test_meta_weights_no_hook_holds_stop_the_run_naming_them():
@@ -163,3 +168,45 @@ def test_the_weights_map_wrapper_is_removed_with_its_last_slot(tmp_path):
     assert isinstance(hook.weights_map, EditedWeightsMap)
     slot.remove()
     assert not isinstance(hook.weights_map, EditedWeightsMap)
+
+
+def test_the_command_on_a_model_partly_on_disk_gives_the_metrics_of_the_whole_model(tmp_path, capsys):
+    """device_map auto with a CPU cap: accelerate sends layers to disk (read from the safetensors, or from
+    --offload_folder where it must convert them); the search edits them all and measures what it measures whole."""
+    import json
+
+    from tiny_chat import write_prompts, write_tiny_chat_model
+
+    from abliterate.artifacts import read_chosen_trial
+    from abliterate.cli import main
+
+    model_dir, spec = write_tiny_chat_model(tmp_path / "model"), write_prompts(tmp_path / "prompts")
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+
+    def run(out, *placement):
+        argv = ["--model", str(model_dir), "--prompts", str(spec), "--out", str(out), "--n_trials", "2",
+                "--n_startup_trials", "2", "--max_response_length", "4", "--kl_tokens", "3", "--dtypes", "float32",
+                "--batch_size", "4", "--no-plot", *placement]
+        assert main(argv) == 0
+        return read_chosen_trial(out), json.loads((out / "pareto_front.json").read_text())
+
+    whole, whole_front = run(tmp_path / "whole", "--device_map", "cpu")
+    capsys.readouterr()
+    split, split_front = run(tmp_path / "split", "--device_map", "auto", "--max_memory", json.dumps({"cpu": str(size // 2)}),
+                             "--offload_folder", str(tmp_path / "offload"))
+    printed = " ".join(capsys.readouterr().out.split())
+    placement = split.header.placement
+    assert placement["offloaded"] > 0 and placement["edited"] == whole.header.placement["edited"]
+    assert "offloaded by the device_map" in printed and not split.header.skipped
+    assert any(".layers.3." in name for name in placement["offloaded_components"])  # the last layer went to disk
+    assert split.header.trial_number == whole.header.trial_number
+    assert len(split_front) == len(whole_front)
+    for ours, theirs in [(split.header.metrics, whole.header.metrics), (split.header.base_metrics, whole.header.base_metrics)]:
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            if "second" in key:
+                continue
+            if isinstance(value, float):
+                assert ours[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
+            else:
+                assert ours[key] == value, key
