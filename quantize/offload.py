@@ -114,14 +114,28 @@ def build_max_memory(gpu_budgets: list[int], cpu_budget: int) -> dict[str | int,
     return max_memory
 
 
+def gpu_budget_flags(max_gpu_memory: str | None, gpu_count: int) -> list[int | None]:
+    """One budget per visible GPU from ``--max_gpu_memory``: one size for all, or a comma list with one per GPU."""
+    if max_gpu_memory is None:
+        return [None] * gpu_count
+    sizes = [size.strip() for size in str(max_gpu_memory).split(",")]
+    if len(sizes) == 1:
+        return [parse_memory(sizes[0], "--max_gpu_memory")] * gpu_count
+    if len(sizes) != gpu_count:
+        raise UserError("--max_gpu_memory", f"{len(sizes)} budgets for {gpu_count} visible GPU(s)",
+                        f"give one size for every GPU, or exactly {gpu_count} comma-separated sizes "
+                        "(CUDA_VISIBLE_DEVICES decides which GPUs are visible)")
+    return [parse_memory(size, "--max_gpu_memory") for size in sizes]
+
+
 def default_budgets(max_gpu_memory: str | None, max_cpu_memory: str | None) -> tuple[list[int], int]:
-    """Budgets from the flags, else 90% of what is free now."""
+    """A budget for every visible GPU and the CPU: from the flags, else 90% of what is free now."""
     import psutil
 
-    gpu_budgets = []
-    for index in range(torch.cuda.device_count()):
-        flagged = parse_memory(max_gpu_memory, "--max_gpu_memory")
-        gpu_budgets.append(flagged if flagged is not None else int(torch.cuda.mem_get_info(index)[0] * 0.9))
+    gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    flagged_gpus = gpu_budget_flags(max_gpu_memory, gpu_count)
+    gpu_budgets = [flagged if flagged is not None else int(torch.cuda.mem_get_info(index)[0] * 0.9)
+                   for index, flagged in enumerate(flagged_gpus)]
     flagged_cpu = parse_memory(max_cpu_memory, "--max_cpu_memory")
     cpu_budget = flagged_cpu if flagged_cpu is not None else int(psutil.virtual_memory().available * 0.9)
     return gpu_budgets, cpu_budget

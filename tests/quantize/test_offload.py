@@ -91,3 +91,57 @@ def test_placement_plan_with_gpus_keeps_non_layer_modules_on_the_first_gpu():
     print_placement(console, plan)
     printed = console.file.getvalue()
     assert "cuda:1" in printed and "disk" in printed and "cpu" in printed
+
+
+def test_every_visible_gpu_gets_a_budget_one_size_or_one_each(monkeypatch):
+    """--max_gpu_memory budgets all visible GPUs (not only cuda:0): one size for all, or a list with one per GPU."""
+    from foundation.errors import UserError
+    from quantize.offload import build_max_memory, default_budgets, gpu_budget_flags
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert default_budgets("2GiB", "0") == ([2 << 30] * 3, 0)
+    assert default_budgets("1GiB,2GiB, 3GiB", "5GiB") == ([1 << 30, 2 << 30, 3 << 30], 5 << 30)
+    assert build_max_memory([1, 2, 3], 4) == {0: 1, 1: 2, 2: 3, "cpu": 4, "disk": 1 << 50}
+    with pytest.raises(UserError, match=r"--max_gpu_memory.*2 budgets for 3 visible GPU"):
+        default_budgets("1GiB,2GiB", "0")
+    with pytest.raises(UserError, match="--max_gpu_memory"):
+        gpu_budget_flags("1GiB,lots", 2)
+    assert gpu_budget_flags(None, 2) == [None, None]
+
+
+def test_a_per_gpu_budget_list_is_accepted_by_the_settings_and_a_bad_one_named(tiny_model_dir):
+    from foundation.errors import UserError
+    from quantize.settings import build_parser, settings_from_args
+
+    def parse(argv):
+        return settings_from_args(build_parser().parse_args(argv))
+
+    settings = parse(["--model", str(tiny_model_dir), "--offload_folder", "off", "--max_gpu_memory", "20GiB,80GiB"])
+    assert settings.max_gpu_memory == "20GiB,80GiB"
+    with pytest.raises(UserError, match=r"--max_gpu_memory.*one per GPU"):
+        parse(["--model", str(tiny_model_dir), "--offload_folder", "off", "--max_gpu_memory", "20GiB,many"])
+
+
+def test_placement_over_three_gpus_then_cpu_then_disk_uses_every_gpu():
+    """The plan a 3-GPU host gets (planning needs no GPU): layers fill cuda:0, cuda:1, cuda:2, then CPU, then disk.
+
+    (accelerate keeps room for about two layers on the CPU when it offloads to disk, hence 4.5 layers for 2 there.)
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes
+    from transformers import AutoModelForCausalLM
+
+    from quantize.offload import build_max_memory, plan_placement
+
+    config = llama_config(vocab_size=1000, num_hidden_layers=10)
+    with init_empty_weights():
+        sizes = compute_module_sizes(AutoModelForCausalLM.from_config(config), dtype=torch.bfloat16)
+    layer = sizes["model.layers.0"]
+    non_layer = sizes[""] - sizes["model.layers"]
+    plan = plan_placement(config, torch.bfloat16,
+                          build_max_memory([non_layer + int(2.5 * layer), int(2.5 * layer), int(1.5 * layer)], int(4.5 * layer)),
+                          batch_size=1, max_seq_len=16)
+    assert plan.layers_per_device == {"cuda:0": 2, "cuda:1": 2, "cuda:2": 1, "cpu": 2, "disk": 3}
+    order = [plan.layer_devices[f"model.layers.{i}"] for i in range(10)]
+    assert order == sorted(order, key=lambda device: ("cuda:0", "cuda:1", "cuda:2", "cpu", "disk").index(device))
