@@ -210,3 +210,26 @@ def test_the_command_on_a_model_partly_on_disk_gives_the_metrics_of_the_whole_mo
                 assert ours[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
             else:
                 assert ours[key] == value, key
+
+
+def test_inputs_go_to_the_execution_device_when_the_embedding_itself_is_offloaded(tmp_path):
+    """model.device is the first parameter's device: meta when accelerate offloaded the embedding."""
+    from abliterate.evaluation.generation import generate_greedy, model_device
+
+    model = dense_llama(layers=2)
+    reference = copy.deepcopy(model)
+    dispatch_model(model, device_map={"model.embed_tokens": "disk", "model.layers": "cpu", "model.norm": "cpu",
+                                      "model.rotary_emb": "cpu", "lm_head": "disk"}, offload_dir=str(tmp_path))
+    assert model.device.type == "meta"
+    assert model_device(model) == torch.device("cpu")
+
+    class Tokens:  # just what generate_greedy reads
+        pad_token_id, eos_token_id = 0, 1
+
+        def decode(self, tokens, skip_special_tokens=True):
+            return " ".join(map(str, tokens))
+
+    reference.generation_config.eos_token_id = model.generation_config.eos_token_id = 1
+    answers = generate_greedy(model, Tokens(), [[5, 6, 7], [8, 9]], max_new_tokens=3, batch_size=2, decoding="generate")
+    expected = generate_greedy(reference, Tokens(), [[5, 6, 7], [8, 9]], max_new_tokens=3, batch_size=2, decoding="generate")
+    assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
