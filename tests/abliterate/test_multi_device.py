@@ -233,3 +233,14 @@ def test_inputs_go_to_the_execution_device_when_the_embedding_itself_is_offloade
     answers = generate_greedy(model, Tokens(), [[5, 6, 7], [8, 9]], max_new_tokens=3, batch_size=2, decoding="generate")
     expected = generate_greedy(reference, Tokens(), [[5, 6, 7], [8, 9]], max_new_tokens=3, batch_size=2, decoding="generate")
     assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
+
+
+def test_an_offloaded_quantized_component_is_refused_naming_it_and_the_fix(tmp_path, monkeypatch):
+    from abliterate.edits import lora
+
+    model = _split(dense_llama(), tmp_path / "offload")
+    architecture = discover(model)
+    packed = model.get_submodule("model.layers.3.mlp.down_proj")
+    monkeypatch.setattr(lora, "is_quantized_linear", lambda module: module is packed)
+    with pytest.raises(UserError, match=r"(?s)1 quantized components are offloaded.*layers\.3\.mlp\.down_proj.*--max_memory"):
+        LoraAbliterator(model, architecture.components, method="rank1")
