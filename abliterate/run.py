@@ -256,8 +256,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
         try:
             metrics = TrialMetrics.from_eval_result(evaluator.evaluate(model))
             if not checked["offloaded_edits"]:  # once: every offloaded edit reached a forward pass
-                abliterator.require_offloaded_edits_served()
-                checked["offloaded_edits"] = True
+                checked["offloaded_edits"] = abliterator.require_offloaded_edits_served() > 0
             return metrics
         finally:
             abliterator.reset()

@@ -267,13 +267,16 @@ class LoraAbliterator:
                 "components_by_device": dict(sorted(devices.items())),
                 "offloaded_components": [c.parameter_path for c in self.offloaded]}
 
-    def require_offloaded_edits_served(self) -> None:
-        """After a forward pass with an edit written: an offloaded edit no forward loaded means the hook was bypassed."""
+    def require_offloaded_edits_served(self) -> int:
+        """After a forward pass with an edit written: an offloaded edit no forward loaded means the hook was bypassed.
+
+        Returns how many offloaded edits were checked (0: this trial wrote none, check again after the next)."""
         unserved = self.unserved_offloaded_edits()
         if unserved:
             raise RuntimeError(f"{len(unserved)} offloaded component edit(s) never reached a forward pass "
                                f"({_listed(unserved)}): accelerate's hook no longer reads the weights map they were "
                                "written to; the trial's metrics would describe a partly unedited model")
+        return sum(1 for c in self.offloaded if self._layers[c.parameter_path].active)
 
     def unserved_offloaded_edits(self) -> list[str]:
         """Offloaded components with an edit written that no forward loaded since (experts may not be routed to)."""

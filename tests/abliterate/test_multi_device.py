@@ -118,7 +118,9 @@ def test_an_edit_no_forward_loaded_is_reported(tmp_path):
         abliterator.require_offloaded_edits_served()
     with torch.no_grad():
         model(_ids())
-    abliterator.require_offloaded_edits_served()
+    assert abliterator.require_offloaded_edits_served() == len(abliterator.offloaded)
+    abliterator.reset()
+    assert abliterator.require_offloaded_edits_served() == 0  # nothing written: nothing to check yet
 
 
 def test_meta_weights_no_hook_holds_stop_the_run_naming_them():
