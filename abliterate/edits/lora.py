@@ -51,10 +51,6 @@ class ComponentPlacement:
     offloaded: dict[str, OffloadedTensor]  # parameter path -> the hook and key that hold its weight
     skipped: list[SkippedComponent]
 
-    @property
-    def edited(self) -> int:
-        return len(self.in_place) + len(self.offloaded)
-
 
 def _weight_of(model: nn.Module, component: Component) -> torch.Tensor:
     module = model.get_submodule(component.module_name)
@@ -119,13 +115,6 @@ def classify_components(model: nn.Module, components: list[Component]) -> Compon
                         "hook", "give the GPUs room for them (--max_memory), or load them dequantized (--load_as "
                         "dequantized, or without --quantization)")
     return ComponentPlacement(in_place, offloaded, skipped)
-
-
-def usable_components(model: nn.Module, components: list[Component]) -> tuple[list[Component], list[SkippedComponent]]:
-    """Components that will be edited (in place or offloaded), and those skipped with their reason."""
-    placement = classify_components(model, components)
-    skipped = {s.component.parameter_path for s in placement.skipped}
-    return [c for c in components if c.parameter_path not in skipped], placement.skipped
 
 
 def require_adapters_materialized(model: nn.Module) -> None:
