@@ -22,7 +22,7 @@ from abliterate.edits.offloaded import EditedWeightsMap
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
 from abliterate.residuals import capture_last_token_residuals
 from foundation.errors import UserError
-from tests.tiny_models import dense_llama, qwen3_moe_config
+from tests.tiny_models import dense_llama, nemotron_h_hybrid, qwen3_moe_config
 
 EVERY_LAYER = AbliterationParameters(
     "per_layer", None,
@@ -39,12 +39,23 @@ def fused_moe() -> torch.nn.Module:
 
 
 def _split(model: torch.nn.Module, offload_dir) -> torch.nn.Module:
-    """Layers 0 in place, 1 offloaded with a CPU weights map, 2.. on disk; the rest in place."""
-    layers = len(model.model.layers)
-    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
-                  **{f"model.layers.{i}": "cpu" if i < 2 else "disk" for i in range(layers)}}
+    """Decoder layer 0 in place, 1 offloaded with a CPU weights map, 2.. on disk; everything else in place."""
+    layers_path = discover(model).layers_path
+    device_map: dict[str, str] = {}
+
+    def walk(prefix: str, module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            full = prefix + name
+            if full == layers_path:
+                device_map.update({f"{full}.{i}": "cpu" if i < 2 else "disk" for i in range(len(child))})
+            elif layers_path.startswith(full + "."):
+                walk(full + ".", child)
+            else:
+                device_map[full] = "cpu"
+
+    walk("", model)
     dispatch_model(model, device_map=device_map, offload_dir=str(offload_dir))
-    cpu_offload(model.model.layers[1], execution_device="cpu")
+    cpu_offload(model.get_submodule(f"{layers_path}.1"), execution_device="cpu")
     return model
 
 
@@ -64,7 +75,7 @@ def _explicit(reference: torch.nn.Module, components, directions, method: str) -
 
 
 @pytest.mark.parametrize("method", ["rank1", "norm_preserving"])
-@pytest.mark.parametrize("build", [dense_llama, fused_moe], ids=["dense", "fused_experts"])
+@pytest.mark.parametrize("build", [dense_llama, fused_moe, nemotron_h_hybrid], ids=["dense", "fused_experts", "nemotron_h"])
 def test_offloaded_layers_are_edited_like_the_whole_model(tmp_path, build, method):
     model = build()
     reference = copy.deepcopy(model)
