@@ -35,6 +35,7 @@ no host sync). fp32 ``x`` goes through TF32 ``tl.dot`` on the decode path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -97,13 +98,15 @@ def nvfp4_linear(
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m = x2d.shape[0]
-    if m == 0:
-        out = x2d.new_empty(0, n)
-    elif m <= DECODE_MAX_M:
-        config = decode_config(m, n, k, _sm_count(x.device), x.element_size())
-        out = fused_matmul(x2d, packed, weight_scale, weight_scale_2, bias, config)
-    else:
-        out = F.linear(x2d, dequantize(packed, weight_scale, weight_scale_2, x.dtype), bias)
+    # Triton launches on the *current* CUDA device: a layer on cuda:1 (a model split over GPUs) needs it set
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        if m == 0:
+            out = x2d.new_empty(0, n)
+        elif m <= DECODE_MAX_M:
+            config = decode_config(m, n, k, _sm_count(x.device), x.element_size())
+            out = fused_matmul(x2d, packed, weight_scale, weight_scale_2, bias, config)
+        else:
+            out = F.linear(x2d, dequantize(packed, weight_scale, weight_scale_2, x.dtype), bias)
     return out.reshape(*x.shape[:-1], n)
 
 
