@@ -10,6 +10,8 @@ device and once split, and compares what must not change:
 - stage 2 (`abliterate` on the bf16 model, `--n_trials` = `--n_startup_trials`, so both runs evaluate the same
   seeded parameters): `--device_map cuda:0` vs `--device_map auto` with `--max_memory` caps that split it over
   the GPUs; the per-trial metrics (refusals, KL, ...) and parameters from both journals are compared.
+- with a GPU, the same on stage 1's NVFP4 checkpoint held packed (`--load_as packed`: the Triton kernels run on
+  every GPU the split uses).
 
 With 2+ GPUs the split is over all of them; with one GPU the split is cuda:0 + CPU (accelerate offloads the
 CPU part: its parameters sit on the meta device and the edit goes through the offload hook's weights map);
@@ -186,6 +188,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--skip_stage1", action="store_true")
+    parser.add_argument("--skip_packed", action="store_true", help="no stage-2 run on the packed NVFP4 checkpoint")
     parser.add_argument("--budget_s", type=float, default=570.0, help="every child must end by then (device limit)")
     args = parser.parse_args()
     started = time.time()
@@ -238,31 +241,34 @@ def main() -> int:
             save()
 
         prompts = common.write_prompts(args.work / "prompts", args.prompts, args.prompts)
-        stage2 = {}
-        for name, placement in (("one", ["--device_map", "cuda:0" if gpus else "cpu"]),
-                                ("split", stage2_split_flags(gpus, size, args.work / "offload2"))):
-            trial = args.work / f"trial_{name}"
-            stage2[name] = step(f"stage2_{name}", CLI + [
-                "abliterate", "--model", str(model), *placement, "--dtypes", '["bfloat16"]', "--prompts",
-                prompts["spec"], "--n_trials", str(args.trials), "--n_startup_trials", str(args.trials), "--seed", "0",
-                "--max_response_length", str(args.max_new_tokens), "--out", str(trial), "--study_dir",
-                str(args.work / f"study_{name}"), "--overwrite", "--select", "best_kl_under 100", "--no-plot"],
-                args.work, 600)
-            journal = args.work / f"study_{name}" / "journal.log"
-            if journal.is_file():
-                times = trial_times(journal, time.time() - stage2[name]["seconds"])
-                stage2[name].update(n_trials=times["n_trials"], seconds_per_trial=times["seconds_per_trial"])
-            stage2[name]["placement"] = header_placement(trial)
-            result["stage2"] = stage2
+        runs = [("stage2", model, size, [])]
+        if gpus and (args.work / "q_one" / "hf_quant_config.json").is_file() and not args.skip_packed:
+            # the stage-1 checkpoint held packed (Triton kernels on every GPU the split uses)
+            runs.append(("stage2_packed", args.work / "q_one", weight_bytes(args.work / "q_one"), ["--load_as", "packed"]))
+        for key, source, source_bytes, extra in runs:
+            stage2 = result.setdefault(key, {})
+            for name, placement in (("one", ["--device_map", "cuda:0" if gpus else "cpu"]),
+                                    ("split", stage2_split_flags(gpus, source_bytes, args.work / f"offload_{key}"))):
+                trial, study = args.work / f"trial_{key}_{name}", args.work / f"study_{key}_{name}"
+                stage2[name] = step(f"{key}_{name}", CLI + [
+                    "abliterate", "--model", str(source), *placement, *extra, "--dtypes", '["bfloat16"]', "--prompts",
+                    prompts["spec"], "--n_trials", str(args.trials), "--n_startup_trials", str(args.trials), "--seed",
+                    "0", "--max_response_length", str(args.max_new_tokens), "--out", str(trial), "--study_dir",
+                    str(study), "--overwrite", "--select", "best_kl_under 100", "--no-plot"], args.work, 600)
+                if (study / "journal.log").is_file():
+                    times = trial_times(study / "journal.log", time.time() - stage2[name]["seconds"])
+                    stage2[name].update(n_trials=times["n_trials"], seconds_per_trial=times["seconds_per_trial"])
+                stage2[name]["placement"] = header_placement(trial)
+                save()
+            journals = [args.work / f"study_{key}_{name}" / "journal.log" for name in ("one", "split")]
+            if all(j.is_file() for j in journals):
+                stage2["comparison"] = compare_trials(*journals)
             save()
-        journals = [args.work / f"study_{name}" / "journal.log" for name in ("one", "split")]
-        if all(j.is_file() for j in journals):
-            stage2["comparison"] = compare_trials(*journals)
     except Exception as error:  # noqa: BLE001 - recorded, so the partial result still comes back
         result["error"] = f"{type(error).__name__}: {error}"
     save()
     print(json.dumps({key: result.get(key) for key in ("gpus", "split", "seconds", "error")}, indent=2))
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage2", "stage2_packed"):
         comparison = (result.get(stage) or {}).get("comparison")
         if comparison:
             print(stage, json.dumps({k: v for k, v in comparison.items() if k not in {"per_trial", "by_kind"}}))

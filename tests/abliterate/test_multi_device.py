@@ -257,3 +257,11 @@ def test_an_offloaded_quantized_component_is_refused_naming_it_and_the_fix(tmp_p
     monkeypatch.setattr(lora, "is_quantized_linear", lambda module: module is packed)
     with pytest.raises(UserError, match=r"(?s)1 quantized components are offloaded.*layers\.3\.mlp\.down_proj.*--max_memory"):
         LoraAbliterator(model, architecture.components, method="rank1")
+
+
+def test_max_memory_keys_and_plain_byte_counts_are_what_accelerate_reads():
+    """accelerate reads GPU 0 only as the int 0, and a size without a unit only as an int (a "374868" string failed)."""
+    from abliterate.loading import max_memory_for_accelerate
+
+    assert max_memory_for_accelerate({"0": "70GiB", "1": "374868", "cpu": " 1024 "}) == {0: "70GiB", 1: 374868, "cpu": 1024}
+    assert max_memory_for_accelerate(None) is None and max_memory_for_accelerate({}) is None
