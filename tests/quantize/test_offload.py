@@ -27,6 +27,7 @@ def test_disk_offload_matches_in_memory(quantized, tiny_model_dir, mix_yaml, wor
     manifest = json.loads((output / "quantize_manifest.json").read_text())
     assert manifest["placement"]["layers_per_device"] == {"disk": 2}
     assert manifest["placement"]["device_map"]["model.embed_tokens"] == "cpu"
+    assert manifest["placement"]["budgets"] == {"cpu": 0}  # no GPU here; one entry per visible GPU on a GPU host
     assert manifest["quantization"]["layerwise"] is layerwise
     if layerwise:
         assert "Layerwise calibration" in printed or "pass 2" in printed
