@@ -22,7 +22,7 @@ from abliterate.edits.offloaded import EditedWeightsMap
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
 from abliterate.residuals import capture_last_token_residuals
 from foundation.errors import UserError
-from tests.tiny_models import dense_llama, nemotron_h_hybrid, qwen3_moe_config
+from tests.tiny_models import dense_llama, family_config, nemotron_h_hybrid, qwen3_moe_config
 
 EVERY_LAYER = AbliterationParameters(
     "per_layer", None,
@@ -36,6 +36,14 @@ def fused_moe() -> torch.nn.Module:
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(qwen3_moe_config(num_hidden_layers=3)).eval()
+
+
+def transposed_experts() -> torch.nn.Module:
+    """gpt-oss (experts stored [experts, in, hidden]) with three layers."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(family_config("gpt_oss", num_hidden_layers=3)).float().eval()
 
 
 def _split(model: torch.nn.Module, offload_dir) -> torch.nn.Module:
@@ -75,7 +83,8 @@ def _explicit(reference: torch.nn.Module, components, directions, method: str) -
 
 
 @pytest.mark.parametrize("method", ["rank1", "norm_preserving"])
-@pytest.mark.parametrize("build", [dense_llama, fused_moe, nemotron_h_hybrid], ids=["dense", "fused_experts", "nemotron_h"])
+@pytest.mark.parametrize("build", [dense_llama, fused_moe, transposed_experts, nemotron_h_hybrid],
+                         ids=["dense", "fused_experts", "transposed_experts", "nemotron_h"])
 def test_offloaded_layers_are_edited_like_the_whole_model(tmp_path, build, method):
     model = build()
     reference = copy.deepcopy(model)
