@@ -48,8 +48,6 @@ class PlacementPlan:
     largest_layer_bytes: int
     activation_bytes: int
     max_memory: dict[str | int, int] = field(default_factory=dict)
-    # Bytes of each GPU's budget kept free of placed weights (see ``gpu_headroom``).
-    reserved_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def layers_per_device(self) -> Counter:
@@ -145,52 +143,34 @@ def plan_placement(
 
     with init_empty_weights():
         empty = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust_remote_code)
-    layers, others = placement_units(empty)
-    sizes = compute_module_sizes(empty, dtype=dtype)
-    largest_layer = max(sizes.get(name, 0) for name in layers)
-    hidden = getattr(model_config, "hidden_size", 0) or 0
-    intermediate = getattr(model_config, "intermediate_size", hidden * 4) or hidden * 4
-    element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
-    # Residual stream + the widest MLP intermediate, a few live copies each.
-    activation_bytes = 4 * batch_size * max_seq_len * (hidden + intermediate) * element_bytes
-    main = 0 if any(isinstance(key, int) for key in max_memory) else "cpu"
-    reserved = {key: gpu_headroom(largest_layer, activation_bytes, streams_layers=key == main)
-                for key in max_memory if isinstance(key, int)}
-    packing_memory = {key: max(budget - reserved.get(key, 0), 0) for key, budget in max_memory.items()}
     packed = infer_auto_device_map(
-        empty, max_memory=packing_memory, no_split_module_classes=list(empty._no_split_modules or []), dtype=dtype
+        empty, max_memory=dict(max_memory), no_split_module_classes=list(empty._no_split_modules or []), dtype=dtype
     )
+    layers, others = placement_units(empty)
+    main = 0 if any(isinstance(key, int) for key in max_memory) else "cpu"
     device_map: dict[str, str | int] = {}
     for name in others:
         device = lookup_device(packed, name)
         device_map[name] = main if device == "disk" else device
     for name in layers:
         device_map[name] = lookup_device(packed, name)
+    sizes = compute_module_sizes(empty, dtype=dtype)
     bytes_per_device: Counter = Counter()
     for name, device in device_map.items():
         bytes_per_device[device_name(device)] += sizes.get(name, 0)
+    hidden = getattr(model_config, "hidden_size", 0) or 0
+    intermediate = getattr(model_config, "intermediate_size", hidden * 4) or hidden * 4
+    element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
     return PlacementPlan(
         device_map=device_map,
         layer_devices={name: device_name(device_map[name]) for name in layers},
         bytes_per_device=dict(bytes_per_device),
         total_weight_bytes=sizes.get("", 0),
-        largest_layer_bytes=largest_layer,
-        activation_bytes=activation_bytes,
+        largest_layer_bytes=max(sizes.get(name, 0) for name in layers),
+        # Residual stream + the widest MLP intermediate, a few live copies each.
+        activation_bytes=4 * batch_size * max_seq_len * (hidden + intermediate) * element_bytes,
         max_memory=dict(max_memory),
-        reserved_bytes={device_name(key): value for key, value in reserved.items()},
     )
-
-
-def gpu_headroom(largest_layer_bytes: int, activation_bytes: int, *, streams_layers: bool) -> int:
-    """What a GPU needs beyond the weights placed on it, so that ``--max_gpu_memory`` caps the real peak.
-
-    Measured on an H200 (bench/offload_70b_shaped.py, Llama-3.1-70B layer sizes, 2026-12-02): with the whole
-    budget filled by placed weights the peak ran 3.2 GB over them: the GPU that executes CPU- and disk-resident
-    layers holds one streamed layer (1.7 GB) plus, while a layer is calibrated and exported, temporaries of
-    about one more layer (absolute copies, fake-quantized weights) and the activations. Other GPUs run only
-    their own layers: the temporaries and the activations.
-    """
-    return (2 if streams_layers else 1) * largest_layer_bytes + activation_bytes
 
 
 def print_placement(console, plan: PlacementPlan) -> None:
@@ -213,10 +193,8 @@ def print_placement(console, plan: PlacementPlan) -> None:
     console.print(
         f"estimate: weights {format_bytes(plan.total_weight_bytes)} in total; on {plan.main_device} "
         f"at least one decoder layer ({format_bytes(plan.largest_layer_bytes)}) + calibration activations "
-        f"(~{format_bytes(plan.activation_bytes)}) beyond the modules placed there"
-        + (f" (kept free of weights: {', '.join(f'{d} {format_bytes(b)}' for d, b in plan.reserved_bytes.items())})"
-           if plan.reserved_bytes else "")
-        + "; disk-resident layers are read again for every calibration batch."
+        f"(~{format_bytes(plan.activation_bytes)}) beyond the modules placed there; "
+        "disk-resident layers are read again for every calibration batch."
     )
 
 

@@ -169,5 +169,4 @@ def _placement_summary(plan) -> dict | None:
         "bytes_per_device": plan.bytes_per_device,
         "total_weight_bytes": plan.total_weight_bytes,
         "device_map": {name: offload_planning.device_name(device) for name, device in plan.device_map.items()},
-        "reserved_bytes": plan.reserved_bytes,
     }

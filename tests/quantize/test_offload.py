@@ -75,7 +75,7 @@ def test_placement_plan_with_gpus_keeps_non_layer_modules_on_the_first_gpu():
     from rich.console import Console
     from transformers import AutoModelForCausalLM
 
-    from quantize.offload import build_max_memory, gpu_headroom, plan_placement, print_placement
+    from quantize.offload import build_max_memory, plan_placement, print_placement
 
     config = llama_config(vocab_size=1000, num_hidden_layers=6)
     with init_empty_weights():
@@ -84,20 +84,7 @@ def test_placement_plan_with_gpus_keeps_non_layer_modules_on_the_first_gpu():
     non_layer = sizes[""] - sizes["model.layers"]
     plan = plan_placement(config, torch.bfloat16, build_max_memory([non_layer + int(2.5 * layer), int(2.5 * layer)], 0),
                           batch_size=1, max_seq_len=16)
-    activations = plan.activation_bytes
-    # The headroom comes out of each budget: cuda:0 streams the offloaded layers (two layers + activations kept
-    # free), cuda:1 only runs its own (one layer + activations), so fewer layers fit than the raw budgets hold.
-    assert plan.reserved_bytes == {"cuda:0": 2 * layer + activations, "cuda:1": layer + activations}
-    assert plan.reserved_bytes["cuda:0"] == gpu_headroom(layer, activations, streams_layers=True)
-    assert plan.layers_per_device == {"cuda:1": 1, "disk": 5}
-    plan = plan_placement(config, torch.bfloat16, build_max_memory([non_layer + int(2.5 * layer) + 2 * layer + activations,
-                                                                    int(2.5 * layer) + layer + activations], 0),
-                          batch_size=1, max_seq_len=16)
     assert plan.layers_per_device == {"cuda:0": 2, "cuda:1": 2, "disk": 2}
-    for device, count in plan.layers_per_device.items():  # placed weights + headroom never exceed a GPU's budget
-        if device.startswith("cuda:"):
-            index = int(device.split(":")[1])
-            assert plan.bytes_per_device[device] + plan.reserved_bytes[device] <= plan.max_memory[index]
     assert [plan.device_map[name] for name in ("model.embed_tokens", "model.norm", "lm_head")] == [0, 0, 0]
     assert plan.main_device == "cuda:0"
     console = Console(file=io.StringIO(), width=150)
