@@ -1,0 +1,130 @@
+"""Max calibration at the cost of a forward pass: no host syncs, no repeated weight reductions.
+
+ModelOpt 0.47's ``max_calibrate`` first calibrates every weight quantizer on
+its weight (``weight_only_quantize``), then runs our forward loop with every
+quantizer collecting. Per quantized Linear and batch that costs, inside
+ModelOpt's ``MaxCalibrator.collect``:
+
+- the weight's amax again (a max and a min over the whole weight, i.e. every
+  weight of the model read twice per batch) although the weight has not
+  changed, so the running max cannot change either;
+- three ``assert``s on device tensors (NaN, negative, inf), each a host sync
+  that drains the GPU queue, for the weight and for the input quantizer
+  (six per Linear, ~1,300 per batch on a 32-layer Llama);
+- five small kernels (max, min, abs, abs, maximum) for an activation's amax.
+
+:func:`fast_max_collection` wraps one pass of the loop (``quantize.calibrate``
+enters it when the run's algorithm is ``max``, where weights stay constant):
+weight quantizers that already hold their weight's amax stop collecting for
+the pass, and the remaining max calibrators collect with one fused reduction
+(``max |x|``) and no syncs. The values are the same floats: abs and max are
+exact, ``max(a, a) == a``, and NaN/inf propagate through the running max, so
+:func:`check_finite` finds them afterwards, once per ``check_every`` batches
+and at the end of the pass, with ModelOpt's own messages (so
+``calibrate.explain_calibration_failure`` still turns them into a UserError).
+Everything is restored when the pass ends, so ModelOpt's
+``finish_stats_collection`` sees the state it left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+def is_weight_quantizer_name(name: str) -> bool:
+    """ModelOpt's own test (``_needs_activation_forward_for_max_calib``), incl. ``weight_quantizer.0`` stages."""
+    return any(part.endswith("weight_quantizer") for part in name.split("."))
+
+
+@torch.no_grad()
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` over all elements in one kernel; the same value ModelOpt's ``reduce_amax(x, axis=None)`` gives.
+
+    ``reduce_amax`` computes ``maximum(|max x|, |min x|)`` (five kernels); the infinity norm is the same
+    number (abs and max are exact in every float dtype) and propagates NaN like ``torch.max``.
+    """
+    return torch.linalg.vector_norm(x, ord=float("inf"))
+
+
+def _sync_free_collect(self, x: torch.Tensor) -> None:
+    """``MaxCalibrator.collect`` without its three host-syncing asserts (see :func:`check_finite`)."""
+    from modelopt.torch.quantization import utils as quant_utils
+
+    if self._axis is None and x.dtype.is_floating_point and x.dtype.itemsize > 1:
+        local_amax = abs_max(x)
+    else:  # per-channel / per-block axes, FP8 inputs: ModelOpt's own reduction
+        reduce_axis = quant_utils.convert_quantization_axis_to_reduce_axis(x, self._axis)
+        local_amax = quant_utils.reduce_amax(x, axis=reduce_axis).detach()
+    if x.device.type == "meta" or self._calib_amax is None:
+        self._calib_amax = local_amax
+        return
+    if local_amax.shape != self._calib_amax.shape:
+        raise RuntimeError("amax shape changed!")
+    self._calib_amax = torch.max(self._calib_amax, local_amax)
+
+
+@dataclass
+class FastMaxCollection:
+    """What one pass changed, so it can be checked and undone."""
+
+    paused_weight_quantizers: list = field(default_factory=list)
+    sync_free: dict = field(default_factory=dict)  # quantizer name -> its MaxCalibrator
+
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """ModelOpt's NaN / negative / inf checks over every sync-free calibrator: one host sync per device."""
+        by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        for name, calibrator in self.sync_free.items():
+            amax = calibrator._calib_amax
+            if amax is not None and amax.device.type != "meta":
+                by_device.setdefault(amax.device, []).append((name, amax))
+        for entries in by_device.values():
+            flags = torch.stack([torch.stack([amax.isnan().any(), (amax < 0).any(), amax.isinf().any()])
+                                 for _, amax in entries])
+            if not flags.any().item():  # the one sync
+                continue
+            for (name, _), (nan, negative, inf) in zip(entries, flags.tolist()):
+                # ModelOpt's wording (calib/max.py), plus the quantizer's name.
+                if nan:
+                    raise AssertionError(f"detected nan values in amax of {name}")
+                if negative:
+                    raise AssertionError(f"detected negative values after abs in {name}, could be torch or cuda bug")
+                if inf:
+                    raise AssertionError(f"detected inf values in amax of {name}")
+
+
+@contextlib.contextmanager
+def fast_max_collection(model: torch.nn.Module) -> Iterator[FastMaxCollection]:
+    """Inside: weight quantizers with an amax stop collecting; max calibrators collect without syncs.
+
+    Only ModelOpt's plain ``MaxCalibrator`` (not its subclasses, not ``track_amax``, no bias
+    calibrator) is touched; everything else collects as ModelOpt wrote it. The caller checks
+    :meth:`FastMaxCollection.check_finite` (``quantize.calibrate`` does, per ``check_every`` batches).
+    """
+    from modelopt.torch.quantization.calib import MaxCalibrator
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    state = FastMaxCollection()
+    for name, module in model.named_modules():
+        if not isinstance(module, TensorQuantizer) or module._disabled or not module._if_calib or module._dynamic:
+            continue
+        calibrator = getattr(module, "_calibrator", None)
+        if type(calibrator) is not MaxCalibrator or calibrator._track_amax or module.bias_calibrator is not None:
+            continue
+        if is_weight_quantizer_name(name) and calibrator._calib_amax is not None:
+            module._if_calib = False  # its amax is the weight's, collected once by ModelOpt's weight_only_quantize
+            state.paused_weight_quantizers.append(module)
+        else:
+            calibrator.collect = _sync_free_collect.__get__(calibrator)
+            state.sync_free[name] = calibrator
+    try:
+        yield state
+    finally:
+        for module in state.paused_weight_quantizers:
+            module._if_calib = True
+        for calibrator in state.sync_free.values():
+            del calibrator.collect
