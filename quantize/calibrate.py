@@ -28,6 +28,8 @@ from rich.text import Text
 from foundation.errors import UserError
 from quantize import max_statistics
 
+FORWARD_RANGE = "quantize::calibration_forward"  # a torch.profiler range per batch (bench/calibration_bench.py)
+
 
 class SamplesPerSecondColumn(ProgressColumn):
     def render(self, task) -> Text:
@@ -94,7 +96,8 @@ def make_forward_loop(
         ) as progress, collection as statistics:
             task = progress.add_task(label, total=total)
             for number, (input_ids, attention_mask) in enumerate(batches, start=1):
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                with torch.profiler.record_function(FORWARD_RANGE):
+                    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 progress.advance(task, input_ids.shape[0])
                 if statistics is not None and (number % check_every == 0 or number == len(batches)):
                     statistics.check_finite()
