@@ -14,7 +14,9 @@ One process, one device, one model. For each format it measures:
 - that both variants produce bit-identical amax buffers.
 
 Loop variants (``--variants``): ``modelopt`` = ModelOpt's own collection (three asserting
-host syncs per quantizer call, weight amax recomputed every batch); ``fast_max`` = ours
+host syncs per quantizer call, weight amax recomputed every batch); ``sync_free`` = ours
+without syncs or weight reductions but through ModelOpt's module forwards; ``fast_max`` =
+ours with lean Linear forwards too, what ``quantize`` runs for max calibration
 (``quantize/max_statistics.py``). Models are random-initialised from a config, never
 downloaded: ``8b`` has Llama-3-8B's shapes (bf16, ~16 GB, GPU), ``small`` is CPU-sized,
 ``tiny`` only checks that the script runs.
@@ -53,7 +55,8 @@ MODEL_SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024),
 }
-VARIANTS = {"modelopt": dict(fast_max=False), "fast_max": dict(fast_max=True)}
+VARIANTS = {"modelopt": dict(fast_max=False), "sync_free": dict(fast_max=True, lean_linears=False),
+            "fast_max": dict(fast_max=True, lean_linears=True)}
 GEMM_KERNEL = re.compile(r"gemm|cutlass|nvjet|xmma|cublas|sm\d+_|matmul|addmm|aten::mm|aten::bmm", re.IGNORECASE)
 QUANTIZER_RANGE, MODULE_RANGE = "modelopt::TensorQuantizer", "modelopt::QuantLinear"
 FORWARD_RANGE = "quantize::calibration_forward"  # quantize.calibrate.FORWARD_RANGE (imported lazily there)
@@ -66,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="toy size (same as --model tiny --max_samples 8 --repeats 2)")
     parser.add_argument("--mix", default=str(REPO / "datasets_yaml" / "offline_mix.yaml"))
     parser.add_argument("--formats", default="nvfp4", help="comma-separated, from quantize.recipes.FORMATS")
-    parser.add_argument("--variants", default="modelopt,fast_max", help=f"comma-separated, from {list(VARIANTS)}")
+    parser.add_argument("--variants", default="modelopt,sync_free,fast_max", help=f"comma-separated, from {list(VARIANTS)}")
     parser.add_argument("--max_samples", type=int, help="default: the mix's (cpu: 64)")
     parser.add_argument("--max_seq_len", type=int)
     parser.add_argument("--batch_size", type=int, default=8)

@@ -65,6 +65,7 @@ def make_forward_loop(
     description: str = "calibrating",
     fast_max: bool = False,
     check_every: int = 32,
+    lean_linears: bool = True,
 ) -> Callable[[torch.nn.Module], None]:
     """A ``forward_loop(model)`` for ``mtq.quantize``; each call is one full pass.
 
@@ -75,7 +76,9 @@ def make_forward_loop(
     weights stay constant) runs each pass inside
     ``max_statistics.fast_max_collection``: the same statistics without
     ModelOpt's per-quantizer host syncs and repeated weight reductions,
-    checked for NaN/inf every ``check_every`` batches and at the end.
+    checked for NaN/inf every ``check_every`` batches and at the end, and
+    (``lean_linears``) with ModelOpt's per-Linear Python replaced by the
+    equivalent collect + ``F.linear`` where that is exact.
     """
     passes = {"count": 0}
     total = len(calibration_set.samples)
@@ -89,7 +92,8 @@ def make_forward_loop(
         if not host_batches:
             host_batches.extend(calibration_set.batches(batch_size, pad_token_id))
         batches = [(ids.to(device), mask.to(device)) for ids, mask in host_batches]
-        collection = max_statistics.fast_max_collection(model) if fast_max else contextlib.nullcontext()
+        collection = (max_statistics.fast_max_collection(model, lean_linears=lean_linears) if fast_max
+                      else contextlib.nullcontext())
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), SamplesPerSecondColumn(),
             TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False, disable=console is None,

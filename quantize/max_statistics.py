@@ -24,6 +24,16 @@ and at the end of the pass, with ModelOpt's own messages (so
 ``calibrate.explain_calibration_failure`` still turns them into a UserError).
 Everything is restored when the pass ends, so ModelOpt's
 ``finish_stats_collection`` sees the state it left.
+
+What is left per Linear is ModelOpt's Python: its quantized-Linear forward,
+three ``TensorQuantizer.forward`` calls and a dynamic-attribute lookup of the
+weight, ~100 us of host time per Linear and batch, which on a GPU is longer
+than the Linear's GEMM at calibration batch sizes. With ``lean_linears`` a
+quantized ``nn.Linear`` whose quantizers are in the plain state of a max pass
+(:func:`lean_linear_forward` lists the conditions) runs, for the pass, a
+forward that does exactly what ModelOpt's does in that state: the input's
+amax into its calibrator, then ``F.linear`` on the unquantized weight. Any
+other module keeps ModelOpt's forward.
 """
 
 from __future__ import annotations
@@ -73,6 +83,7 @@ class FastMaxCollection:
 
     paused_weight_quantizers: list = field(default_factory=list)
     sync_free: dict = field(default_factory=dict)  # quantizer name -> its MaxCalibrator
+    lean_linears: list = field(default_factory=list)  # quantized Linears running lean_linear_forward
 
     @torch.no_grad()
     def check_finite(self) -> None:
@@ -98,7 +109,7 @@ class FastMaxCollection:
 
 
 @contextlib.contextmanager
-def fast_max_collection(model: torch.nn.Module) -> Iterator[FastMaxCollection]:
+def fast_max_collection(model: torch.nn.Module, lean_linears: bool = True) -> Iterator[FastMaxCollection]:
     """Inside: weight quantizers with an amax stop collecting; max calibrators collect without syncs.
 
     Only ModelOpt's plain ``MaxCalibrator`` (not its subclasses, not ``track_amax``, no bias
@@ -121,10 +132,88 @@ def fast_max_collection(model: torch.nn.Module) -> Iterator[FastMaxCollection]:
         else:
             calibrator.collect = _sync_free_collect.__get__(calibrator)
             state.sync_free[name] = calibrator
+    if lean_linears:
+        paused = {id(module) for module in state.paused_weight_quantizers}
+        sync_free = {id(calibrator) for calibrator in state.sync_free.values()}
+        for module in model.modules():
+            forward = lean_linear_forward(module, paused, sync_free)
+            if forward is not None:
+                module.forward = forward
+                state.lean_linears.append(module)
     try:
         yield state
     finally:
+        for module in state.lean_linears:
+            del module.forward
         for module in state.paused_weight_quantizers:
             module._if_calib = True
         for calibrator in state.sync_free.values():
             del calibrator.collect
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_forward_hooks_with_kwargs", None))
+
+
+def _block_sizes_settled(quantizer) -> bool:
+    """ModelOpt turns per-channel ``block_sizes`` into an ``axis`` on a quantizer's first call; lean forwards skip that."""
+    blocks = quantizer.block_sizes
+    return blocks is None or not all(value is None for key, value in blocks.items() if isinstance(key, int))
+
+
+def _passes_through(quantizer, paused: set[int]) -> bool:
+    """A quantizer whose forward returns its input untouched in this pass: disabled, or a weight quantizer we paused."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    if type(quantizer) is not TensorQuantizer or _has_hooks(quantizer) or quantizer.pre_quant_scale is not None:
+        return False
+    if quantizer.rotate_is_enabled or quantizer.rotate_back_is_enabled:
+        return False
+    if quantizer._disabled:
+        return True
+    return (id(quantizer) in paused and not quantizer._if_calib and not quantizer._if_quant
+            and not quantizer.is_static_block_quant and _block_sizes_settled(quantizer))
+
+
+def lean_linear_forward(module: torch.nn.Module, paused: set[int], sync_free: set[int]):
+    """The pass's forward for a ModelOpt quantized ``nn.Linear``, or None where ModelOpt's must run.
+
+    ModelOpt's forward in a max pass, for a Linear whose input quantizer collects with our sync-free
+    max calibrator (no pre-quant scale, rotation, static blocks or hooks; not quantizing) and whose
+    weight and output quantizers pass their input through (disabled, or a weight quantizer we paused),
+    computes ``collect(x); F.linear(x, weight, bias)`` and nothing else; so does this one. A module
+    whose ``forward`` is patched (accelerate's offload hooks) or whose class overrides ModelOpt's or
+    torch's ``forward`` (SVDQuant, real-quant, plugins) is left alone, and so is every input that is not
+    a plain tensor (DTensor, a quantized tensor).
+    """
+    import torch.nn.functional as F
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantInputBase, QuantLinearConvBase
+
+    if not isinstance(module, QuantLinearConvBase) or not isinstance(module, torch.nn.Linear):
+        return None
+    forwards = {cls for cls in type(module).__mro__ if "forward" in cls.__dict__}
+    if not forwards <= {QuantLinearConvBase, QuantInputBase, torch.nn.Linear, torch.nn.Module} or "forward" in module.__dict__:
+        return None
+    if hasattr(module, "_forward_pre_dm") or set(module._get_dm_attribute_manager().da_keys()) != {"weight"}:
+        return None
+    input_quantizer = module.input_quantizer
+    if (type(input_quantizer) is not TensorQuantizer or input_quantizer._disabled or input_quantizer._if_quant
+            or id(input_quantizer._calibrator) not in sync_free or input_quantizer.pre_quant_scale is not None
+            or input_quantizer.rotate_is_enabled or input_quantizer.is_static_block_quant
+            or not _block_sizes_settled(input_quantizer) or _has_hooks(input_quantizer)):
+        return None
+    if not (_passes_through(module.weight_quantizer, paused) and _passes_through(module.output_quantizer, set())):
+        return None
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return None
+    collect, parameters, modelopt_forward = input_quantizer._calibrator.collect, module._parameters, module.forward
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or type(x) is not torch.Tensor:
+            return modelopt_forward(x, *args, **kwargs)
+        if x.numel():
+            collect(x)
+        return F.linear(x, parameters["weight"], parameters["bias"])
+
+    return forward

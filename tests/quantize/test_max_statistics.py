@@ -64,12 +64,12 @@ def quantize(model, format_name: str, fast: bool, samples: CalibrationSet, **loo
     return model
 
 
-@pytest.mark.parametrize("format_name", ["nvfp4", "fp8", "w4a8"])
-def test_exported_checkpoint_is_bit_identical(tmp_path, format_name):
+@pytest.mark.parametrize("format_name, lean", [("nvfp4", True), ("nvfp4", False), ("fp8", True), ("w4a8", True)])
+def test_exported_checkpoint_is_bit_identical(tmp_path, format_name, lean):
     source, samples = tiny_llama(), calibration_set()
     exported = {}
     for fast in (False, True):
-        model = quantize(copy.deepcopy(source), format_name, fast, samples)
+        model = quantize(copy.deepcopy(source), format_name, fast, samples, lean_linears=lean)
         export_modelopt_checkpoint(model, tmp_path / str(fast))
         exported[fast] = load_file(tmp_path / str(fast) / "model.safetensors")
     assert exported[True].keys() == exported[False].keys()
@@ -116,8 +116,28 @@ def test_state_is_restored_after_a_pass():
         assert state.paused_weight_quantizers and state.sync_free
         assert all(not quantizer._if_calib for quantizer in state.paused_weight_quantizers)
         assert all(name.endswith("input_quantizer") for name in state.sync_free)
+        assert len(state.lean_linears) == 2 * 7  # every decoder Linear; lm_head's quantizers are disabled
     assert all(quantizer._if_calib for quantizer in state.paused_weight_quantizers)
     assert all("collect" not in calibrator.__dict__ for calibrator in state.sync_free.values())
+    assert all("forward" not in module.__dict__ for module in state.lean_linears)
+
+
+def test_a_hooked_or_patched_linear_keeps_modelopt_forward():
+    from modelopt.torch.quantization.model_calib import enable_stats_collection, weight_only_quantize
+
+    model = quantize(tiny_llama(), "nvfp4", fast=False, samples=calibration_set())
+    enable_stats_collection(model)
+    weight_only_quantize(model)
+    hooked, patched = model.model.layers[0].mlp.up_proj, model.model.layers[1].self_attn.o_proj
+    seen = []
+    hooked.input_quantizer.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
+    patched.forward = patched.forward  # as accelerate's hooks do: an instance attribute
+    with max_statistics.fast_max_collection(model) as state:
+        assert hooked not in state.lean_linears and patched not in state.lean_linears
+        assert len(state.lean_linears) == 2 * 7 - 2
+        model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=False)
+    assert seen == [torch.Size([1, 3, 64])]
+    assert "forward" in patched.__dict__  # not ours to remove
 
 
 @pytest.mark.parametrize("bad, word", [(float("nan"), "NaN"), (float("inf"), "NaN or inf")])
