@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default="modelopt,sync_free,fast_max", help=f"comma-separated, from {list(VARIANTS)}")
     parser.add_argument("--max_samples", type=int, help="default: the mix's (cpu: 64)")
     parser.add_argument("--max_seq_len", type=int)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--batch_sizes", default="8,32", help="comma-separated; every format is measured at each")
+    parser.add_argument("--repeats", type=int, default=4,
                         help="plain passes and warm calibrations per variant, alternating; the minimum of each is reported")
     parser.add_argument("--no_profile", action="store_true", help="skip the torch.profiler attribution passes")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cpu" and args.max_samples is None:
         args.max_samples = 64
     args.variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    args.batch_sizes = [int(size) for size in args.batch_sizes.split(",") if size.strip()]
     unknown = [name for name in args.variants if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown --variants {unknown}; choose from {list(VARIANTS)}")
@@ -248,7 +249,7 @@ def amax_buffers(model) -> dict[str, torch.Tensor]:
             if isinstance(module, TensorQuantizer) and hasattr(module, "_amax")}
 
 
-def measure_format(args, format_name: str, calibration_set, pad_id: int) -> dict:
+def measure_format(args, format_name: str, batch_size: int, calibration_set, pad_id: int) -> dict:
     import modelopt.torch.quantization as mtq
 
     from quantize.calibrate import make_forward_loop
@@ -256,12 +257,12 @@ def measure_format(args, format_name: str, calibration_set, pad_id: int) -> dict
 
     device = args.device
     plain_model = build_model(args.model, device)
-    batches = [(ids.to(device), mask.to(device)) for ids, mask in calibration_set.batches(args.batch_size, pad_id)]
+    batches = [(ids.to(device), mask.to(device)) for ids, mask in calibration_set.batches(batch_size, pad_id)]
     timed(device, plain_pass, plain_model, batches)  # warm-up: kernels, allocator
     loop_times: dict[str, list[float]] = {name: [] for name in args.variants}
 
     def timed_loop(name):
-        loop = make_forward_loop(calibration_set, args.batch_size, pad_id, console=None, **VARIANTS[name])
+        loop = make_forward_loop(calibration_set, batch_size, pad_id, console=None, **VARIANTS[name])
 
         def run(model):
             loop_times[name].append(timed(device, loop, model))
@@ -292,7 +293,8 @@ def measure_format(args, format_name: str, calibration_set, pad_id: int) -> dict
         for name in args.variants:
             calibrate_times[name].append(timed(device, mtq.calibrate, quant_model, "max", loops[name]))
     plain = min(plain_times)
-    result.update(plain_forward_s=plain, plain_forward_all_s=plain_times, batches=len(batches),
+    result.update(format=format_name, batch_size=batch_size, plain_forward_s=plain, plain_forward_all_s=plain_times,
+                  batches=len(batches), padded_tokens=sum(ids.numel() for ids, _ in batches),
                   parameters=sum(p.numel() for p in plain_model.parameters()))
     for name in args.variants:
         warm = min(loop_times[name][1:])
@@ -307,7 +309,7 @@ def measure_format(args, format_name: str, calibration_set, pad_id: int) -> dict
 
     def calibration_pass(name):
         """One pass in the state ModelOpt's max_calibrate runs our loop in."""
-        loop = make_forward_loop(calibration_set, args.batch_size, pad_id, console=None, **VARIANTS[name])
+        loop = make_forward_loop(calibration_set, batch_size, pad_id, console=None, **VARIANTS[name])
 
         def run():
             loop(quant_model)
@@ -345,19 +347,21 @@ def print_table(console, results: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"calibration vs plain bf16 forward — {results['device']}, {results['model_shape']} "
-                        f"({results['parameters'] / 1e6:.1f}M params), {results['samples']} samples / "
-                        f"{results['tokens']} tokens ({results['padded_tokens']} with padding)")
-    for column in ("format", "variant", "plain s", "cold s", "cold x", "warm pass s", "warm x", "syncs/batch",
-                   "ops/batch"):
+                        f"({results['parameters'] / 1e6:.1f}M params), {results['samples']} samples / {results['tokens']} tokens")
+    for column in ("format", "batch", "variant", "plain s", "cold s", "cold x", "warm s", "warm x", "syncs/batch"):
         table.add_column(column, justify="right")
-    for format_name, row in results["formats"].items():
+    for row in results["runs"]:
         for name, warm in row["warm"].items():
-            counts = row["counts"].get(name, {})
-            table.add_row(format_name, name, f"{row['plain_forward_s']:.3f}", f"{row['cold'][name]['quantize_total_s']:.3f}",
-                          f"{row[f'ratio_cold_quantize_vs_forward_{name}']:.2f}x", f"{warm['pass_s']:.3f}",
-                          f"{row[f'ratio_warm_pass_vs_forward_{name}']:.2f}x",
-                          f"{counts.get('host_syncs_per_batch', 0):.1f}", f"{counts.get('aten_ops_per_batch', 0):.0f}")
+            table.add_row(row["format"], str(row["batch_size"]), name, f"{row['plain_forward_s']:.3f}",
+                          f"{row['cold'][name]['quantize_total_s']:.3f}", f"{row[f'ratio_cold_quantize_vs_forward_{name}']:.2f}x",
+                          f"{warm['pass_s']:.3f}", f"{row[f'ratio_warm_pass_vs_forward_{name}']:.2f}x",
+                          f"{row['counts'].get(name, {}).get('host_syncs_per_batch', 0):.1f}")
     console.print(table)
+
+
+def write_json(path: str, results: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,23 +376,26 @@ def main(argv: list[str] | None = None) -> int:
     calibration_set = build_calibration_set(args.mix, tokenizer, max_samples=args.max_samples,
                                             max_seq_len=args.max_seq_len, console=Console(stderr=True, quiet=True))
     pad_id = tokenizer.pad_token_id
-    batches = list(calibration_set.batches(args.batch_size, pad_id))
     results = {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join([str(Path(sys.argv[0]))] + (sys.argv[1:] if argv is None else argv)),
         "device": device_description(args.device), "model_shape": args.model, "model_config": MODEL_SHAPES[args.model],
         "mix": args.mix, "samples": len(calibration_set.samples), "tokens": calibration_set.num_tokens,
-        "padded_tokens": sum(ids.numel() for ids, _ in batches), "batch_size": args.batch_size,
-        "variants": {name: VARIANTS[name] for name in args.variants},
-        "libraries": library_versions(), "formats": {},
+        "batch_sizes": args.batch_sizes, "variants": {name: VARIANTS[name] for name in args.variants},
+        "libraries": library_versions(), "runs": [], "summary": [],
     }
     for format_name in [name.strip() for name in args.formats.split(",") if name.strip()]:
-        results["formats"][format_name] = measure_format(args, format_name, calibration_set, pad_id)
-        results["parameters"] = results["formats"][format_name]["parameters"]
+        for batch_size in args.batch_sizes:
+            run = measure_format(args, format_name, batch_size, calibration_set, pad_id)
+            results["runs"].append(run)
+            results["parameters"] = run["parameters"]
+            results["summary"].append({"format": format_name, "batch_size": batch_size, **{
+                key: value for key, value in run.items() if key.startswith("ratio_") or key == "amax_identical_across_variants"}})
+            if args.out:  # what is measured so far survives a later failure or timeout
+                write_json(args.out, results)
     print_table(console, results)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, results)
         console.print(f"wrote {args.out}")
     return 0
 
