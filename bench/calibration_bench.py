@@ -51,6 +51,9 @@ MODEL_SHAPES = {
     # Llama-3-8B: hidden 4096, MLP 14336, 32 layers, 32 heads (8 KV heads), vocab 128256.
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    # Llama-3-8B's module layout (32 layers, 224 quantized Linears, GQA 32/8) at CPU size: counts per batch match 8b.
+    "8b_layout": dict(hidden_size=256, intermediate_size=896, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=1024, max_position_embeddings=2048),
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -46,8 +46,10 @@ import torch
 
 
 def is_weight_quantizer_name(name: str) -> bool:
-    """ModelOpt's own test (``_needs_activation_forward_for_max_calib``), incl. ``weight_quantizer.0`` stages."""
-    return any(part.endswith("weight_quantizer") for part in name.split("."))
+    """ModelOpt's own test (``_needs_activation_forward_for_max_calib``), incl. ``weight_quantizer.0`` stages,
+    plus fused MoE experts' per-expert ``gate_up_proj_weight_quantizers.3`` (``weight_only_quantize`` feeds each
+    the same expert slice its forward does: the plugin's ``iter_weights_for_calibration``)."""
+    return any(part.endswith(("weight_quantizer", "weight_quantizers")) for part in name.split("."))
 
 
 @torch.no_grad()
