@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=4,
                         help="plain passes and warm calibrations per variant, alternating; the minimum of each is reported")
     parser.add_argument("--no_profile", action="store_true", help="skip the torch.profiler attribution passes")
-    parser.add_argument("--profile_batches", type=int, default=8,
+    parser.add_argument("--profile_batches", type=int, default=4,
                         help="batches (the longest) in the counted and the profiled passes; per-batch counts do not depend on it")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
