@@ -16,7 +16,7 @@ evaluators (CUDA-synced), after one warm-up call each (graph capture).
 
     python bench/judge_overhead.py --out $OUT/judge_overhead_gpu.json
 
-Not yet run on the GPU (the session that wrote it had no device time left). CPU smoke test of the code path:
+Run on an H200 2026-12-02 (bench/judge_overhead_gpu.json, RESULTS.md). CPU smoke test of the code path:
 `.venv/bin/python bench/judge_overhead.py --device cpu --layers 1 --prompts 4 --max_new_tokens 6 --judge_tokens 8
 --repeats 1 --out /tmp/judge_overhead_smoke.json`.
 """

@@ -129,10 +129,22 @@ def dtype_checks() -> list[dict]:
     return rows
 
 
-def _decode_candidates(m: int, k: int):
+def _decode_candidates(m: int, k: int, kinds: frozenset[str]):
     """Launch shapes to time at M tokens: CUDA-core GEMV (tiny M), tensor-core dot variants, split K or not."""
     C = mm.KernelConfig
-    yield mm.decode_config(m, 4096, k, 132)  # placeholder replaced by the dispatch's own choice in sweep_shape
+    if "dot" in kinds:
+        yield from _hand_prefetched_candidates(m)
+    if "pipelined" in kinds:
+        bm = max(16, 1 << max(m - 1, 0).bit_length())
+        tiles = [(16, 256), (32, 128), (32, 256), (64, 128), (64, 64)] if bm == 16 else [(32, 128), (64, 64), (64, 128), (128, 64)]
+        for (bn, bk), stages, split in itertools.product(tiles, (3, 4, 5), (1, 2, 4)):
+            warps = 8 if bm * bn >= 128 * 64 else 4
+            yield C(bm, bn, bk, split, warps, stages, kernel="pipelined")
+
+
+def _hand_prefetched_candidates(m: int):
+    """The hand-prefetched kernels' launch shapes (the sweep that tuned ``decode_config``)."""
+    C = mm.KernelConfig
     if m <= 4:
         bm = 1 << max(m - 1, 0).bit_length()
         for bn, bk, split in [(16, 1024, 1), (16, 1024, 2), (16, 1024, 4), (16, 512, 4), (16, 256, 1),
@@ -151,7 +163,7 @@ def _decode_candidates(m: int, k: int):
         yield C(64, 32, 128, 2, 4, kernel="dot", join=True)
 
 
-def sweep_shape(n: int, k: int, deadline: float, skip_prefill: bool = True) -> list[dict]:
+def sweep_shape(n: int, k: int, deadline: float, kinds: frozenset[str], skip_prefill: bool = True) -> list[dict]:
     """Every candidate decode launch shape (error: fp32 output vs the fp32 reference), timed against bf16."""
     q, w32, w16 = _weights(n, k)
     args = (q.packed, q.weight_scale, q.weight_scale_2)
@@ -161,7 +173,7 @@ def sweep_shape(n: int, k: int, deadline: float, skip_prefill: bool = True) -> l
         ref = x.float() @ w32.T
         timed = []
         chosen = mm.decode_config(m, n, k, mm._sm_count(x.device))
-        candidates = [chosen] + [c for c in list(_decode_candidates(m, k))[1:] if c != chosen]
+        candidates = [chosen] + [c for c in _decode_candidates(m, k, kinds) if c != chosen]
         for config in candidates:
             if time.monotonic() > deadline:
                 return rows
@@ -196,6 +208,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time candidate launch shapes (tuning)")
     parser.add_argument("--sweep-budget-s", type=float, default=150.0)
     parser.add_argument("--skip-main", action="store_true")
+    parser.add_argument("--sweep-kernels", default="dot,pipelined", help="comma list of dot (hand-prefetched, GEMV) and pipelined")
     parser.add_argument("--sweep-first", action="store_true", help="run the sweep before the main table")
     args = parser.parse_args()
     if not mm.available("cuda"):
@@ -221,7 +234,7 @@ def main() -> None:
     def sweep() -> None:
         deadline = time.monotonic() + args.sweep_budget_s
         for n, k in SHAPES:
-            report["sweep"] += sweep_shape(n, k, deadline)
+            report["sweep"] += sweep_shape(n, k, deadline, frozenset(args.sweep_kernels.split(",")))
             save()
 
     if args.sweep and args.sweep_first:

@@ -21,9 +21,11 @@ Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.
   lays codes j and j+4 into one fp16x2, interpreter: portable bit ops), the next K tile prefetched in
   registers. M=1 (and tiny M on small weights): CUDA-core fp32-FMA GEMV with x split by code position;
   else tensor cores (codes * E4M3 scale exact in x's dtype, joined back into K order, one tl.dot); K split
-  with fp32 atomics where N alone leaves SMs idle. Global scale and bias on the fp32 accumulator.
-  MEASURED (H200, bench JSON): 1.1-1.4x bf16 at M=1, about 1.0x at M=4-16, 0.4-0.7x at M=64-128;
-  latency bound (too few bytes in flight), not at the ~0.5625 B/weight bandwidth floor.
+  with fp32 atomics where N alone leaves SMs idle. M = 17-128: the same tile in a plain ``tl.range`` loop
+  that Triton's software pipeliner keeps 3-4 K tiles deep (beat the hand prefetch by up to 28%).
+  Global scale and bias on the fp32 accumulator.
+  MEASURED (H200, bench JSONs): 1.1-1.5x bf16 at M=1, about 1.0x at M=4-16, 0.65-0.81x at M=64,
+  0.54-0.74x at M=128; latency and decode-instruction bound, not at the ~0.5625 B/weight bandwidth floor.
 - prefill, larger M: a Triton kernel dequantizes W to x's dtype and cuBLAS
   (``F.linear``) multiplies; at these sizes the matmul is compute bound and
   cuBLAS beats a fused Triton kernel with in-register dequantization.
@@ -66,7 +68,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" (tensor cores) or "legacy" (first version)
+    kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" (tensor cores), "pipelined" (dot, compiler-pipelined) or "legacy"
     join: bool = False  # dot: rebuild K order in registers (one dot) instead of eight dots on strided x
     mul16: bool = True  # dot: code * scale in fp16 (exact) instead of fp32
     asm: bool = True  # decode 8 codes of a word with inline PTX (GPU only; the interpreter takes the portable path)
@@ -164,13 +166,11 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
             config = KernelConfig(block_m=16, block_n=16, block_k=512, kernel="dot", join=True)
         else:
             config = KernelConfig(block_m=16, block_n=32, block_k=128, kernel="dot", join=True)
-    elif m <= 64:
-        config = KernelConfig(block_m=64, block_n=32, block_k=128, kernel="dot", join=True)
-    elif n <= 4096 and n * k >= 4096 * 4096:  # measured: wider N tiles and a 2-way split win here (H200 sweep)
-        config = KernelConfig(block_m=128, block_n=64, block_k=128, split_k=2, num_warps=8, kernel="dot", join=True)
-        return dataclasses.replace(config, block_k=64, num_stages=2) if x_bytes > 2 else config
-    else:
-        config = KernelConfig(block_m=128, block_n=32, block_k=128, num_warps=8, kernel="dot", join=True)
+    else:  # M = 17-128: the compiler-pipelined tile; measured winners of the 2026-12-02 sweep (H200)
+        config = _pipelined_config(m, n, k)
+        if x_bytes > 2:  # fp32 x: half the K tile, two stages, so the staged tiles fit in shared memory
+            config = dataclasses.replace(config, block_k=config.block_k // 2, num_stages=2)
+        return config
     if x_bytes > 2 and config.kernel == "dot":  # fp32 x: half the K tile keeps the staged tiles in shared memory
         config = dataclasses.replace(config, block_k=config.block_k // 2, num_stages=2)
     if config.kernel == "gemv":
@@ -181,6 +181,26 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
     while tiles * split < 3 * sm_count and k_tiles // (split * 2) >= 4:
         split *= 2
     return dataclasses.replace(config, split_k=split)
+
+
+def _pipelined_config(m: int, n: int, k: int) -> KernelConfig:
+    """Launch shape of the pipelined tile for M = 17-128 (bench/nvfp4_matmul_sweep2_gpu.json).
+
+    A 4096-wide output leaves SMs idle, so K is split 4 ways there; 14336-wide outputs fill the GPU unsplit.
+    Small (MoE expert, K/V) weights want narrow N tiles; a 128-row tile on a weight wider in K than in N
+    ran best as the hand-prefetched kernel with a 4-way split.
+    """
+    big = n * k >= 4096 * 4096
+    split = 4 if n <= 4096 else 1
+    if m <= 64:
+        if big:
+            return KernelConfig(64, 64, 128, split_k=split, num_warps=4, num_stages=3, kernel="pipelined")
+        return KernelConfig(64, 32, 128, split_k=4 if n < k else 1, num_warps=4, num_stages=4, kernel="pipelined")
+    if big:
+        return KernelConfig(128, 64, 64, split_k=split, num_warps=8, num_stages=4, kernel="pipelined")
+    if n < k:
+        return KernelConfig(128, 32, 128, split_k=4, num_warps=8, kernel="dot", join=True)
+    return KernelConfig(128, 32, 128, split_k=1, num_warps=4, num_stages=4, kernel="pipelined")
 
 
 def fused_matmul(
@@ -214,6 +234,9 @@ def fused_matmul(
     meta.update(EVEN_K=k % config.block_k == 0, ASM=config.asm and not _INTERPRET)
     if config.kernel == "gemv":
         kernels._gemv_kernel[grid](x2d, words, *common, **meta)
+    elif config.kernel == "pipelined":
+        stages = meta.pop("num_stages")
+        kernels._pipelined_dot_kernel[grid](x2d, words, *common, STAGES=stages, num_stages=stages, **meta)
     else:
         kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, **meta)
     return out.to(out_dtype) if atomic else out

@@ -285,6 +285,39 @@ def _dot_kernel(
     _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, HAS_BIAS, ATOMIC)
 
 @triton.jit
+def _pipelined_dot_kernel(
+    x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """Tensor-core decode with Triton's software pipeliner keeping STAGES K tiles in flight.
+
+    The loads stand at the top of a plain ``tl.range`` loop, so the compiler (not a hand-written
+    register prefetch) overlaps them with the decode and the dot of earlier tiles.
+    """
+    k_start = tl.program_id(2) * k_per_split
+    offs_m, offs_n, w_ptrs, s_ptrs, x_ptrs = _tile_pointers(
+        x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, k_start, BLOCK_M, BLOCK_N, BLOCK_K
+    )
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        words, scale, x = _load_tile(w_ptrs, s_ptrs, x_ptrs, k0, K, EVEN_K, BLOCK_K)
+        w_ptrs += BLOCK_K // 8
+        s_ptrs += BLOCK_K // 16
+        x_ptrs += BLOCK_K
+        words = words.to(tl.uint32, bitcast=True)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _scaled_codes(words, _word_scale(scale) * 256.0, True, ASM, dtype)
+        q0 = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+        q1 = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+        w = tl.reshape(tl.join(q0, q1), (BLOCK_N, BLOCK_K))  # [n, w, a, b, c] is code 4a + 2b + c
+        acc = tl.dot(x, tl.trans(w), acc)
+    acc = acc * 16384.0  # 2^14 (codes)
+    first = (tl.program_id(2) == 0).to(tl.float32)
+    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, HAS_BIAS, ATOMIC)
+
+@triton.jit
 def _dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_N, BLOCK_K] tile of W, in the reference codec's float32 order, rounded once to out's dtype."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

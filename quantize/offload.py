@@ -1,11 +1,14 @@
 """Placement of a model too big for the GPUs: GPUs first, then CPU, then disk.
 
-accelerate's ``infer_auto_device_map`` does the packing. We then make two
-corrections that the offload path needs in practice: the map is expressed in
-whole decoder layers plus the small non-layer modules (embeddings, final norm,
-head), and those non-layer modules never go to disk (a model whose root or
-embedding is disk-offloaded cannot be exported by ModelOpt's streaming
-exporter). Budgets of 0 are allowed: ``--max_cpu_memory 0`` sends every decoder
+The map is expressed in whole decoder layers plus the small non-layer modules
+(embeddings, final norm, head), and those non-layer modules never go to disk (a
+model whose root or embedding is disk-offloaded cannot be exported by
+ModelOpt's streaming exporter). A budget caps the device's peak, not only the
+weights placed there: the main device keeps room for the calibration
+activations and for the one offloaded layer accelerate streams onto it at a
+time. (accelerate's ``infer_auto_device_map`` reserves only its largest module,
+and moving its disk-placed head back to the GPU used that room: at 70B layer
+sizes with a 12 GiB cap the planned weights alone came to 11.9 GiB.) Budgets of 0 are allowed: ``--max_cpu_memory 0`` sends every decoder
 layer that does not fit on a GPU to disk, which is also how the tests force
 the disk path on a machine without GPUs.
 """
@@ -150,39 +153,67 @@ def plan_placement(
     max_seq_len: int,
     trust_remote_code: bool = False,
 ) -> PlacementPlan:
-    """Plan where every decoder layer goes, without loading any weight."""
-    from accelerate import infer_auto_device_map, init_empty_weights
+    """Plan where every decoder layer goes, without loading any weight.
+
+    Whole decoder layers fill the GPUs in order, then the CPU, then the disk. The main device (the first GPU,
+    else the CPU) also holds, within its budget, the non-layer modules (embeddings, final norm, head: never on
+    disk), the calibration activations and, when any layer lives off the GPUs, room for the one offloaded layer
+    that accelerate streams onto it at a time: so a budget is a cap on the device's peak, not just on the
+    weights placed there.
+    """
+    from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
         empty = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust_remote_code)
-    packed = infer_auto_device_map(
-        empty, max_memory=dict(max_memory), no_split_module_classes=list(empty._no_split_modules or []), dtype=dtype
-    )
     layers, others = placement_units(empty)
-    main = 0 if any(isinstance(key, int) for key in max_memory) else "cpu"
-    device_map: dict[str, str | int] = {}
-    for name in others:
-        device = lookup_device(packed, name)
-        device_map[name] = main if device == "disk" else device
-    for name in layers:
-        device_map[name] = lookup_device(packed, name)
     sizes = compute_module_sizes(empty, dtype=dtype)
+    main = 0 if any(isinstance(key, int) for key in max_memory) else "cpu"
+    largest_layer = max(sizes.get(name, 0) for name in layers)
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = getattr(text_config, "hidden_size", 0) or 0
+    intermediate = getattr(text_config, "intermediate_size", hidden * 4) or hidden * 4
+    vocab = getattr(text_config, "vocab_size", 0) or 0
+    element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
+    # Residual stream + the widest MLP intermediate, a few live copies each, and the batch's logits.
+    activation_bytes = (4 * (hidden + intermediate) + 2 * vocab) * batch_size * max_seq_len * element_bytes
+    non_layer = sum(sizes.get(name, 0) for name in others)
+    layer_sizes = [sizes.get(name, 0) for name in layers]
+
+    def fill(streamed: int) -> list[str | int]:
+        """Devices of the layers, in order, with `streamed` bytes kept free on the main device."""
+        order = [key for key in max_memory if isinstance(key, int)] + (["cpu"] if "cpu" in max_memory else [])
+        free = {key: max_memory[key] for key in order}
+        free[main] = free.get(main, 0) - non_layer - activation_bytes - streamed
+        devices: list[str | int] = []
+        position = 0
+        for size in layer_sizes:
+            while position < len(order) and free[order[position]] < size:
+                position += 1  # layers stay in order: once a device is full, the next one's turn
+            if position == len(order):
+                devices.append("disk")
+                continue
+            free[order[position]] -= size
+            devices.append(order[position])
+        return devices
+
+    devices = fill(0)
+    streamed_from = {"disk"} if main == "cpu" else {"cpu", "disk"}
+    if any(device in streamed_from for device in devices):
+        devices = fill(largest_layer)  # an offloaded layer is streamed onto the main device for its forward
+    device_map: dict[str, str | int] = {name: main for name in others}
+    device_map.update(zip(layers, devices, strict=True))
     bytes_per_device: Counter = Counter()
     for name, device in device_map.items():
         bytes_per_device[device_name(device)] += sizes.get(name, 0)
-    hidden = getattr(model_config, "hidden_size", 0) or 0
-    intermediate = getattr(model_config, "intermediate_size", hidden * 4) or hidden * 4
-    element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
     return PlacementPlan(
         device_map=device_map,
         layer_devices={name: device_name(device_map[name]) for name in layers},
         bytes_per_device=dict(bytes_per_device),
         total_weight_bytes=sizes.get("", 0),
-        largest_layer_bytes=max(sizes.get(name, 0) for name in layers),
-        # Residual stream + the widest MLP intermediate, a few live copies each.
-        activation_bytes=4 * batch_size * max_seq_len * (hidden + intermediate) * element_bytes,
+        largest_layer_bytes=largest_layer,
+        activation_bytes=activation_bytes,
         max_memory=dict(max_memory),
     )
 
@@ -205,9 +236,9 @@ def print_placement(console, plan: PlacementPlan) -> None:
         table.add_row(device, str(layer_counts.get(device, 0)), format_bytes(plan.bytes_per_device.get(device, 0)), budget_text)
     console.print(table)
     console.print(
-        f"estimate: weights {format_bytes(plan.total_weight_bytes)} in total; on {plan.main_device} "
-        f"at least one decoder layer ({format_bytes(plan.largest_layer_bytes)}) + calibration activations "
-        f"(~{format_bytes(plan.activation_bytes)}) beyond the modules placed there; "
+        f"estimate: weights {format_bytes(plan.total_weight_bytes)} in total; {plan.main_device}'s budget also "
+        f"holds calibration activations (~{format_bytes(plan.activation_bytes)}) and, when layers are offloaded, "
+        f"the one streamed onto it ({format_bytes(plan.largest_layer_bytes)}); "
         "disk-resident layers are read again for every calibration batch."
     )
 

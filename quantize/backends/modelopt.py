@@ -93,6 +93,7 @@ class ModelOptBackend:
         forward_loop = calibration_loop.make_forward_loop(
             calibration_set, settings.batch_size, pad_token_id(tokenizer), console,
             description=f"calibrating {recipe.name} ({algorithm}{', every expert' if all_experts else ''})",
+            fast_max=algorithm == "max",  # weights stay constant through max calibration (quantize/max_statistics.py)
         )
         recorder = expert_coverage.CoverageRecorder()
         model, _ = calibration_loop.calibrate(model, quant_config, recorder.wrap(forward_loop, all_experts))

@@ -82,6 +82,9 @@ def test_dequantize_kernel_matches_codec_bit_for_bit(interpreted, dtype: torch.d
     [
         (KernelConfig(block_m=16, block_n=16, block_k=32), torch.float16),
         (KernelConfig(block_m=16, block_n=32, block_k=64, split_k=3), torch.float32),
+        (KernelConfig(block_m=16, block_n=16, block_k=32, kernel="pipelined"), torch.float16),
+        (KernelConfig(block_m=16, block_n=32, block_k=64, split_k=3, kernel="pipelined"), torch.float32),
+        (KernelConfig(block_m=16, block_n=16, block_k=64, kernel="gemv"), torch.float32),
     ],
 )
 @pytest.mark.parametrize("m", [1, 5, 17])
@@ -96,7 +99,7 @@ def test_fused_kernels_match_fp32_reference(interpreted, config: KernelConfig, x
     assert _relative_error(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("m", [3, 20, 130])  # decode (split K), decode, prefill
+@pytest.mark.parametrize("m", [3, 20, 100, 130])  # decode: GEMV (split K), pipelined, 128-row tile; prefill
 def test_nvfp4_linear_dispatch(interpreted, m: int) -> None:
     n, k = 48, 128
     q = _weight(n, k, seed=7)

@@ -55,13 +55,23 @@ def test_placement_plan_fills_budgets_in_order(tiny_model_dir):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     with init_empty_weights():
         sizes = compute_module_sizes(AutoModelForCausalLM.from_config(config), dtype=torch.bfloat16)
-    non_layer = sizes[""] - sizes["model.layers"]
-    # Room on the CPU for the non-layer modules and about one decoder layer: the other goes to disk.
-    budget = non_layer + int(sizes["model.layers.0"] * 1.5)
-    plan = plan_placement(config, torch.bfloat16, build_max_memory([], budget), batch_size=2, max_seq_len=32)
-    assert sum(plan.layers_per_device.values()) == 2
+    three = llama_config(vocab_size=config.vocab_size, num_hidden_layers=3)
+    with init_empty_weights():
+        three_sizes = compute_module_sizes(AutoModelForCausalLM.from_config(three), dtype=torch.bfloat16)
+    layer, three_non_layer = three_sizes["model.layers.0"], three_sizes[""] - three_sizes["model.layers"]
+    activations = plan_placement(three, torch.bfloat16, build_max_memory([], 2**34), batch_size=2, max_seq_len=32).activation_bytes
+    # Room on the CPU for the non-layer modules, the activations and 2.5 decoder layers: one layer's room is kept
+    # for the disk layer streamed in for its forward, so one layer stays on the CPU and two go to disk.
+    budget = three_non_layer + activations + int(layer * 2.5)
+    plan = plan_placement(three, torch.bfloat16, build_max_memory([], budget), batch_size=2, max_seq_len=32)
+    assert plan.layers_per_device == {"cpu": 1, "disk": 2}
+    assert plan.layer_devices["model.layers.0"] == "cpu"
     assert plan.layer_devices["model.layers.1"] == "disk"
     assert plan.device_map["lm_head"] == "cpu"
+    # Room for all three: nothing goes to disk, so nothing is streamed and no room is kept for it.
+    roomy = plan_placement(three, torch.bfloat16, build_max_memory([], three_non_layer + activations + int(layer * 3.5)),
+                           batch_size=2, max_seq_len=32)
+    assert roomy.layers_per_device == {"cpu": 3}
     everything_on_cpu = plan_placement(config, torch.bfloat16, build_max_memory([], 2**34), batch_size=2, max_seq_len=32)
     assert everything_on_cpu.layers_per_device == {"cpu": 2}
     assert everything_on_cpu.total_weight_bytes == sizes[""]
@@ -83,7 +93,10 @@ def test_placement_plan_with_gpus_keeps_non_layer_modules_on_the_first_gpu():
         sizes = compute_module_sizes(AutoModelForCausalLM.from_config(config), dtype=torch.bfloat16)
     layer = sizes["model.layers.0"]
     non_layer = sizes[""] - sizes["model.layers"]
-    plan = plan_placement(config, torch.bfloat16, build_max_memory([non_layer + int(2.5 * layer), int(2.5 * layer)], 0),
+    activations = plan_placement(config, torch.bfloat16, build_max_memory([2**40], 0), batch_size=1, max_seq_len=16).activation_bytes
+    # cuda:0 keeps room for the layer streamed onto it from disk and the activations beside two layers of its own
+    main_budget = non_layer + activations + layer + int(2.5 * layer)
+    plan = plan_placement(config, torch.bfloat16, build_max_memory([main_budget, int(2.5 * layer)], 0),
                           batch_size=1, max_seq_len=16)
     assert plan.layers_per_device == {"cuda:0": 2, "cuda:1": 2, "disk": 2}
     assert [plan.device_map[name] for name in ("model.embed_tokens", "model.norm", "lm_head")] == [0, 0, 0]
@@ -92,6 +105,26 @@ def test_placement_plan_with_gpus_keeps_non_layer_modules_on_the_first_gpu():
     print_placement(console, plan)
     printed = console.file.getvalue()
     assert "cuda:1" in printed and "disk" in printed and "cpu" in printed
+
+
+def test_placement_at_70b_layer_sizes_keeps_the_gpu_peak_within_its_cap():
+    """Llama-3.1-70B shapes cut to 14 layers under --max_gpu_memory 12GiB --max_cpu_memory 16GiB (issue 16): layers on
+    GPU, CPU and disk, and the GPU's planned weights + the one streamed layer + activations fit the cap. The plan
+    built on accelerate's map put 11.9 GiB of weights on the 12 GiB GPU, before any streamed layer or activation."""
+    from transformers import LlamaConfig
+
+    from quantize.offload import GIB, build_max_memory, plan_placement
+
+    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=14, num_attention_heads=64,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    plan = plan_placement(config, torch.bfloat16, build_max_memory([12 * GIB], 16 * GIB), batch_size=4, max_seq_len=256)
+    assert set(plan.layers_per_device) == {"cuda:0", "cpu", "disk"}
+    gpu_peak = plan.bytes_per_device["cuda:0"] + plan.largest_layer_bytes + plan.activation_bytes
+    assert gpu_peak <= 12 * GIB
+    assert plan.bytes_per_device["cpu"] <= 16 * GIB
+    assert plan.activation_bytes > 4 * 256 * 128256 * 2  # the batch's logits at a 128k vocabulary count
+    layer_order = [plan.layer_devices[f"model.layers.{index}"] for index in range(14)]
+    assert layer_order == sorted(layer_order, key=["cuda:0", "cpu", "disk"].index)  # in order: GPU, then CPU, then disk
 
 
 def test_every_visible_gpu_gets_a_budget_one_size_or_one_each(monkeypatch):
@@ -127,8 +160,7 @@ def test_a_per_gpu_budget_list_is_accepted_by_the_settings_and_a_bad_one_named(t
 def test_placement_over_three_gpus_then_cpu_then_disk_uses_every_gpu():
     """The plan a 3-GPU host gets (planning needs no GPU): layers fill cuda:0, cuda:1, cuda:2, then CPU, then disk.
 
-    (accelerate keeps room for about two layers on the CPU when it offloads to disk, hence 4.5 layers for 2 there.)
-    """
+    cuda:0's budget also holds the non-layer modules, the activations and the one streamed layer."""
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
     from transformers import AutoModelForCausalLM
@@ -140,9 +172,12 @@ def test_placement_over_three_gpus_then_cpu_then_disk_uses_every_gpu():
         sizes = compute_module_sizes(AutoModelForCausalLM.from_config(config), dtype=torch.bfloat16)
     layer = sizes["model.layers.0"]
     non_layer = sizes[""] - sizes["model.layers"]
+    activations = plan_placement(config, torch.bfloat16, build_max_memory([], 2**40), batch_size=1,
+                                 max_seq_len=16).activation_bytes
+    main = non_layer + activations + layer + int(2.5 * layer)  # + the streamed layer: 2 placed layers fit
     plan = plan_placement(config, torch.bfloat16,
-                          build_max_memory([non_layer + int(2.5 * layer), int(2.5 * layer), int(1.5 * layer)], int(4.5 * layer)),
+                          build_max_memory([main, int(2.5 * layer), int(1.5 * layer)], int(2.5 * layer)),
                           batch_size=1, max_seq_len=16)
     assert plan.layers_per_device == {"cuda:0": 2, "cuda:1": 2, "cuda:2": 1, "cpu": 2, "disk": 3}
     order = [plan.layer_devices[f"model.layers.{i}"] for i in range(10)]
-    assert order == sorted(order, key=lambda device: ("cuda:0", "cuda:1", "cuda:2", "cpu", "disk").index(device))
+    assert order == sorted(order, key=("cuda:0", "cuda:1", "cuda:2", "cpu", "disk").index)
