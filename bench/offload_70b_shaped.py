@@ -17,8 +17,9 @@ accelerate's disk offload, which the kernel can drop), and the planned placement
 full 70B (80 layers) and 405B (126 layers, hidden 16384, MLP 53248, 128 heads) under the same caps and under a
 one-H200 setting, from the plan (computed without weights) and the measured per-layer costs.
 
-Disk: the source (~32 GB at 16 layers) + the reference output (~10 GB) + one offloaded output at a time (each is
-deleted once compared) + the offload folder (disk layers). The device has 64 GiB disk; `--layers 14` if short.
+Disk: the source (~28 GB at 14 layers) + the reference output (~11 GB: NVFP4 layers, bf16 embeddings and head)
++ one offloaded output at a time (each is deleted once compared) + the offload folder (the disk layers): ~52 GB at
+14 layers on the device's 64 GiB; a run that would not fit is skipped and says so (`--layers 12` then).
 
 Device, one call (carry [".whl"], wheels as in bench/RESULTS.md):
 
@@ -64,9 +65,11 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=1024),
 }
 DEFAULTS = {  # layers, GPU cap, CPU cap
-    "70b": dict(layers=16, max_gpu_memory="12GiB", max_cpu_memory="16GiB"),
-    # a tiny layer is 1.57 MiB (bf16); 4 layers, the CPU holds about 1.5 of them beside the non-layer modules
-    "tiny": dict(layers=4, max_gpu_memory="8MiB", max_cpu_memory="4MiB"),
+    # 14 layers: the plan puts 3 on the GPU, 10 on the CPU, 1 on disk (16: 3 on disk, ~61 GB of disk at the peak)
+    "70b": dict(layers=14, max_gpu_memory="12GiB", max_cpu_memory="16GiB", seq_len=256),
+    # a tiny layer is 1.57 MiB (bf16); beside the non-layer modules, 3 MiB of planned activations (4 x 64 tokens)
+    # and the streamed layer, a 9 MiB CPU holds 2 of the 4 layers, the other 2 go to disk
+    "tiny": dict(layers=4, max_gpu_memory="8MiB", max_cpu_memory="9MiB", seq_len=64),
 }
 WEIGHT_STD = 0.02
 SHARD_BYTES = 5 * 10**9
@@ -160,6 +163,20 @@ def write_source(out_dir: Path, shape: dict, layers: int, device: str, seed: int
             shutil.copy(TESTBED / name, out_dir / name)
     return {"ok": True, "seconds": time.time() - started, "bytes": folder_bytes(out_dir), "shards": len(shards),
             "layers": layers, "generated_on": device, "peak_rss_bytes_of_bench": peak_rss_self()}
+
+
+def output_bytes_estimate(shape: dict, layers: int) -> int:
+    """An NVFP4 checkpoint: 4.5 bits per layer weight (codes + FP8 block scales), bf16 embeddings and head."""
+    return int(layers * layer_bytes(shape) * 4.5 / 16) + non_layer_bytes(shape)
+
+
+def offload_bytes_estimate(shape: dict, args) -> int:
+    """accelerate's disk copy of the layers the plan sends to disk."""
+    try:
+        return planned(shape, args.layers, args.max_gpu_memory if args.device == "cuda" else None,
+                       args.max_cpu_memory, args)["bytes_per_device"].get("disk", 0)
+    except Exception:  # noqa: BLE001 - an estimate only
+        return 0
 
 
 def folder_bytes(folder: Path) -> int:
@@ -405,11 +422,11 @@ def caps_check(run: dict, args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("70b", "tiny"), default="70b")
-    parser.add_argument("--layers", type=int, help="decoder layers written (default: 16 for 70b, 4 for tiny)")
+    parser.add_argument("--layers", type=int, help="decoder layers written (default: 14 for 70b, 4 for tiny)")
     parser.add_argument("--max_gpu_memory", help="cap for the offloaded runs (default 12GiB; tiny: 8MiB)")
-    parser.add_argument("--max_cpu_memory", help="cap for the offloaded runs (default 16GiB; tiny: 4MiB)")
+    parser.add_argument("--max_cpu_memory", help="cap for the offloaded runs (default 16GiB; tiny: 9MiB)")
     parser.add_argument("--samples", type=int, default=8, help="calibration samples")
-    parser.add_argument("--seq_len", type=int, default=256, help="calibration --max_seq_len")
+    parser.add_argument("--seq_len", type=int, help="calibration --max_seq_len (default 256; tiny: 64)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--runs", default="reference,offload,layerwise", help="comma-separated subset, in this order")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
@@ -430,6 +447,7 @@ def main() -> int:
     args.layers = args.layers or defaults["layers"]
     args.max_gpu_memory = args.max_gpu_memory or defaults["max_gpu_memory"]
     args.max_cpu_memory = args.max_cpu_memory or defaults["max_cpu_memory"]
+    args.seq_len = args.seq_len or defaults["seq_len"]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.shape == "tiny":
         args.gpu_margin, args.cpu_margin = min(args.gpu_margin, 64 << 20), args.cpu_margin
@@ -466,6 +484,13 @@ def main() -> int:
             break
         if measure.time_left(reserve=args.reserve_s) <= 5:
             result["runs"][name] = {"ok": False, "skipped": "no time left in --budget_s"}
+            continue
+        needed = output_bytes_estimate(shape, args.layers) + (
+            offload_bytes_estimate(shape, args) if flags[name][1] else 0) + GIB
+        free = shutil.disk_usage(args.work).free
+        if free < needed:
+            result["runs"][name] = {"ok": False, "skipped": f"needs ~{needed / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB free"}
+            save()
             continue
         extra, offload = flags[name]
         run = result["runs"][name] = step(name, run_quantize, name, args, source, outputs[name], extra, offload, env)
