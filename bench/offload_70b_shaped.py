@@ -28,6 +28,9 @@ Device, one call (carry [".whl"], wheels as in bench/RESULTS.md):
 CPU smoke test here (a tiny shape; caps scaled to it so layers still land on CPU and disk):
 
     .venv/bin/python bench/offload_70b_shaped.py --shape tiny --work /tmp/off_tiny --out /tmp/off_tiny/result.json
+
+Beside --out it writes the same name with .md: the runs table and the extrapolation table (for bench/RESULTS.md and
+the README's offload table).
 """
 
 from __future__ import annotations
@@ -350,7 +353,8 @@ def planned(shape: dict, layers: int, gpu_cap: str | None, cpu_cap: str, args) -
 def extrapolate(args, shape: dict, runs: dict) -> dict:
     """Seconds and memory for full models from this run: resident layers cost what the reference's cost, offloaded
     layers what the offload run's cost beyond that (CPU and disk pooled: one measured number), scaled by layer
-    bytes (the measured shape's layer -> each model's); memory: the caps bound resident weights, one streamed layer and the activations come on top."""
+    bytes (the measured shape's layer -> each model's; fixed costs such as the first Triton compile are spread over
+    the layers, so the full-model seconds are upper bounds); memory: the caps bound resident weights, one streamed layer and the activations come on top."""
     reference, offload = runs.get("reference", {}), runs.get("offload", {})
     ref_t, off_t = reference.get("timings_s") or {}, offload.get("timings_s") or {}
     placement = offload.get("layers_per_device") or {}
@@ -391,6 +395,55 @@ def extrapolate(args, shape: dict, runs: dict) -> dict:
             }
         out["models"][model_name] = entry
     return out
+
+
+# ---------------------------------------------------------------- the tables (bench/RESULTS.md, the README's offload table)
+
+def markdown_tables(result: dict) -> str:
+    def gib(value) -> str:
+        return "-" if value is None else f"{value / GIB:.2f}"
+
+    def sec(value) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    shape = result["shape"]
+    lines = [f"{result['gpu']}, {result['date']}: Llama-3.1-70B-shaped bf16 model, {shape['num_hidden_layers']} of 80 "
+             f"layers ({result['write'].get('bytes', 0) / 1e9:.1f} GB, written in {sec(result['write'].get('seconds'))} s), "
+             f"{result['samples']} samples x {result['seq_len']} tokens; caps GPU {result['caps']['gpu']}, CPU "
+             f"{result['caps']['cpu']}.", "",
+             "| run | placement (layers) | wall s | load s | calibrate s | export s | s / layer (calib + export) | "
+             "peak GPU GiB (torch / nvidia-smi) | peak RSS GiB (anon / all) | identical to reference |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, run in result["runs"].items():
+        if not run.get("ok"):
+            lines.append(f"| {name} | {run.get('skipped') or 'failed'} | {sec(run.get('wall_s'))} | | | | | | | |")
+            continue
+        timings, per_layer = run.get("timings_s") or {}, run.get("seconds_per_layer") or {}
+        report, rss = run.get("child_report") or {}, run.get("rss_poll") or {}
+        placement = ", ".join(f"{device} {count}" for device, count in (run.get("layers_per_device") or {"all on": result.get("device", "one device")}).items())
+        comparison = result["comparisons"].get(name)
+        same = "-" if name == "reference" else "not compared" if comparison is None else (
+            "yes" if comparison.get("identical") else f"no: {comparison.get('n_different')} tensors")
+        lines.append(f"| {name} | {placement} | {sec(run.get('wall_s'))} | {sec(timings.get('load'))} | "
+                     f"{sec(timings.get('calibrate'))} | {sec(timings.get('export'))} | "
+                     f"{sec((per_layer.get('calibrate') or 0) + (per_layer.get('export') or 0))} | "
+                     f"{gib(report.get('max_memory_allocated'))} / {gib((run.get('gpu_memory_poll') or {}).get('peak_bytes'))} | "
+                     f"{gib(rss.get('peak_RssAnon_bytes'))} / {gib(report.get('vm_hwm_bytes'))} | {same} |")
+    extrapolation = result.get("extrapolation") or {}
+    if extrapolation.get("models"):
+        lines += ["", "| model | caps (GPU / CPU) | layers GPU / CPU / disk | disk needed GB | load + calibrate + export s "
+                  f"(at {extrapolation.get('calibration_tokens')} calibration tokens) |", "|---|---|---|---|---|"]
+        for model, entry in extrapolation["models"].items():
+            for setting in entry["settings"].values():
+                if "error" in setting:
+                    continue
+                counts = setting["layers_per_device"]
+                layers = " / ".join(str(sum(n for d, n in counts.items() if d.startswith(kind))) for kind in ("cuda", "cpu", "disk"))
+                seconds = setting.get("seconds") or {}
+                total = " + ".join(f"{seconds[key]:.0f}" for key in ("load", "calibrate", "export") if key in seconds)
+                lines.append(f"| {model} | {setting['caps']['gpu']} / {setting['caps']['cpu']} | {layers} | "
+                             f"{setting['disk_needed_bytes'] / 1e9:.0f} | {total or '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- main
@@ -460,7 +513,7 @@ def main() -> int:
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": measure.gpu_name(),
                     "versions": measure.versions(), "command": "python bench/offload_70b_shaped.py " + " ".join(sys.argv[1:]),
                     "shape": {**shape, "num_hidden_layers": args.layers}, "layer_bytes": layer_bytes(shape),
-                    "caps": {"gpu": args.max_gpu_memory, "cpu": args.max_cpu_memory}, "samples": args.samples,
+                    "caps": {"gpu": args.max_gpu_memory, "cpu": args.max_cpu_memory}, "samples": args.samples, "device": args.device,
                     "seq_len": args.seq_len, "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "runs": {},
                     "comparisons": {}}
 
@@ -468,6 +521,10 @@ def main() -> int:
         result["total_seconds"] = time.time() - started
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        try:
+            args.out.with_suffix(".md").write_text(markdown_tables(result))
+        except Exception as error:  # noqa: BLE001 - the JSON is what counts
+            print(f"markdown table failed: {error!r}", flush=True)
 
     result["write"] = write = step("write", write_source, source, shape, args.layers, args.device, args.seed)
     if args.device == "cuda":
@@ -515,7 +572,8 @@ def main() -> int:
     print(json.dumps({name: {"ok": run.get("ok"), "wall_s": run.get("wall_s"), "placement": run.get("layers_per_device"),
                              "caps": run.get("caps_check")} for name, run in result["runs"].items()}, indent=1, default=str))
     print(f"comparisons: { {name: c.get('identical') for name, c in result['comparisons'].items()} }")
-    print(f"wrote {args.out}")
+    print(markdown_tables(result))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 
