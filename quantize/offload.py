@@ -98,18 +98,6 @@ def placement_units(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     return layers, others
 
 
-def lookup_device(device_map: dict[str, str | int], module_name: str) -> str | int:
-    """Device of the longest device-map key that is ``module_name`` or one of its parents."""
-    best_key, best = None, None
-    for key, device in device_map.items():
-        if key == "" or module_name == key or module_name.startswith(key + "."):
-            if best_key is None or len(key) > len(best_key):
-                best_key, best = key, device
-    if best_key is None:
-        raise KeyError(module_name)
-    return best
-
-
 def build_max_memory(gpu_budgets: list[int], cpu_budget: int) -> dict[str | int, int]:
     max_memory: dict[str | int, int] = {index: budget for index, budget in enumerate(gpu_budgets)}
     max_memory["cpu"] = cpu_budget
