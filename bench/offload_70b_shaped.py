@@ -347,7 +347,8 @@ def planned(shape: dict, layers: int, gpu_cap: str | None, cpu_cap: str, args) -
                           build_max_memory(gpus, parse_memory(cpu_cap, "--max_cpu_memory")),
                           batch_size=args.batch_size, max_seq_len=args.seq_len)
     return {"layers_per_device": dict(plan.layers_per_device), "bytes_per_device": plan.bytes_per_device,
-            "total_weight_bytes": plan.total_weight_bytes}
+            "total_weight_bytes": plan.total_weight_bytes, "main_device_need_bytes": plan.main_device_need(),
+            "main_device_shortfall_bytes": plan.main_device_shortfall()}
 
 
 def extrapolate(args, shape: dict, runs: dict) -> dict:
@@ -456,7 +457,7 @@ def step(name: str, function, *args) -> dict:
         return {"ok": False, "seconds": time.time() - started, "error_tail": traceback.format_exc()[-3000:], "step": name}
 
 
-def caps_check(run: dict, args) -> dict:
+def caps_check(run: dict, args, shape: dict) -> dict:
     """Did the run stay within its caps? GPU: torch's allocator peak vs --max_gpu_memory (+ the margin);
     CPU: peak anonymous RSS vs --max_cpu_memory (+ the margin)."""
     from quantize.offload import parse_memory
@@ -465,7 +466,12 @@ def caps_check(run: dict, args) -> dict:
     gpu_cap, cpu_cap = parse_memory(args.max_gpu_memory, "--max_gpu_memory"), parse_memory(args.max_cpu_memory, "--max_cpu_memory")
     gpu_peak = report.get("max_memory_allocated")
     anon = (run.get("rss_poll") or {}).get("peak_RssAnon_bytes")
-    return {"gpu_cap_bytes": gpu_cap, "gpu_margin_bytes": args.gpu_margin, "gpu_peak_allocated_bytes": gpu_peak,
+    try:  # the planner's own estimate of the main device's peak (the samples may be shorter than --seq_len)
+        plan = planned(shape, args.layers, args.max_gpu_memory if args.device == "cuda" else None, args.max_cpu_memory, args)
+    except Exception as error:  # noqa: BLE001
+        plan = {"error": repr(error)}
+    return {"planned_main_device_need_bytes": plan.get("main_device_need_bytes"),
+            "planned_layers_per_device": plan.get("layers_per_device"),"gpu_cap_bytes": gpu_cap, "gpu_margin_bytes": args.gpu_margin, "gpu_peak_allocated_bytes": gpu_peak,
             "gpu_reserved_bytes": report.get("max_memory_reserved"), "gpu_nvidia_smi_bytes": (run.get("gpu_memory_poll") or {}).get("peak_bytes"),
             "gpu_within": None if gpu_peak is None else gpu_peak <= gpu_cap + args.gpu_margin,
             "cpu_cap_bytes": cpu_cap, "cpu_margin_bytes": args.cpu_margin, "cpu_peak_anon_bytes": anon,
@@ -552,7 +558,7 @@ def main() -> int:
         extra, offload = flags[name]
         run = result["runs"][name] = step(name, run_quantize, name, args, source, outputs[name], extra, offload, env)
         if offload:
-            run["caps_check"] = caps_check(run, args)
+            run["caps_check"] = caps_check(run, args, shape)
         if name != "reference" and run.get("ok") and result["runs"].get("reference", {}).get("ok"):
             comparison = result["comparisons"][name] = step("compare", compare_checkpoints, outputs["reference"], outputs[name])
             print(f"compare {name}: identical={comparison.get('identical')} ({comparison.get('n_different')} different: "
