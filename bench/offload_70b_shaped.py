@@ -17,8 +17,9 @@ accelerate's disk offload, which the kernel can drop), and the planned placement
 full 70B (80 layers) and 405B (126 layers, hidden 16384, MLP 53248, 128 heads) under the same caps and under a
 one-H200 setting, from the plan (computed without weights) and the measured per-layer costs.
 
-Disk: the source (~32 GB at 16 layers) + the reference output (~10 GB) + one offloaded output at a time (each is
-deleted once compared) + the offload folder (disk layers). The device has 64 GiB disk; `--layers 14` if short.
+Disk: the source (~28 GB at 14 layers) + the reference output (~11 GB: NVFP4 layers, bf16 embeddings and head)
++ one offloaded output at a time (each is deleted once compared) + the offload folder (the disk layers): ~52 GB at
+14 layers on the device's 64 GiB; a run that would not fit is skipped and says so (`--layers 12` then).
 
 Device, one call (carry [".whl"], wheels as in bench/RESULTS.md):
 
@@ -27,6 +28,9 @@ Device, one call (carry [".whl"], wheels as in bench/RESULTS.md):
 CPU smoke test here (a tiny shape; caps scaled to it so layers still land on CPU and disk):
 
     .venv/bin/python bench/offload_70b_shaped.py --shape tiny --work /tmp/off_tiny --out /tmp/off_tiny/result.json
+
+Beside --out it writes the same name with .md: the runs table and the extrapolation table (for bench/RESULTS.md and
+the README's offload table).
 """
 
 from __future__ import annotations
@@ -64,9 +68,11 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=1024),
 }
 DEFAULTS = {  # layers, GPU cap, CPU cap
-    "70b": dict(layers=16, max_gpu_memory="12GiB", max_cpu_memory="16GiB"),
-    # a tiny layer is 1.57 MiB (bf16); 4 layers, the CPU holds about 1.5 of them beside the non-layer modules
-    "tiny": dict(layers=4, max_gpu_memory="8MiB", max_cpu_memory="4MiB"),
+    # 14 layers: the plan puts 3 on the GPU, 10 on the CPU, 1 on disk (16: 3 on disk, ~61 GB of disk at the peak)
+    "70b": dict(layers=14, max_gpu_memory="12GiB", max_cpu_memory="16GiB", seq_len=256),
+    # a tiny layer is 1.57 MiB (bf16); beside the non-layer modules, 3 MiB of planned activations (4 x 64 tokens)
+    # and the streamed layer, a 9 MiB CPU holds 2 of the 4 layers, the other 2 go to disk
+    "tiny": dict(layers=4, max_gpu_memory="8MiB", max_cpu_memory="9MiB", seq_len=64),
 }
 WEIGHT_STD = 0.02
 SHARD_BYTES = 5 * 10**9
@@ -160,6 +166,20 @@ def write_source(out_dir: Path, shape: dict, layers: int, device: str, seed: int
             shutil.copy(TESTBED / name, out_dir / name)
     return {"ok": True, "seconds": time.time() - started, "bytes": folder_bytes(out_dir), "shards": len(shards),
             "layers": layers, "generated_on": device, "peak_rss_bytes_of_bench": peak_rss_self()}
+
+
+def output_bytes_estimate(shape: dict, layers: int) -> int:
+    """An NVFP4 checkpoint: 4.5 bits per layer weight (codes + FP8 block scales), bf16 embeddings and head."""
+    return int(layers * layer_bytes(shape) * 4.5 / 16) + non_layer_bytes(shape)
+
+
+def offload_bytes_estimate(shape: dict, args) -> int:
+    """accelerate's disk copy of the layers the plan sends to disk."""
+    try:
+        return planned(shape, args.layers, args.max_gpu_memory if args.device == "cuda" else None,
+                       args.max_cpu_memory, args)["bytes_per_device"].get("disk", 0)
+    except Exception:  # noqa: BLE001 - an estimate only
+        return 0
 
 
 def folder_bytes(folder: Path) -> int:
@@ -327,13 +347,15 @@ def planned(shape: dict, layers: int, gpu_cap: str | None, cpu_cap: str, args) -
                           build_max_memory(gpus, parse_memory(cpu_cap, "--max_cpu_memory")),
                           batch_size=args.batch_size, max_seq_len=args.seq_len)
     return {"layers_per_device": dict(plan.layers_per_device), "bytes_per_device": plan.bytes_per_device,
-            "total_weight_bytes": plan.total_weight_bytes}
+            "total_weight_bytes": plan.total_weight_bytes, "main_device_need_bytes": plan.main_device_need(),
+            "main_device_shortfall_bytes": plan.main_device_shortfall()}
 
 
 def extrapolate(args, shape: dict, runs: dict) -> dict:
     """Seconds and memory for full models from this run: resident layers cost what the reference's cost, offloaded
     layers what the offload run's cost beyond that (CPU and disk pooled: one measured number), scaled by layer
-    bytes (the measured shape's layer -> each model's); memory: the caps bound resident weights, one streamed layer and the activations come on top."""
+    bytes (the measured shape's layer -> each model's; fixed costs such as the first Triton compile are spread over
+    the layers, so the full-model seconds are upper bounds); memory: the caps bound resident weights, one streamed layer and the activations come on top."""
     reference, offload = runs.get("reference", {}), runs.get("offload", {})
     ref_t, off_t = reference.get("timings_s") or {}, offload.get("timings_s") or {}
     placement = offload.get("layers_per_device") or {}
@@ -376,6 +398,55 @@ def extrapolate(args, shape: dict, runs: dict) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- the tables (bench/RESULTS.md, the README's offload table)
+
+def markdown_tables(result: dict) -> str:
+    def gib(value) -> str:
+        return "-" if value is None else f"{value / GIB:.2f}"
+
+    def sec(value) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    shape = result["shape"]
+    lines = [f"{result['gpu']}, {result['date']}: Llama-3.1-70B-shaped bf16 model, {shape['num_hidden_layers']} of 80 "
+             f"layers ({result['write'].get('bytes', 0) / 1e9:.1f} GB, written in {sec(result['write'].get('seconds'))} s), "
+             f"{result['samples']} samples x {result['seq_len']} tokens; caps GPU {result['caps']['gpu']}, CPU "
+             f"{result['caps']['cpu']}.", "",
+             "| run | placement (layers) | wall s | load s | calibrate s | export s | s / layer (calib + export) | "
+             "peak GPU GiB (torch / nvidia-smi) | peak RSS GiB (anon / all) | identical to reference |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, run in result["runs"].items():
+        if not run.get("ok"):
+            lines.append(f"| {name} | {run.get('skipped') or 'failed'} | {sec(run.get('wall_s'))} | | | | | | | |")
+            continue
+        timings, per_layer = run.get("timings_s") or {}, run.get("seconds_per_layer") or {}
+        report, rss = run.get("child_report") or {}, run.get("rss_poll") or {}
+        placement = ", ".join(f"{device} {count}" for device, count in (run.get("layers_per_device") or {"all on": result.get("device", "one device")}).items())
+        comparison = result["comparisons"].get(name)
+        same = "-" if name == "reference" else "not compared" if comparison is None else (
+            "yes" if comparison.get("identical") else f"no: {comparison.get('n_different')} tensors")
+        lines.append(f"| {name} | {placement} | {sec(run.get('wall_s'))} | {sec(timings.get('load'))} | "
+                     f"{sec(timings.get('calibrate'))} | {sec(timings.get('export'))} | "
+                     f"{sec((per_layer.get('calibrate') or 0) + (per_layer.get('export') or 0))} | "
+                     f"{gib(report.get('max_memory_allocated'))} / {gib((run.get('gpu_memory_poll') or {}).get('peak_bytes'))} | "
+                     f"{gib(rss.get('peak_RssAnon_bytes'))} / {gib(report.get('vm_hwm_bytes'))} | {same} |")
+    extrapolation = result.get("extrapolation") or {}
+    if extrapolation.get("models"):
+        lines += ["", "| model | caps (GPU / CPU) | layers GPU / CPU / disk | disk needed GB | load + calibrate + export s "
+                  f"(at {extrapolation.get('calibration_tokens')} calibration tokens) |", "|---|---|---|---|---|"]
+        for model, entry in extrapolation["models"].items():
+            for setting in entry["settings"].values():
+                if "error" in setting:
+                    continue
+                counts = setting["layers_per_device"]
+                layers = " / ".join(str(sum(n for d, n in counts.items() if d.startswith(kind))) for kind in ("cuda", "cpu", "disk"))
+                seconds = setting.get("seconds") or {}
+                total = " + ".join(f"{seconds[key]:.0f}" for key in ("load", "calibrate", "export") if key in seconds)
+                lines.append(f"| {model} | {setting['caps']['gpu']} / {setting['caps']['cpu']} | {layers} | "
+                             f"{setting['disk_needed_bytes'] / 1e9:.0f} | {total or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- main
 
 def step(name: str, function, *args) -> dict:
@@ -386,7 +457,7 @@ def step(name: str, function, *args) -> dict:
         return {"ok": False, "seconds": time.time() - started, "error_tail": traceback.format_exc()[-3000:], "step": name}
 
 
-def caps_check(run: dict, args) -> dict:
+def caps_check(run: dict, args, shape: dict) -> dict:
     """Did the run stay within its caps? GPU: torch's allocator peak vs --max_gpu_memory (+ the margin);
     CPU: peak anonymous RSS vs --max_cpu_memory (+ the margin)."""
     from quantize.offload import parse_memory
@@ -395,7 +466,12 @@ def caps_check(run: dict, args) -> dict:
     gpu_cap, cpu_cap = parse_memory(args.max_gpu_memory, "--max_gpu_memory"), parse_memory(args.max_cpu_memory, "--max_cpu_memory")
     gpu_peak = report.get("max_memory_allocated")
     anon = (run.get("rss_poll") or {}).get("peak_RssAnon_bytes")
-    return {"gpu_cap_bytes": gpu_cap, "gpu_margin_bytes": args.gpu_margin, "gpu_peak_allocated_bytes": gpu_peak,
+    try:  # the planner's own estimate of the main device's peak (the samples may be shorter than --seq_len)
+        plan = planned(shape, args.layers, args.max_gpu_memory if args.device == "cuda" else None, args.max_cpu_memory, args)
+    except Exception as error:  # noqa: BLE001
+        plan = {"error": repr(error)}
+    return {"planned_main_device_need_bytes": plan.get("main_device_need_bytes"),
+            "planned_layers_per_device": plan.get("layers_per_device"),"gpu_cap_bytes": gpu_cap, "gpu_margin_bytes": args.gpu_margin, "gpu_peak_allocated_bytes": gpu_peak,
             "gpu_reserved_bytes": report.get("max_memory_reserved"), "gpu_nvidia_smi_bytes": (run.get("gpu_memory_poll") or {}).get("peak_bytes"),
             "gpu_within": None if gpu_peak is None else gpu_peak <= gpu_cap + args.gpu_margin,
             "cpu_cap_bytes": cpu_cap, "cpu_margin_bytes": args.cpu_margin, "cpu_peak_anon_bytes": anon,
@@ -405,11 +481,11 @@ def caps_check(run: dict, args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("70b", "tiny"), default="70b")
-    parser.add_argument("--layers", type=int, help="decoder layers written (default: 16 for 70b, 4 for tiny)")
+    parser.add_argument("--layers", type=int, help="decoder layers written (default: 14 for 70b, 4 for tiny)")
     parser.add_argument("--max_gpu_memory", help="cap for the offloaded runs (default 12GiB; tiny: 8MiB)")
-    parser.add_argument("--max_cpu_memory", help="cap for the offloaded runs (default 16GiB; tiny: 4MiB)")
+    parser.add_argument("--max_cpu_memory", help="cap for the offloaded runs (default 16GiB; tiny: 9MiB)")
     parser.add_argument("--samples", type=int, default=8, help="calibration samples")
-    parser.add_argument("--seq_len", type=int, default=256, help="calibration --max_seq_len")
+    parser.add_argument("--seq_len", type=int, help="calibration --max_seq_len (default 256; tiny: 64)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--runs", default="reference,offload,layerwise", help="comma-separated subset, in this order")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
@@ -430,6 +506,7 @@ def main() -> int:
     args.layers = args.layers or defaults["layers"]
     args.max_gpu_memory = args.max_gpu_memory or defaults["max_gpu_memory"]
     args.max_cpu_memory = args.max_cpu_memory or defaults["max_cpu_memory"]
+    args.seq_len = args.seq_len or defaults["seq_len"]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.shape == "tiny":
         args.gpu_margin, args.cpu_margin = min(args.gpu_margin, 64 << 20), args.cpu_margin
@@ -442,7 +519,7 @@ def main() -> int:
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": measure.gpu_name(),
                     "versions": measure.versions(), "command": "python bench/offload_70b_shaped.py " + " ".join(sys.argv[1:]),
                     "shape": {**shape, "num_hidden_layers": args.layers}, "layer_bytes": layer_bytes(shape),
-                    "caps": {"gpu": args.max_gpu_memory, "cpu": args.max_cpu_memory}, "samples": args.samples,
+                    "caps": {"gpu": args.max_gpu_memory, "cpu": args.max_cpu_memory}, "samples": args.samples, "device": args.device,
                     "seq_len": args.seq_len, "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "runs": {},
                     "comparisons": {}}
 
@@ -450,6 +527,10 @@ def main() -> int:
         result["total_seconds"] = time.time() - started
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        try:
+            args.out.with_suffix(".md").write_text(markdown_tables(result))
+        except Exception as error:  # noqa: BLE001 - the JSON is what counts
+            print(f"markdown table failed: {error!r}", flush=True)
 
     result["write"] = write = step("write", write_source, source, shape, args.layers, args.device, args.seed)
     if args.device == "cuda":
@@ -467,10 +548,17 @@ def main() -> int:
         if measure.time_left(reserve=args.reserve_s) <= 5:
             result["runs"][name] = {"ok": False, "skipped": "no time left in --budget_s"}
             continue
+        needed = output_bytes_estimate(shape, args.layers) + (
+            offload_bytes_estimate(shape, args) if flags[name][1] else 0) + GIB
+        free = shutil.disk_usage(args.work).free
+        if free < needed:
+            result["runs"][name] = {"ok": False, "skipped": f"needs ~{needed / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB free"}
+            save()
+            continue
         extra, offload = flags[name]
         run = result["runs"][name] = step(name, run_quantize, name, args, source, outputs[name], extra, offload, env)
         if offload:
-            run["caps_check"] = caps_check(run, args)
+            run["caps_check"] = caps_check(run, args, shape)
         if name != "reference" and run.get("ok") and result["runs"].get("reference", {}).get("ok"):
             comparison = result["comparisons"][name] = step("compare", compare_checkpoints, outputs["reference"], outputs[name])
             print(f"compare {name}: identical={comparison.get('identical')} ({comparison.get('n_different')} different: "
@@ -490,7 +578,8 @@ def main() -> int:
     print(json.dumps({name: {"ok": run.get("ok"), "wall_s": run.get("wall_s"), "placement": run.get("layers_per_device"),
                              "caps": run.get("caps_check")} for name, run in result["runs"].items()}, indent=1, default=str))
     print(f"comparisons: { {name: c.get('identical') for name, c in result['comparisons'].items()} }")
-    print(f"wrote {args.out}")
+    print(markdown_tables(result))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 

@@ -60,6 +60,21 @@ class PlacementPlan:
     def main_device(self) -> str:
         return "cuda:0" if any(isinstance(key, int) for key in self.max_memory) else "cpu"
 
+    def main_device_need(self) -> int:
+        """Bytes the main device needs at its peak: what is placed there, the activations, and one streamed layer
+        when any decoder layer lives where it cannot run (CPU or disk with a GPU; disk without)."""
+        main = self.main_device
+        streamed_from = {"disk"} if main == "cpu" else {"cpu", "disk"}
+        streamed = self.largest_layer_bytes if any(d in streamed_from for d in self.layer_devices.values()) else 0
+        return self.bytes_per_device.get(main, 0) + self.activation_bytes + streamed
+
+    def main_device_shortfall(self) -> int:
+        """How far the main device's need exceeds its budget (0: within it). Only the non-layer modules, which
+        never go to disk, can push it over: decoder layers are placed within the budget."""
+        key = 0 if self.main_device == "cuda:0" else "cpu"
+        budget = self.max_memory.get(key)
+        return 0 if budget is None else max(self.main_device_need() - budget, 0)
+
 
 def format_bytes(size: int) -> str:
     for unit, scale in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -96,18 +111,6 @@ def placement_units(model: torch.nn.Module) -> tuple[list[str], list[str]]:
         raise UserError("--offload_folder", f"cannot find the decoder layers of {type(model).__name__} (no _no_split_modules)",
                         "this architecture is not supported by the offload path; try --backend llmcompressor")
     return layers, others
-
-
-def lookup_device(device_map: dict[str, str | int], module_name: str) -> str | int:
-    """Device of the longest device-map key that is ``module_name`` or one of its parents."""
-    best_key, best = None, None
-    for key, device in device_map.items():
-        if key == "" or module_name == key or module_name.startswith(key + "."):
-            if best_key is None or len(key) > len(best_key):
-                best_key, best = key, device
-    if best_key is None:
-        raise KeyError(module_name)
-    return best
 
 
 def build_max_memory(gpu_budgets: list[int], cpu_budget: int) -> dict[str | int, int]:
@@ -241,6 +244,14 @@ def print_placement(console, plan: PlacementPlan) -> None:
         f"the one streamed onto it ({format_bytes(plan.largest_layer_bytes)}); "
         "disk-resident layers are read again for every calibration batch."
     )
+    shortfall = plan.main_device_shortfall()
+    if shortfall and plan.main_device != "cpu":  # a CPU budget of 0 is the documented "every layer to disk"
+        console.print(
+            f"[bold yellow]warning:[/] {plan.main_device} needs ~{format_bytes(plan.main_device_need())} at its peak "
+            f"(embeddings, final norm and head, which never go to disk, the activations and one streamed layer): "
+            f"{format_bytes(shortfall)} over --max_gpu_memory {format_bytes(plan.max_memory[0])}. Raise "
+            f"--max_gpu_memory to at least {format_bytes(plan.main_device_need())}, or lower --batch_size / --max_seq_len."
+        )
 
 
 def _device_order(device: str) -> tuple[int, str]:

@@ -123,6 +123,7 @@ def test_placement_at_70b_layer_sizes_keeps_the_gpu_peak_within_its_cap():
     assert gpu_peak <= 12 * GIB
     assert plan.bytes_per_device["cpu"] <= 16 * GIB
     assert plan.activation_bytes > 4 * 256 * 128256 * 2  # the batch's logits at a 128k vocabulary count
+    assert plan.main_device_need() == gpu_peak and plan.main_device_shortfall() == 0
     layer_order = [plan.layer_devices[f"model.layers.{index}"] for index in range(14)]
     assert layer_order == sorted(layer_order, key=["cuda:0", "cpu", "disk"].index)  # in order: GPU, then CPU, then disk
 
@@ -181,3 +182,23 @@ def test_placement_over_three_gpus_then_cpu_then_disk_uses_every_gpu():
     assert plan.layers_per_device == {"cuda:0": 2, "cuda:1": 2, "cuda:2": 1, "cpu": 2, "disk": 3}
     order = [plan.layer_devices[f"model.layers.{i}"] for i in range(10)]
     assert order == sorted(order, key=("cuda:0", "cuda:1", "cuda:2", "cpu", "disk").index)
+
+
+def test_placement_warns_when_the_gpu_cap_cannot_hold_what_never_leaves_it():
+    """405B's embeddings and head (8.4 GB) + a streamed 6.4 GB layer cannot fit 12 GiB: the plan says so and by how much."""
+    import io
+
+    from rich.console import Console
+    from transformers import LlamaConfig
+
+    from quantize.offload import GIB, build_max_memory, plan_placement, print_placement
+
+    config = LlamaConfig(hidden_size=16384, intermediate_size=53248, num_hidden_layers=3, num_attention_heads=128,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    plan = plan_placement(config, torch.bfloat16, build_max_memory([12 * GIB], 16 * GIB), batch_size=4, max_seq_len=256)
+    assert plan.layers_per_device.get("cuda:0", 0) == 0
+    assert plan.main_device_shortfall() == plan.main_device_need() - 12 * GIB > 0
+    console = Console(file=io.StringIO(), width=400)
+    print_placement(console, plan)
+    printed = console.file.getvalue()
+    assert "warning:" in printed and "Raise --max_gpu_memory to at least" in printed
