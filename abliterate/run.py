@@ -73,6 +73,7 @@ from abliterate.search.study import (
     trial_parameters,
 )
 from abliterate.settings import AbliterateSettings
+from abliterate.workers import run_with_workers
 from foundation.atomic_output import (
     atomic_output_dir,
     check_writable_output,
@@ -192,9 +193,7 @@ def run_abliteration(settings: AbliterateSettings, console: Console,
     ``--search_only`` worker writes none (it returns None). ``--workers N`` starts the other workers first.
     """
     if settings.workers > 1:
-        from abliterate.workers import run_with_workers
-
-        return run_with_workers(settings, console, settings_sources)
+        return run_with_workers(settings, console, settings_sources, run_abliteration, check_output_paths)
     if settings.search_only:
         return _abliterate(settings, console, settings_sources)
     check_output_paths(settings)

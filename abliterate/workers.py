@@ -1,6 +1,6 @@
 """``--workers N``: this process and N - 1 more search one shared study, each pinned to one GPU.
 
-The others are started first, as ``python -m abliterate.workers`` reading this run's settings (as JSON, on
+The others are started first, as ``python -m abliterate.worker_main`` reading this run's settings (as JSON, on
 stdin: a database password never shows in ``ps``) with ``--search_only`` and ``--workers 1``; each logs to
 ``<study_dir>/worker-<i>.log``. Then this process pins itself to the first GPU (CUDA_VISIBLE_DEVICES is
 read when CUDA initializes, which has not happened yet) and runs as the first worker: it takes trials until
@@ -10,10 +10,10 @@ which a living one retries; the others' exit statuses are reported at the end.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -50,7 +50,7 @@ def start_worker(index: int, settings: AbliterateSettings, gpu: str | None, log:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "abliterate.workers"], stdin=subprocess.PIPE, stdout=handle,
+        process = subprocess.Popen([sys.executable, "-m", "abliterate.worker_main"], stdin=subprocess.PIPE, stdout=handle,
                                    stderr=subprocess.STDOUT, env=env)
     worker = settings.model_copy(update={"search_only": True})
     process.stdin.write(worker.model_dump_json().encode())
@@ -58,9 +58,10 @@ def start_worker(index: int, settings: AbliterateSettings, gpu: str | None, log:
     return process
 
 
-def run_with_workers(settings: AbliterateSettings, console: Console, settings_sources: dict[str, str] | None) -> Path | None:
-    from abliterate.run import check_output_paths, run_abliteration
-
+def run_with_workers(settings: AbliterateSettings, console: Console, settings_sources: dict[str, str] | None,
+                     run_abliteration: Callable[..., Path | None], check_output_paths: Callable[[AbliterateSettings], None]
+                     ) -> Path | None:
+    """``run_abliteration`` / ``check_output_paths``: abliterate.run's (passed in: run imports this module)."""
     shared = shared_settings(settings)
     if not shared.search_only:
         check_output_paths(shared)  # before any worker starts
@@ -100,23 +101,3 @@ def run_with_workers(settings: AbliterateSettings, console: Console, settings_so
         if code != 0:
             console.print(f"[yellow]worker {index} exited with status {code}[/]; see {log}", highlight=False)
     return result
-
-
-def main() -> int:
-    """A worker started by ``--workers``: its settings arrive as JSON on stdin."""
-    from foundation.guarded_cli import run_guarded
-
-    def work(_: list[str]) -> int:
-        from abliterate.run import run_abliteration
-
-        settings = AbliterateSettings.from_mapping(json.loads(sys.stdin.read()))
-        console = Console(width=200)
-        console.print(f"worker pid {os.getpid()}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
-        run_abliteration(settings, console)
-        return 0
-
-    return run_guarded(work, [])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
