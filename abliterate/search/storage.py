@@ -4,7 +4,7 @@
 
 * a journal file: ``journal:PATH`` or a plain ``PATH`` (Optuna's ``JournalFileBackend`` and its lock: processes
   on one host, or on hosts that share the file system);
-* a database URL: ``postgresql://user:password@host:port/db`` (driver: psycopg2, the ``postgres`` extra),
+* a database URL: ``postgresql://user:password@host:port/db`` (driver: psycopg 3, the ``postgres`` extra),
   ``mysql+pymysql://...``, or ``sqlite:///PATH`` (one host).
 
 Every worker of a shared study needs two things beyond Optuna's own storage:
@@ -44,7 +44,8 @@ FLAG = "--storage"
 HEARTBEAT_ATTR = "heartbeat"  # journal only: the writer's time.time() at its last heartbeat
 MAX_RETRY = 3  # a trial whose worker died this many times is left failed
 DRIVERS = {  # dialect -> (the module SQLAlchemy imports by default, how to install it)
-    "postgresql": ("psycopg2", "pip install 'quant-abliterate[postgres]' (psycopg2-binary)"),
+    "postgresql": ("psycopg", "pip install 'quant-abliterate[postgres]' (psycopg[binary]), or "
+                              "write postgresql+psycopg2://... with psycopg2 installed"),
     "mysql": ("MySQLdb", "pip install mysqlclient, or write mysql+pymysql://... and pip install pymysql"),
     "sqlite": ("sqlite3", "use a Python built with sqlite3"),
 }
