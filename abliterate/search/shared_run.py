@@ -39,8 +39,8 @@ class SharedSearch:
              on_repair: Callable[[str], None] | None = None) -> SharedSearch:
         spec = parse_storage(settings.storage)
         with cls._guarded(spec):
-            storage = open_storage(spec, settings.heartbeat_seconds, on_repair=on_repair)
-            claim = claim_lock(spec, storage, name)
+            claim = claim_lock(spec, name)
+            storage = open_storage(spec, settings.heartbeat_seconds, on_repair=on_repair, claim=claim())
             study = open_shared_study(storage, spec, name, claim)
             check_shared_model(study, model_fingerprint(settings.model), settings.model, spec, claim)
             prefix = name.rsplit("-", 1)[0] + "-"

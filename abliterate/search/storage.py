@@ -100,7 +100,7 @@ def parse_storage(value: str) -> StorageSpec:
 
     try:
         url = make_url(text)
-    except ArgumentError as error:
+    except (ArgumentError, ValueError) as error:  # ValueError: a port that is not a number
         raise UserError(FLAG, f"{text!r} is not a database URL ({error})",
                         "write dialect://user:password@host:port/database, e.g. postgresql://qa:secret@db:5432/studies, "
                         "or sqlite:///PATH, or journal:PATH") from None
@@ -157,9 +157,10 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._callback
 
 
-def open_storage(spec: StorageSpec, heartbeat_seconds: int,
-                 on_repair: Callable[[str], None] | None = None) -> BaseStorage:
-    """The storage with heartbeats every ``heartbeat_seconds`` (stale after 3x that) and killed trials retried."""
+def open_storage(spec: StorageSpec, heartbeat_seconds: int, on_repair: Callable[[str], None] | None = None,
+                 claim: contextlib.AbstractContextManager | None = None) -> BaseStorage:
+    """The storage with heartbeats every ``heartbeat_seconds`` (stale after 3x that) and killed trials retried;
+    a database's tables are created under ``claim`` (the claim lock) when given."""
     with warnings.catch_warnings():  # experimental since Optuna 2.8, and the documented way to retry
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
@@ -173,24 +174,31 @@ def open_storage(spec: StorageSpec, heartbeat_seconds: int,
     _check_driver(spec)
     import sqlalchemy.exc
 
-    kwargs: dict = {"pool_pre_ping": True}
-    if spec.dialect == "postgresql":
-        kwargs["connect_args"] = {"connect_timeout": 10}
-    elif spec.dialect == "sqlite":
-        kwargs["connect_args"] = {"timeout": 60}  # workers wait for each other's writes instead of failing
-        database = spec.local_file()
-        if database is not None:
-            database.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict = {"pool_pre_ping": True, **_connect_args(spec)}
+    if spec.local_file() is not None:
+        spec.local_file().parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings():
+        with claim or contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(spec.url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_seconds,
                                               grace_period=grace, heartbeat_stale_trial_callback=retry)
     except sqlalchemy.exc.OperationalError as error:
-        reason = str(error.orig or error).strip().splitlines()[0] if (error.orig or error) else "?"
-        raise UserError(FLAG, f"cannot connect to {spec.describe()} ({reason})",
-                        "check that the database server is running and reachable from this host (host, port, "
-                        "firewall), that the database exists (createdb) and the user and password are right") from None
+        raise _unreachable(spec, error) from None
+
+
+def _connect_args(spec: StorageSpec) -> dict:
+    if spec.dialect == "postgresql":
+        return {"connect_args": {"connect_timeout": 10}}
+    if spec.dialect == "sqlite":
+        return {"connect_args": {"timeout": 60}}  # workers wait for each other's writes instead of failing
+    return {}
+
+
+def _unreachable(spec: StorageSpec, error: Exception) -> UserError:
+    reason = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return UserError(FLAG, f"cannot connect to {spec.describe()} ({reason[0] if reason else type(error).__name__})",
+                     "check that the database server is running and reachable from this host (host, port, firewall), "
+                     "that the database exists (createdb) and the user and password are right")
 
 
 def _lock_key(study_name: str) -> int:
@@ -214,11 +222,16 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _database_lock(storage, dialect: str, key: int) -> Iterator[None]:
+def _database_lock(engine, spec: StorageSpec, key: int) -> Iterator[None]:
     from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
 
-    with storage.engine.connect() as connection:
-        if dialect == "postgresql":
+    try:
+        connection = engine.connect()
+    except OperationalError as error:
+        raise _unreachable(spec, error) from None
+    with connection:
+        if spec.dialect == "postgresql":
             connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
             connection.commit()
             try:
@@ -235,10 +248,16 @@ def _database_lock(storage, dialect: str, key: int) -> Iterator[None]:
                 connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
 
 
-def claim_lock(spec: StorageSpec, storage: BaseStorage, study_name: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the context in which one worker at a time counts the study's trials and takes the next one."""
+def claim_lock(spec: StorageSpec, study_name: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the context in which one worker at a time counts the study's trials and takes the next one
+    (and creates the database's tables: Optuna's schema setup is not safe against two processes at once)."""
     local = spec.local_file()
     if local is not None:
         return lambda: _file_lock(local)
+    _check_driver(spec)
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(spec.url, pool_size=1, max_overflow=0, pool_pre_ping=True,
+                                      **_connect_args(spec))
     key = _lock_key(study_name)
-    return lambda: _database_lock(storage, spec.dialect, key)
+    return lambda: _database_lock(engine, spec, key)

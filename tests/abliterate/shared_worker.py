@@ -39,8 +39,8 @@ def evaluate(parameters: AbliterationParameters) -> TrialMetrics:
 
 def open_shared(storage: str, name: str):
     spec = parse_storage(storage)
-    backend = open_storage(spec, HEARTBEAT_SECONDS)
-    claim = claim_lock(spec, backend, name)
+    claim = claim_lock(spec, name)
+    backend = open_storage(spec, HEARTBEAT_SECONDS, claim=claim())
     return open_shared_study(backend, spec, name, claim), claim
 
 
