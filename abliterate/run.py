@@ -53,7 +53,6 @@ from abliterate.search.objectives import (
     broken_answers,
     zero_base_refusals_note,
 )
-from abliterate.search.shared_run import SharedSearch
 from abliterate.search.selection import (
     DEFAULT_RULE,
     Candidate,
@@ -64,6 +63,7 @@ from abliterate.search.selection import (
     plot_front,
     select_trial,
 )
+from abliterate.search.shared_run import SharedSearch
 from abliterate.search.space import suggest_parameters
 from abliterate.search.study import (
     TrialOutcome,
@@ -248,7 +248,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     study_dir = settings.study_path()
     journal = study_dir / "journal.log"  # a full disk while writing it: a UserError; the re-run repairs and resumes
     directions_path = study_dir / f"{name}.directions.safetensors"
-    repaired = lambda note: console.print(f"[yellow]journal repaired:[/] {note}", highlight=False)  # noqa: E731
+    repaired = lambda note: console.print(f"[yellow]journal repaired:[/] {note}", highlight=False)
     shared = None
     if settings.storage is None:
         # the name hashes the model's path; its content is checked here: a model replaced at that path starts over
@@ -289,9 +289,10 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
         def failed(number: int, error: BaseException) -> None:
             progress.console.print(f"[red]trial {number} failed:[/] {error}")
 
-        search = dict(suggest=lambda trial: suggest_parameters(trial, architecture.num_layers, groups, settings.direction_scope),
-                      evaluate=evaluate, base=base, n_trials=settings.n_trials, n_startup_trials=settings.n_startup_trials,
-                      seed=settings.seed, kl_target=settings.kl_target, report=report, on_failure=failed)
+        search = {"suggest": lambda trial: suggest_parameters(trial, architecture.num_layers, groups, settings.direction_scope),
+                  "evaluate": evaluate, "base": base, "n_trials": settings.n_trials, "seed": settings.seed,
+                  "n_startup_trials": settings.n_startup_trials, "kl_target": settings.kl_target, "report": report,
+                  "on_failure": failed}
         if shared is None:
             with no_space_left(journal):
                 run_trials(study, **search)

@@ -62,7 +62,7 @@ def postgres_server() -> Iterator[str]:
 
     def run(*command: str) -> None:
         prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-        result = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([*prefix, *command], check=False, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stdout}{result.stderr}")
 

@@ -14,14 +14,19 @@ from rich.markup import escape
 from abliterate.search.journal import no_space_left
 from abliterate.search.shared_study import (
     Claim,
-    reachable,
     check_shared_model,
     open_shared_study,
+    reachable,
     run_shared_trials,
     shared_directions,
     worker_name,
 )
-from abliterate.search.storage import StorageSpec, claim_lock, open_storage, parse_storage
+from abliterate.search.storage import (
+    StorageSpec,
+    claim_lock,
+    open_storage,
+    parse_storage,
+)
 from abliterate.settings import AbliterateSettings
 from foundation.model_fingerprint import model_fingerprint
 

@@ -33,7 +33,11 @@ from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import BaseStorage, JournalStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import (
+    BaseStorage,
+    JournalStorage,
+    RetryHeartbeatStaleTrialCallback,
+)
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
@@ -44,8 +48,8 @@ FLAG = "--storage"
 HEARTBEAT_ATTR = "heartbeat"  # journal only: the writer's time.time() at its last heartbeat
 MAX_RETRY = 3  # a trial whose worker died this many times is left failed
 DRIVERS = {  # dialect -> (the module SQLAlchemy imports by default, how to install it)
-    "postgresql": ("psycopg", "pip install 'quant-abliterate[postgres]' (psycopg[binary]), or "
-                              "write postgresql+psycopg2://... with psycopg2 installed"),
+    "postgresql": ("psycopg", ("pip install 'quant-abliterate[postgres]' (psycopg[binary]), or "
+                               "write postgresql+psycopg2://... with psycopg2 installed")),
     "mysql": ("MySQLdb", "pip install mysqlclient, or write mysql+pymysql://... and pip install pymysql"),
     "sqlite": ("sqlite3", "use a Python built with sqlite3"),
 }
@@ -107,7 +111,7 @@ def parse_storage(value: str) -> StorageSpec:
     dialect = url.get_backend_name()
     if dialect not in DRIVERS:
         raise UserError(FLAG, f"unsupported database {dialect!r} in {url.render_as_string(hide_password=True)}",
-                        f"use postgresql://, mysql:// or sqlite:/// (a shared search needs a lock they provide), "
+                        "use postgresql://, mysql:// or sqlite:/// (a shared search needs a lock they provide), "
                         "or a journal file (journal:PATH)")
     if dialect == "sqlite" and (not url.database or url.database == ":memory:"):
         raise UserError(FLAG, f"{text!r} names no database file (an in-memory database is not shared)",

@@ -14,12 +14,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from abliterate.edits.plan import AbliterationParameters  # noqa: E402
-from abliterate.search.objectives import TrialMetrics  # noqa: E402
-from abliterate.search.shared_study import _take_trial, open_shared_study, run_shared_trials  # noqa: E402
-from abliterate.search.space import suggest_parameters  # noqa: E402
-from abliterate.search.storage import claim_lock, open_storage, parse_storage  # noqa: E402
-from abliterate.search.study import PARAMETERS_ATTR  # noqa: E402
+from abliterate.edits.plan import AbliterationParameters
+from abliterate.search.objectives import TrialMetrics
+from abliterate.search.shared_study import (
+    _take_trial,
+    open_shared_study,
+    run_shared_trials,
+)
+from abliterate.search.space import suggest_parameters
+from abliterate.search.storage import claim_lock, open_storage, parse_storage
+from abliterate.search.study import PARAMETERS_ATTR
 
 BASE = TrialMetrics(refusals=20, n_harmful=20, compliance=0, kl=0.0, kl_first_token=0.0, seconds=0.0)
 HEARTBEAT_SECONDS = 1

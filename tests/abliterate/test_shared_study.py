@@ -18,7 +18,6 @@ import optuna
 import pytest
 import shared_worker
 from optuna.trial import TrialState
-from tests.postgres_server import postgres_server
 
 from abliterate.cli import main
 from abliterate.search.shared_study import (
@@ -31,6 +30,7 @@ from abliterate.search.shared_study import (
 from abliterate.search.storage import claim_lock, open_storage, parse_storage
 from abliterate.search.study import PARAMETERS_ATTR
 from foundation.errors import UserError
+from tests.postgres_server import postgres_server
 
 REPO = Path(__file__).resolve().parents[2]
 TESTBED = REPO / "testbed" / "model"
