@@ -183,3 +183,15 @@ def test_two_workers_on_the_testbed_share_one_study_and_the_first_writes_the_out
     assert "directions: reusing the shared study's" in printed and "4/5 complete" in printed
     assert sorted(t.number for t in _study(storage, chosen["study_name"]).get_trials(
         deepcopy=False, states=(TrialState.COMPLETE,))) == [0, 1, 2, 3, 4]
+
+
+def test_a_pipeline_stage_cannot_be_search_only_but_may_run_workers(tmp_path):
+    from pipelines.adapters import abliterate as adapter
+    from pipelines.stages import StageContext
+
+    stage = StageContext("t", str(TESTBED), None, str(tmp_path / "out" / "abliterate"))
+    with pytest.raises(UserError) as error:
+        adapter.build_settings({"search_only": True, "storage": str(tmp_path / "j.log")}, stage)
+    assert error.value.where == "abliterate.search_only" and "workers" in error.value.fix
+    settings = adapter.build_settings({"workers": 2}, stage)
+    assert settings.workers == 2 and settings.storage is None  # --workers alone shares the stage's own journal
