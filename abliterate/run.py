@@ -65,6 +65,7 @@ from abliterate.search.selection import (
 )
 from abliterate.search.shared_run import SharedSearch
 from abliterate.search.space import suggest_parameters
+from abliterate.search.storage import parse_storage
 from abliterate.search.study import (
     TrialOutcome,
     completed_trials,
@@ -177,8 +178,9 @@ def choose(settings: AbliterateSettings, candidates: list[Candidate], front: lis
 
 def check_output_paths(settings: AbliterateSettings) -> None:
     """--overwrite deletes the output: it must not be (or hold, or lie inside) the model, a prompt file or the study."""
+    storage = parse_storage(settings.storage).local_file() if settings.storage else None
     inputs = {"--model": settings.model, "--prompts": settings.prompt_spec(), "--study_dir": settings.study_path(),
-              "--judge": settings.judge,
+              "--judge": settings.judge, "--storage": storage,
               **{f"--{name}": getattr(settings, name) for name in ("harmful_train", "harmless_train", "harmful_test",
                                                                    "harmless_test")}}
     check_output_location(settings.output_dir(), inputs, output_flag="--out")
@@ -315,8 +317,9 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
             temporary,
             header={
                 "model": settings.model, "source_format": loaded.source_format, "trial_number": chosen.number,
-                "study_name": name, "selection": reason,
+                "study_name": name,
                 "journal": str((study_dir / "journal.log").absolute()) if shared is None else shared.spec.describe(),
+                "selection": reason,
                 "method": settings.method, "rank": abliterator.rank, "svd_seed": SVD_SEED,
                 "parameters": parameters.to_dict(), "layers_path": architecture.layers_path,
                 "num_layers": architecture.num_layers, "hidden_size": architecture.hidden_size,

@@ -22,7 +22,7 @@ from abliterate.search.storage import StorageSpec
 from abliterate.settings import AbliterateSettings
 from foundation.errors import UserError
 
-CHILD_GRACE_SECONDS = 60  # after this process is done, how long the others may take to finish their last trial
+CHILD_GRACE_SECONDS = 15  # once the study is complete, how long the others may take to exit
 
 
 def visible_gpus() -> list[str]:
@@ -92,12 +92,18 @@ def run_with_workers(settings: AbliterateSettings, console: Console, settings_so
         for _, process, _ in processes:
             process.terminate()  # their running trials are retried by the next run of this command
         raise
+    # every trial is complete now (unless this process is --search_only too: then the others run on until none is
+    # left): a worker still alive is exiting, or still loading and would find nothing to do
+    grace = None if shared.search_only else CHILD_GRACE_SECONDS
     for index, process, log in processes:
         try:
-            code = process.wait(timeout=CHILD_GRACE_SECONDS)
+            code = process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             process.terminate()
-            code = process.wait()
+            process.wait()
+            console.print(f"worker {index} stopped: no trial was left for it", highlight=False)
+            continue
         if code != 0:
-            console.print(f"[yellow]worker {index} exited with status {code}[/]; see {log}", highlight=False)
+            console.print(f"[yellow]worker {index} exited with status {code}[/] (its trials, if any, were retried by "
+                          f"the others); see {log}", highlight=False)
     return result

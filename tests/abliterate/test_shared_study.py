@@ -195,3 +195,12 @@ def test_a_pipeline_stage_cannot_be_search_only_but_may_run_workers(tmp_path):
     assert error.value.where == "abliterate.search_only" and "workers" in error.value.fix
     settings = adapter.build_settings({"workers": 2}, stage)
     assert settings.workers == 2 and settings.storage is None  # --workers alone shares the stage's own journal
+
+
+def test_overwrite_never_deletes_the_shared_journal(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.log").write_text("")
+    with pytest.raises(UserError) as error:
+        main(["--model", str(TESTBED), "--out", str(out), "--overwrite", "--storage", f"journal:{out / 'study.log'}"])
+    assert "the output contains the input --storage" in error.value.problem and "would destroy" in error.value.problem
