@@ -64,6 +64,7 @@ from abliterate.search.selection import (
     select_trial,
 )
 from abliterate.search.shared_run import SharedSearch
+from abliterate.search.shared_study import stored_directions
 from abliterate.search.space import suggest_parameters
 from abliterate.search.storage import parse_storage
 from abliterate.search.study import (
@@ -256,13 +257,20 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
         # the name hashes the model's path; its content is checked here: a model replaced at that path starts over
         study = open_study_of_model(journal, name, model_fingerprint(settings.model), settings.model, directions_path,
                                     console, on_repair=repaired)
-        directions = load_or_compute_directions(directions_path, model, architecture,
-                                                tokenizer, prompts, settings, evaluator.batch_size, console)
+        directions = stored_directions(study)  # a study begun with --workers keeps them in itself
+        if directions is None:
+            directions = load_or_compute_directions(directions_path, model, architecture,
+                                                    tokenizer, prompts, settings, evaluator.batch_size, console)
+        else:
+            console.print("directions: reusing the study's (stored by its shared search)")
     else:
         shared = SharedSearch.open(settings, name, console, on_repair=repaired)
         study = shared.study
-        directions = shared.directions(lambda: compute_directions(model, architecture, tokenizer, prompts, settings,
-                                                                  evaluator.batch_size, console))
+        # a study begun by one process keeps its directions beside its journal: the shared search takes those
+        directions = shared.directions(lambda: load_file(str(directions_path))["refusal_directions"]
+                                       if directions_path.is_file() else
+                                       compute_directions(model, architecture, tokenizer, prompts, settings,
+                                                          evaluator.batch_size, console))
     abliterator = LoraAbliterator(model, architecture.components, method=settings.method, rank=settings.lowrank_rank,
                                   seed=SVD_SEED)
     for skipped in abliterator.skipped:

@@ -73,7 +73,7 @@ class SharedSearch:
     def directions(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         with self._guarded(self.spec):
             directions, computed = shared_directions(self.study, self.claim, compute)
-        self.console.print("directions: computed and stored in the shared study" if computed
+        self.console.print("directions: stored in the shared study by this worker" if computed
                            else "directions: reusing the shared study's (computed by its first worker)")
         return directions
 

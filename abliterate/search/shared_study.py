@@ -113,15 +113,23 @@ def check_shared_model(study: optuna.Study, fingerprint: dict[str, str] | None, 
                         f"(another {FLAG}, or delete this one: optuna delete-study --storage URL --study-name NAME)")
 
 
+def stored_directions(study: optuna.Study) -> torch.Tensor | None:
+    """The directions a shared search kept in ``study``, if it did."""
+    attrs = study.user_attrs
+    count = attrs.get(DIRECTIONS_ATTR)
+    if count is None:
+        return None
+    data = base64.b64decode("".join(attrs[f"{DIRECTIONS_ATTR}.{i}"] for i in range(count)))
+    return load_tensors(data)["refusal_directions"]
+
+
 def shared_directions(study: optuna.Study, claim: Claim, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """(the study's refusal directions, whether this worker computed them): the first worker computes, under the
     claim lock, while later ones wait for them."""
     with claim():
-        attrs = study.user_attrs
-        count = attrs.get(DIRECTIONS_ATTR)
-        if count is not None:
-            data = base64.b64decode("".join(attrs[f"{DIRECTIONS_ATTR}.{i}"] for i in range(count)))
-            return load_tensors(data)["refusal_directions"], False
+        stored = stored_directions(study)
+        if stored is not None:
+            return stored, False
         directions = compute()
         text = base64.b64encode(save_tensors({"refusal_directions": directions.contiguous()})).decode()
         chunks = [text[i:i + DIRECTIONS_CHUNK] for i in range(0, len(text), DIRECTIONS_CHUNK)]

@@ -185,7 +185,7 @@ def test_a_search_on_postgres_resumes_and_selects_from_the_shared_study(postgres
     """The command end to end against the server (its several workers are the stand-in tests above)."""
     out = tmp_path / "out"
     assert main(_testbed_argv(out, postgres_url, 2)) == 0
-    assert "directions: computed and stored in the shared study" in capsys.readouterr().out
+    assert "directions: stored in the shared study by this worker" in capsys.readouterr().out
     # resume: the same command with more trials continues the study and reuses its directions
     assert main(_testbed_argv(out, postgres_url, 3, "--overwrite")) == 0
     printed = capsys.readouterr().out
@@ -195,6 +195,30 @@ def test_a_search_on_postgres_resumes_and_selects_from_the_shared_study(postgres
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and sorted(t.number for t in trials) == [0, 1, 2]
     assert chosen["trial_number"] in range(3) and chosen["settings"]["storage"] == postgres_url  # no password here
     assert chosen["journal"] == parse_storage(postgres_url).describe()
+
+
+def test_a_study_moves_between_one_process_and_a_shared_search_with_its_directions(tmp_path, capsys):
+    """--workers without --storage shares the one-process study's own journal: either mode resumes the other's."""
+    from safetensors.torch import load_file
+
+    from abliterate.search.shared_study import stored_directions
+
+    out, journal = tmp_path / "out", tmp_path / "out.study" / "journal.log"
+    one_process = [arg for arg in _testbed_argv(out, "-", 2) if arg not in ("--storage", "-")]
+    assert main(one_process) == 0
+    chosen = json.loads((out / "chosen_trial.json").read_text())
+    saved = load_file(str(journal.parent / f"{chosen['study_name']}.directions.safetensors"))["refusal_directions"]
+    capsys.readouterr()
+    assert main(_testbed_argv(out, f"journal:{journal}", 3, "--overwrite")) == 0  # what --workers N runs
+    assert "2/3 complete" in capsys.readouterr().out
+    study = _study(f"journal:{journal}", chosen["study_name"])
+    assert sorted(t.number for t in study.get_trials(deepcopy=False)) == [0, 1, 2]
+    assert stored_directions(study).equal(saved)  # the file's, not recomputed
+    one_process[one_process.index("--n_trials") + 1] = "4"
+    assert main([*one_process, "--overwrite"]) == 0
+    assert "directions: reusing the study's (stored by its shared search)" in capsys.readouterr().out
+    assert len(_study(f"journal:{journal}", chosen["study_name"]).get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE,))) == 4
 
 
 def test_a_pipeline_stage_cannot_be_search_only_but_may_run_workers(tmp_path):
