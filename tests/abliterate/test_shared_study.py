@@ -240,3 +240,15 @@ def test_overwrite_never_deletes_the_shared_journal(tmp_path):
     with pytest.raises(UserError) as error:
         main(["--model", str(TESTBED), "--out", str(out), "--overwrite", "--storage", f"journal:{out / 'study.log'}"])
     assert "the output contains the input --storage" in error.value.problem and "would destroy" in error.value.problem
+
+
+def test_a_missing_postgresql_fails_the_tests_unless_skipping_is_asked_for(monkeypatch):
+    from tests import postgres_server as server
+
+    monkeypatch.setattr(server, "_binaries", lambda: None)
+    monkeypatch.delenv(server.SKIP_VARIABLE, raising=False)
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y postgresql"):
+        server._require()  # CI: loud, never a silent skip
+    monkeypatch.setenv(server.SKIP_VARIABLE, "1")
+    with pytest.raises(pytest.skip.Exception, match="QA_SKIP_POSTGRES"):
+        server._require()
