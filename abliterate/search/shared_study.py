@@ -143,6 +143,30 @@ def _fail_stale_trials(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    _fail_database_orphans(study)
+
+
+def _fail_database_orphans(study: optuna.Study) -> None:
+    """RUNNING trials of a database without any heartbeat row: their worker died between taking them and its first
+    heartbeat (both happen under the claim lock, which this runs under). Optuna's staleness query joins on the
+    heartbeat table and never sees them: left alone, the study would wait for them forever."""
+    storage = study._storage
+    database = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in its _CachedStorage
+    if not isinstance(database, optuna.storages.RDBStorage):
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return
+    with _create_scoped_session(database.scoped_session) as session:
+        orphans = [t._trial_id for t in running if models.TrialHeartbeatModel.where_trial_id(t._trial_id, session) is None]
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in orphans:
+        with contextlib.suppress(UpdateFinishedTrialError):
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL) and callback is not None:
+                callback(study, storage.get_trial(trial_id))
 
 
 def _take_trial(study: optuna.Study, n_trials: int, n_startup_trials: int, seed: int) -> tuple[optuna.Trial | None, int]:

@@ -107,6 +107,22 @@ def test_the_trial_of_a_killed_worker_is_run_again_with_its_parameters(kind, sto
     assert retried[0].user_attrs[PARAMETERS_ATTR] == dead[0].user_attrs[PARAMETERS_ATTR]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # this test's own bare study.ask()
+@pytest.mark.parametrize("kind", ["journal", "postgres"])
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_retried(kind, storage_of):
+    storage, name = storage_of(kind), f"orphan-{kind}"
+    study, claim = shared_worker.open_shared(storage, name)
+    orphan = study.ask()  # taken, then its worker died before recording a heartbeat
+    orphan.suggest_float("x", 0, 1)
+    ran = run_shared_trials(study, claim, suggest=shared_worker.suggest, evaluate=shared_worker.evaluate,
+                            base=shared_worker.BASE, n_trials=2, n_startup_trials=2, seed=7, kl_target=0.01,
+                            wait_for_all=True, poll_seconds=0.2)
+    trials = study.get_trials(deepcopy=False)
+    assert ran == 2 and [t.state for t in trials][:1] == [TrialState.FAIL]  # not waited for forever
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+    assert any(t.system_attrs.get("failed_trial") == orphan.number for t in trials)  # queued again
+
+
 def test_storage_values_are_checked_before_the_model_loads(tmp_path, capsys):
     for value, expected in [("ftp://host/study", "unsupported database 'ftp'"),
                             ("sqlite://", "names no database file"),
