@@ -62,13 +62,20 @@ def abs_max(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, ord=float("inf"))
 
 
-def _sync_free_collect(self, x: torch.Tensor) -> None:
-    """``MaxCalibrator.collect`` without its three host-syncing asserts (see :func:`check_finite`)."""
-    from modelopt.torch.quantization import utils as quant_utils
+_ONE_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_INFINITY = float("inf")
 
-    if self._axis is None and x.dtype.is_floating_point and x.dtype.itemsize > 1:
-        local_amax = abs_max(x)
+
+def _sync_free_collect(self, x: torch.Tensor) -> None:
+    """``MaxCalibrator.collect`` without its three host-syncing asserts (see :func:`check_finite`).
+
+    Called once per quantizer and batch, so it stays lean: no imports, one reduction kernel + one max.
+    """
+    if self._axis is None and x.dtype in _ONE_KERNEL_DTYPES:
+        local_amax = torch.linalg.vector_norm(x, ord=_INFINITY)  # abs_max(x)
     else:  # per-channel / per-block axes, FP8 inputs: ModelOpt's own reduction
+        from modelopt.torch.quantization import utils as quant_utils
+
         reduce_axis = quant_utils.convert_quantization_axis_to_reduce_axis(x, self._axis)
         local_amax = quant_utils.reduce_amax(x, axis=reduce_axis).detach()
     if x.device.type == "meta" or self._calib_amax is None:
