@@ -92,7 +92,7 @@ class FastMaxCollection:
 
     paused_weight_quantizers: list = field(default_factory=list)
     sync_free: dict = field(default_factory=dict)  # quantizer name -> its MaxCalibrator
-    lean_linears: list = field(default_factory=list)  # quantized Linears running lean_linear_forward
+    lean_linears: list = field(default_factory=list)  # modules running lean_linear/attention_forward
 
     @torch.no_grad()
     def check_finite(self) -> None:
@@ -145,7 +145,7 @@ def fast_max_collection(model: torch.nn.Module, lean_linears: bool = True) -> It
         paused = {id(module) for module in state.paused_weight_quantizers}
         sync_free = {id(calibrator) for calibrator in state.sync_free.values()}
         for module in model.modules():
-            forward = lean_linear_forward(module, paused, sync_free)
+            forward = lean_linear_forward(module, paused, sync_free) or lean_attention_forward(module)
             if forward is not None:
                 module.forward = forward
                 state.lean_linears.append(module)
@@ -226,3 +226,29 @@ def lean_linear_forward(module: torch.nn.Module, paused: set[int], sync_free: se
         return F.linear(x, parameters["weight"], parameters["bias"])
 
     return forward
+
+
+BMM_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "p_bmm_quantizer")
+
+
+def lean_attention_forward(module: torch.nn.Module):
+    """The pass's forward for ModelOpt's KV-cache attention wrapper whose bmm quantizers are all disabled, or None.
+
+    ``_QuantAttention.forward`` patches transformers' attention interface on every call so that its
+    q/k/v/p bmm quantizers see the attention inputs; with all four disabled (every format without
+    ``--kv_cache``) the patched interface calls the original one with the same arguments, so the
+    original class's forward gives the same outputs without the patching.
+    """
+    from modelopt.torch.quantization.plugins.huggingface import _QuantAttention
+
+    if not isinstance(module, _QuantAttention) or "forward" in module.__dict__ or _has_hooks(module):
+        return None
+    original = _QuantAttention.get_attn_type(module)
+    forwards = {cls for cls in type(module).__mro__ if "forward" in cls.__dict__}
+    if not forwards <= {_QuantAttention, original, torch.nn.Module} or "forward" not in original.__dict__:
+        return None
+    quantizers = [getattr(module, name, None) for name in BMM_QUANTIZERS]
+    if not all(quantizer is not None and quantizer._disabled and _passes_through(quantizer, set())
+               for quantizer in quantizers):
+        return None
+    return original.forward.__get__(module)
