@@ -144,7 +144,11 @@ def fast_max_collection(model: torch.nn.Module, lean_linears: bool = True) -> It
     if lean_linears:
         paused = {id(module) for module in state.paused_weight_quantizers}
         sync_free = {id(calibrator) for calibrator in state.sync_free.values()}
+        from modelopt.torch.quantization.nn.modules.quant_module import QuantModule
+
         for module in model.modules():
+            if not isinstance(module, QuantModule):
+                continue
             forward = lean_linear_forward(module, paused, sync_free) or lean_attention_forward(module)
             if forward is not None:
                 module.forward = forward
@@ -197,12 +201,16 @@ def lean_linear_forward(module: torch.nn.Module, paused: set[int], sync_free: se
     """
     import torch.nn.functional as F
     from modelopt.torch.quantization.nn import TensorQuantizer
-    from modelopt.torch.quantization.nn.modules.quant_module import QuantInputBase, QuantLinearConvBase
+    from modelopt.torch.quantization.nn.modules.quant_module import (
+        QuantInputBase,
+        QuantLinearConvBase,
+    )
 
     if not isinstance(module, QuantLinearConvBase) or not isinstance(module, torch.nn.Linear):
         return None
     forwards = {cls for cls in type(module).__mro__ if "forward" in cls.__dict__}
-    if not forwards <= {QuantLinearConvBase, QuantInputBase, torch.nn.Linear, torch.nn.Module} or "forward" in module.__dict__:
+    if "forward" in module.__dict__ or not forwards <= {QuantLinearConvBase, QuantInputBase, torch.nn.Linear,
+                                                         torch.nn.Module}:
         return None
     if hasattr(module, "_forward_pre_dm") or set(module._get_dm_attribute_manager().da_keys()) != {"weight"}:
         return None

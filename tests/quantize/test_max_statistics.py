@@ -86,7 +86,10 @@ def test_exported_checkpoint_is_bit_identical(tmp_path, format_name, lean, archi
 
 
 def test_a_fast_pass_syncs_once_and_reads_no_weight():
-    from modelopt.torch.quantization.model_calib import enable_stats_collection, weight_only_quantize
+    from modelopt.torch.quantization.model_calib import (
+        enable_stats_collection,
+        weight_only_quantize,
+    )
 
     samples = calibration_set(count=12)
     plain = OpCounter()
@@ -113,7 +116,10 @@ def test_a_fast_pass_syncs_once_and_reads_no_weight():
 
 
 def test_state_is_restored_after_a_pass():
-    from modelopt.torch.quantization.model_calib import enable_stats_collection, weight_only_quantize
+    from modelopt.torch.quantization.model_calib import (
+        enable_stats_collection,
+        weight_only_quantize,
+    )
 
     model = quantize(tiny_llama(), "nvfp4", fast=False, samples=calibration_set())
     enable_stats_collection(model)
@@ -130,7 +136,10 @@ def test_state_is_restored_after_a_pass():
 
 
 def test_a_hooked_or_patched_linear_keeps_modelopt_forward():
-    from modelopt.torch.quantization.model_calib import enable_stats_collection, weight_only_quantize
+    from modelopt.torch.quantization.model_calib import (
+        enable_stats_collection,
+        weight_only_quantize,
+    )
 
     model = quantize(tiny_llama(), "nvfp4", fast=False, samples=calibration_set())
     enable_stats_collection(model)
