@@ -127,33 +127,32 @@ def fast_max_collection(model: torch.nn.Module, lean_linears: bool = True) -> It
     """
     from modelopt.torch.quantization.calib import MaxCalibrator
     from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantModule
 
     state = FastMaxCollection()
-    for name, module in model.named_modules():
-        if not isinstance(module, TensorQuantizer) or module._disabled or not module._if_calib or module._dynamic:
-            continue
-        calibrator = getattr(module, "_calibrator", None)
-        if type(calibrator) is not MaxCalibrator or calibrator._track_amax or module.bias_calibrator is not None:
-            continue
-        if is_weight_quantizer_name(name) and calibrator._calib_amax is not None:
-            module._if_calib = False  # its amax is the weight's, collected once by ModelOpt's weight_only_quantize
-            state.paused_weight_quantizers.append(module)
-        else:
-            calibrator.collect = _sync_free_collect.__get__(calibrator)
-            state.sync_free[name] = calibrator
-    if lean_linears:
-        paused = {id(module) for module in state.paused_weight_quantizers}
-        sync_free = {id(calibrator) for calibrator in state.sync_free.values()}
-        from modelopt.torch.quantization.nn.modules.quant_module import QuantModule
-
-        for module in model.modules():
-            if not isinstance(module, QuantModule):
+    try:  # everything changed is recorded as it is changed, so a failure half-way is undone too
+        for name, module in model.named_modules():
+            if not isinstance(module, TensorQuantizer) or module._disabled or not module._if_calib or module._dynamic:
                 continue
-            forward = lean_linear_forward(module, paused, sync_free) or lean_attention_forward(module)
-            if forward is not None:
-                module.forward = forward
-                state.lean_linears.append(module)
-    try:
+            calibrator = getattr(module, "_calibrator", None)
+            if type(calibrator) is not MaxCalibrator or calibrator._track_amax or module.bias_calibrator is not None:
+                continue
+            if is_weight_quantizer_name(name) and calibrator._calib_amax is not None:
+                module._if_calib = False  # its amax is the weight's, collected once by ModelOpt's weight_only_quantize
+                state.paused_weight_quantizers.append(module)
+            else:
+                calibrator.collect = _sync_free_collect.__get__(calibrator)
+                state.sync_free[name] = calibrator
+        if lean_linears:
+            paused = {id(module) for module in state.paused_weight_quantizers}
+            sync_free = {id(calibrator) for calibrator in state.sync_free.values()}
+            for module in model.modules():
+                if not isinstance(module, QuantModule):
+                    continue
+                forward = lean_linear_forward(module, paused, sync_free) or lean_attention_forward(module)
+                if forward is not None:
+                    module.forward = forward
+                    state.lean_linears.append(module)
         yield state
     finally:
         for module in state.lean_linears:
