@@ -32,6 +32,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -211,7 +212,7 @@ def profile_pass(device: str, fn) -> dict:
     with modelopt_ranges(), profile(activities=activities) as prof:
         wall = timed(device, fn)
     events = prof.events()
-    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and e.name != "[memory]"]
     kernel_us = collections.Counter()
     for kernel in kernels:
         kernel_us[kernel.name] += kernel.time_range.elapsed_us()
@@ -311,7 +312,11 @@ def measure_format(args, format_name: str, batch_size: int, calibration_set, pad
         result[f"ratio_cold_quantize_vs_forward_{name}"] = cold / plain
         result[f"ratio_warm_calibrate_total_vs_forward_{name}"] = min(calibrate_times[name]) / plain
 
-    from modelopt.torch.quantization.model_calib import enable_stats_collection, finish_stats_collection, weight_only_quantize
+    from modelopt.torch.quantization.model_calib import (
+        enable_stats_collection,
+        finish_stats_collection,
+        weight_only_quantize,
+    )
 
     # Counted and profiled passes run over the first (longest) batches only: the profiler's post-processing of a
     # full ModelOpt pass on an 8B model (~10^6 events) would take minutes.
@@ -345,10 +350,7 @@ def measure_format(args, format_name: str, batch_size: int, calibration_set, pad
     finish_stats_collection(quant_model)
     if device == "cuda":
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
-    del plain_model, quant_model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return result  # the models go with this frame; main() empties the CUDA cache
 
 
 def device_description(device: str) -> str:
@@ -401,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     for format_name in [name.strip() for name in args.formats.split(",") if name.strip()]:
         for batch_size in args.batch_sizes:
             run = measure_format(args, format_name, batch_size, calibration_set, pad_id)
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             results["runs"].append(run)
             results["parameters"] = run["parameters"]
             results["summary"].append({"format": format_name, "batch_size": batch_size, **{

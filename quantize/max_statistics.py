@@ -62,13 +62,20 @@ def abs_max(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, ord=float("inf"))
 
 
-def _sync_free_collect(self, x: torch.Tensor) -> None:
-    """``MaxCalibrator.collect`` without its three host-syncing asserts (see :func:`check_finite`)."""
-    from modelopt.torch.quantization import utils as quant_utils
+_ONE_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_INFINITY = float("inf")
 
-    if self._axis is None and x.dtype.is_floating_point and x.dtype.itemsize > 1:
-        local_amax = abs_max(x)
+
+def _sync_free_collect(self, x: torch.Tensor) -> None:
+    """``MaxCalibrator.collect`` without its three host-syncing asserts (see :func:`check_finite`).
+
+    Called once per quantizer and batch, so it stays lean: no imports, one reduction kernel + one max.
+    """
+    if self._axis is None and x.dtype in _ONE_KERNEL_DTYPES:
+        local_amax = torch.linalg.vector_norm(x, ord=_INFINITY)  # abs_max(x)
     else:  # per-channel / per-block axes, FP8 inputs: ModelOpt's own reduction
+        from modelopt.torch.quantization import utils as quant_utils
+
         reduce_axis = quant_utils.convert_quantization_axis_to_reduce_axis(x, self._axis)
         local_amax = quant_utils.reduce_amax(x, axis=reduce_axis).detach()
     if x.device.type == "meta" or self._calib_amax is None:
@@ -85,7 +92,7 @@ class FastMaxCollection:
 
     paused_weight_quantizers: list = field(default_factory=list)
     sync_free: dict = field(default_factory=dict)  # quantizer name -> its MaxCalibrator
-    lean_linears: list = field(default_factory=list)  # quantized Linears running lean_linear_forward
+    lean_linears: list = field(default_factory=list)  # modules running lean_linear/attention_forward
 
     @torch.no_grad()
     def check_finite(self) -> None:
@@ -120,29 +127,32 @@ def fast_max_collection(model: torch.nn.Module, lean_linears: bool = True) -> It
     """
     from modelopt.torch.quantization.calib import MaxCalibrator
     from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantModule
 
     state = FastMaxCollection()
-    for name, module in model.named_modules():
-        if not isinstance(module, TensorQuantizer) or module._disabled or not module._if_calib or module._dynamic:
-            continue
-        calibrator = getattr(module, "_calibrator", None)
-        if type(calibrator) is not MaxCalibrator or calibrator._track_amax or module.bias_calibrator is not None:
-            continue
-        if is_weight_quantizer_name(name) and calibrator._calib_amax is not None:
-            module._if_calib = False  # its amax is the weight's, collected once by ModelOpt's weight_only_quantize
-            state.paused_weight_quantizers.append(module)
-        else:
-            calibrator.collect = _sync_free_collect.__get__(calibrator)
-            state.sync_free[name] = calibrator
-    if lean_linears:
-        paused = {id(module) for module in state.paused_weight_quantizers}
-        sync_free = {id(calibrator) for calibrator in state.sync_free.values()}
-        for module in model.modules():
-            forward = lean_linear_forward(module, paused, sync_free)
-            if forward is not None:
-                module.forward = forward
-                state.lean_linears.append(module)
-    try:
+    try:  # everything changed is recorded as it is changed, so a failure half-way is undone too
+        for name, module in model.named_modules():
+            if not isinstance(module, TensorQuantizer) or module._disabled or not module._if_calib or module._dynamic:
+                continue
+            calibrator = getattr(module, "_calibrator", None)
+            if type(calibrator) is not MaxCalibrator or calibrator._track_amax or module.bias_calibrator is not None:
+                continue
+            if is_weight_quantizer_name(name) and calibrator._calib_amax is not None:
+                module._if_calib = False  # its amax is the weight's, collected once by ModelOpt's weight_only_quantize
+                state.paused_weight_quantizers.append(module)
+            else:
+                calibrator.collect = _sync_free_collect.__get__(calibrator)
+                state.sync_free[name] = calibrator
+        if lean_linears:
+            paused = {id(module) for module in state.paused_weight_quantizers}
+            sync_free = {id(calibrator) for calibrator in state.sync_free.values()}
+            for module in model.modules():
+                if not isinstance(module, QuantModule):
+                    continue
+                forward = lean_linear_forward(module, paused, sync_free) or lean_attention_forward(module)
+                if forward is not None:
+                    module.forward = forward
+                    state.lean_linears.append(module)
         yield state
     finally:
         for module in state.lean_linears:
@@ -190,12 +200,16 @@ def lean_linear_forward(module: torch.nn.Module, paused: set[int], sync_free: se
     """
     import torch.nn.functional as F
     from modelopt.torch.quantization.nn import TensorQuantizer
-    from modelopt.torch.quantization.nn.modules.quant_module import QuantInputBase, QuantLinearConvBase
+    from modelopt.torch.quantization.nn.modules.quant_module import (
+        QuantInputBase,
+        QuantLinearConvBase,
+    )
 
     if not isinstance(module, QuantLinearConvBase) or not isinstance(module, torch.nn.Linear):
         return None
     forwards = {cls for cls in type(module).__mro__ if "forward" in cls.__dict__}
-    if not forwards <= {QuantLinearConvBase, QuantInputBase, torch.nn.Linear, torch.nn.Module} or "forward" in module.__dict__:
+    if "forward" in module.__dict__ or not forwards <= {QuantLinearConvBase, QuantInputBase, torch.nn.Linear,
+                                                         torch.nn.Module}:
         return None
     if hasattr(module, "_forward_pre_dm") or set(module._get_dm_attribute_manager().da_keys()) != {"weight"}:
         return None
@@ -219,3 +233,29 @@ def lean_linear_forward(module: torch.nn.Module, paused: set[int], sync_free: se
         return F.linear(x, parameters["weight"], parameters["bias"])
 
     return forward
+
+
+BMM_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "p_bmm_quantizer")
+
+
+def lean_attention_forward(module: torch.nn.Module):
+    """The pass's forward for ModelOpt's KV-cache attention wrapper whose bmm quantizers are all disabled, or None.
+
+    ``_QuantAttention.forward`` patches transformers' attention interface on every call so that its
+    q/k/v/p bmm quantizers see the attention inputs; with all four disabled (every format without
+    ``--kv_cache``) the patched interface calls the original one with the same arguments, so the
+    original class's forward gives the same outputs without the patching.
+    """
+    from modelopt.torch.quantization.plugins.huggingface import _QuantAttention
+
+    if not isinstance(module, _QuantAttention) or "forward" in module.__dict__ or _has_hooks(module):
+        return None
+    original = _QuantAttention.get_attn_type(module)
+    forwards = {cls for cls in type(module).__mro__ if "forward" in cls.__dict__}
+    if not forwards <= {_QuantAttention, original, torch.nn.Module} or "forward" not in original.__dict__:
+        return None
+    quantizers = [getattr(module, name, None) for name in BMM_QUANTIZERS]
+    if not all(quantizer is not None and quantizer._disabled and _passes_through(quantizer, set())
+               for quantizer in quantizers):
+        return None
+    return original.forward.__get__(module)

@@ -58,32 +58,38 @@ def tiny_llama() -> torch.nn.Module:
     return LlamaForCausalLM(llama_config()).to(torch.bfloat16).eval()
 
 
-def quantize(model, format_name: str, fast: bool, samples: CalibrationSet, **loop_options):
+def quantize(model, format_name: str, fast: bool, samples: CalibrationSet, kv_cache: str = "none", **loop_options):
     loop = make_forward_loop(samples, batch_size=4, pad_token_id=0, fast_max=fast, **loop_options)
-    model, _ = calibrate(model, build_quant_config(get_recipe(format_name)), loop)
+    model, _ = calibrate(model, build_quant_config(get_recipe(format_name), kv_cache=kv_cache), loop)
     return model
 
 
-@pytest.mark.parametrize("format_name, lean, architecture", [
-    ("nvfp4", True, "llama"), ("nvfp4", False, "llama"), ("fp8", True, "llama"), ("w4a8", True, "llama"),
-    ("nvfp4", True, "qwen3_moe"),  # fused 3-D expert weights: ModelOpt's own forward, our sync-free collection
+@pytest.mark.parametrize("format_name, lean, architecture, kv_cache", [
+    ("nvfp4", True, "llama", "none"), ("nvfp4", False, "llama", "none"), ("fp8", True, "llama", "none"),
+    ("w4a8", True, "llama", "none"),
+    ("nvfp4", True, "llama", "fp8"),  # KV-cache quantizers enabled: ModelOpt's attention forward, sync-free collection
+    ("nvfp4", True, "qwen3_moe", "none"),  # fused 3-D expert weights: ModelOpt's own forward, paused per-expert weights
 ])
-def test_exported_checkpoint_is_bit_identical(tmp_path, format_name, lean, architecture):
+def test_exported_checkpoint_is_bit_identical(tmp_path, format_name, lean, architecture, kv_cache):
     source, samples = (tiny_llama() if architecture == "llama" else fused_moe().to(torch.bfloat16)), calibration_set()
     exported = {}
     for fast in (False, True):
-        model = quantize(copy.deepcopy(source), format_name, fast, samples, lean_linears=lean)
+        model = quantize(copy.deepcopy(source), format_name, fast, samples, kv_cache=kv_cache, lean_linears=lean)
         export_modelopt_checkpoint(model, tmp_path / str(fast))
         exported[fast] = load_file(tmp_path / str(fast) / "model.safetensors")
     assert exported[True].keys() == exported[False].keys()
     assert any(name.endswith("input_scale") for name in exported[True])  # activation statistics were exported
+    assert kv_cache == "none" or any(name.endswith("k_scale") for name in exported[True]), sorted(exported[True])[:8]
     for name, tensor in exported[False].items():
         assert exported[True][name].dtype == tensor.dtype, name
         assert torch.equal(exported[True][name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
 
 
 def test_a_fast_pass_syncs_once_and_reads_no_weight():
-    from modelopt.torch.quantization.model_calib import enable_stats_collection, weight_only_quantize
+    from modelopt.torch.quantization.model_calib import (
+        enable_stats_collection,
+        weight_only_quantize,
+    )
 
     samples = calibration_set(count=12)
     plain = OpCounter()
@@ -110,7 +116,10 @@ def test_a_fast_pass_syncs_once_and_reads_no_weight():
 
 
 def test_state_is_restored_after_a_pass():
-    from modelopt.torch.quantization.model_calib import enable_stats_collection, weight_only_quantize
+    from modelopt.torch.quantization.model_calib import (
+        enable_stats_collection,
+        weight_only_quantize,
+    )
 
     model = quantize(tiny_llama(), "nvfp4", fast=False, samples=calibration_set())
     enable_stats_collection(model)
@@ -119,14 +128,18 @@ def test_state_is_restored_after_a_pass():
         assert state.paused_weight_quantizers and state.sync_free
         assert all(not quantizer._if_calib for quantizer in state.paused_weight_quantizers)
         assert all(name.endswith("input_quantizer") for name in state.sync_free)
-        assert len(state.lean_linears) == 2 * 7  # every decoder Linear; lm_head's quantizers are disabled
+        # Every decoder Linear (lm_head's quantizers are disabled) and both attention wrappers (no --kv_cache).
+        assert len(state.lean_linears) == 2 * 7 + 2
     assert all(quantizer._if_calib for quantizer in state.paused_weight_quantizers)
     assert all("collect" not in calibrator.__dict__ for calibrator in state.sync_free.values())
     assert all("forward" not in module.__dict__ for module in state.lean_linears)
 
 
 def test_a_hooked_or_patched_linear_keeps_modelopt_forward():
-    from modelopt.torch.quantization.model_calib import enable_stats_collection, weight_only_quantize
+    from modelopt.torch.quantization.model_calib import (
+        enable_stats_collection,
+        weight_only_quantize,
+    )
 
     model = quantize(tiny_llama(), "nvfp4", fast=False, samples=calibration_set())
     enable_stats_collection(model)
@@ -137,7 +150,7 @@ def test_a_hooked_or_patched_linear_keeps_modelopt_forward():
     patched.forward = patched.forward  # as accelerate's hooks do: an instance attribute
     with max_statistics.fast_max_collection(model) as state:
         assert hooked not in state.lean_linears and patched not in state.lean_linears
-        assert len(state.lean_linears) == 2 * 7 - 2
+        assert len(state.lean_linears) == 2 * 7 + 2 - 2
         model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=False)
     assert seen == [torch.Size([1, 3, 64])]
     assert "forward" in patched.__dict__  # not ours to remove
