@@ -117,8 +117,13 @@ class NVFP4Linear(_QuantizedLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return nvfp4.dequantize_weight(self.quantized, dtype or self.compute_dtype)
 
+    @property
+    def kernel_block_size_ok(self) -> bool:
+        """The Triton kernels read one E4M3 scale per 16 codes; W4A8 checkpoints carry 32-blocks (dequantize path)."""
+        return self.block_size == nvfp4_matmul.KERNEL_BLOCK_SIZE
+
     def _kernel_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if x.device.type != "cuda" or not nvfp4_matmul.available(x.device):
+        if not self.kernel_block_size_ok or x.device.type != "cuda" or not nvfp4_matmul.available(x.device):
             return None
         return nvfp4_matmul.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, bias)
 

@@ -174,3 +174,14 @@ def test_awq_pre_quant_scale_multiplies_the_input(modelopt_checkpoint, tmp_path)
     folded = (layer.dequantized_weight(torch.float32) * layer.pre_quant_scale.float()).to(torch.bfloat16)
     assert torch.equal(dequantized.model.layers[0].mlp.down_proj.weight, folded)
     assert torch.equal(layer.to_linear().weight, folded)
+
+
+def test_only_16_blocks_go_to_the_gpu_kernel(modelopt_checkpoint):
+    """W4A8's 32-code blocks are not what the Triton kernels decode: those Linears take the dequantize path.
+
+    (The H200 algorithm bench of 2026-12-02 hit the kernel's scale-shape check on a W4A8 checkpoint.)"""
+    for name, block in (("llama_nvfp4", 16), ("llama_w4a8", 32)):
+        model, _ = load_checkpoint(modelopt_checkpoint(name)[0])
+        linears = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
+        assert linears and {m.block_size for m in linears} == {block}
+        assert all(m.kernel_block_size_ok == (block == 16) for m in linears)
