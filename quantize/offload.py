@@ -50,6 +50,9 @@ class PlacementPlan:
     max_memory: dict[str | int, int] = field(default_factory=dict)
     # Bytes of each GPU's budget kept free of placed weights (see ``gpu_headroom``).
     reserved_bytes: dict[str, int] = field(default_factory=dict)
+    # Bytes of the disk layers that calibration copies into RAM (ModelOpt's writeback of offloaded weights, kept
+    # for algorithms that change weights): they count against the CPU budget. 0 when the writeback is skipped.
+    cpu_writeback_bytes: int = 0
 
     @property
     def layers_per_device(self) -> Counter:
@@ -137,8 +140,14 @@ def plan_placement(
     batch_size: int,
     max_seq_len: int,
     trust_remote_code: bool = False,
+    disk_writeback: bool = False,
 ) -> PlacementPlan:
-    """Plan where every decoder layer goes, without loading any weight."""
+    """Plan where every decoder layer goes, without loading any weight.
+
+    ``disk_writeback``: calibration will copy the disk layers' weights into RAM (ModelOpt 0.47's
+    ``plugins/accelerate._writeback_params_to_weights_map`` keeps disk writebacks in the loader's in-memory
+    state_dict); their bytes are then reserved from the CPU budget, and a plan whose CPU weights plus those
+    bytes exceed it is refused (more disk would only move bytes from one side of that sum to the other)."""
     from accelerate import infer_auto_device_map, init_empty_weights
     from accelerate.utils import compute_module_sizes
     from transformers import AutoModelForCausalLM
@@ -169,6 +178,18 @@ def plan_placement(
     bytes_per_device: Counter = Counter()
     for name, device in device_map.items():
         bytes_per_device[device_name(device)] += sizes.get(name, 0)
+    writeback = bytes_per_device.get("disk", 0) if disk_writeback else 0
+    cpu_budget = max_memory.get("cpu")
+    if writeback and cpu_budget is not None and bytes_per_device.get("cpu", 0) + writeback > cpu_budget:
+        raise UserError(
+            "--max_cpu_memory",
+            f"this calibration algorithm changes weights, and ModelOpt 0.47 writes the changed weights of disk-offloaded "
+            f"layers back into RAM, not to disk: {format_bytes(writeback)} of disk layers + "
+            f"{format_bytes(bytes_per_device.get('cpu', 0))} placed on the CPU exceed --max_cpu_memory "
+            f"({format_bytes(cpu_budget)})",
+            f"use --algorithm max (reads weights only: nothing is written back) or --layerwise, or raise "
+            f"--max_cpu_memory to at least {format_bytes(bytes_per_device.get('cpu', 0) + writeback)}",
+        )
     return PlacementPlan(
         device_map=device_map,
         layer_devices={name: device_name(device_map[name]) for name in layers},
@@ -178,6 +199,7 @@ def plan_placement(
         activation_bytes=activation_bytes,
         max_memory=dict(max_memory),
         reserved_bytes={device_name(key): value for key, value in reserved.items()},
+        cpu_writeback_bytes=writeback,
     )
 
 
@@ -217,6 +239,9 @@ def print_placement(console, plan: PlacementPlan) -> None:
         + (f" (kept free of weights: {', '.join(f'{d} {format_bytes(b)}' for d, b in plan.reserved_bytes.items())})"
            if plan.reserved_bytes else "")
         + "; disk-resident layers are read again for every calibration batch."
+        + (f" CPU: {format_bytes(plan.cpu_writeback_bytes)} reserved for the disk layers' weights, which "
+           "calibration writes back into RAM (ModelOpt's offload writeback; the algorithm changes weights)."
+           if plan.cpu_writeback_bytes else "")
     )
 
 
