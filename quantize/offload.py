@@ -187,8 +187,8 @@ def plan_placement(
             f"layers back into RAM, not to disk: {format_bytes(writeback)} of disk layers + "
             f"{format_bytes(bytes_per_device.get('cpu', 0))} placed on the CPU exceed --max_cpu_memory "
             f"({format_bytes(cpu_budget)})",
-            f"use --algorithm max (reads weights only: nothing is written back) or --layerwise, or raise "
-            f"--max_cpu_memory to at least {format_bytes(bytes_per_device.get('cpu', 0) + writeback)}",
+            f"use --algorithm max (it only reads weights: nothing is written back), or raise --max_cpu_memory to "
+            f"at least {format_bytes(bytes_per_device.get('cpu', 0) + writeback)} (then no layer goes to disk)",
         )
     return PlacementPlan(
         device_map=device_map,
