@@ -77,7 +77,12 @@ def main() -> int:
     parser.add_argument("--max_cpu_memory", default="150MiB")
     parser.add_argument("--layerwise", action="store_true")
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--emulate_gpu_copies", action="store_true",
+                        help="make ModelOpt's offload writeback store copies, as its .to(cpu) of a weight materialized "
+                             "on the GPU does (on a CPU machine the tensor it stores is accelerate's own memmap)")
     args = parser.parse_args()
+    if args.emulate_gpu_copies:
+        emulate_gpu_copies()
     torch.set_num_threads(1)
     source = args.work / "source"
     if not (source / "config.json").is_file():
@@ -135,6 +140,20 @@ def main() -> int:
         print(f"{phase:18s} peak RssAnon {peak['RssAnon'] / mb:8.1f} MiB  RssFile {peak['RssFile'] / mb:8.1f} MiB")
     print(json.dumps({"placement": result["placement"], "weights_map": promoted}))
     return code
+
+
+def emulate_gpu_copies() -> None:
+    from modelopt.torch.quantization.plugins import accelerate as plugin
+
+    original = plugin._writeback_params_to_weights_map
+
+    def copying_writeback(module, align_hook):
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None and not parameter.is_meta:
+                module._parameters[name] = torch.nn.Parameter(parameter.detach().clone(), requires_grad=False)
+        return original(module, align_hook)
+
+    plugin._writeback_params_to_weights_map = copying_writeback
 
 
 def count_promoted(model) -> dict:
