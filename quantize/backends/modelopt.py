@@ -104,8 +104,11 @@ class ModelOptBackend:
             description=f"calibrating {recipe.name} ({algorithm}{', every expert' if all_experts else ''})",
         )
         recorder = expert_coverage.CoverageRecorder()
+        # One-pass offload only: --layerwise never writes back while it calibrates (measured), and its resume
+        # (full_restore) reloads saved weights through the writeback, which is left as ModelOpt has it.
+        skip_writeback = settings.offload and not settings.layerwise and get_algorithm(algorithm).keeps_weights
         model, _ = calibration_loop.calibrate(model, quant_config, recorder.wrap(forward_loop, all_experts),
-                                              skip_offload_writeback=settings.offload and get_algorithm(algorithm).keeps_weights)
+                                              skip_offload_writeback=skip_writeback)
         self.coverage = expert_coverage.coverage_report(model, recorder, all_experts)
         expert_coverage.enforce_coverage(self.coverage, settings.allow_uncalibrated, console)
         return model
