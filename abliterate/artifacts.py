@@ -19,7 +19,11 @@ An abliteration output directory holds:
          "direction": "global",                                   # key in directions.safetensors
          "num_experts": null, "transposed": false}                # 3-D fused experts: E, layout
 
-    ``skipped``: components that were not edited (meta device, NaN weights),
+    ``skipped``: components that were not edited (NaN weights; weights on the
+    meta device are edited through their offload hook or stop the run),
+    ``placement``: how many components were edited on which device and which
+    of them were offloaded (accelerate CPU/disk offload, edited through the
+    hook's weights map),
     ``metrics`` / ``base_metrics``: the trial's and the unedited model's
     refusals, compliance, KL; ``settings``: the settings of the run.
 
@@ -110,6 +114,7 @@ class ChosenTrialHeader(BaseModel):
     num_layers: int | None = None
     hidden_size: int | None = None
     skipped: list[dict[str, Any]] = []
+    placement: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     base_metrics: dict[str, Any] | None = None
     settings: dict[str, Any] | None = None

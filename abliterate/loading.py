@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate.quantization.options import NVFP4, QuantizationRequest
 from checkpoint_formats.integrity import check_safetensors_folder
+from checkpoint_formats.placement import input_device
 from foundation.devices import require_visible_device
 from foundation.dtypes import TORCH_DTYPES as _DTYPES
 from foundation.errors import UserError
@@ -31,6 +32,15 @@ from foundation.load_report import require_complete_load
 from foundation.weight_files import require_safetensors
 
 LOAD_AS = ("auto", "packed", "dequantized")
+
+
+def max_memory_for_accelerate(max_memory: dict | None) -> dict | None:
+    """GPU indices as ints ("0" -> 0) and plain byte counts as ints ("374868" -> 374868): accelerate reads a
+    string only with a unit, and a device key "0" only as an int."""
+    if not max_memory:
+        return None
+    return {int(key) if str(key).isdigit() else key: int(size) if str(size).strip().isdigit() else size
+            for key, size in max_memory.items()}
 
 
 @dataclass
@@ -71,7 +81,8 @@ def _quantized_format(path: str) -> str | None:
 
 
 def _load_once(path: str, dtype_name: str, quantized: str | None, device_map, max_memory, trust_remote_code: bool,
-               quantization: QuantizationRequest | None = None, held_as: str = "dequantized"):
+               quantization: QuantizationRequest | None = None, held_as: str = "dequantized",
+               offload_folder: str | None = None):
     if quantization is not None and quantization.enabled:
         return _load_quantizing(path, dtype_name, quantization, device_map, max_memory, trust_remote_code)
     if quantized is not None:
@@ -85,7 +96,8 @@ def _load_once(path: str, dtype_name: str, quantized: str | None, device_map, ma
     # own quantization config decides); never pass 'fp8' on as a torch dtype.
     dtype = "auto" if dtype_name == "fp8" else _DTYPES[dtype_name]
     model, loading_info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                                                               trust_remote_code=trust_remote_code, output_loading_info=True, use_safetensors=True)
+                                                               offload_folder=offload_folder, trust_remote_code=trust_remote_code,
+                                                               output_loading_info=True, use_safetensors=True)
     require_complete_load(loading_info, path, "--model")  # never search on random weights
     return model
 
@@ -183,7 +195,7 @@ def check_generates_finite(model, tokenizer) -> None:
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     else:
         ids = tokenizer("Hello", return_tensors="pt")["input_ids"]
-    device = next(model.parameters()).device
+    device = input_device(model)  # not the first parameter's: meta when accelerate offloaded it
     output = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), max_new_tokens=1,
                             do_sample=False, output_logits=True, return_dict_in_generate=True,
                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
@@ -194,7 +206,7 @@ def check_generates_finite(model, tokenizer) -> None:
 
 def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "auto", max_memory: dict | None = None,
                trust_remote_code: bool = False, quantization: QuantizationRequest | None = None,
-               load_as: str = "auto") -> LoadedModel:
+               load_as: str = "auto", offload_folder: str | None = None) -> LoadedModel:
     if not Path(path).exists() and looks_like_local_path(path):
         raise UserError("--model", f"{path} does not exist", "give a local model folder or a Hub id (org/name)")
     if Path(path).is_file():  # else transformers reads it as a config and reports invalid JSON
@@ -214,15 +226,20 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
     except (OSError, ValueError) as error:
         raise UserError("--model", f"cannot load the tokenizer of {path}: {error}", "check the path / Hub id") from None
     tokenizer.padding_side = "left"
-    memory = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()} if max_memory else None
+    memory = max_memory_for_accelerate(max_memory)
     errors = []
     for dtype_name in dtypes:
         try:
-            model = _load_once(path, dtype_name, quantized, device_map, memory, trust_remote_code, quantization, held_as)
+            model = _load_once(path, dtype_name, quantized, device_map, memory, trust_remote_code, quantization, held_as,
+                               offload_folder)
             model.eval()
         except UserError:
             raise
         except (ValueError, RuntimeError, TypeError, OSError, SafetensorError) as error:
+            if "offload_folder" in str(error):  # the same for every dtype: say what to pass
+                raise UserError("--offload_folder", "the device_map (with --max_memory) sends some weights to disk and "
+                                "no --offload_folder was given", "pass --offload_folder DIR on a disk with room for them, "
+                                "or give the GPUs / CPU more room (--max_memory)") from None
             errors.append(f"{dtype_name}: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}")
             continue
         try:

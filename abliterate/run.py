@@ -9,6 +9,7 @@ running a search.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -62,7 +63,10 @@ from abliterate.search.selection import (
     plot_front,
     select_trial,
 )
+from abliterate.search.shared_run import SharedSearch
+from abliterate.search.shared_study import stored_directions
 from abliterate.search.space import suggest_parameters
+from abliterate.search.storage import parse_storage
 from abliterate.search.study import (
     TrialOutcome,
     completed_trials,
@@ -71,6 +75,7 @@ from abliterate.search.study import (
     trial_parameters,
 )
 from abliterate.settings import AbliterateSettings
+from abliterate.workers import run_with_workers
 from foundation.atomic_output import (
     atomic_output_dir,
     check_writable_output,
@@ -89,6 +94,14 @@ def load_or_compute_directions(path: Path, model, architecture: Architecture, to
     if path.is_file():
         console.print(f"directions: reusing {path}")
         return load_file(str(path))["refusal_directions"]
+    directions = compute_directions(model, architecture, tokenizer, prompts, settings, batch_size, console)
+    with no_space_left(path):
+        save_directions_atomically(directions, path)
+    return directions
+
+
+def compute_directions(model, architecture: Architecture, tokenizer, prompts: PromptSets, settings: AbliterateSettings,
+                       batch_size: int, console: Console) -> torch.Tensor:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         harmful = prompt_residuals(model, architecture.layers, tokenizer, prompts.harmful_train, batch_size=batch_size,
@@ -99,10 +112,7 @@ def load_or_compute_directions(path: Path, model, architecture: Architecture, to
         for index, count in residuals.nonfinite_layers().items():
             console.print(f"[yellow]warning:[/] {label} residual index {index} (after layer {index - 1}) is NaN/inf "
                           f"for {count} prompts; its direction is zeroed and edits using it do nothing")
-    directions = refusal_directions(harmful.values, harmless.values, projected=settings.direction_projected)
-    with no_space_left(path):
-        save_directions_atomically(directions, path)
-    return directions
+    return refusal_directions(harmful.values, harmless.values, projected=settings.direction_projected)
 
 
 def save_directions_atomically(directions: torch.Tensor, path: Path) -> None:
@@ -169,8 +179,9 @@ def choose(settings: AbliterateSettings, candidates: list[Candidate], front: lis
 
 def check_output_paths(settings: AbliterateSettings) -> None:
     """--overwrite deletes the output: it must not be (or hold, or lie inside) the model, a prompt file or the study."""
+    storage = parse_storage(settings.storage).local_file() if settings.storage else None
     inputs = {"--model": settings.model, "--prompts": settings.prompt_spec(), "--study_dir": settings.study_path(),
-              "--judge": settings.judge,
+              "--judge": settings.judge, "--storage": storage,
               **{f"--{name}": getattr(settings, name) for name in ("harmful_train", "harmless_train", "harmful_test",
                                                                    "harmless_test")}}
     check_output_location(settings.output_dir(), inputs, output_flag="--out")
@@ -178,14 +189,25 @@ def check_output_paths(settings: AbliterateSettings) -> None:
 
 
 def run_abliteration(settings: AbliterateSettings, console: Console,
-                     settings_sources: dict[str, str] | None = None) -> Path:
-    """Search and write the chosen trial; the output and the study are locked for the whole run (one writer each)."""
+                     settings_sources: dict[str, str] | None = None) -> Path | None:
+    """Search and write the chosen trial; the output and the study are locked for the whole run (one writer each).
+
+    A shared study (``--storage``) has many writers by design: only the output is locked, and a
+    ``--search_only`` worker writes none (it returns None). ``--workers N`` starts the other workers first.
+    """
+    if settings.workers > 1:
+        return run_with_workers(settings, console, settings_sources, run_abliteration, check_output_paths)
+    if settings.search_only:
+        return _abliterate(settings, console, settings_sources)
     check_output_paths(settings)
-    with output_lock(settings.output_dir()), output_lock(settings.study_path(), what="study"):
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(output_lock(settings.output_dir()))
+        if settings.storage is None:
+            locks.enter_context(output_lock(settings.study_path(), what="study"))
         return _abliterate(settings, console, settings_sources)
 
 
-def _abliterate(settings: AbliterateSettings, console: Console, settings_sources: dict[str, str] | None) -> Path:
+def _abliterate(settings: AbliterateSettings, console: Console, settings_sources: dict[str, str] | None) -> Path | None:
     out = settings.output_dir()
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
@@ -197,7 +219,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                   f"{len(prompts.harmful_test)}+{len(prompts.harmless_test)} test (harmful+harmless)")
     loaded = load_model(settings.model, dtypes=settings.dtypes, device_map=settings.device_map,
                         max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code,
-                        quantization=settings.quantization_request(), load_as=settings.load_as)
+                        offload_folder=settings.offload_folder, quantization=settings.quantization_request(), load_as=settings.load_as)
     model, tokenizer = loaded.model, loaded.tokenizer
     console.print(f"model: {settings.model} ({loaded.source_format}, dtype {loaded.dtype}, held {loaded.held_as}, "
                   f"resident {loaded.resident_bytes / 2**30:.2f} GiB)")
@@ -229,25 +251,49 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     study_dir = settings.study_path()
     journal = study_dir / "journal.log"  # a full disk while writing it: a UserError; the re-run repairs and resumes
     directions_path = study_dir / f"{name}.directions.safetensors"
-    # the name hashes the model's path; its content is checked here: a model replaced at that path starts over
-    study = open_study_of_model(journal, name, model_fingerprint(settings.model), settings.model, directions_path,
-                                console, on_repair=lambda note: console.print(f"[yellow]journal repaired:[/] {note}",
-                                                                              highlight=False))
-    directions = load_or_compute_directions(directions_path, model, architecture,
-                                            tokenizer, prompts, settings, evaluator.batch_size, console)
+    repaired = lambda note: console.print(f"[yellow]journal repaired:[/] {note}", highlight=False)
+    shared = None
+    if settings.storage is None:
+        # the name hashes the model's path; its content is checked here: a model replaced at that path starts over
+        study = open_study_of_model(journal, name, model_fingerprint(settings.model), settings.model, directions_path,
+                                    console, on_repair=repaired)
+        directions = stored_directions(study)  # a study begun with --workers keeps them in itself
+        if directions is None:
+            directions = load_or_compute_directions(directions_path, model, architecture,
+                                                    tokenizer, prompts, settings, evaluator.batch_size, console)
+        else:
+            console.print("directions: reusing the study's (stored by its shared search)")
+    else:
+        shared = SharedSearch.open(settings, name, console, on_repair=repaired)
+        study = shared.study
+        # a study begun by one process keeps its directions beside its journal: the shared search takes those
+        directions = shared.directions(lambda: load_file(str(directions_path))["refusal_directions"]
+                                       if directions_path.is_file() else
+                                       compute_directions(model, architecture, tokenizer, prompts, settings,
+                                                          evaluator.batch_size, console))
     abliterator = LoraAbliterator(model, architecture.components, method=settings.method, rank=settings.lowrank_rank,
                                   seed=SVD_SEED)
     for skipped in abliterator.skipped:
         console.print(f"[yellow]skipped:[/] {skipped.component.parameter_path} ({skipped.reason})")
-    console.print(f"editing {len(abliterator.components)} components, skipped {len(abliterator.skipped)}; "
-                  f"study {name} in {study_dir} ({len(completed_trials(study))}/{settings.n_trials} trials done)")
+    placement = abliterator.placement_summary()
+    offloaded = f" ({placement['offloaded']} offloaded by the device_map, edited through accelerate's weights map)" \
+        if placement["offloaded"] else ""
+    console.print(f"editing {len(abliterator.components)} components{offloaded}, skipped {len(abliterator.skipped)}; "
+                  f"study {name} in {study_dir if shared is None else shared.spec.describe()} ({len(completed_trials(study))}/{settings.n_trials} trials done)")
+    if len(placement["components_by_device"]) > 1:
+        console.print("components by device: " + ", ".join(f"{device} {count}" for device, count
+                                                            in placement["components_by_device"].items()))
+    checked = {"offloaded_edits": not placement["offloaded"]}
 
     groups = sorted({c.group for c in abliterator.components})
 
     def evaluate(parameters: AbliterationParameters) -> TrialMetrics:
         abliterator.apply(parameters, directions)
         try:
-            return TrialMetrics.from_eval_result(evaluator.evaluate(model))
+            metrics = TrialMetrics.from_eval_result(evaluator.evaluate(model))
+            if not checked["offloaded_edits"]:  # once: every offloaded edit reached a forward pass
+                checked["offloaded_edits"] = abliterator.require_offloaded_edits_served() > 0
+            return metrics
         finally:
             abliterator.reset()
 
@@ -263,10 +309,20 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
         def failed(number: int, error: BaseException) -> None:
             progress.console.print(f"[red]trial {number} failed:[/] {error}")
 
-        with no_space_left(journal):
-            run_trials(study, suggest=lambda trial: suggest_parameters(trial, architecture.num_layers, groups, settings.direction_scope),
-                       evaluate=evaluate, base=base, n_trials=settings.n_trials, n_startup_trials=settings.n_startup_trials,
-                       seed=settings.seed, kl_target=settings.kl_target, report=report, on_failure=failed)
+        search = {"suggest": lambda trial: suggest_parameters(trial, architecture.num_layers, groups, settings.direction_scope),
+                  "evaluate": evaluate, "base": base, "n_trials": settings.n_trials, "seed": settings.seed,
+                  "n_startup_trials": settings.n_startup_trials, "kl_target": settings.kl_target, "report": report,
+                  "on_failure": failed}
+        if shared is None:
+            with no_space_left(journal):
+                run_trials(study, **search)
+        else:
+            shared.run(search, progress.console)
+    if settings.search_only:
+        console.print(f"search-only worker: no trial left to take in study {name} "
+                      f"({len(completed_trials(study))}/{settings.n_trials} complete); the output is written by a worker "
+                      "without --search_only")
+        return None
 
     candidates = candidates_of(study, base)
     front = pareto_front(candidates)
@@ -279,13 +335,16 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
             temporary,
             header={
                 "model": settings.model, "source_format": loaded.source_format, "trial_number": chosen.number,
-                "study_name": name, "journal": str((study_dir / "journal.log").absolute()), "selection": reason,
+                "study_name": name,
+                "journal": str((study_dir / "journal.log").absolute()) if shared is None else shared.spec.describe(),
+                "selection": reason,
                 "method": settings.method, "rank": abliterator.rank, "svd_seed": SVD_SEED,
                 "parameters": parameters.to_dict(), "layers_path": architecture.layers_path,
                 "num_layers": architecture.num_layers, "hidden_size": architecture.hidden_size,
                 "skipped": [{"parameter": s.component.parameter_path, "reason": s.reason} for s in abliterator.skipped],
+                "placement": placement,
                 "metrics": chosen.metrics.to_dict(), "base_metrics": base.to_dict(),
-                "settings": json.loads(settings.model_dump_json()),
+                "settings": json.loads(settings.model_dump_json()) | ({"storage": shared.spec.describe()} if shared else {}),
                 "settings_sources": settings_sources or {},
             },
             edits=plan_edits(parameters, abliterator.components),

@@ -65,6 +65,7 @@ class AbliterateSettings(BaseSettings):
     device_map: str = Field(default="auto", description="accelerate device_map ('auto', 'cpu', 'cuda:0', ...).")
     load_as: Literal["auto", "packed", "dequantized"] = Field(default="auto", description="How a quantized checkpoint (ModelOpt NVFP4 / W4A16 / W4A8 / FP8, compressed-tensors) is held: packed (4/8-bit weights, matmul kernels dequantize on the fly, the edit as a LoRA side path) or dequantized (a bf16 copy of every weight). auto: packed when the model is placed on a GPU, dequantized on the CPU (no fast kernel there).")
     max_memory: dict[str, str] | None = Field(default=None, description="Per-device memory caps for device_map, e.g. {\"0\": \"70GiB\", \"cpu\": \"200GiB\"}.")
+    offload_folder: str | None = Field(default=None, description="Folder for the weights that fit neither the GPUs nor the CPU (device_map 'auto' with --max_memory caps): accelerate memory-maps them from there; the edits reach them through its offload hook.")
     trust_remote_code: bool = Field(default=False, description="Run the model repository's own Python code. Only set it for repositories you trust.")
     cpu_threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None = torch's default). 1 is far faster for small models on a busy shared CPU.")
 
@@ -106,6 +107,10 @@ class AbliterateSettings(BaseSettings):
     n_startup_trials: int = Field(default=60, ge=0, description="Random trials before TPE starts modelling (capped at n_trials).")
     seed: int = Field(default=42, description="Seed of the sampler (each trial's sampler is seeded from it and the trial number, so a resumed run proposes what an uninterrupted one would).")
     kl_target: float = Field(default=0.01, gt=0, description="KL below this is 'good enough': the damage objective is max(KL, kl_target).")
+    storage: str | None = Field(default=None, description="Share the study between workers (processes on this host, or on others): a journal file (journal:PATH or PATH; one host or a shared file system) or a database URL (postgresql://user:password@host:5432/db with the postgres extra, mysql://..., sqlite:///PATH). Every worker started with the same settings and storage joins the same study: trial numbers stay unique, n_trials is the total, the trial of a killed worker is run again, and each worker not started with --search_only selects and writes its output once all trials are complete. None = a journal of this run alone in --study_dir.")
+    workers: int = Field(default=1, ge=1, description="Run the search in this many local processes, each pinned to one GPU (CUDA_VISIBLE_DEVICES; round robin when there are fewer GPUs; plain processes on a CPU), sharing --storage (default: journal:<study_dir>/journal.log). This process is the first worker and writes the output; the others log to <study_dir>/worker-N.log.")
+    search_only: bool = Field(default=False, description="Only run trials of the shared study (--storage) and exit when none is left to take: no selection, no output. For extra workers started by hand, e.g. on other hosts.")
+    heartbeat_seconds: int = Field(default=30, ge=1, description="With --storage: a running trial records a heartbeat this often; one silent for 3x this long is taken as the trial of a killed worker, failed and queued again (at most 3 times) with the same parameters.")
 
     # --- output and selection ---
     out: Path | None = Field(default=None, description="Output directory (chosen_trial.json, directions.safetensors, pareto.png); default outputs/<model name>-abliterate.")
@@ -167,6 +172,26 @@ class AbliterateSettings(BaseSettings):
             except UserError as error:
                 raise ValueError(f"{error.problem}; {error.fix}") from None
         return value
+
+    @field_validator("storage")
+    @classmethod
+    def _readable_storage(cls, value: str | None) -> str | None:
+        """A mistyped URL must fail now, not after the model loaded (connecting waits for the run)."""
+        if value is not None:
+            from abliterate.search.storage import parse_storage
+
+            try:
+                parse_storage(value)
+            except UserError as error:
+                raise ValueError(f"{error.problem}; {error.fix}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _search_only_shares(self) -> AbliterateSettings:
+        if self.search_only and self.storage is None:
+            raise ValueError("--search_only needs --storage: a worker that writes no output only makes sense in a "
+                             "shared study; pass the same --storage as the other workers")
+        return self
 
     @model_validator(mode="after")
     def _known_overrides(self) -> AbliterateSettings:

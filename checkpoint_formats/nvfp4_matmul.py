@@ -21,11 +21,11 @@ Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.
   lays codes j and j+4 into one fp16x2, interpreter: portable bit ops), the next K tile prefetched in
   registers. M=1 (and tiny M on small weights): CUDA-core fp32-FMA GEMV with x split by code position;
   else tensor cores (codes * E4M3 scale exact in x's dtype, joined back into K order, one tl.dot); K split
-  with fp32 atomics where N alone leaves SMs idle. M = 17-128: the same tile in a plain ``tl.range`` loop
-  that Triton's software pipeliner keeps 3-4 K tiles deep (beat the hand prefetch by up to 28%).
-  Global scale and bias on the fp32 accumulator.
-  MEASURED (H200, bench JSONs): 1.1-1.5x bf16 at M=1, about 1.0x at M=4-16, 0.65-0.81x at M=64,
-  0.54-0.74x at M=128; latency and decode-instruction bound, not at the ~0.5625 B/weight bandwidth floor.
+  with fp32 atomics where N alone leaves SMs idle. Global scale and bias on the fp32 accumulator.
+  ``kernel="pipelined"``: the same tile in a plain ``tl.range`` loop that Triton's software pipeliner keeps
+  3-5 K tiles deep (see ``pipelined_config``: faster in isolation, not yet in a whole trial).
+  MEASURED (H200, bench JSON): 1.1-1.4x bf16 at M=1, about 1.0x at M=4-16, 0.4-0.7x at M=64-128;
+  latency bound (too few bytes in flight), not at the ~0.5625 B/weight bandwidth floor.
 - prefill, larger M: a Triton kernel dequantizes W to x's dtype and cuBLAS
   (``F.linear``) multiplies; at these sizes the matmul is compute bound and
   cuBLAS beats a fused Triton kernel with in-register dequantization.
@@ -37,6 +37,7 @@ no host sync). fp32 ``x`` goes through TF32 ``tl.dot`` on the decode path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -99,13 +100,15 @@ def nvfp4_linear(
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m = x2d.shape[0]
-    if m == 0:
-        out = x2d.new_empty(0, n)
-    elif m <= DECODE_MAX_M:
-        config = decode_config(m, n, k, _sm_count(x.device), x.element_size())
-        out = fused_matmul(x2d, packed, weight_scale, weight_scale_2, bias, config)
-    else:
-        out = F.linear(x2d, dequantize(packed, weight_scale, weight_scale_2, x.dtype), bias)
+    # Triton launches on the *current* CUDA device: a layer on cuda:1 (a model split over GPUs) needs it set
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        if m == 0:
+            out = x2d.new_empty(0, n)
+        elif m <= DECODE_MAX_M:
+            config = decode_config(m, n, k, _sm_count(x.device), x.element_size())
+            out = fused_matmul(x2d, packed, weight_scale, weight_scale_2, bias, config)
+        else:
+            out = F.linear(x2d, dequantize(packed, weight_scale, weight_scale_2, x.dtype), bias)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -163,11 +166,13 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
             config = KernelConfig(block_m=16, block_n=16, block_k=512, kernel="dot", join=True)
         else:
             config = KernelConfig(block_m=16, block_n=32, block_k=128, kernel="dot", join=True)
-    else:  # M = 17-128: the compiler-pipelined tile; measured winners of the 2026-12-02 sweep (H200)
-        config = _pipelined_config(m, n, k)
-        if x_bytes > 2:  # fp32 x: half the K tile, two stages, so the staged tiles fit in shared memory
-            config = dataclasses.replace(config, block_k=config.block_k // 2, num_stages=2)
-        return config
+    elif m <= 64:
+        config = KernelConfig(block_m=64, block_n=32, block_k=128, kernel="dot", join=True)
+    elif n <= 4096 and n * k >= 4096 * 4096:  # measured: wider N tiles and a 2-way split win here (H200 sweep)
+        config = KernelConfig(block_m=128, block_n=64, block_k=128, split_k=2, num_warps=8, kernel="dot", join=True)
+        return dataclasses.replace(config, block_k=64, num_stages=2) if x_bytes > 2 else config
+    else:
+        config = KernelConfig(block_m=128, block_n=32, block_k=128, num_warps=8, kernel="dot", join=True)
     if x_bytes > 2 and config.kernel == "dot":  # fp32 x: half the K tile keeps the staged tiles in shared memory
         config = dataclasses.replace(config, block_k=config.block_k // 2, num_stages=2)
     if config.kernel == "gemv":
@@ -180,8 +185,13 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
     return dataclasses.replace(config, split_k=split)
 
 
-def _pipelined_config(m: int, n: int, k: int) -> KernelConfig:
-    """Launch shape of the pipelined tile for M = 17-128 (bench/nvfp4_matmul_sweep2_gpu.json).
+def pipelined_config(m: int, n: int, k: int) -> KernelConfig:
+    """The pipelined tile's best launch shape for M = 17-128 (bench/nvfp4_matmul_sweep2_gpu.json); not the default.
+
+    In isolation it beat the hand-prefetched kernel by up to 28% at M = 128, but a whole trial on the 8B-shaped
+    model (bench/stage2_trial_profile.py, 2026-12-02) did not get faster (harmful decode 2.04-2.06 s against
+    1.95-2.00 s measured with the default on another machine of the same kind), so ``decode_config`` keeps the
+    hand-prefetched tile until an A/B in one process decides; this is the candidate that A/B should time.
 
     A 4096-wide output leaves SMs idle, so K is split 4 ways there; 14336-wide outputs fill the GPU unsplit.
     Small (MoE expert, K/V) weights want narrow N tiles; a 128-row tile on a weight wider in K than in N

@@ -104,3 +104,23 @@ def from_pretrained_plain(
         ) from error
     require_complete_load(loading_info, str(fmt.path), str(fmt.path))
     return model.eval()
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go: the input embedding's execution device under an accelerate map, else its weight's.
+
+    ``model.device`` is the first parameter's device, which is ``meta`` when accelerate offloaded that module
+    (its hook loads the weights onto the execution device only for the forward).
+    """
+    get_embedding = getattr(model, "get_input_embeddings", None)
+    embedding = get_embedding() if callable(get_embedding) else None
+    for module in (embedding, model):
+        if module is None:
+            continue
+        execution_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if execution_device is not None:
+            return torch.device(f"cuda:{execution_device}" if isinstance(execution_device, int) else execution_device)
+        for tensor in module.parameters():
+            if tensor.device.type != "meta":
+                return tensor.device
+    return torch.device("cpu")

@@ -9,6 +9,7 @@ right for a model on one device and for an accelerate device map alike
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,9 @@ from rich.progress import (
 from rich.text import Text
 
 from foundation.errors import UserError
+from quantize import max_statistics
+
+FORWARD_RANGE = "quantize::calibration_forward"  # a torch.profiler range per batch (bench/calibration_bench.py)
 
 
 class SamplesPerSecondColumn(ProgressColumn):
@@ -35,23 +39,11 @@ class SamplesPerSecondColumn(ProgressColumn):
 
 
 def model_input_device(model: torch.nn.Module) -> torch.device:
-    """Device where input ids must live: the embedding's, else the first parameter's.
+    """Device where input ids must live: the embedding's execution device under an accelerate map (its weight
+    may be on "meta"), else the embedding's weight's (see ``checkpoint_formats.placement.input_device``)."""
+    from checkpoint_formats.placement import input_device
 
-    With an accelerate map whose embedding sits on "disk"/"meta", the hook's
-    execution device is the truth.
-    """
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    for module in (embedding, model):
-        if module is None:
-            continue
-        hook = getattr(module, "_hf_hook", None)
-        execution_device = getattr(hook, "execution_device", None)
-        if execution_device is not None:
-            return torch.device(execution_device)
-        for parameter in module.parameters():
-            if parameter.device.type != "meta":
-                return parameter.device
-    return torch.device("cpu")
+    return input_device(model)
 
 
 def make_forward_loop(
@@ -60,28 +52,48 @@ def make_forward_loop(
     pad_token_id: int,
     console: Console | None = None,
     description: str = "calibrating",
+    fast_max: bool = False,
+    check_every: int = 32,
+    lean_linears: bool = True,
 ) -> Callable[[torch.nn.Module], None]:
     """A ``forward_loop(model)`` for ``mtq.quantize``; each call is one full pass.
 
     Layerwise calibration calls it once per decoder layer, so every call gets
-    its own progress bar line and counts its own pass number.
+    its own progress bar line and counts its own pass number. The batches are
+    built once and sent to the model's input device once per pass, ahead of
+    the forward passes. ``fast_max`` (for the ``max`` algorithm only, where
+    weights stay constant) runs each pass inside
+    ``max_statistics.fast_max_collection``: the same statistics without
+    ModelOpt's per-quantizer host syncs and repeated weight reductions,
+    checked for NaN/inf every ``check_every`` batches and at the end, and
+    (``lean_linears``) with ModelOpt's per-Linear Python replaced by the
+    equivalent collect + ``F.linear`` where that is exact.
     """
     passes = {"count": 0}
     total = len(calibration_set.samples)
+    host_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @torch.no_grad()
     def forward_loop(model: torch.nn.Module) -> None:
         passes["count"] += 1
         device = model_input_device(model)
         label = description if passes["count"] == 1 else f"{description} (pass {passes['count']})"
+        if not host_batches:
+            host_batches.extend(calibration_set.batches(batch_size, pad_token_id))
+        batches = [(ids.to(device), mask.to(device)) for ids, mask in host_batches]
+        collection = (max_statistics.fast_max_collection(model, lean_linears=lean_linears) if fast_max
+                      else contextlib.nullcontext())
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), SamplesPerSecondColumn(),
             TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False, disable=console is None,
-        ) as progress:
+        ) as progress, collection as statistics:
             task = progress.add_task(label, total=total)
-            for input_ids, attention_mask in calibration_set.batches(batch_size, pad_token_id):
-                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+            for number, (input_ids, attention_mask) in enumerate(batches, start=1):
+                with torch.profiler.record_function(FORWARD_RANGE):
+                    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 progress.advance(task, input_ids.shape[0])
+                if statistics is not None and (number % check_every == 0 or number == len(batches)):
+                    statistics.check_finite()
 
     return forward_loop
 

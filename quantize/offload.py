@@ -1,11 +1,14 @@
 """Placement of a model too big for the GPUs: GPUs first, then CPU, then disk.
 
-accelerate's ``infer_auto_device_map`` does the packing. We then make two
-corrections that the offload path needs in practice: the map is expressed in
-whole decoder layers plus the small non-layer modules (embeddings, final norm,
-head), and those non-layer modules never go to disk (a model whose root or
-embedding is disk-offloaded cannot be exported by ModelOpt's streaming
-exporter). Budgets of 0 are allowed: ``--max_cpu_memory 0`` sends every decoder
+The map is expressed in whole decoder layers plus the small non-layer modules
+(embeddings, final norm, head), and those non-layer modules never go to disk (a
+model whose root or embedding is disk-offloaded cannot be exported by
+ModelOpt's streaming exporter). A budget caps the device's peak, not only the
+weights placed there: the main device keeps room for the calibration
+activations and for the one offloaded layer accelerate streams onto it at a
+time. (accelerate's ``infer_auto_device_map`` reserves only its largest module,
+and moving its disk-placed head back to the GPU used that room: at 70B layer
+sizes with a 12 GiB cap the planned weights alone came to 11.9 GiB.) Budgets of 0 are allowed: ``--max_cpu_memory 0`` sends every decoder
 layer that does not fit on a GPU to disk, which is also how the tests force
 the disk path on a machine without GPUs.
 """
@@ -48,8 +51,6 @@ class PlacementPlan:
     largest_layer_bytes: int
     activation_bytes: int
     max_memory: dict[str | int, int] = field(default_factory=dict)
-    # Bytes of each GPU's budget kept free of placed weights (see ``gpu_headroom``).
-    reserved_bytes: dict[str, int] = field(default_factory=dict)
     # Bytes of the disk layers that calibration copies into RAM (ModelOpt's writeback of offloaded weights, kept
     # for algorithms that change weights): they count against the CPU budget. 0 when the writeback is skipped.
     cpu_writeback_bytes: int = 0
@@ -61,6 +62,21 @@ class PlacementPlan:
     @property
     def main_device(self) -> str:
         return "cuda:0" if any(isinstance(key, int) for key in self.max_memory) else "cpu"
+
+    def main_device_need(self) -> int:
+        """Bytes the main device needs at its peak: what is placed there, the activations, and one streamed layer
+        when any decoder layer lives where it cannot run (CPU or disk with a GPU; disk without)."""
+        main = self.main_device
+        streamed_from = {"disk"} if main == "cpu" else {"cpu", "disk"}
+        streamed = self.largest_layer_bytes if any(d in streamed_from for d in self.layer_devices.values()) else 0
+        return self.bytes_per_device.get(main, 0) + self.activation_bytes + streamed
+
+    def main_device_shortfall(self) -> int:
+        """How far the main device's need exceeds its budget (0: within it). Only the non-layer modules, which
+        never go to disk, can push it over: decoder layers are placed within the budget."""
+        key = 0 if self.main_device == "cuda:0" else "cpu"
+        budget = self.max_memory.get(key)
+        return 0 if budget is None else max(self.main_device_need() - budget, 0)
 
 
 def format_bytes(size: int) -> str:
@@ -100,18 +116,6 @@ def placement_units(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     return layers, others
 
 
-def lookup_device(device_map: dict[str, str | int], module_name: str) -> str | int:
-    """Device of the longest device-map key that is ``module_name`` or one of its parents."""
-    best_key, best = None, None
-    for key, device in device_map.items():
-        if key == "" or module_name == key or module_name.startswith(key + "."):
-            if best_key is None or len(key) > len(best_key):
-                best_key, best = key, device
-    if best_key is None:
-        raise KeyError(module_name)
-    return best
-
-
 def build_max_memory(gpu_budgets: list[int], cpu_budget: int) -> dict[str | int, int]:
     max_memory: dict[str | int, int] = {index: budget for index, budget in enumerate(gpu_budgets)}
     max_memory["cpu"] = cpu_budget
@@ -119,14 +123,28 @@ def build_max_memory(gpu_budgets: list[int], cpu_budget: int) -> dict[str | int,
     return max_memory
 
 
+def gpu_budget_flags(max_gpu_memory: str | None, gpu_count: int) -> list[int | None]:
+    """One budget per visible GPU from ``--max_gpu_memory``: one size for all, or a comma list with one per GPU."""
+    if max_gpu_memory is None:
+        return [None] * gpu_count
+    sizes = [size.strip() for size in str(max_gpu_memory).split(",")]
+    if len(sizes) == 1:
+        return [parse_memory(sizes[0], "--max_gpu_memory")] * gpu_count
+    if len(sizes) != gpu_count:
+        raise UserError("--max_gpu_memory", f"{len(sizes)} budgets for {gpu_count} visible GPU(s)",
+                        f"give one size for every GPU, or exactly {gpu_count} comma-separated sizes "
+                        "(CUDA_VISIBLE_DEVICES decides which GPUs are visible)")
+    return [parse_memory(size, "--max_gpu_memory") for size in sizes]
+
+
 def default_budgets(max_gpu_memory: str | None, max_cpu_memory: str | None) -> tuple[list[int], int]:
-    """Budgets from the flags, else 90% of what is free now."""
+    """A budget for every visible GPU and the CPU: from the flags, else 90% of what is free now."""
     import psutil
 
-    gpu_budgets = []
-    for index in range(torch.cuda.device_count()):
-        flagged = parse_memory(max_gpu_memory, "--max_gpu_memory")
-        gpu_budgets.append(flagged if flagged is not None else int(torch.cuda.mem_get_info(index)[0] * 0.9))
+    gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    flagged_gpus = gpu_budget_flags(max_gpu_memory, gpu_count)
+    gpu_budgets = [flagged if flagged is not None else int(torch.cuda.mem_get_info(index)[0] * 0.9)
+                   for index, flagged in enumerate(flagged_gpus)]
     flagged_cpu = parse_memory(max_cpu_memory, "--max_cpu_memory")
     cpu_budget = flagged_cpu if flagged_cpu is not None else int(psutil.virtual_memory().available * 0.9)
     return gpu_budgets, cpu_budget
@@ -144,11 +162,18 @@ def plan_placement(
 ) -> PlacementPlan:
     """Plan where every decoder layer goes, without loading any weight.
 
+    Whole decoder layers fill the GPUs in order, then the CPU, then the disk. The main device (the first GPU,
+    else the CPU) also holds, within its budget, the non-layer modules (embeddings, final norm, head: never on
+    disk), the calibration activations and, when any layer lives off the GPUs, room for the one offloaded layer
+    that accelerate streams onto it at a time: so a budget is a cap on the device's peak, not just on the
+    weights placed there.
+
     ``disk_writeback``: calibration will copy the disk layers' weights into RAM (ModelOpt 0.47's
     ``plugins/accelerate._writeback_params_to_weights_map`` keeps disk writebacks in the loader's in-memory
-    state_dict); their bytes are then reserved from the CPU budget, and a plan whose CPU weights plus those
-    bytes exceed it is refused (more disk would only move bytes from one side of that sum to the other)."""
-    from accelerate import infer_auto_device_map, init_empty_weights
+    state_dict); their bytes then count against the CPU budget, and a plan whose CPU weights plus those bytes
+    exceed it is refused (more disk would only move bytes from one side of that sum to the other).
+    """
+    from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
     from transformers import AutoModelForCausalLM
 
@@ -156,25 +181,41 @@ def plan_placement(
         empty = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust_remote_code)
     layers, others = placement_units(empty)
     sizes = compute_module_sizes(empty, dtype=dtype)
-    largest_layer = max(sizes.get(name, 0) for name in layers)
-    hidden = getattr(model_config, "hidden_size", 0) or 0
-    intermediate = getattr(model_config, "intermediate_size", hidden * 4) or hidden * 4
-    element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
-    # Residual stream + the widest MLP intermediate, a few live copies each.
-    activation_bytes = 4 * batch_size * max_seq_len * (hidden + intermediate) * element_bytes
     main = 0 if any(isinstance(key, int) for key in max_memory) else "cpu"
-    reserved = {key: gpu_headroom(largest_layer, activation_bytes, streams_layers=key == main)
-                for key in max_memory if isinstance(key, int)}
-    packing_memory = {key: max(budget - reserved.get(key, 0), 0) for key, budget in max_memory.items()}
-    packed = infer_auto_device_map(
-        empty, max_memory=packing_memory, no_split_module_classes=list(empty._no_split_modules or []), dtype=dtype
-    )
-    device_map: dict[str, str | int] = {}
-    for name in others:
-        device = lookup_device(packed, name)
-        device_map[name] = main if device == "disk" else device
-    for name in layers:
-        device_map[name] = lookup_device(packed, name)
+    largest_layer = max(sizes.get(name, 0) for name in layers)
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = getattr(text_config, "hidden_size", 0) or 0
+    intermediate = getattr(text_config, "intermediate_size", hidden * 4) or hidden * 4
+    vocab = getattr(text_config, "vocab_size", 0) or 0
+    element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
+    # Residual stream + the widest MLP intermediate, a few live copies each, and the batch's logits.
+    activation_bytes = (4 * (hidden + intermediate) + 2 * vocab) * batch_size * max_seq_len * element_bytes
+    non_layer = sum(sizes.get(name, 0) for name in others)
+    layer_sizes = [sizes.get(name, 0) for name in layers]
+
+    def fill(streamed: int) -> list[str | int]:
+        """Devices of the layers, in order, with `streamed` bytes kept free on the main device."""
+        order = [key for key in max_memory if isinstance(key, int)] + (["cpu"] if "cpu" in max_memory else [])
+        free = {key: max_memory[key] for key in order}
+        free[main] = free.get(main, 0) - non_layer - activation_bytes - streamed
+        devices: list[str | int] = []
+        position = 0
+        for size in layer_sizes:
+            while position < len(order) and free[order[position]] < size:
+                position += 1  # layers stay in order: once a device is full, the next one's turn
+            if position == len(order):
+                devices.append("disk")
+                continue
+            free[order[position]] -= size
+            devices.append(order[position])
+        return devices
+
+    devices = fill(0)
+    streamed_from = {"disk"} if main == "cpu" else {"cpu", "disk"}
+    if any(device in streamed_from for device in devices):
+        devices = fill(largest_layer)  # an offloaded layer is streamed onto the main device for its forward
+    device_map: dict[str, str | int] = {name: main for name in others}
+    device_map.update(zip(layers, devices, strict=True))
     bytes_per_device: Counter = Counter()
     for name, device in device_map.items():
         bytes_per_device[device_name(device)] += sizes.get(name, 0)
@@ -198,21 +239,8 @@ def plan_placement(
         largest_layer_bytes=largest_layer,
         activation_bytes=activation_bytes,
         max_memory=dict(max_memory),
-        reserved_bytes={device_name(key): value for key, value in reserved.items()},
         cpu_writeback_bytes=writeback,
     )
-
-
-def gpu_headroom(largest_layer_bytes: int, activation_bytes: int, *, streams_layers: bool) -> int:
-    """What a GPU needs beyond the weights placed on it, so that ``--max_gpu_memory`` caps the real peak.
-
-    Measured on an H200 (bench/offload_70b_shaped.py, Llama-3.1-70B layer sizes, 2026-12-02): with the whole
-    budget filled by placed weights the peak ran 3.2 GB over them: the GPU that executes CPU- and disk-resident
-    layers holds one streamed layer (1.7 GB) plus, while a layer is calibrated and exported, temporaries of
-    about one more layer (absolute copies, fake-quantized weights) and the activations. Other GPUs run only
-    their own layers: the temporaries and the activations.
-    """
-    return (2 if streams_layers else 1) * largest_layer_bytes + activation_bytes
 
 
 def print_placement(console, plan: PlacementPlan) -> None:
@@ -233,16 +261,22 @@ def print_placement(console, plan: PlacementPlan) -> None:
         table.add_row(device, str(layer_counts.get(device, 0)), format_bytes(plan.bytes_per_device.get(device, 0)), budget_text)
     console.print(table)
     console.print(
-        f"estimate: weights {format_bytes(plan.total_weight_bytes)} in total; on {plan.main_device} "
-        f"at least one decoder layer ({format_bytes(plan.largest_layer_bytes)}) + calibration activations "
-        f"(~{format_bytes(plan.activation_bytes)}) beyond the modules placed there"
-        + (f" (kept free of weights: {', '.join(f'{d} {format_bytes(b)}' for d, b in plan.reserved_bytes.items())})"
-           if plan.reserved_bytes else "")
-        + "; disk-resident layers are read again for every calibration batch."
-        + (f" CPU: {format_bytes(plan.cpu_writeback_bytes)} reserved for the disk layers' weights, which "
+        f"estimate: weights {format_bytes(plan.total_weight_bytes)} in total; {plan.main_device}'s budget also "
+        f"holds calibration activations (~{format_bytes(plan.activation_bytes)}) and, when layers are offloaded, "
+        f"the one streamed onto it ({format_bytes(plan.largest_layer_bytes)}); "
+        "disk-resident layers are read again for every calibration batch."
+        + (f" CPU: {format_bytes(plan.cpu_writeback_bytes)} counted for the disk layers' weights, which "
            "calibration writes back into RAM (ModelOpt's offload writeback; the algorithm changes weights)."
            if plan.cpu_writeback_bytes else "")
     )
+    shortfall = plan.main_device_shortfall()
+    if shortfall and plan.main_device != "cpu":  # a CPU budget of 0 is the documented "every layer to disk"
+        console.print(
+            f"[bold yellow]warning:[/] {plan.main_device} needs ~{format_bytes(plan.main_device_need())} at its peak "
+            f"(embeddings, final norm and head, which never go to disk, the activations and one streamed layer): "
+            f"{format_bytes(shortfall)} over --max_gpu_memory {format_bytes(plan.max_memory[0])}. Raise "
+            f"--max_gpu_memory to at least {format_bytes(plan.main_device_need())}, or lower --batch_size / --max_seq_len."
+        )
 
 
 def _device_order(device: str) -> tuple[int, str]:

@@ -99,7 +99,7 @@ class QuantizeSettings(BaseModel):
     skip_layers: tuple[str, ...] = Field(default=(), description="module-name globs to keep in full precision (space or comma separated)")
     overwrite: bool = Field(default=False, description="replace an existing output directory")
     offload_folder: Path | None = Field(default=None, description="folder for weights that fit neither GPU nor CPU memory", json_schema_extra=cli(group=OFFLOAD))
-    max_gpu_memory: str | None = Field(default=None, description="per-GPU budget, e.g. 80GiB (default: what is free)", json_schema_extra=cli(group=OFFLOAD))
+    max_gpu_memory: str | None = Field(default=None, description="per-GPU budget, e.g. 80GiB for every visible GPU, or one per GPU: 20GiB,80GiB (default: 90% of what is free on each)", json_schema_extra=cli(group=OFFLOAD))
     max_cpu_memory: str | None = Field(default=None, description="CPU budget, e.g. 200GiB; 0 sends every decoder layer to disk", json_schema_extra=cli(group=OFFLOAD))
     clean_offload: bool = Field(default=False, description="delete OFFLOAD_FOLDER/quant_abliterate_offload (our offloaded weights, layerwise checkpoints) before and after",
                                 json_schema_extra=cli(group=OFFLOAD))
@@ -150,9 +150,11 @@ class QuantizeSettings(BaseModel):
 
     @field_validator("max_gpu_memory", "max_cpu_memory")
     @classmethod
-    def _memory_size(cls, value: str | None) -> str | None:
-        if value is not None and not MEMORY_SIZE.match(value):
-            raise ValueError(f"{value!r} is not a size; write e.g. 80GiB, 200GB or 0")
+    def _memory_size(cls, value: str | None, info) -> str | None:
+        sizes = value.split(",") if value is not None and info.field_name == "max_gpu_memory" else [value]
+        if value is not None and not all(MEMORY_SIZE.match(size) for size in sizes):
+            raise ValueError(f"{value!r} is not a size; write e.g. 80GiB, 200GB or 0"
+                             + (" (or one per GPU: 20GiB,80GiB)" if info.field_name == "max_gpu_memory" else ""))
         return value
 
     @property

@@ -172,7 +172,9 @@ def _placement_summary(plan) -> dict | None:
         "bytes_per_device": plan.bytes_per_device,
         "total_weight_bytes": plan.total_weight_bytes,
         "device_map": {name: offload_planning.device_name(device) for name, device in plan.device_map.items()},
-        "reserved_bytes": plan.reserved_bytes,
         # disk layers' bytes calibration keeps in RAM (ModelOpt's offload writeback); 0: the writeback was skipped
         "cpu_writeback_bytes": plan.cpu_writeback_bytes,
+        # the budget of every visible GPU and of the CPU the plan was made with (disk: unbounded, left out)
+        "budgets": {offload_planning.device_name(device): budget for device, budget in plan.max_memory.items()
+                    if device != "disk"},
     }

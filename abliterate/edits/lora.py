@@ -20,6 +20,11 @@ from torch.nn.utils import parametrize
 
 from abliterate.architectures import Component
 from abliterate.edits.delta import Method, abliteration_factors
+from abliterate.edits.offloaded import (
+    OffloadedEditSlot,
+    OffloadedTensor,
+    find_offloaded,
+)
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
 from abliterate.quantization.lora_support import (
     dequantized_weight,
@@ -27,6 +32,7 @@ from abliterate.quantization.lora_support import (
     register_quantized_lora_layers,
 )
 from checkpoint_formats import packed_experts
+from foundation.errors import UserError
 
 ADAPTER_NAME = "abliteration"
 
@@ -34,7 +40,16 @@ ADAPTER_NAME = "abliteration"
 @dataclass(frozen=True)
 class SkippedComponent:
     component: Component
-    reason: str  # "meta device", "NaN/inf weights" or "quantized weight-level component"
+    reason: str  # "NaN/inf weights" or "quantized weight-level component"
+
+
+@dataclass
+class ComponentPlacement:
+    """Every component, sorted by how it is edited: in place (PEFT / parametrization), through an offload hook, or not."""
+
+    in_place: list[Component]
+    offloaded: dict[str, OffloadedTensor]  # parameter path -> the hook and key that hold its weight
+    skipped: list[SkippedComponent]
 
 
 def _weight_of(model: nn.Module, component: Component) -> torch.Tensor:
@@ -44,25 +59,71 @@ def _weight_of(model: nn.Module, component: Component) -> torch.Tensor:
     return getattr(module, component.parameter_name)
 
 
-def usable_components(model: nn.Module, components: list[Component]) -> tuple[list[Component], list[SkippedComponent]]:
-    """Split off components that cannot be edited: weights on the meta device, or non-finite weights."""
-    usable, skipped = [], []
+def _on_meta(module: nn.Module, component: Component) -> bool:
+    """Whether the component's stored tensor is on the meta device (offloaded by accelerate, or never loaded)."""
+    if component.parameter_name in getattr(module, "_packed_expert_params", ()):
+        return getattr(module, f"{component.parameter_name}_packed").device.type == "meta"
+    tensor = getattr(module, component.parameter_name, None)
+    return isinstance(tensor, torch.Tensor) and tensor.device.type == "meta"
+
+
+def _listed(paths: list[str]) -> str:
+    return ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+
+
+def classify_components(model: nn.Module, components: list[Component]) -> ComponentPlacement:
+    """Sort every component into in place / offloaded / skipped (NaN weights, quantized weight-level).
+
+    A weight on the meta device is never skipped: it is edited through the accelerate hook that holds it,
+    or the run stops here naming it (no hook holds it: it was never loaded; or it is a quantized offloaded
+    module, whose packed storage the hook's weights map cannot serve edited).
+    """
+    in_place, offloaded, skipped = [], {}, []
+    unheld, unsupported = [], []
     for component in components:
-        weight = _weight_of(model, component)
         module = model.get_submodule(component.module_name)
+        if _on_meta(module, component):
+            location = find_offloaded(model, component.module_name, component.parameter_name)
+            if location is None:
+                unheld.append(component.parameter_path)
+            elif is_quantized_linear(module) or component.parameter_name in getattr(module, "_packed_expert_params", ()):
+                unsupported.append(component.parameter_path)
+            elif not bool(torch.isfinite(location.stored()).all()):
+                skipped.append(SkippedComponent(component, "NaN/inf weights"))
+            else:
+                offloaded[component.parameter_path] = location
+            continue
+        weight = _weight_of(model, component)
         if is_quantized_linear(module):  # --quantization: check what the layer computes with
             if component.weight_level:
                 skipped.append(SkippedComponent(component, "quantized weight-level component (load with --load_as "
                                                            "dequantized, or keep it unquantized with --quantization_overrides)"))
                 continue
             weight = dequantized_weight(module)
-        if weight.device.type == "meta":
-            skipped.append(SkippedComponent(component, "meta device"))
-        elif not bool(torch.isfinite(weight).all()):
+        if not bool(torch.isfinite(weight).all()):
             skipped.append(SkippedComponent(component, "NaN/inf weights"))
         else:
-            usable.append(component)
-    return usable, skipped
+            in_place.append(component)
+    if unheld:
+        raise UserError("--device_map", f"{len(unheld)} of {len(components)} components to edit have their weights on the "
+                        f"meta device and no accelerate offload hook holds them ({_listed(unheld)}): they would be left "
+                        "unedited", "load the model completely (a device_map or --max_memory that places every module; "
+                        "check that the checkpoint holds these tensors)")
+    if unsupported:
+        raise UserError("--device_map", f"{len(unsupported)} quantized components are offloaded to the CPU/disk by the "
+                        f"device_map ({_listed(unsupported)}); their packed weights cannot be edited through the offload "
+                        "hook", "give the GPUs room for them (--max_memory), or load them dequantized (--load_as "
+                        "dequantized, or without --quantization)")
+    return ComponentPlacement(in_place, offloaded, skipped)
+
+
+def require_adapters_materialized(model: nn.Module) -> None:
+    """No LoRA factor may sit on the meta device (PEFT puts adapters on the base weight's device): it would edit nothing."""
+    on_meta = [name for name, tensor in model.named_parameters() if "lora_" in name and tensor.device.type == "meta"]
+    if on_meta:
+        raise UserError("--device_map", f"{len(on_meta)} LoRA factors were created on the meta device "
+                        f"({_listed(on_meta)}): those components would be left unedited",
+                        "load without offloading these modules (--max_memory with room for them), and report the model")
 
 
 def _inject_linears(config: LoraConfig, model: nn.Module, module_names: list[str]) -> None:
@@ -159,15 +220,57 @@ class LoraAbliterator:
         self.method = method
         self.rank = 1 if method == "rank1" else rank
         self.seed = seed
-        self.components, self.skipped = usable_components(model, components)
-        linear = [c.module_name for c in self.components if c.num_experts is None and not c.weight_level]
-        fused = [c.parameter_path for c in self.components if c.num_experts is not None and not c.weight_level]
+        placement = classify_components(model, components)
+        kept = {c.parameter_path for c in placement.in_place} | set(placement.offloaded)
+        self.components = [c for c in components if c.parameter_path in kept]  # in the discovery order
+        self.skipped = placement.skipped
+        self.offloaded = [c for c in self.components if c.parameter_path in placement.offloaded]
+        in_place = placement.in_place
+        linear = [c.module_name for c in in_place if c.num_experts is None and not c.weight_level]
+        fused = [c.parameter_path for c in in_place if c.num_experts is not None and not c.weight_level]
         if fused:
             inject_adapter_in_model(self._config(target_parameters=fused), model, adapter_name=ADAPTER_NAME)
         if linear:
             _inject_linears(self._config(target_modules=linear), model, linear)
-        self._layers = {c.parameter_path: self._slot(model, c) for c in self.components}
+        require_adapters_materialized(model)
+        self._layers = {c.parameter_path: self._slot(model, c) for c in in_place}
+        self._layers.update({c.parameter_path: OffloadedEditSlot(placement.offloaded[c.parameter_path], c.transposed)
+                             for c in self.offloaded})
+        # The guard against a silently skipped module: every component is edited or listed as skipped.
+        if len(self._layers) + len(self.skipped) != len(components):
+            raise RuntimeError(f"{len(components)} components, {len(self._layers)} edit slots and {len(self.skipped)} "
+                               "skipped: a component would be left unedited without a word")
         self.reset()
+
+    def placement_summary(self) -> dict:
+        """For the run header: how many components are edited where (in place per device, or offloaded)."""
+        devices: dict[str, int] = {}
+        for component in self.components:
+            layer = self._layers[component.parameter_path]
+            if isinstance(layer, OffloadedEditSlot):
+                key = f"offloaded (runs on {layer.location.execution_device})"
+            else:
+                key = str(self._factor_tensors(component)[1].device)
+            devices[key] = devices.get(key, 0) + 1
+        return {"edited": len(self.components), "skipped": len(self.skipped), "offloaded": len(self.offloaded),
+                "components_by_device": dict(sorted(devices.items())),
+                "offloaded_components": [c.parameter_path for c in self.offloaded]}
+
+    def require_offloaded_edits_served(self) -> int:
+        """After a forward pass with an edit written: an offloaded edit no forward loaded means the hook was bypassed.
+
+        Returns how many offloaded edits were checked (0: this trial wrote none, check again after the next)."""
+        unserved = self.unserved_offloaded_edits()
+        if unserved:
+            raise RuntimeError(f"{len(unserved)} offloaded component edit(s) never reached a forward pass "
+                               f"({_listed(unserved)}): accelerate's hook no longer reads the weights map they were "
+                               "written to; the trial's metrics would describe a partly unedited model")
+        return sum(1 for c in self.offloaded if self._layers[c.parameter_path].active)
+
+    def unserved_offloaded_edits(self) -> list[str]:
+        """Offloaded components with an edit written that no forward loaded since (experts may not be routed to)."""
+        return [c.parameter_path for c in self.offloaded
+                if (slot := self._layers[c.parameter_path]).active and not slot.served and "experts" not in c.pattern]
 
     def _config(self, **targets) -> LoraConfig:
         config = LoraConfig(
@@ -189,7 +292,7 @@ class LoraAbliterator:
 
     def _base_weight(self, component: Component) -> torch.Tensor:
         layer = self._layers[component.parameter_path]
-        if component.weight_level:
+        if isinstance(layer, OffloadedEditSlot) or component.weight_level:
             return layer.base_weight()
         if component.num_experts is not None:
             return layer.get_param()
@@ -205,7 +308,11 @@ class LoraAbliterator:
     @torch.no_grad()
     def reset(self) -> None:
         for component in self.components:
-            self._factor_tensors(component)[1].zero_()
+            layer = self._layers[component.parameter_path]
+            if isinstance(layer, OffloadedEditSlot):
+                layer.reset()
+            else:
+                self._factor_tensors(component)[1].zero_()
 
     @torch.no_grad()
     def apply(self, parameters: AbliterationParameters, directions: torch.Tensor) -> int:
@@ -224,6 +331,10 @@ class LoraAbliterator:
         return len(edits)
 
     def _write(self, component: Component, left: torch.Tensor, right: torch.Tensor) -> None:
+        layer = self._layers[component.parameter_path]
+        if isinstance(layer, OffloadedEditSlot):
+            layer.write(left, right)
+            return
         lora_a, lora_b = self._factor_tensors(component)
         rank = left.shape[-1]
         if rank < self.rank:  # a tiny matrix can have fewer singular values than the adapter's rank

@@ -96,10 +96,10 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
 
 
 def model_device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
+    """Where a batch goes: the input embedding's (execution) device, also under an accelerate offload map."""
+    from checkpoint_formats.placement import input_device
+
+    return input_device(model)
 
 
 class _StopWhenDecided(StoppingCriteria):

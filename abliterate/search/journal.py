@@ -107,12 +107,18 @@ def repair_journal(path: Path) -> str | None:
             f"{kept} whole records" + (f" (dropped bytes kept in {saved})" if saved else ""))
 
 
-def open_journal(path: Path) -> tuple[JournalStorage, str | None]:
-    """Optuna's journal storage on ``path`` with its default file lock, after ``repair_journal``."""
+def journal_backend(path: Path) -> tuple[JournalFileBackend, str | None]:
+    """Optuna's journal file backend on ``path`` with its default file lock, after ``repair_journal``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     note = repair_journal(path)
     with no_space_left(path):
-        backend = JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path)))
+        return JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path))), note
+
+
+def open_journal(path: Path) -> tuple[JournalStorage, str | None]:
+    """Optuna's journal storage on ``path`` with its default file lock, after ``repair_journal``."""
+    backend, note = journal_backend(path)
+    with no_space_left(path):
         return JournalStorage(backend), note
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.settings import AbliterateSettings
+from foundation.errors import UserError
 from pipelines.adapters import stage_settings
 from pipelines.evaluations import metrics_row, original_and_input_rows
 from pipelines.stages import StageContext
@@ -20,6 +21,10 @@ TRIAL = "trial"
 
 
 def build_settings(user_settings: dict[str, Any], context: StageContext) -> AbliterateSettings:
+    if user_settings.get("search_only"):
+        raise UserError("abliterate.search_only", "a pipeline's abliterate stage must select a trial and write it",
+                        "remove search_only from the stage; extra workers are started with `quant-abliterate "
+                        "abliterate ... --storage URL --search_only`, or use the stage's workers: N")
     stage_dir = Path(context.stage_dir)
     previous = next(reversed(context.previous_results.values()), {}) if context.previous_results else {}
     input_key = str(previous.get("output_sha256", "source"))[:16]

@@ -102,6 +102,7 @@ class ModelOptBackend:
         forward_loop = calibration_loop.make_forward_loop(
             calibration_set, settings.batch_size, pad_token_id(tokenizer), console,
             description=f"calibrating {recipe.name} ({algorithm}{', every expert' if all_experts else ''})",
+            fast_max=algorithm == "max",  # weights stay constant through max calibration (quantize/max_statistics.py)
         )
         recorder = expert_coverage.CoverageRecorder()
         # One-pass offload only: --layerwise never writes back while it calibrates (measured), and its resume

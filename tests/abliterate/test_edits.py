@@ -120,13 +120,13 @@ def test_every_down_proj_beside_fused_experts_gets_its_own_lora(family):
     assert not any(isinstance(model.get_submodule(name).get_base_layer(), ParamWrapper) for name in fused)
 
 
-def test_meta_and_nan_components_are_skipped_and_counted():
+def test_nan_components_are_skipped_and_counted():
+    """(Weights on the meta device are edited through their offload hook or refused: tests/abliterate/test_multi_device.py.)"""
     model = dense_llama(layers=3)
     architecture = discover(model)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    model.model.layers[2].self_attn.o_proj.to("meta")
     abliterator = LoraAbliterator(model, architecture.components, method="rank1")
     reasons = sorted((s.component.module_name, s.reason) for s in abliterator.skipped)
-    assert reasons == [("model.layers.0.mlp.down_proj", "NaN/inf weights"), ("model.layers.2.self_attn.o_proj", "meta device")]
-    assert len(abliterator.components) == len(architecture.components) - 2
+    assert reasons == [("model.layers.0.mlp.down_proj", "NaN/inf weights")]
+    assert len(abliterator.components) == len(architecture.components) - 1

@@ -114,3 +114,15 @@ def test_empty_input(interpreted) -> None:
     x, packed, scale, scale_2 = _args()
     out = interpreted.nvfp4_linear(x[:0].bfloat16(), packed, scale, scale_2)
     assert out.shape == (0, 32) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(20, 4096, 64), (20, 48, 128), (100, 48, 128), (100, 64, 32)])
+def test_pipelined_candidate_shapes_compute_the_product(interpreted, m: int, n: int, k: int) -> None:
+    """The pipelined tile's launch shapes (the next A/B's candidate, not the default) give the fp32 product."""
+    config = interpreted.pipelined_config(m, n, k)
+    assert config.kernel in ("pipelined", "dot")
+    q = _weight(n, k, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.float16)
+    ref = x.float() @ nvfp4.dequantize_weight(q, torch.float32).T
+    out = interpreted.fused_matmul(x, q.packed, q.weight_scale, q.weight_scale_2, None, config, torch.float32)
+    assert _relative_error(out, ref) < 1e-5

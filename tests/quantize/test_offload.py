@@ -28,6 +28,7 @@ def test_disk_offload_matches_in_memory(quantized, tiny_model_dir, mix_yaml, wor
     manifest = json.loads((output / "quantize_manifest.json").read_text())
     assert manifest["placement"]["layers_per_device"] == {"disk": 2}
     assert manifest["placement"]["device_map"]["model.embed_tokens"] == "cpu"
+    assert manifest["placement"]["budgets"] == {"cpu": 0}  # no GPU here; one entry per visible GPU on a GPU host
     assert manifest["quantization"]["layerwise"] is layerwise
     if layerwise:
         assert "Layerwise calibration" in printed or "pass 2" in printed
@@ -55,13 +56,23 @@ def test_placement_plan_fills_budgets_in_order(tiny_model_dir):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     with init_empty_weights():
         sizes = compute_module_sizes(AutoModelForCausalLM.from_config(config), dtype=torch.bfloat16)
-    non_layer = sizes[""] - sizes["model.layers"]
-    # Room on the CPU for the non-layer modules and about one decoder layer: the other goes to disk.
-    budget = non_layer + int(sizes["model.layers.0"] * 1.5)
-    plan = plan_placement(config, torch.bfloat16, build_max_memory([], budget), batch_size=2, max_seq_len=32)
-    assert sum(plan.layers_per_device.values()) == 2
+    three = llama_config(vocab_size=config.vocab_size, num_hidden_layers=3)
+    with init_empty_weights():
+        three_sizes = compute_module_sizes(AutoModelForCausalLM.from_config(three), dtype=torch.bfloat16)
+    layer, three_non_layer = three_sizes["model.layers.0"], three_sizes[""] - three_sizes["model.layers"]
+    activations = plan_placement(three, torch.bfloat16, build_max_memory([], 2**34), batch_size=2, max_seq_len=32).activation_bytes
+    # Room on the CPU for the non-layer modules, the activations and 2.5 decoder layers: one layer's room is kept
+    # for the disk layer streamed in for its forward, so one layer stays on the CPU and two go to disk.
+    budget = three_non_layer + activations + int(layer * 2.5)
+    plan = plan_placement(three, torch.bfloat16, build_max_memory([], budget), batch_size=2, max_seq_len=32)
+    assert plan.layers_per_device == {"cpu": 1, "disk": 2}
+    assert plan.layer_devices["model.layers.0"] == "cpu"
     assert plan.layer_devices["model.layers.1"] == "disk"
     assert plan.device_map["lm_head"] == "cpu"
+    # Room for all three: nothing goes to disk, so nothing is streamed and no room is kept for it.
+    roomy = plan_placement(three, torch.bfloat16, build_max_memory([], three_non_layer + activations + int(layer * 3.5)),
+                           batch_size=2, max_seq_len=32)
+    assert roomy.layers_per_device == {"cpu": 3}
     everything_on_cpu = plan_placement(config, torch.bfloat16, build_max_memory([], 2**34), batch_size=2, max_seq_len=32)
     assert everything_on_cpu.layers_per_device == {"cpu": 2}
     assert everything_on_cpu.total_weight_bytes == sizes[""]
@@ -76,35 +87,122 @@ def test_placement_plan_with_gpus_keeps_non_layer_modules_on_the_first_gpu():
     from rich.console import Console
     from transformers import AutoModelForCausalLM
 
-    from quantize.offload import build_max_memory, gpu_headroom, plan_placement, print_placement
+    from quantize.offload import build_max_memory, plan_placement, print_placement
 
     config = llama_config(vocab_size=1000, num_hidden_layers=6)
     with init_empty_weights():
         sizes = compute_module_sizes(AutoModelForCausalLM.from_config(config), dtype=torch.bfloat16)
     layer = sizes["model.layers.0"]
     non_layer = sizes[""] - sizes["model.layers"]
-    plan = plan_placement(config, torch.bfloat16, build_max_memory([non_layer + int(2.5 * layer), int(2.5 * layer)], 0),
-                          batch_size=1, max_seq_len=16)
-    activations = plan.activation_bytes
-    # The headroom comes out of each budget: cuda:0 streams the offloaded layers (two layers + activations kept
-    # free), cuda:1 only runs its own (one layer + activations), so fewer layers fit than the raw budgets hold.
-    assert plan.reserved_bytes == {"cuda:0": 2 * layer + activations, "cuda:1": layer + activations}
-    assert plan.reserved_bytes["cuda:0"] == gpu_headroom(layer, activations, streams_layers=True)
-    assert plan.layers_per_device == {"cuda:1": 1, "disk": 5}
-    plan = plan_placement(config, torch.bfloat16, build_max_memory([non_layer + int(2.5 * layer) + 2 * layer + activations,
-                                                                    int(2.5 * layer) + layer + activations], 0),
+    activations = plan_placement(config, torch.bfloat16, build_max_memory([2**40], 0), batch_size=1, max_seq_len=16).activation_bytes
+    # cuda:0 keeps room for the layer streamed onto it from disk and the activations beside two layers of its own
+    main_budget = non_layer + activations + layer + int(2.5 * layer)
+    plan = plan_placement(config, torch.bfloat16, build_max_memory([main_budget, int(2.5 * layer)], 0),
                           batch_size=1, max_seq_len=16)
     assert plan.layers_per_device == {"cuda:0": 2, "cuda:1": 2, "disk": 2}
-    for device, count in plan.layers_per_device.items():  # placed weights + headroom never exceed a GPU's budget
-        if device.startswith("cuda:"):
-            index = int(device.split(":")[1])
-            assert plan.bytes_per_device[device] + plan.reserved_bytes[device] <= plan.max_memory[index]
     assert [plan.device_map[name] for name in ("model.embed_tokens", "model.norm", "lm_head")] == [0, 0, 0]
     assert plan.main_device == "cuda:0"
     console = Console(file=io.StringIO(), width=150)
     print_placement(console, plan)
     printed = console.file.getvalue()
     assert "cuda:1" in printed and "disk" in printed and "cpu" in printed
+
+
+def test_placement_at_70b_layer_sizes_keeps_the_gpu_peak_within_its_cap():
+    """Llama-3.1-70B shapes cut to 14 layers under --max_gpu_memory 12GiB --max_cpu_memory 16GiB (issue 16): layers on
+    GPU, CPU and disk, and the GPU's planned weights + the one streamed layer + activations fit the cap. The plan
+    built on accelerate's map put 11.9 GiB of weights on the 12 GiB GPU, before any streamed layer or activation."""
+    from transformers import LlamaConfig
+
+    from quantize.offload import GIB, build_max_memory, plan_placement
+
+    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=14, num_attention_heads=64,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    plan = plan_placement(config, torch.bfloat16, build_max_memory([12 * GIB], 16 * GIB), batch_size=4, max_seq_len=256)
+    assert set(plan.layers_per_device) == {"cuda:0", "cpu", "disk"}
+    gpu_peak = plan.bytes_per_device["cuda:0"] + plan.largest_layer_bytes + plan.activation_bytes
+    assert gpu_peak <= 12 * GIB
+    assert plan.bytes_per_device["cpu"] <= 16 * GIB
+    assert plan.activation_bytes > 4 * 256 * 128256 * 2  # the batch's logits at a 128k vocabulary count
+    assert plan.main_device_need() == gpu_peak and plan.main_device_shortfall() == 0
+    layer_order = [plan.layer_devices[f"model.layers.{index}"] for index in range(14)]
+    assert layer_order == sorted(layer_order, key=["cuda:0", "cpu", "disk"].index)  # in order: GPU, then CPU, then disk
+
+
+def test_every_visible_gpu_gets_a_budget_one_size_or_one_each(monkeypatch):
+    """--max_gpu_memory budgets all visible GPUs (not only cuda:0): one size for all, or a list with one per GPU."""
+    from foundation.errors import UserError
+    from quantize.offload import build_max_memory, default_budgets, gpu_budget_flags
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert default_budgets("2GiB", "0") == ([2 << 30] * 3, 0)
+    assert default_budgets("1GiB,2GiB, 3GiB", "5GiB") == ([1 << 30, 2 << 30, 3 << 30], 5 << 30)
+    assert build_max_memory([1, 2, 3], 4) == {0: 1, 1: 2, 2: 3, "cpu": 4, "disk": 1 << 50}
+    with pytest.raises(UserError, match=r"--max_gpu_memory.*2 budgets for 3 visible GPU"):
+        default_budgets("1GiB,2GiB", "0")
+    with pytest.raises(UserError, match="--max_gpu_memory"):
+        gpu_budget_flags("1GiB,lots", 2)
+    assert gpu_budget_flags(None, 2) == [None, None]
+
+
+def test_a_per_gpu_budget_list_is_accepted_by_the_settings_and_a_bad_one_named(tiny_model_dir):
+    from foundation.errors import UserError
+    from quantize.settings import build_parser, settings_from_args
+
+    def parse(argv):
+        return settings_from_args(build_parser().parse_args(argv))
+
+    settings = parse(["--model", str(tiny_model_dir), "--offload_folder", "off", "--max_gpu_memory", "20GiB,80GiB"])
+    assert settings.max_gpu_memory == "20GiB,80GiB"
+    with pytest.raises(UserError, match=r"--max_gpu_memory.*one per GPU"):
+        parse(["--model", str(tiny_model_dir), "--offload_folder", "off", "--max_gpu_memory", "20GiB,many"])
+
+
+def test_placement_over_three_gpus_then_cpu_then_disk_uses_every_gpu():
+    """The plan a 3-GPU host gets (planning needs no GPU): layers fill cuda:0, cuda:1, cuda:2, then CPU, then disk.
+
+    cuda:0's budget also holds the non-layer modules, the activations and the one streamed layer."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes
+    from transformers import AutoModelForCausalLM
+
+    from quantize.offload import build_max_memory, plan_placement
+
+    config = llama_config(vocab_size=1000, num_hidden_layers=10)
+    with init_empty_weights():
+        sizes = compute_module_sizes(AutoModelForCausalLM.from_config(config), dtype=torch.bfloat16)
+    layer = sizes["model.layers.0"]
+    non_layer = sizes[""] - sizes["model.layers"]
+    activations = plan_placement(config, torch.bfloat16, build_max_memory([], 2**40), batch_size=1,
+                                 max_seq_len=16).activation_bytes
+    main = non_layer + activations + layer + int(2.5 * layer)  # + the streamed layer: 2 placed layers fit
+    plan = plan_placement(config, torch.bfloat16,
+                          build_max_memory([main, int(2.5 * layer), int(1.5 * layer)], int(2.5 * layer)),
+                          batch_size=1, max_seq_len=16)
+    assert plan.layers_per_device == {"cuda:0": 2, "cuda:1": 2, "cuda:2": 1, "cpu": 2, "disk": 3}
+    order = [plan.layer_devices[f"model.layers.{i}"] for i in range(10)]
+    assert order == sorted(order, key=("cuda:0", "cuda:1", "cuda:2", "cpu", "disk").index)
+
+
+def test_placement_warns_when_the_gpu_cap_cannot_hold_what_never_leaves_it():
+    """405B's embeddings and head (8.4 GB) + a streamed 6.4 GB layer cannot fit 12 GiB: the plan says so and by how much."""
+    import io
+
+    from rich.console import Console
+    from transformers import LlamaConfig
+
+    from quantize.offload import GIB, build_max_memory, plan_placement, print_placement
+
+    config = LlamaConfig(hidden_size=16384, intermediate_size=53248, num_hidden_layers=3, num_attention_heads=128,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    plan = plan_placement(config, torch.bfloat16, build_max_memory([12 * GIB], 16 * GIB), batch_size=4, max_seq_len=256)
+    assert plan.layers_per_device.get("cuda:0", 0) == 0
+    assert plan.main_device_shortfall() == plan.main_device_need() - 12 * GIB > 0
+    console = Console(file=io.StringIO(), width=400)
+    print_placement(console, plan)
+    printed = console.file.getvalue()
+    assert "warning:" in printed and "Raise --max_gpu_memory to at least" in printed
 
 
 def disk_weights_in_ram(model) -> list[str]:
