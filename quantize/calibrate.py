@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from rich.console import Console
@@ -97,16 +98,64 @@ def make_forward_loop(
     return forward_loop
 
 
-def calibrate(model: torch.nn.Module, quant_config: dict, forward_loop) -> tuple[torch.nn.Module, float]:
-    """Insert quantizers and calibrate them; returns the model and the seconds taken."""
+def calibrate(model: torch.nn.Module, quant_config: dict, forward_loop,
+              skip_offload_writeback: bool = False) -> tuple[torch.nn.Module, float]:
+    """Insert quantizers and calibrate them; returns the model and the seconds taken.
+
+    ``skip_offload_writeback``: the algorithm only reads the weights (``AlgorithmRecipe.keeps_weights``), so
+    ModelOpt's writeback of accelerate-offloaded weights is skipped (see ``offload_writeback_skipped``)."""
     import modelopt.torch.quantization as mtq
 
     started = time.perf_counter()
     try:
-        model = mtq.quantize(model, quant_config, forward_loop)
+        with offload_writeback_skipped(skip_offload_writeback):
+            model = mtq.quantize(model, quant_config, forward_loop)
     except (AssertionError, RuntimeError) as error:
         raise explain_calibration_failure(error) from error
     return model, time.perf_counter() - started
+
+
+WRITEBACK_MODULE = "modelopt.torch.quantization.plugins.accelerate"
+WRITEBACK_FUNCTION = "_writeback_params_to_weights_map"
+
+
+def offload_writeback_can_be_skipped() -> bool:
+    """Whether the pinned ModelOpt has the writeback function that ``offload_writeback_skipped`` replaces."""
+    import importlib
+
+    try:
+        return callable(getattr(importlib.import_module(WRITEBACK_MODULE), WRITEBACK_FUNCTION, None))
+    except ImportError:
+        return False
+
+
+@contextmanager
+def offload_writeback_skipped(enabled: bool = True) -> Iterator[None]:
+    """Within: ModelOpt does not write accelerate-offloaded weights back into accelerate's ``weights_map``.
+
+    Why (ModelOpt 0.47, ``plugins/accelerate.py``): ``max_calibrate`` runs ``weight_only_quantize``, which opens
+    ``enable_weight_access_and_writeback(module, model)`` (writeback on) around every quantized linear; on exit
+    ``weight_access_and_writeback_context`` calls ``_writeback_params_to_weights_map``, which stores
+    ``tensor.detach().to(cpu)`` for every CPU-offloaded weight (materialized on the execution GPU: a fresh
+    anonymous copy replacing accelerate's mmapped one) and ``tensor.detach().cpu()`` for every *disk*-offloaded
+    weight, promoted into the loader's in-memory ``state_dict`` ("writing updates back to disk offload files is
+    TODO"). At Llama-3.1-70B layer sizes (8 CPU + 3 disk layers) that was 18.8 GB of anonymous memory beyond
+    ``--max_cpu_memory``. An algorithm that only reads the weights has nothing to write back, so the writeback is
+    replaced by a no-op while it calibrates; weight-changing algorithms keep it (the planner then reserves the
+    disk layers' bytes from the CPU budget: ``quantize.offload.plan_placement(disk_writeback=True)``).
+    """
+    if not enabled or not offload_writeback_can_be_skipped():
+        yield
+        return
+    import importlib
+
+    plugin = importlib.import_module(WRITEBACK_MODULE)
+    original = getattr(plugin, WRITEBACK_FUNCTION)
+    setattr(plugin, WRITEBACK_FUNCTION, lambda module, align_hook: None)
+    try:
+        yield
+    finally:
+        setattr(plugin, WRITEBACK_FUNCTION, original)
 
 
 def explain_calibration_failure(error: BaseException) -> BaseException:

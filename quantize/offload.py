@@ -51,6 +51,9 @@ class PlacementPlan:
     largest_layer_bytes: int
     activation_bytes: int
     max_memory: dict[str | int, int] = field(default_factory=dict)
+    # Bytes of the disk layers that calibration copies into RAM (ModelOpt's writeback of offloaded weights, kept
+    # for algorithms that change weights): they count against the CPU budget. 0 when the writeback is skipped.
+    cpu_writeback_bytes: int = 0
 
     @property
     def layers_per_device(self) -> Counter:
@@ -155,6 +158,7 @@ def plan_placement(
     batch_size: int,
     max_seq_len: int,
     trust_remote_code: bool = False,
+    disk_writeback: bool = False,
 ) -> PlacementPlan:
     """Plan where every decoder layer goes, without loading any weight.
 
@@ -163,6 +167,11 @@ def plan_placement(
     disk), the calibration activations and, when any layer lives off the GPUs, room for the one offloaded layer
     that accelerate streams onto it at a time: so a budget is a cap on the device's peak, not just on the
     weights placed there.
+
+    ``disk_writeback``: calibration will copy the disk layers' weights into RAM (ModelOpt 0.47's
+    ``plugins/accelerate._writeback_params_to_weights_map`` keeps disk writebacks in the loader's in-memory
+    state_dict); their bytes then count against the CPU budget, and a plan whose CPU weights plus those bytes
+    exceed it is refused (more disk would only move bytes from one side of that sum to the other).
     """
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
@@ -210,6 +219,18 @@ def plan_placement(
     bytes_per_device: Counter = Counter()
     for name, device in device_map.items():
         bytes_per_device[device_name(device)] += sizes.get(name, 0)
+    writeback = bytes_per_device.get("disk", 0) if disk_writeback else 0
+    cpu_budget = max_memory.get("cpu")
+    if writeback and cpu_budget is not None and bytes_per_device.get("cpu", 0) + writeback > cpu_budget:
+        raise UserError(
+            "--max_cpu_memory",
+            f"this calibration algorithm changes weights, and ModelOpt 0.47 writes the changed weights of disk-offloaded "
+            f"layers back into RAM, not to disk: {format_bytes(writeback)} of disk layers + "
+            f"{format_bytes(bytes_per_device.get('cpu', 0))} placed on the CPU exceed --max_cpu_memory "
+            f"({format_bytes(cpu_budget)})",
+            f"use --algorithm max (it only reads weights: nothing is written back), or raise --max_cpu_memory to "
+            f"at least {format_bytes(bytes_per_device.get('cpu', 0) + writeback)} (then no layer goes to disk)",
+        )
     return PlacementPlan(
         device_map=device_map,
         layer_devices={name: device_name(device_map[name]) for name in layers},
@@ -218,6 +239,7 @@ def plan_placement(
         largest_layer_bytes=largest_layer,
         activation_bytes=activation_bytes,
         max_memory=dict(max_memory),
+        cpu_writeback_bytes=writeback,
     )
 
 
@@ -243,6 +265,9 @@ def print_placement(console, plan: PlacementPlan) -> None:
         f"holds calibration activations (~{format_bytes(plan.activation_bytes)}) and, when layers are offloaded, "
         f"the one streamed onto it ({format_bytes(plan.largest_layer_bytes)}); "
         "disk-resident layers are read again for every calibration batch."
+        + (f" CPU: {format_bytes(plan.cpu_writeback_bytes)} counted for the disk layers' weights, which "
+           "calibration writes back into RAM (ModelOpt's offload writeback; the algorithm changes weights)."
+           if plan.cpu_writeback_bytes else "")
     )
     shortfall = plan.main_device_shortfall()
     if shortfall and plan.main_device != "cpu":  # a CPU budget of 0 is the documented "every layer to disk"

@@ -101,12 +101,16 @@ class AlgorithmRecipe:
     formats: tuple[str, ...] | None = None  # None: every format
     static_fp4_weights: bool = False  # NVFP4 weights as static blocks (the FP8 scale sweep), as ModelOpt's presets do
     refused: str = ""  # offered by ModelOpt 0.47 but not by us, and why
+    # Calibration only reads the weights (sets amax / scales): the offload path may skip ModelOpt's writeback of
+    # offloaded weights into accelerate's weights_map (quantize/calibrate.py: offload_writeback_skipped).
+    keeps_weights: bool = False
 
 
 ALGORITHMS: dict[str, AlgorithmRecipe] = {
     recipe.name: recipe
     for recipe in (
-        AlgorithmRecipe("max", "per-tensor / per-block max of weights and activations", source="NVFP4_DEFAULT_CFG"),
+        AlgorithmRecipe("max", "per-tensor / per-block max of weights and activations", source="NVFP4_DEFAULT_CFG",
+                        keeps_weights=True),
         AlgorithmRecipe("mse", "weight scales by MSE search (NVFP4: sweep of the FP8 block scales)",
                         source="NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", static_fp4_weights=True),
         AlgorithmRecipe("local_hessian", "weight scales by local-Hessian-weighted error (NVFP4: FP8 scale sweep)",

@@ -95,7 +95,8 @@ def _quantize(settings: QuantizeSettings, console: Console, calibration_set) -> 
     load_started = time.perf_counter()
     placement = None
     if settings.offload:
-        placement = plan_offload(settings, model_config, calibration_set, console, use_gpus=backend.loads_on_gpu)
+        placement = plan_offload(settings, model_config, calibration_set, console, use_gpus=backend.loads_on_gpu,
+                                 disk_writeback=getattr(backend, "disk_layers_in_ram", lambda _: False)(settings))
         device_map, offload_folder = placement.device_map, str(offload_planning.offload_work_dir(settings.offload_folder))
     else:
         device = resolve_device(settings.device) if backend.loads_on_gpu else "cpu"
@@ -143,7 +144,8 @@ def _quantize(settings: QuantizeSettings, console: Console, calibration_set) -> 
     return output
 
 
-def plan_offload(settings: QuantizeSettings, model_config, calibration_set, console: Console, use_gpus: bool = True):
+def plan_offload(settings: QuantizeSettings, model_config, calibration_set, console: Console, use_gpus: bool = True,
+                 disk_writeback: bool = False):
     """Print and return the placement; ``use_gpus=False`` plans CPU + disk only (llm-compressor onloads by itself)."""
     if settings.clean_offload:
         offload_planning.clean_offload_folder(settings.offload_folder)
@@ -156,6 +158,7 @@ def plan_offload(settings: QuantizeSettings, model_config, calibration_set, cons
     plan = offload_planning.plan_placement(
         model_config, dtype, offload_planning.build_max_memory(gpu_budgets, cpu_budget),
         batch_size=settings.batch_size, max_seq_len=longest, trust_remote_code=settings.trust_remote_code,
+        disk_writeback=disk_writeback,
     )
     offload_planning.print_placement(console, plan)
     return plan
@@ -169,6 +172,8 @@ def _placement_summary(plan) -> dict | None:
         "bytes_per_device": plan.bytes_per_device,
         "total_weight_bytes": plan.total_weight_bytes,
         "device_map": {name: offload_planning.device_name(device) for name, device in plan.device_map.items()},
+        # disk layers' bytes calibration keeps in RAM (ModelOpt's offload writeback); 0: the writeback was skipped
+        "cpu_writeback_bytes": plan.cpu_writeback_bytes,
         # the budget of every visible GPU and of the CPU the plan was made with (disk: unbounded, left out)
         "budgets": {offload_planning.device_name(device): budget for device, budget in plan.max_memory.items()
                     if device != "disk"},

@@ -21,7 +21,7 @@ from quantize import calibrate as calibration_loop
 from quantize import expert_coverage
 from quantize import export as checkpoint_export
 from quantize import offload as offload_planning
-from quantize.recipes import build_quant_config, get_recipe
+from quantize.recipes import build_quant_config, get_algorithm, get_recipe
 from quantize.settings import QuantizeSettings
 from quantize.skip_layers import SkipMatch, disabled_quantizer_patterns
 from quantize.source_model import pad_token_id
@@ -80,6 +80,15 @@ class ModelOptBackend:
     name = "modelopt"
     loads_on_gpu = True
 
+    @staticmethod
+    def disk_layers_in_ram(settings: QuantizeSettings) -> bool:
+        """Whether calibration will copy every disk-offloaded weight into RAM (ModelOpt's writeback, kept for
+        algorithms that change weights; --layerwise calibrates layer by layer without it)."""
+        if not settings.offload or settings.layerwise:
+            return False
+        algorithm = get_algorithm(settings.algorithm or get_recipe(settings.format).algorithm)
+        return not (algorithm.keeps_weights and calibration_loop.offload_writeback_can_be_skipped())
+
     def calibrate(self, model, tokenizer, calibration_set, skipped: list[SkipMatch], settings: QuantizeSettings,
                   console: Console):
         recipe = get_recipe(settings.format)
@@ -96,7 +105,11 @@ class ModelOptBackend:
             fast_max=algorithm == "max",  # weights stay constant through max calibration (quantize/max_statistics.py)
         )
         recorder = expert_coverage.CoverageRecorder()
-        model, _ = calibration_loop.calibrate(model, quant_config, recorder.wrap(forward_loop, all_experts))
+        # One-pass offload only: --layerwise never writes back while it calibrates (measured), and its resume
+        # (full_restore) reloads saved weights through the writeback, which is left as ModelOpt has it.
+        skip_writeback = settings.offload and not settings.layerwise and get_algorithm(algorithm).keeps_weights
+        model, _ = calibration_loop.calibrate(model, quant_config, recorder.wrap(forward_loop, all_experts),
+                                              skip_offload_writeback=skip_writeback)
         self.coverage = expert_coverage.coverage_report(model, recorder, all_experts)
         expert_coverage.enforce_coverage(self.coverage, settings.allow_uncalibrated, console)
         return model

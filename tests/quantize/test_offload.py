@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from foundation.errors import UserError
 from tests.quantize.conftest import load_tensors, quantize_args, run_cli
 from tests.tiny_models import llama_config
 
@@ -202,3 +203,63 @@ def test_placement_warns_when_the_gpu_cap_cannot_hold_what_never_leaves_it():
     print_placement(console, plan)
     printed = console.file.getvalue()
     assert "warning:" in printed and "Raise --max_gpu_memory to at least" in printed
+
+
+def disk_weights_in_ram(model) -> list[str]:
+    """Keys of accelerate's disk index that its loaders now also hold in memory (a writeback promoted them)."""
+    from accelerate.utils.offload import PrefixedDataset
+
+    promoted, seen = [], set()
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for align_hook in getattr(hook, "hooks", [hook]):
+            weights_map = getattr(align_hook, "weights_map", None)
+            if isinstance(weights_map, PrefixedDataset) and id(weights_map.dataset) not in seen:
+                seen.add(id(weights_map.dataset))
+                loader = weights_map.dataset
+                promoted += [key for key in (getattr(loader, "index", None) or {}) if key in loader.state_dict]
+    return promoted
+
+
+def test_max_calibration_keeps_disk_layers_on_disk(tiny_model_dir, mix_yaml, work_dir, monkeypatch):
+    """ModelOpt 0.47's writeback copied every disk-offloaded weight into RAM during max calibration (18.8 GB of
+    anonymous memory over --max_cpu_memory at 70B layer sizes, counting the CPU layers' copies): max only reads
+    weights, so after calibration and export every disk weight is still only on disk."""
+    from quantize.backends.modelopt import ModelOptBackend
+
+    seen: dict[str, list[str]] = {}
+    export = ModelOptBackend.export
+
+    def inspecting_export(self, model, staging, settings):
+        seen["after calibration"] = disk_weights_in_ram(model)
+        result = export(self, model, staging, settings)
+        seen["after export"] = disk_weights_in_ram(model)
+        return result
+
+    monkeypatch.setattr(ModelOptBackend, "export", inspecting_export)
+    output = work_dir / "nvfp4_disk_stays_on_disk"
+    run_cli(quantize_args(tiny_model_dir, mix_yaml, output, "--format", "nvfp4", "--offload_folder",
+                          str(work_dir / "offload_stays"), "--max_cpu_memory", "0", "--clean_offload"), offload=True)
+    assert seen == {"after calibration": [], "after export": []}
+    placement = json.loads((output / "quantize_manifest.json").read_text())["placement"]
+    assert placement["layers_per_device"] == {"disk": 2} and placement["cpu_writeback_bytes"] == 0
+    # the writeback is ModelOpt's again once calibration is over
+    from modelopt.torch.quantization.plugins import accelerate as plugin
+
+    assert plugin._writeback_params_to_weights_map.__name__ == "_writeback_params_to_weights_map"
+
+
+def test_weight_changing_algorithm_with_disk_layers_is_refused_before_the_load(tiny_model_dir):
+    """gptq changes weights, and ModelOpt writes disk layers' changed weights into RAM: the CPU cap cannot hold."""
+    from transformers import AutoConfig
+
+    from quantize.offload import build_max_memory, plan_placement
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    with pytest.raises(UserError) as refused:
+        plan_placement(config, torch.bfloat16, build_max_memory([], 0), batch_size=1, max_seq_len=8,
+                       disk_writeback=True)
+    assert refused.value.where == "--max_cpu_memory" and "--algorithm max" in str(refused.value)
+    everything = plan_placement(config, torch.bfloat16, build_max_memory([], 1 << 30), batch_size=1, max_seq_len=8,
+                                disk_writeback=True)
+    assert everything.layers_per_device == {"cpu": 2} and everything.cpu_writeback_bytes == 0
