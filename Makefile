@@ -51,7 +51,7 @@ testbed: $(STAMP)
 	$(PY) -m testbed.build --out testbed/model --overwrite
 
 # Rebuild the committed hard testbed (issue 17: harm categories, look-alikes, a skill) bit for bit
-# (about 30 minutes on 2 cores).
+# (600 steps on one thread: about 20 minutes training plus 10 minutes measuring on a shared 2-core CPU).
 testbed-hard: $(STAMP)
 	$(PY) -m testbed.build --world hard --out testbed/hard --overwrite
 
