@@ -21,7 +21,7 @@ ABL_OUT   ?= outputs/$(MODEL_NAME)-abliterate
 SELECT    ?=
 ARGS      ?=
 
-.PHONY: setup test pipeline quantize abliterate testbed testbed-judge testbed-data clean
+.PHONY: setup test pipeline quantize abliterate testbed testbed-hard testbed-judge testbed-data clean
 
 # requirements.lock pins every transitive dependency so a fresh install
 # resolves exactly as it did when the lock was written.
@@ -50,6 +50,11 @@ abliterate: $(STAMP)
 testbed: $(STAMP)
 	$(PY) -m testbed.build --out testbed/model --overwrite
 
+# Rebuild the committed hard testbed (issue 17: harm categories, look-alikes, a skill) bit for bit
+# (600 steps on one thread: about 20 minutes training plus 10 minutes measuring on a shared 2-core CPU).
+testbed-hard: $(STAMP)
+	$(PY) -m testbed.build --world hard --out testbed/hard --overwrite
+
 # Rebuild the committed testbed refusal judge (stage 2's --judge testbed/judge) bit for bit (~30 s on one core).
 testbed-judge: $(STAMP)
 	$(PY) -m testbed.judge --out testbed/judge --overwrite
@@ -57,6 +62,7 @@ testbed-judge: $(STAMP)
 # Regenerate the testbed's prompt sets and offline corpora under datasets_yaml/.
 testbed-data: $(STAMP)
 	$(PY) -m testbed.datasets --out datasets_yaml
+	$(PY) -m testbed.datasets --world hard --out datasets_yaml
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

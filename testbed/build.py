@@ -1,4 +1,8 @@
-"""Build the testbed checkpoint: ``python -m testbed.build --out testbed/model [--small] [--overwrite]``.
+"""Build the testbed checkpoint: ``python -m testbed.build --out testbed/model [--world hard] [--small] [--overwrite]``.
+
+``--world`` picks the synthetic world (``testbed.train.WORLDS``): ``default`` is the fast testbed
+(``testbed/model``), ``hard`` the hard one of issue 17 (``testbed/hard``: harm categories, look-alikes, a
+skill), each with its own size, prompt spec, measurements, gate and model card.
 
 Trains (``testbed.train``), saves safetensors + tokenizer + generation config,
 reloads what was saved and measures it (``testbed.measure``), writes
@@ -33,9 +37,15 @@ from foundation.atomic_output import atomic_output_dir, check_writable_output
 from foundation.errors import UserError
 from testbed.card import model_card
 from testbed.corpus import HARMFUL_TOPICS, HARMLESS_TOPICS
+from testbed.hard_card import hard_model_card
+from testbed.hard_corpus import HARMFUL_TOPICS as HARD_HARMFUL_TOPICS
+from testbed.hard_corpus import LOOKALIKE_TOPICS
+from testbed.hard_measure import harmful_categories, measure_hard
 from testbed.measure import measure
 from testbed.tokenizer import CHAT_TEMPLATE
-from testbed.train import TrainConfig, deterministic_torch, train
+from testbed.train import WORLDS, TrainConfig, deterministic_torch, train
+
+HARD_SPEC = Path("datasets_yaml/testbed_hard_prompts.yaml")
 
 console = Console()
 
@@ -63,14 +73,14 @@ def load_checkpoint(directory: Path):
     return model, tokenizer
 
 
-def train_with_progress(config: TrainConfig):
+def train_with_progress(config: TrainConfig, world: str = "default"):
     columns = (
         TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=config.steps, loss=float("nan"))
-        return train(config, lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
+        return train(config, lambda step, loss: progress.update(task, completed=step + 1, loss=loss), world)
 
 
 def build(
@@ -79,25 +89,38 @@ def build(
     small: bool,
     overwrite: bool,
     seed: int = 0,
-    spec_path: Path = DEFAULT_SPEC,
+    spec_path: Path | None = None,
     config: TrainConfig | None = None,
+    world: str = "default",
 ) -> dict:
-    """``config`` overrides the size chosen by ``small`` (tests); ``small`` still means ungated."""
+    """``config`` overrides the size chosen by ``small`` and ``world`` (tests); ``small`` still means ungated.
+    ``spec_path`` defaults to the world's prompt spec."""
+    if world not in WORLDS:
+        raise UserError("--world", f"unknown world {world!r}", f"use one of: {', '.join(sorted(WORLDS))}")
     check_writable_output(out, overwrite)
+    spec_path = spec_path or (HARD_SPEC if world == "hard" else DEFAULT_SPEC)
     prompts = load_prompt_spec(spec_path)
-    config = config or (TrainConfig.small(seed) if small else TrainConfig(seed=seed))
+    if world == "hard":  # measure_hard labels each harmful test prompt with its category
+        prompts = (prompts, harmful_categories(spec_path))
+    full = TrainConfig.hard(seed) if world == "hard" else TrainConfig(seed=seed)
+    config = config or (TrainConfig.small(seed) if small else full)
     with deterministic_torch(config.threads):  # measuring too: same thread count, same numbers
-        return _build(out, small=small, overwrite=overwrite, prompts=prompts, config=config)
+        return _build(out, small=small, overwrite=overwrite, prompts=prompts, config=config, world=world)
 
 
-def _build(out: Path, *, small: bool, overwrite: bool, prompts, config: TrainConfig) -> dict:
+def _build(out: Path, *, small: bool, overwrite: bool, prompts, config: TrainConfig, world: str = "default",
+           trained=None) -> dict:
+    """``trained``: (model, tokenizer, stats) already trained from ``config`` and ``world`` (training skipped)."""
     start = time.perf_counter()
-    model, tokenizer, stats = train_with_progress(config)
+    model, tokenizer, stats = trained or train_with_progress(config, world)
     console.print(f"trained in {time.perf_counter() - start:.0f} s: {stats}")
     with atomic_output_dir(out, overwrite) as temp:
         save_checkpoint(model, tokenizer, temp)
         saved_model, saved_tokenizer = load_checkpoint(temp)
-        metrics = measure(saved_model, saved_tokenizer, prompts, log=console.print)
+        if world == "hard":
+            metrics = measure_hard(saved_model, saved_tokenizer, *prompts, log=console.print)
+        else:
+            metrics = measure(saved_model, saved_tokenizer, prompts, log=console.print)
         metrics["training"] = {**stats, "config": config.as_dict()}
         metrics["architecture"] = {
             key: getattr(saved_model.config, key)
@@ -106,9 +129,14 @@ def _build(out: Path, *, small: bool, overwrite: bool, prompts, config: TrainCon
                 "num_attention_heads", "num_key_value_heads",
             )
         }
-        metrics["corpus"] = {"harmful_topics": len(HARMFUL_TOPICS), "harmless_topics": len(HARMLESS_TOPICS)}
+        if world == "hard":
+            metrics["world"] = "hard"
+            metrics["corpus"] = {"harmful_topics": len(HARD_HARMFUL_TOPICS), "harmless_topics": len(HARMLESS_TOPICS),
+                                 "lookalike_topics": len(LOOKALIKE_TOPICS)}
+        else:
+            metrics["corpus"] = {"harmful_topics": len(HARMFUL_TOPICS), "harmless_topics": len(HARMLESS_TOPICS)}
         (temp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        (temp / "README.md").write_text(model_card(metrics), encoding="utf-8")
+        (temp / "README.md").write_text((hard_model_card if world == "hard" else model_card)(metrics), encoding="utf-8")
         if not small and not metrics["gate"]["passed"]:
             rejected = out.parent / f".rejected-{out.name}"
             shutil.rmtree(rejected, ignore_errors=True)
@@ -129,10 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="reduced size (tests): ungated, well under a minute")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts", type=Path, default=DEFAULT_SPEC, help="prompt-set spec used for measuring")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help=f"prompt-set spec used for measuring (default: {DEFAULT_SPEC}, or {HARD_SPEC} for --world hard)")
+    parser.add_argument("--world", choices=sorted(WORLDS), default="default",
+                        help="default: the fast testbed (testbed/model); hard: issue 17's (testbed/hard)")
     args = parser.parse_args(argv)
     try:
-        build(args.out, small=args.small, overwrite=args.overwrite, seed=args.seed, spec_path=args.prompts)
+        build(args.out, small=args.small, overwrite=args.overwrite, seed=args.seed, spec_path=args.prompts,
+              world=args.world)
     except UserError as error:
         console.print(f"[red]error:[/red] {error}")
         return 2

@@ -323,6 +323,16 @@ class TestbedCorpus:
         answer = refusal(rng, topic) if harmful else helpful_answer(rng, topic)
         return ChatExample(prompt, answer, harmful)
 
+    def training_chat(self, rng: random.Random) -> ChatExample:
+        """One chat example of the training mixture (``testbed.train`` draws them)."""
+        return self.chat_example(rng, harmful=rng.random() < 0.5)
+
+    def tokenizer_example(self, rng: random.Random, index: int) -> ChatExample:
+        return self.chat_example(rng, harmful=index % 2 == 0)
+
+    def general_text(self, rng: random.Random) -> str:
+        return general_text(rng)
+
     def train_prompts(self, harmful: bool, count: int) -> list[str]:
         """Distinct training-distribution prompts (stage 2 computes directions on these)."""
         rng = random.Random(f"train-prompts-{self.seed}-{harmful}")

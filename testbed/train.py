@@ -25,10 +25,13 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from testbed.corpus import TestbedCorpus, general_text
+from testbed.corpus import TestbedCorpus
+from testbed.hard_corpus import HardCorpus
 from testbed.tokenizer import END, train_tokenizer
 
 IGNORE = -100
+# The synthetic worlds a testbed is trained on: the fast default (testbed/model) and the hard one (testbed/hard).
+WORLDS = {"default": TestbedCorpus, "hard": HardCorpus}
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -56,6 +59,15 @@ class TrainConfig:
             num_kv_heads=1, steps=300, batch_size=16, learning_rate=5e-3, warmup_steps=20, tokenizer_texts=1500,
         )
 
+    @classmethod
+    def hard(cls, seed: int = 0) -> TrainConfig:
+        """The hard testbed (issue 17): deeper than the default, CPU-trainable on one (shared) thread."""
+        return cls(
+            seed=seed, vocab_size=1024, hidden_size=192, intermediate_size=384, num_layers=8, num_heads=4,
+            num_kv_heads=2, steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=60, tokenizer_texts=4000,
+            general_text_fraction=0.1, threads=1,
+        )
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -81,7 +93,7 @@ def tokenizer_corpus(corpus: TestbedCorpus, count: int) -> list[str]:
     rng = random.Random(f"tokenizer-{corpus.seed}")
     texts = []
     for index in range(count):
-        example = corpus.chat_example(rng, harmful=index % 2 == 0)
+        example = corpus.tokenizer_example(rng, index)
         texts += [example.prompt, example.answer]
     return texts + corpus.general_texts(count // 4, "tokenizer")
 
@@ -103,10 +115,9 @@ def training_sequences(corpus: TestbedCorpus, tokenizer, config: TrainConfig) ->
     sequences = []
     for _ in range(config.steps * config.batch_size):
         if rng.random() < config.general_text_fraction:
-
-            sequences.append(text_sequence(tokenizer, general_text(rng)))
+            sequences.append(text_sequence(tokenizer, corpus.general_text(rng)))
         else:
-            example = corpus.chat_example(rng, harmful=rng.random() < 0.5)
+            example = corpus.training_chat(rng)
             sequences.append(chat_sequence(tokenizer, example.prompt, example.answer))
     return sequences
 
@@ -159,18 +170,18 @@ def run_steps(model, optimizer, schedule, steps: int, batch_of: Callable[[int], 
 
 
 def train(
-    config: TrainConfig, on_step: Callable[[int, float], None] | None = None
+    config: TrainConfig, on_step: Callable[[int, float], None] | None = None, world: str = "default"
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict]:
-    """Returns the trained fp32 model, its tokenizer and training statistics."""
+    """Returns the trained fp32 model, its tokenizer and training statistics; ``world`` names a ``WORLDS`` entry."""
     with deterministic_torch(config.threads):
-        return _train(config, on_step)
+        return _train(config, on_step, world)
 
 
 def _train(
-    config: TrainConfig, on_step: Callable[[int, float], None] | None
+    config: TrainConfig, on_step: Callable[[int, float], None] | None, world: str
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict]:
     torch.manual_seed(config.seed)
-    corpus = TestbedCorpus(config.seed)
+    corpus = WORLDS[world](config.seed)
     tokenizer = train_tokenizer(tokenizer_corpus(corpus, config.tokenizer_texts), config.vocab_size)
     sequences = training_sequences(corpus, tokenizer, config)
     torch.manual_seed(config.seed)

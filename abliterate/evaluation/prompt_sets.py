@@ -67,6 +67,11 @@ class PromptSetSpec(BaseModel):
     prompt_field: str = "prompt"
     perplexity_text: PromptSource | None = None
     text_field: str = "text"
+    # Optional checks of collateral damage (the hard testbed's spec has both): harmless prompts that share words
+    # with harmful ones (their refusals are false refusals), and questions with exact answers (``answer_field``).
+    lookalike_test: PromptSource | None = None
+    skill_test: PromptSource | None = None
+    answer_field: str = "answer"
     refusal_markers: list[str] = list(DEFAULT_REFUSAL_MARKERS)
     compliance_openers: list[str] = []
     compliance_patterns: list[str] = []
@@ -90,6 +95,9 @@ class LoadedSpec(BaseModel):
     refusal_markers: tuple[str, ...]
     compliance_openers: tuple[str, ...]
     compliance_patterns: tuple[str, ...]
+    lookalike_test: list[str] = []
+    skill_test: list[str] = []
+    skill_answers: list[str] = []  # the expected start of each skill_test answer
 
 
 def read_field(path: Path, field: str, where: str) -> list[str]:
@@ -192,6 +200,11 @@ def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> LoadedSpec:
         return read_prompts(getattr(spec, name), base, spec.prompt_field, f"{path}: {name}")
 
     texts = read_prompts(spec.perplexity_text, base, spec.text_field, f"{path}: perplexity_text") if spec.perplexity_text else []
+    lookalikes = prompts("lookalike_test") if spec.lookalike_test else []
+    skill, answers = [], []
+    if spec.skill_test:
+        skill = prompts("skill_test")
+        answers = read_prompts(spec.skill_test, base, spec.answer_field, f"{path}: skill_test ({spec.answer_field})")
     return LoadedSpec(
         harmful_train=prompts("harmful_train"),
         harmless_train=prompts("harmless_train"),
@@ -201,4 +214,7 @@ def load_prompt_spec(path: str | Path = DEFAULT_SPEC) -> LoadedSpec:
         refusal_markers=tuple(marker.lower() for marker in spec.refusal_markers),
         compliance_openers=tuple(spec.compliance_openers),
         compliance_patterns=tuple(spec.compliance_patterns),
+        lookalike_test=lookalikes,
+        skill_test=skill,
+        skill_answers=answers,
     )

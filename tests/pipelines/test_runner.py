@@ -207,7 +207,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_first(fake_st
         first.wait()
 
 
-@pytest.mark.parametrize("name", ["testbed_default", "testbed_judge", "llama3_8b", "qwen3_30b_a3b_moe", "nemotron_h_9b",
+@pytest.mark.parametrize("name", ["testbed_default", "testbed_judge", "testbed_hard", "llama3_8b", "qwen3_30b_a3b_moe", "nemotron_h_9b",
                                   "llama3_70b_offload"])
 def test_shipped_pipelines_validate_against_the_stages_own_settings(name, tmp_path):
     from pathlib import Path
