@@ -150,19 +150,21 @@ def test_activation_fake_quant_keeps_shape_dtype_and_bounds_error():
     assert torch.equal(nvfp4.fake_quantize_activation(torch.zeros(2, 16), input_scale), torch.zeros(2, 16))
 
 
-# --- properties over arbitrary finite inputs (hypothesis) ---
+# --- properties over arbitrary finite inputs (hypothesis; derandomized so every run tries the same examples) ---
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False, width=32)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(st.lists(_finite, min_size=32, max_size=32), st.integers(min_value=-20, max_value=20))
 def test_property_bit_exact_with_modelopt(values, exponent):
     weight = torch.tensor(values, dtype=torch.float32).reshape(2, 16) * 2.0**exponent
     if not bool(weight.any()):
         return
+    if float(weight.abs().max() / 2688.0) == 0.0:
+        return  # amax / 2688 underflows: ModelOpt's scales are 0 and its codes garbage; ours is the test below
     ours = nvfp4.quantize_weight(weight)
     packed, block_scale, scale_2 = _modelopt_quantize(weight)
     assert torch.equal(ours.packed, packed)
@@ -170,7 +172,7 @@ def test_property_bit_exact_with_modelopt(values, exponent):
     assert torch.equal(ours.weight_scale_2, scale_2)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(st.lists(_finite, min_size=64, max_size=64))
 def test_property_round_trip_error_is_bounded_by_half_a_step(values):
     weight = torch.tensor(values, dtype=torch.float32).reshape(4, 16)
@@ -184,7 +186,7 @@ def test_property_round_trip_error_is_bounded_by_half_a_step(values):
     assert bool((error.unflatten(-1, (-1, 16)) <= bound.unsqueeze(-1) * (1 + 1e-6) + 1e-30).all())
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, derandomize=True)
 @given(st.lists(_finite, min_size=64, max_size=64), st.integers(min_value=-3, max_value=3))
 def test_property_requantizing_dequantized_weights_is_idempotent_for_normal_scales(values, exponent):
     """Stage 2 re-exports dequantized weights: blocks whose FP8 scale is a normal number come back
