@@ -35,6 +35,7 @@ from abliterate.directions import refusal_directions
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
 from abliterate.evaluation import Evaluator
+from abliterate.evaluation.evaluator import SKILL_MAX_NEW_TOKENS
 from abliterate.evaluation.judge import check_judge_source
 from abliterate.evaluation_inputs import (
     EvaluationInputs,
@@ -56,8 +57,8 @@ from abliterate.search.objectives import (
 from abliterate.search.selection import (
     DEFAULT_RULE,
     Candidate,
-    effective_refusals,
     collateral_text,
+    effective_refusals,
     false_refusals_text,
     front_table,
     pareto_front,
@@ -235,9 +236,12 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                       f"{config.harmful_window(True)} tokens and judged")
     require_prompts_fit(  # a prompt past the context is only a transformers warning, and garbage answers
         {"harmful_train": prompts.harmful_train, "harmless_train": prompts.harmless_train,
-         "harmful_test": prompts.harmful_test, "harmless_test": prompts.harmless_test},
+         "harmful_test": prompts.harmful_test, "harmless_test": prompts.harmless_test,
+         **({"lookalike_test": prompts.lookalike_test} if prompts.lookalike_test else {}),
+         **({"skill_test": prompts.skill_test} if prompts.skill_test else {})},
         {"harmful_test": config.harmful_window(judge is not None), "harmless_test": max(config.kl_tokens, config.max_new_tokens
-                                                                     if config.count_harmless_refusals else 0)},
+                                                                     if config.count_harmless_refusals else 0),
+         "lookalike_test": config.false_refusal_window, "skill_test": SKILL_MAX_NEW_TOKENS},
         prompt_files(inputs), tokenizer, context_length(model.config, tokenizer), config.system_prompt)
     evaluator = Evaluator(model, tokenizer, prompts.harmful_test, prompts.harmless_test, config, refusal_judge=judge,
                           **prompts.collateral_sets())

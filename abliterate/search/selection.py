@@ -151,21 +151,21 @@ def select_trial(rule: str, candidates: list[Candidate], n_harmful: int, n_harml
     caps = []  # (cap, value of a candidate or None where not measured, words, what to do when none was measured)
     if selection.max_false_refusals is not None:
         caps.append((selection.max_false_refusals, lambda c: c.metrics.false_refusals, "false refusals",
-                     "no trial has a false-refusal count (counting was off with --false_refusal_tokens 0, or the "
-                     "trials were run by an older version)",
+                     ("no trial has a false-refusal count (counting was off with --false_refusal_tokens 0, or the "
+                      "trials were run by an older version)"),
                      "drop the false_refusals cap, or run the study with false refusals counted"))
     if selection.max_lookalike_refusals is not None:
         caps.append((selection.max_lookalike_refusals, lambda c: c.metrics.lookalike_refusals, "look-alike refusals",
-                     "no trial has a look-alike refusal count (the prompt spec names no lookalike_test, or the "
-                     "trials were run by an older version)",
+                     ("no trial has a look-alike refusal count (the prompt spec names no lookalike_test, or the "
+                      "trials were run by an older version)"),
                      "drop the lookalike_refusals cap, or use a prompt spec with a lookalike_test set"))
     if selection.max_skill_loss is not None:
         skill_base = base if base is not None and base.skill_accuracy is not None else None
         caps.append((selection.max_skill_loss,
                      lambda c: skill_loss_points(c.metrics, skill_base) if skill_base is not None else None,
                      "points of skill accuracy lost",
-                     "no trial (or no unedited model) has a skill accuracy (the prompt spec names no skill_test, or "
-                     "the trials were run by an older version)",
+                     ("no trial (or no unedited model) has a skill accuracy (the prompt spec names no skill_test, or "
+                      "the trials were run by an older version)"),
                      "drop the skill_loss cap, or use a prompt spec with a skill_test set"))
     for cap, value, words, problem, fix in caps:
         counted = [c for c in pool if value(c) is not None]
