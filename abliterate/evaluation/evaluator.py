@@ -297,8 +297,15 @@ class Evaluator:
                 sum(lookalike_refused) if self.lookalike_ids else None)
 
     def _count_skill(self, model) -> int:
-        """Exact answers among the skill prompts' greedy answers (``skill_max_new_tokens`` each)."""
-        answers = self._answers(model, self.skill_ids, self.skill_max_new_tokens)
+        """Exact answers among the skill prompts' greedy answers (``skill_max_new_tokens`` each).
+
+        An answer as long as the longest expected one is decided (``is_exact_answer`` reads only its start), so
+        its row stops there instead of running to the window.
+        """
+        longest = max(map(len, self.skill_answers))
+        answers = generate_greedy(model, self.tokenizer, self.skill_ids, max_new_tokens=self.skill_max_new_tokens,
+                                  batch_size=self.batch_size, is_decided=lambda text: len(text.strip()) >= longest,
+                                  decoding=self.config.decoding)
         return sum(is_exact_answer(answer.text, expected)
                    for answer, expected in zip(answers[: len(self.skill_ids)], self.skill_answers, strict=True))
 
