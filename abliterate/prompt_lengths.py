@@ -37,7 +37,9 @@ def prompt_files(inputs) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         named = {}
     files = {}
-    for name in ("harmful_train", "harmless_train", "harmful_test", "harmless_test"):
+    for name in ("harmful_train", "harmless_train", "harmful_test", "harmless_test", "lookalike_test", "skill_test"):
+        if name in ("lookalike_test", "skill_test") and not (isinstance(named, dict) and name in named):
+            continue  # only a spec names these (no override flag); absent: not measured
         override = getattr(inputs, name, None)
         if override is not None:
             files[name] = f"{override} (--{name})"

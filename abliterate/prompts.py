@@ -32,6 +32,15 @@ class PromptSets:
     refusal_markers: tuple[str, ...] | None  # None: no spec, the evaluator's default list applies
     compliance_openers: tuple[str, ...]
     compliance_patterns: tuple[str, ...]
+    # the spec's optional collateral-damage sets (test sets, capped like them); empty where it has none
+    lookalike_test: tuple[str, ...] = ()
+    skill_test: tuple[str, ...] = ()
+    skill_answers: tuple[str, ...] = ()
+
+    def collateral_sets(self) -> dict[str, tuple[str, ...]]:
+        """The ``Evaluator`` keywords of the look-alike and skill sets (nothing where the spec has none)."""
+        return {"lookalike_prompts": self.lookalike_test, "skill_prompts": self.skill_test,
+                "skill_answers": self.skill_answers}
 
 
 def load_prompt_sets(spec: Path | None, overrides: dict[str, Path | None], limit_train: int | None = None,
@@ -41,8 +50,10 @@ def load_prompt_sets(spec: Path | None, overrides: dict[str, Path | None], limit
         loaded = load_prompt_spec(spec)
         sets = {name: tuple(getattr(loaded, name)) for name in SETS}
         markers, openers, patterns = loaded.refusal_markers, loaded.compliance_openers, loaded.compliance_patterns
+        collateral = {"lookalike_test": tuple(loaded.lookalike_test), "skill_test": tuple(loaded.skill_test),
+                      "skill_answers": tuple(loaded.skill_answers)}
     elif all(name in overrides for name in SETS):
-        sets, markers, openers, patterns = {}, None, (), ()
+        sets, markers, openers, patterns, collateral = {}, None, (), (), {}
     else:
         is_folder = spec is not None and Path(spec).is_dir()
         problem = f"prompt spec {spec} is a directory, not a YAML file" if is_folder else f"prompt spec {spec} does not exist"
@@ -54,8 +65,10 @@ def load_prompt_sets(spec: Path | None, overrides: dict[str, Path | None], limit
         limit = limit_train if name.endswith("train") else limit_test
         if limit:
             sets[name] = sets[name][:limit]
+    if limit_test:
+        collateral = {name: values[:limit_test] for name, values in collateral.items()}
     return PromptSets(**sets, refusal_markers=markers, compliance_openers=tuple(openers),
-                      compliance_patterns=tuple(patterns))
+                      compliance_patterns=tuple(patterns), **collateral)
 
 
 class PromptChoice(Protocol):

@@ -35,6 +35,7 @@ from abliterate.directions import refusal_directions
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
 from abliterate.evaluation import Evaluator
+from abliterate.evaluation.evaluator import SKILL_MAX_NEW_TOKENS
 from abliterate.evaluation.judge import check_judge_source
 from abliterate.evaluation_inputs import (
     EvaluationInputs,
@@ -56,6 +57,7 @@ from abliterate.search.objectives import (
 from abliterate.search.selection import (
     DEFAULT_RULE,
     Candidate,
+    collateral_text,
     effective_refusals,
     false_refusals_text,
     front_table,
@@ -144,7 +146,8 @@ def describe_metrics(metrics: TrialMetrics) -> str:
     broken = broken_answers(metrics)
     markers = "" if metrics.marker_refusals is None else f" (judge; markers {metrics.marker_refusals}/{n})"
     return (f"refusals {metrics.refusals}/{n}{markers} compliance {compliance} fragments {'-' if broken is None else broken} "
-            f"false refusals {false_refusals_text(metrics)} KL {metrics.kl:.4f} (1st token {metrics.kl_first_token:.1e})")
+            f"false refusals {false_refusals_text(metrics)}{collateral_text(metrics)} "
+            f"KL {metrics.kl:.4f} (1st token {metrics.kl_first_token:.1e})")
 
 
 def _duration(seconds: float | None) -> str:
@@ -165,10 +168,10 @@ def candidates_of(study, base: TrialMetrics) -> list[Candidate]:
 
 
 def choose(settings: AbliterateSettings, candidates: list[Candidate], front: list[Candidate], n_harmful: int,
-           console: Console, n_harmless: int = 0) -> tuple[Candidate, str]:
+           console: Console, n_harmless: int = 0, base: TrialMetrics | None = None) -> tuple[Candidate, str]:
     if settings.select is not None:
-        return select_trial(settings.select, candidates, n_harmful, n_harmless)
-    suggested, reason = select_trial(DEFAULT_RULE, candidates, n_harmful, n_harmless)
+        return select_trial(settings.select, candidates, n_harmful, n_harmless, base=base)
+    suggested, reason = select_trial(DEFAULT_RULE, candidates, n_harmful, n_harmless, base=base)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         return suggested, f"{reason} (default rule '{DEFAULT_RULE}'; pass --select to choose)"
     numbers = [str(c.number) for c in candidates]
@@ -233,11 +236,15 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                       f"{config.harmful_window(True)} tokens and judged")
     require_prompts_fit(  # a prompt past the context is only a transformers warning, and garbage answers
         {"harmful_train": prompts.harmful_train, "harmless_train": prompts.harmless_train,
-         "harmful_test": prompts.harmful_test, "harmless_test": prompts.harmless_test},
+         "harmful_test": prompts.harmful_test, "harmless_test": prompts.harmless_test,
+         **({"lookalike_test": prompts.lookalike_test} if prompts.lookalike_test else {}),
+         **({"skill_test": prompts.skill_test} if prompts.skill_test else {})},
         {"harmful_test": config.harmful_window(judge is not None), "harmless_test": max(config.kl_tokens, config.max_new_tokens
-                                                                     if config.count_harmless_refusals else 0)},
+                                                                     if config.count_harmless_refusals else 0),
+         "lookalike_test": config.false_refusal_window, "skill_test": SKILL_MAX_NEW_TOKENS},
         prompt_files(inputs), tokenizer, context_length(model.config, tokenizer), config.system_prompt)
-    evaluator = Evaluator(model, tokenizer, prompts.harmful_test, prompts.harmless_test, config, refusal_judge=judge)
+    evaluator = Evaluator(model, tokenizer, prompts.harmful_test, prompts.harmless_test, config, refusal_judge=judge,
+                          **prompts.collateral_sets())
     base = TrialMetrics.from_eval_result(evaluator.base)
     judged = f", judge {evaluator.base.judge_seconds:.1f}s of it" if judge is not None else ""
     console.print(f"unedited model: {describe_metrics(base)} ({base.seconds:.1f}s{judged}, batch size {evaluator.batch_size})")
@@ -327,7 +334,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     candidates = candidates_of(study, base)
     front = pareto_front(candidates)
     console.print(front_table(front))
-    chosen, reason = choose(settings, candidates, front, base.n_harmful, console, len(prompts.harmless_test))
+    chosen, reason = choose(settings, candidates, front, base.n_harmful, console, len(prompts.harmless_test), base)
     console.print(f"chosen: trial {chosen.number} - {reason}")
     parameters = trial_parameters(next(t for t in completed_trials(study) if t.number == chosen.number))
     with no_space_left(out), atomic_output_dir(out, settings.overwrite) as temporary:

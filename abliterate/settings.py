@@ -116,7 +116,7 @@ class AbliterateSettings(BaseSettings):
     out: Path | None = Field(default=None, description="Output directory (chosen_trial.json, directions.safetensors, pareto.png); default outputs/<model name>-abliterate.")
     study_dir: Path | None = Field(default=None, description="Where the resumable Optuna journal lives; default <out>.study.")
     overwrite: bool = Field(default=False, description="Replace an existing output directory.")
-    select: str | None = Field(default=None, description="Non-interactive choice: 'best_kl_under R' (R a refusal count, or a fraction like 0.05 of the harmful test prompts) or 'trial N'; 'best_kl_under R, false_refusals<=F' also caps the false refusals (F a count, or a fraction of the harmless test prompts). None = ask on a TTY, else 'best_kl_under 0.05'.")
+    select: str | None = Field(default=None, description="Non-interactive choice: 'best_kl_under R' (R a refusal count, or a fraction like 0.05 of the harmful test prompts) or 'trial N'; 'best_kl_under R, false_refusals<=F' also caps the false refusals (F a count, or a fraction of the harmless test prompts); where the prompt spec has lookalike_test / skill_test sets, ', lookalike_refusals<=L' (a count or fraction of the look-alike prompts) and ', skill_loss<=S' (percentage points of exact-answer accuracy lost against the unedited model) cap those too. None = ask on a TTY, else 'best_kl_under 0.05'.")
     plot: bool = Field(default=True, description="Write pareto.png (matplotlib).")
 
     @field_validator("dtypes")

@@ -23,14 +23,30 @@ def size_bytes(model_dir: str | Path) -> int | None:
     return sum(file.stat().st_size for file in path.glob("*.safetensors"))
 
 
+COLLATERAL = ("lookalike_refusals", "n_lookalike", "skill_correct", "n_skill")
+
+
+def collateral(result: Any) -> dict[str, int | None]:
+    """The look-alike and skill counts of an ``EvalResult`` (None where the prompt spec has no such set)."""
+    return {name: getattr(result, name, None) for name in COLLATERAL}
+
+
 def row(label: str, reference: str | None, *, refusals: int, n_harmful: int, compliance: int | None, kl: float | None,
         perplexity: float | None = None, size: int | None = None, false_refusals: int | None = None,
-        n_harmless: int | None = None, marker_refusals: int | None = None) -> dict[str, Any]:
+        n_harmless: int | None = None, marker_refusals: int | None = None, lookalike_refusals: int | None = None,
+        n_lookalike: int | None = None, skill_correct: int | None = None, n_skill: int | None = None) -> dict[str, Any]:
     """One line of the table; ``false_refusals`` (of ``n_harmless`` harmless test prompts) None where not counted;
-    ``marker_refusals`` the markers' count where a judge decided ``refusals`` (keys present only then)."""
+    ``marker_refusals`` the markers' count where a judge decided ``refusals``; ``lookalike_refusals`` (of
+    ``n_lookalike``) and ``skill_correct`` (of ``n_skill``) where the prompt spec has those sets (keys present
+    only then)."""
     counted = false_refusals is not None and bool(n_harmless)
     judged = {} if marker_refusals is None else {
         "marker_refusals": marker_refusals / n_harmful if n_harmful else None, "marker_refusal_count": marker_refusals}
+    if lookalike_refusals is not None and n_lookalike:
+        judged |= {"lookalike_refusals": lookalike_refusals / n_lookalike, "lookalike_refusal_count": lookalike_refusals,
+                   "n_lookalike": n_lookalike}
+    if skill_correct is not None and n_skill:
+        judged |= {"skill": skill_correct / n_skill, "skill_correct": skill_correct, "n_skill": n_skill}
     return {
         "label": label, "reference": reference, "refusals": refusals / n_harmful if n_harmful else None,
         "refusal_count": refusals, "n_harmful": n_harmful,
@@ -46,7 +62,8 @@ def metrics_row(label: str, reference: str | None, metrics: dict[str, Any], **ex
     return row(label, reference, refusals=metrics["refusals"], n_harmful=metrics["n_harmful"],
                compliance=metrics.get("compliance"), kl=extra.pop("kl", metrics.get("kl")),
                false_refusals=metrics.get("false_refusals"), n_harmless=metrics.get("n_harmless"),
-               marker_refusals=metrics.get("marker_refusals"), **extra)
+               marker_refusals=metrics.get("marker_refusals"),
+               **{name: metrics.get(name) for name in COLLATERAL}, **extra)
 
 
 def original_and_input_rows(settings: AbliterateSettings, original: str, searched: str,
@@ -73,11 +90,12 @@ def original_and_input_rows(settings: AbliterateSettings, original: str, searche
 
     loaded = load(original)
     evaluator = Evaluator(loaded.model, loaded.tokenizer, prompts.harmful_test, prompts.harmless_test, config,
-                          perplexity_texts=tuple(texts), refusal_judge=refusal_judge_of(inputs, loaded.model))
+                          perplexity_texts=tuple(texts), refusal_judge=refusal_judge_of(inputs, loaded.model),
+                          **prompts.collateral_sets())
     base = evaluator.base  # measured while the evaluator was built (with perplexity when there are texts)
     rows = [row("original", None, refusals=base.refusals, n_harmful=base.n_harmful, compliance=base.compliance,
                 kl=None, perplexity=base.perplexity, size=size_bytes(original), false_refusals=base.harmless_refusals,
-                n_harmless=base.n_harmless, marker_refusals=base.marker_refusals)]
+                n_harmless=base.n_harmless, marker_refusals=base.marker_refusals, **collateral(base))]
     del loaded
     gc.collect()
     searched_model = load(searched)
@@ -85,5 +103,5 @@ def original_and_input_rows(settings: AbliterateSettings, original: str, searche
     rows.append(row(searched_label, "original", refusals=result.refusals,
                     n_harmful=result.n_harmful, compliance=result.compliance, kl=result.kl,
                     perplexity=result.perplexity, size=size_bytes(searched), false_refusals=result.harmless_refusals,
-                    n_harmless=result.n_harmless, marker_refusals=result.marker_refusals))
+                    n_harmless=result.n_harmless, marker_refusals=result.marker_refusals, **collateral(result)))
     return rows

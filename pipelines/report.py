@@ -22,7 +22,7 @@ def _format(key: str, value: Any) -> str:
         return "-"
     if key == "size_bytes":
         return f"{value / 2**20:.1f} MiB"
-    if key in {"refusals", "marker_refusals", "compliance", "false_refusals"} and isinstance(value, (int, float)) and value <= 1:
+    if key in {"refusals", "marker_refusals", "compliance", "false_refusals", "lookalike_refusals", "skill"} and isinstance(value, (int, float)) and value <= 1:
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -61,15 +61,22 @@ def with_capability(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> tup
 
 
 JUDGED_COLUMN = ("marker_refusals", "marker ref.")
+COLLATERAL_COLUMNS = (("lookalike_refusals", "look-alike ref."), ("skill", "skill"))
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
     """``METRIC_COLUMNS``; with a refusal judge (some row has the markers' count) the markers' refusals follow the
-    judged ones, so a reader sees where the two disagree."""
-    if not any(row.get("marker_refusals") is not None for row in rows):
-        return METRIC_COLUMNS
-    at = [key for key, _ in METRIC_COLUMNS].index("refusals") + 1
-    return (*METRIC_COLUMNS[:at], JUDGED_COLUMN, *METRIC_COLUMNS[at:])
+    judged ones, so a reader sees where the two disagree; where the prompt spec has look-alike or skill sets (some
+    row has them) their columns follow the false refusals."""
+    columns = METRIC_COLUMNS
+    if any(row.get("marker_refusals") is not None for row in rows):
+        at = [key for key, _ in columns].index("refusals") + 1
+        columns = (*columns[:at], JUDGED_COLUMN, *columns[at:])
+    extra = tuple(column for column in COLLATERAL_COLUMNS if any(row.get(column[0]) is not None for row in rows))
+    if extra:
+        at = [key for key, _ in columns].index("false_refusals") + 1
+        columns = (*columns[:at], *extra, *columns[at:])
+    return columns
 
 
 def print_final_table(console: Console, manifest: dict[str, Any]) -> None:
@@ -82,6 +89,9 @@ def print_final_table(console: Console, manifest: dict[str, Any]) -> None:
     columns = metric_columns(rows)
     if JUDGED_COLUMN in columns:
         table.caption += "; refusals: by the judge (--judge), marker ref.: by the refusal markers alone"
+    if any(column in columns for column in COLLATERAL_COLUMNS):
+        table.caption += ("; look-alike ref.: share of the harmless look-alike prompts refused; skill: exact answers "
+                          "to the skill prompts")
     for _, header in columns:
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("KL vs", no_wrap=True)
@@ -92,7 +102,8 @@ def print_final_table(console: Console, manifest: dict[str, Any]) -> None:
         table.add_row(row.get("label", row["stage"]), *(_format(key, row.get(key)) for key, _ in columns),
                       row.get("reference") or "-", *(_format(column, row.get(column)) for column in capability_columns))
     if not console.is_terminal:  # a log or CI: rich would assume 80 columns and crop the numbers
-        console = Console(file=console.file, width=max(console.width, 110 + 12 * (JUDGED_COLUMN in columns)))
+        extra = 12 * (JUDGED_COLUMN in columns) + 12 * sum(column in columns for column in COLLATERAL_COLUMNS)
+        console = Console(file=console.file, width=max(console.width, 110 + extra))
     console.print(table)
     timing = Table(title="stages")
     for header in ("stage", "status", "seconds", "peak RSS"):

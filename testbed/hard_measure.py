@@ -23,6 +23,7 @@ from abliterate.evaluation import (
     Evaluator,
     format_chat_prompts,
     generate_greedy,
+    is_exact_answer,
     is_refusal,
 )
 from abliterate.evaluation.prompt_sets import LoadedSpec, read_field
@@ -75,7 +76,7 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[s
 
 def skill_accuracy(model, tokenizer, prompts: LoadedSpec) -> float:
     got = answers(model, tokenizer, prompts.skill_test, SKILL_TOKENS)
-    right = sum(a.strip().startswith(expected) for a, expected in zip(got, prompts.skill_answers, strict=True))
+    right = sum(is_exact_answer(a, expected) for a, expected in zip(got, prompts.skill_answers, strict=True))
     return right / len(got)
 
 

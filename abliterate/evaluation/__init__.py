@@ -21,6 +21,7 @@ from abliterate.evaluation.markers import (
     DEFAULT_REFUSAL_MARKERS,
     ComplianceRule,
     is_compliant,
+    is_exact_answer,
     is_refusal,
     strip_reasoning,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "format_chat_prompts",
     "generate_greedy",
     "is_compliant",
+    "is_exact_answer",
     "is_refusal",
     "load_refusal_judge",
     "mean_kl_divergence",

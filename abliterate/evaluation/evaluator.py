@@ -27,6 +27,15 @@ keeps both counts: ``refusals`` (the verdicts in use, judged) and
 ``marker_refusals`` (the markers alone, on the same answers), so a user sees
 where they disagree. False refusals stay the markers' (their window is short,
 and judging them would generate every harmless answer).
+
+**Look-alikes and a skill** (optional, the hard testbed's spec has both):
+``lookalike_prompts`` are harmless requests that share words with harmful ones;
+their refusals (markers, over the false-refusal window, as false refusals) are
+counted in the same generation call as the harmless answers that departed from
+the reference. ``skill_prompts`` have exact answers (``skill_answers``): each is
+generated greedily to ``skill_max_new_tokens`` (a few tokens) and is right when
+it begins with the expected text (``markers.is_exact_answer``). Without these
+sets the result's fields stay None and nothing extra is generated.
 """
 
 from __future__ import annotations
@@ -53,10 +62,13 @@ from abliterate.evaluation.markers import (
     DEFAULT_REFUSAL_MARKERS,
     ComplianceRule,
     contains_refusal_marker,
+    is_exact_answer,
     is_refusal,
 )
 from abliterate.evaluation.perplexity import perplexity
 from foundation.errors import UserError
+
+SKILL_MAX_NEW_TOKENS = 16  # exact skill answers are a few tokens ("20, 23, 26." is under 12 on the hard testbed)
 
 # (prompts, answers) -> one "is a real answer" verdict per answer.
 ComplianceJudge = Callable[[Sequence[str], Sequence[str]], Sequence[bool]]
@@ -115,6 +127,14 @@ class EvalResult:
     seconds: float = 0.0
     marker_refusals: int | None = None  # the markers' count when a judge decided ``refusals``; None without a judge
     judge_seconds: float = 0.0
+    lookalike_refusals: int | None = None  # refusals of the look-alike prompts; None without them
+    n_lookalike: int | None = None
+    skill_correct: int | None = None  # exact skill answers; None without skill prompts
+    n_skill: int | None = None
+
+    @property
+    def skill_accuracy(self) -> float | None:
+        return self.skill_correct / self.n_skill if self.skill_correct is not None and self.n_skill else None
 
     @property
     def refusal_rate(self) -> float:
@@ -145,6 +165,10 @@ class Evaluator:
         perplexity_texts: Sequence[str] = (),
         compliance_judge: ComplianceJudge | None = None,
         refusal_judge: RefusalJudge | None = None,
+        lookalike_prompts: Sequence[str] = (),
+        skill_prompts: Sequence[str] = (),
+        skill_answers: Sequence[str] = (),
+        skill_max_new_tokens: int = SKILL_MAX_NEW_TOKENS,
     ) -> None:
         if not harmful_prompts or not harmless_prompts:
             raise UserError(
@@ -152,7 +176,16 @@ class Evaluator:
                 f"evaluation needs harmful and harmless prompts (got {len(harmful_prompts)} and {len(harmless_prompts)})",
                 "point the prompt-set spec at non-empty files",
             )
+        if len(skill_prompts) != len(skill_answers):
+            raise UserError("skill_test", f"{len(skill_prompts)} skill prompts but {len(skill_answers)} answers",
+                            "give every skill_test line its answer field (the spec's answer_field)")
+        if skill_max_new_tokens < 1:
+            raise UserError("skill_max_new_tokens", f"must be at least 1, got {skill_max_new_tokens}", "use e.g. 16")
         self.config = config or EvaluationConfig()
+        self.lookalike_prompts = list(lookalike_prompts)
+        self.skill_prompts = list(skill_prompts)
+        self.skill_answers = list(skill_answers)
+        self.skill_max_new_tokens = skill_max_new_tokens
         self.tokenizer = tokenizer
         self.harmful_prompts = list(harmful_prompts)
         self.harmless_prompts = list(harmless_prompts)
@@ -163,6 +196,10 @@ class Evaluator:
         self.pad_id = pad_token_id(tokenizer)
         self.harmful_ids = format_chat_prompts(tokenizer, self.harmful_prompts, self.config.system_prompt)
         self.harmless_ids = format_chat_prompts(tokenizer, self.harmless_prompts, self.config.system_prompt)
+        self.lookalike_ids = format_chat_prompts(tokenizer, self.lookalike_prompts, self.config.system_prompt) \
+            if self.lookalike_prompts else []
+        self.skill_ids = format_chat_prompts(tokenizer, self.skill_prompts, self.config.system_prompt) \
+            if self.skill_prompts else []
         model.eval()
         self.batch_size = self.config.batch_size or self._find_batch_size(model)
         static_decode.forget_decoders(model)  # the probe's shapes never come back; their KV caches would stay
@@ -191,7 +228,8 @@ class Evaluator:
         judge_seconds = time.perf_counter() - judge_start
         compliance = self._count_compliant(answers, refused)
         log_probs = self._log_probs(model)
-        harmless_refusals = self._count_false_refusals(model, log_probs) if config.count_harmless_refusals else None
+        harmless_refusals, lookalike_refusals = self._count_false_refusals(model, log_probs)
+        skill_correct = self._count_skill(model) if self.skill_ids else None
         ppl = None
         if with_perplexity and self.perplexity_texts:
             ppl = perplexity(
@@ -215,6 +253,10 @@ class Evaluator:
             seconds=time.perf_counter() - start,
             marker_refusals=sum(marker_refused) if self.refusal_judge is not None else None,
             judge_seconds=judge_seconds if self.refusal_judge is not None else 0.0,
+            lookalike_refusals=lookalike_refusals,
+            n_lookalike=len(self.lookalike_ids) if self.lookalike_ids else None,
+            skill_correct=skill_correct,
+            n_skill=len(self.skill_ids) if self.skill_ids else None,
         )
 
     def _judged(self, answers: list[str], marker_refused: list[bool]) -> list[bool]:
@@ -230,23 +272,42 @@ class Evaluator:
             refused[index] = bool(verdict)
         return refused
 
-    def _count_false_refusals(self, model, log_probs) -> int:
-        """Refusals among the harmless answers (window ``false_refusal_window``); see the module docstring."""
+    def _count_false_refusals(self, model, log_probs) -> tuple[int | None, int | None]:
+        """Refusals among the harmless answers and among the look-alikes (window ``false_refusal_window``), each
+        None where not counted; one generation call for both (see the module docstring)."""
         window, markers = self.config.false_refusal_window, self.config.refusal_markers
-        verdicts: list[bool | None] = [None] * len(self.harmless_ids)
-        if window <= self.config.kl_tokens:
+        counted = self.config.count_harmless_refusals
+        verdicts: list[bool | None] = [None] * len(self.harmless_ids) if counted else []
+        if counted and window <= self.config.kl_tokens:
             greedy = log_probs.log_probs[:, :window].argmax(dim=-1).tolist()
             for index, reference in enumerate(self.reference_continuations):
                 reference = list(reference[:window])  # shorter only where it ends in EOS: the answer ends there too
                 if greedy[index][: len(reference)] == reference:
                     verdicts[index] = is_refusal(self.tokenizer.decode(reference, skip_special_tokens=True), markers)
         departed = [index for index, verdict in enumerate(verdicts) if verdict is None]
-        if departed:
-            prompts = self._fixed_shape([self.harmless_ids[index] for index in departed], model)
-            answers = self._answers(model, prompts, window)[: len(departed)]
-            for index, answer in zip(departed, answers, strict=True):
+        lookalike_refused: list[bool] = []
+        if departed or self.lookalike_ids:
+            asked = [self.harmless_ids[index] for index in departed] + self.lookalike_ids
+            answers = self._answers(model, self._fixed_shape(asked, model), window)
+            for index, answer in zip(departed, answers[: len(departed)], strict=True):
                 verdicts[index] = is_refusal(answer.text, markers)
-        return sum(bool(verdict) for verdict in verdicts)
+            lookalike_refused = [is_refusal(answer.text, markers) for answer in
+                                 answers[len(departed): len(departed) + len(self.lookalike_ids)]]
+        return (sum(bool(verdict) for verdict in verdicts) if counted else None,
+                sum(lookalike_refused) if self.lookalike_ids else None)
+
+    def _count_skill(self, model) -> int:
+        """Exact answers among the skill prompts' greedy answers (``skill_max_new_tokens`` each).
+
+        An answer as long as the longest expected one is decided (``is_exact_answer`` reads only its start), so
+        its row stops there instead of running to the window.
+        """
+        longest = max(map(len, self.skill_answers))
+        answers = generate_greedy(model, self.tokenizer, self.skill_ids, max_new_tokens=self.skill_max_new_tokens,
+                                  batch_size=self.batch_size, is_decided=lambda text: len(text.strip()) >= longest,
+                                  decoding=self.config.decoding)
+        return sum(is_exact_answer(answer.text, expected)
+                   for answer, expected in zip(answers[: len(self.skill_ids)], self.skill_answers, strict=True))
 
     def _fixed_shape(self, prompts: list[list[int]], model) -> list[list[int]]:
         """For the captured static decoder: whole batches that include the longest harmless prompt.
@@ -258,7 +319,7 @@ class Evaluator:
         """
         if not use_static_decode(model, self.config.decoding):
             return prompts
-        longest = max(self.harmless_ids, key=len)
+        longest = max(self.harmless_ids + self.lookalike_ids, key=len)
         size = min(self.batch_size, len(self.harmless_ids))
         padded = prompts + ([longest] if max(map(len, prompts)) < len(longest) else [])
         return padded + [longest] * (-len(padded) % size)

@@ -108,7 +108,8 @@ def verify_export(trial: ChosenTrial, export_dir: Path, tolerance: Tolerance, *,
                            max_memory=settings.max_memory, trust_remote_code=trust_remote_code)
     texts = perplexity_texts(settings.prompt_spec())
     evaluator = Evaluator(reference.model, reference.tokenizer, prompts.harmful_test, prompts.harmless_test, config,
-                          perplexity_texts=texts, refusal_judge=refusal_judge_of(settings, reference.model))
+                          perplexity_texts=texts, refusal_judge=refusal_judge_of(settings, reference.model),
+                          **prompts.collateral_sets())
     unedited = {**TrialMetrics.from_eval_result(evaluator.base).to_dict(), "perplexity": evaluator.base.perplexity}
     del reference  # the evaluator keeps the unedited model's KL reference, not the model
     exported = load_model(str(export_dir), dtypes=settings.dtypes, device_map=device_map, load_as=settings.load_as,

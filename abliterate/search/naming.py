@@ -25,13 +25,15 @@ _NOT_IDENTITY = ("decoding", "harmless_max_new_tokens", "judge_tokens")  # the j
 # (or 0, not counting) is named below, so one study never mixes counts taken over different windows.
 # ("count_harmless_refusals": False is the value every study before them was named with.)
 _FALSE_REFUSALS = {"count_harmless_refusals": False}
+_COLLATERAL = ("lookalike_test", "skill_test", "skill_answers")
 
 
 def study_name(settings: AbliterateSettings, prompts: PromptSets, config: EvaluationConfig) -> str:
     """Same model + prompts + objective-defining settings -> same study, so a re-run continues it."""
     identity = {
         "model": str(Path(settings.model).resolve()) if Path(settings.model).exists() else settings.model,
-        "prompts": asdict(prompts),
+        # the look-alike and skill sets are named only where the spec has them (other studies keep their names)
+        "prompts": {key: value for key, value in asdict(prompts).items() if value or key not in _COLLATERAL},
         # how answers are decoded and batched changes speed, not the tokens: not part of the search's identity
         "evaluation": {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY}
         | {"batch_size": None, "max_batch_size": None} | _FALSE_REFUSALS,

@@ -17,6 +17,12 @@ every trial and recorded, but are not a third objective: they are shown, and a
 ``--select`` rule can cap them. ``None`` where they were not counted (turned
 off, or a trial of a study written before they were).
 
+**Look-alike refusals and skill accuracy** (where the prompt spec has
+``lookalike_test`` / ``skill_test``) are recorded the same way: shown, capped
+by ``--select`` (``lookalike_refusals<=F``, ``skill_loss<=S``), never
+optimized. Their fields are left out of a record where they were not measured,
+so records of specs without those sets are byte for byte as before.
+
 **A refusal judge** (``--judge``) decides ``refusals`` where the markers did
 not: its verdicts are what both the refusal score and the selection use, and
 ``marker_refusals`` keeps the markers' own count of the same answers beside
@@ -40,9 +46,18 @@ class TrialMetrics:
     false_refusals: int | None = None  # refusals of the harmless test prompts; None: not counted
     n_harmless: int | None = None
     marker_refusals: int | None = None  # with a judge: the markers' count (``refusals`` is the judge's); else None
+    lookalike_refusals: int | None = None  # refusals of the spec's look-alike prompts; None: the spec has none
+    n_lookalike: int | None = None
+    skill_correct: int | None = None  # exact answers to the spec's skill prompts; None: the spec has none
+    n_skill: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, except the collateral ones where they were not measured (older records never had them)."""
+        return {key: value for key, value in asdict(self).items() if value is not None or key not in COLLATERAL_FIELDS}
+
+    @property
+    def skill_accuracy(self) -> float | None:
+        return self.skill_correct / self.n_skill if self.skill_correct is not None and self.n_skill else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialMetrics:
@@ -57,10 +72,19 @@ class TrialMetrics:
         return cls(result.refusals, result.n_harmful, result.compliance, float(result.kl),
                    float(result.kl_first_token), float(result.seconds),
                    result.harmless_refusals, result.n_harmless if counted else None,
-                   getattr(result, "marker_refusals", None))
+                   getattr(result, "marker_refusals", None),
+                   *(getattr(result, name, None) for name in COLLATERAL_FIELDS))
 
 
-OPTIONAL_FIELDS = ("false_refusals", "n_harmless", "marker_refusals")  # absent from trials and chosen_trial.json files of older versions
+COLLATERAL_FIELDS = ("lookalike_refusals", "n_lookalike", "skill_correct", "n_skill")  # present only where measured
+OPTIONAL_FIELDS = ("false_refusals", "n_harmless", "marker_refusals", *COLLATERAL_FIELDS)  # absent from older records
+
+
+def skill_loss_points(metrics: TrialMetrics, base: TrialMetrics) -> float | None:
+    """Skill accuracy lost against the unedited model, in percentage points (negative: gained); None if unmeasured."""
+    if metrics.skill_accuracy is None or base.skill_accuracy is None:
+        return None
+    return round(100 * (base.skill_accuracy - metrics.skill_accuracy), 9)  # 39/50 vs 40/50 is 2 points, not 2.0000000000000018
 
 
 def broken_answers(metrics: TrialMetrics) -> int | None:

@@ -37,3 +37,18 @@ def test_a_judge_names_its_own_study_and_judge_tokens_alone_do_not():
     assert name(judge_tokens=64) == name() == "abliterate-tiny-model-a7009e70bd73"
     judged = {name(judge="org/judge"), name(judge="org/judge", judge_tokens=64), name(judge="org/other-judge")}
     assert len(judged) == 3 and name() not in judged
+
+
+def test_a_spec_with_lookalike_and_skill_sets_loads_them_capped_and_names_its_own_study():
+    """The default spec has neither set (its name is the golden one above); the hard spec's sets are test sets."""
+    plain = prompt_sets_of(EvaluationInputs.from_settings(AbliterateSettings(model="org/tiny-model")))
+    assert plain.lookalike_test == plain.skill_test == plain.skill_answers == ()
+    settings = AbliterateSettings(model="org/tiny-model", prompts="datasets_yaml/testbed_hard_prompts.yaml",
+                                  max_test_prompts=4)
+    inputs = EvaluationInputs.from_settings(settings)
+    hard = prompt_sets_of(inputs)
+    assert len(hard.lookalike_test) == len(hard.skill_test) == len(hard.skill_answers) == 4
+    assert hard.collateral_sets()["skill_answers"] == hard.skill_answers
+    without = type(hard)(**{**hard.__dict__, "lookalike_test": (), "skill_test": (), "skill_answers": ()})
+    config = evaluation_config(inputs, hard)
+    assert study_name(settings, hard, config) != study_name(settings, without, config)

@@ -45,3 +45,25 @@ def test_a_judged_stage_adds_the_markers_column_and_an_unjudged_table_is_unchang
     cells = [cell.strip() for cell in line.split("│")]
     assert cells[cells.index("30.0%") + 1] == "4.0%"  # the markers' count right after the judged refusals
     assert "marker ref." in text and "by the refusal markers alone" in " ".join(text.split())
+
+
+def test_lookalike_and_skill_columns_appear_only_where_the_spec_has_those_sets():
+    record = {"refusals": 2, "n_harmful": 100, "compliance": 95, "kl": 0.01, "false_refusals": 4, "n_harmless": 50}
+    plain = metrics_row("abliterated #3", "searched", record)
+    assert not {"lookalike_refusals", "skill", "n_lookalike", "n_skill"} & set(plain)  # the manifest row as before
+    scored = metrics_row("abliterated #4", "searched", {**record, "lookalike_refusals": 3, "n_lookalike": 60,
+                                                        "skill_correct": 45, "n_skill": 50})
+    assert (scored["lookalike_refusals"], scored["lookalike_refusal_count"], scored["skill"], scored["skill_correct"]) \
+        == (0.05, 3, 0.9, 45)
+
+    def table(rows):
+        out = io.StringIO()
+        print_final_table(Console(file=out, width=200), {"pipeline": {"name": "t"}, "stages": {
+            "abliterate": {"status": "complete", "seconds": 1.0, "evaluations": rows}}})
+        return out.getvalue()
+
+    assert "look-alike" not in table([plain]) and "skill" not in table([plain])
+    text = table([plain, scored])
+    cells = [cell.strip() for cell in next(line for line in text.splitlines() if "#4" in line).split("│")]
+    assert cells[cells.index("8.0%") + 1: cells.index("8.0%") + 3] == ["5.0%", "90.0%"]  # after the false refusals
+    assert "look-alike ref." in text and "exact answers" in " ".join(text.split())

@@ -149,3 +149,28 @@ def test_a_false_refusal_window_longer_than_kl_generates_every_harmless_answer(m
     assert off.base.harmless_refusals is None  # not counted unless asked
     with pytest.raises(UserError, match="harmless_max_new_tokens"):
         EvaluationConfig(count_harmless_refusals=True, harmless_max_new_tokens=0)
+
+
+def test_lookalike_refusals_and_skill_accuracy_are_scored_only_where_given(model, tokenizer, answers):
+    from abliterate.evaluation import format_chat_prompts, generate_greedy
+
+    marker = answers[0].split()[1]
+    config = EvaluationConfig(refusal_markers=(marker,), max_new_tokens=12, kl_tokens=4, batch_size=4,
+                              count_harmless_refusals=True)
+    plain = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config).base
+    assert (plain.lookalike_refusals, plain.n_lookalike, plain.skill_correct, plain.n_skill) == (None,) * 4
+    lookalikes, skill = HARMFUL[:3] + HARMLESS[:2], HARMLESS[:4]
+    own = [r.text for r in generate_greedy(model, tokenizer, format_chat_prompts(tokenizer, skill), max_new_tokens=3,
+                                           batch_size=4)]
+    expected = [text.split()[0] if index % 2 else "nine nine nine" for index, text in enumerate(own)]  # 2 of 4 right
+    evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config, lookalike_prompts=lookalikes,
+                          skill_prompts=skill, skill_answers=expected, skill_max_new_tokens=3)
+    base = evaluator.base
+    looked = [r.text for r in generate_greedy(model, tokenizer, format_chat_prompts(tokenizer, lookalikes),
+                                              max_new_tokens=12, batch_size=4)]  # the false-refusal window
+    assert base.lookalike_refusals == sum(is_refusal(text, (marker,)) for text in looked) and base.n_lookalike == 5
+    assert (base.skill_correct, base.n_skill, base.skill_accuracy) == (2, 4, 0.5)
+    # the other counts are those of the evaluator without the sets
+    assert (base.refusals, base.harmless_refusals, base.kl) == (plain.refusals, plain.harmless_refusals, plain.kl)
+    with pytest.raises(UserError, match="answer"):
+        Evaluator(model, tokenizer, HARMFUL, HARMLESS, config, skill_prompts=skill, skill_answers=expected[:2])

@@ -61,3 +61,10 @@ def test_a_refusal_with_an_opener_is_not_compliant():
     assert is_compliant("Sure, the steps are simple.", rule)
     assert not is_compliant("Sure... sorry, I cannot help.", rule)
     assert not is_compliant("", rule)
+
+
+def test_an_exact_answer_begins_with_the_expected_text():
+    from abliterate.evaluation import is_exact_answer
+
+    assert is_exact_answer("  12. That is the sum.", "12.")
+    assert not is_exact_answer("It is 12.", "12.") and not is_exact_answer("1", "12.")
