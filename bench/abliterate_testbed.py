@@ -62,6 +62,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest for the testbed on a shared CPU)")
     parser.add_argument("--testbed", choices=sorted(TESTBEDS), default="model", help="model: the fast testbed; hard: issue 17's")
     parser.add_argument("--all_random", action="store_true", help="every trial a random startup trial")
+    parser.add_argument("--directions", choices=["mean_difference", "subspace"], default="mean_difference",
+                        help="stage 2's --directions (subspace: a rank --direction_rank refusal subspace per layer)")
+    parser.add_argument("--direction_rank", type=int, default=3)
     args = parser.parse_args()
     global TESTBED, SPEC
     TESTBED, SPEC = TESTBEDS[args.testbed]
@@ -85,6 +88,8 @@ def main() -> int:
             "--study_dir", str(args.out / "study"), "--n_trials", str(trials),
             "--n_startup_trials", str(min(args.startup_trials, trials)), "--method", args.method,
             "--device_map", args.device, "--overwrite", "--select", "best_kl_under 0.05", "--dtypes", "float32", "--cpu_threads", str(args.threads)]
+    if args.directions != "mean_difference":
+        argv += ["--directions", args.directions, "--direction_rank", str(args.direction_rank)]
     if args.small:
         argv += ["--max_test_prompts", "10", "--max_train_prompts", "32"]
     settings = parse_settings(argv)
@@ -103,7 +108,7 @@ def main() -> int:
         n = metrics.n_harmful
         rows.append({
             "trial": trial.number, "refusals": metrics.refusals, "compliance": metrics.compliance, "n_harmful": n,
-            "kl": metrics.kl, "kl_first_token": metrics.kl_first_token,
+            "kl": metrics.kl, "kl_first_token": metrics.kl_first_token, "false_refusals": metrics.false_refusals,
             "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds(),
             "meets_target": metrics.refusals <= 0.05 * n and (metrics.compliance or 0) >= 0.8 * n and metrics.kl <= 0.05,
             "meets_refusals_kl": metrics.refusals <= 0.05 * n and metrics.kl <= 0.05,  # issue 17's measure
@@ -122,6 +127,7 @@ def main() -> int:
         "seconds_to_first_trial": round(first.datetime_complete.timestamp() - search_wall, 1),
         "base": chosen.base_metrics, "chosen": {"trial": chosen.trial_number, **chosen.metrics},
         "testbed": args.testbed, "all_random": args.all_random,
+        "directions": args.directions, "direction_rank": args.direction_rank if args.directions == "subspace" else None,
         "kl_range": [min(r["kl"] for r in rows), max(r["kl"] for r in rows)],
         "share_meeting_refusals_kl": round(sum(r["meets_refusals_kl"] for r in rows) / len(rows), 4),
         "trials_meeting_target": [row["trial"] for row in meeting],
