@@ -63,7 +63,8 @@ def refusal_subspaces(
     means: the train prompts carry no category label, and clustering adds a choice (k, seeds) the SVD
     does not need; a category whose refusal uses its own direction shows up as a large singular value
     of these residual differences, because all its prompts share that offset. Singular values of zero
-    (fewer prompts than ``rank``, or a NaN layer) leave zero rows, which edit nothing.
+    (fewer prompts than ``rank``) leave zero rows, which edit nothing; a layer whose mean difference is
+    zeroed (NaN/inf residuals) gets an all-zero basis, as the single direction does.
     """
     if rank < 1:
         raise ValueError(f"subspace rank must be >= 1, got {rank}")
@@ -75,6 +76,8 @@ def refusal_subspaces(
     harmless_mean = harmless.float().mean(dim=0)
     differences = torch.nan_to_num(harmful.float() - harmless_mean, nan=0.0, posinf=0.0, neginf=0.0)  # [n, L+1, h]
     for index in range(first.shape[0]):
+        if not bool(first[index].any()):  # a NaN/inf (or degenerate) layer: no direction, so no subspace either
+            continue
         removed = [first[index]]
         if projected:
             removed.append(normalize(torch.nan_to_num(harmless_mean[index], nan=0.0)))

@@ -63,6 +63,10 @@ def test_too_few_prompts_leave_zero_rows_and_bad_rank_is_refused():
     harmful, harmless = _residuals(8, prompts=2), _residuals(9, prompts=2)
     bases = refusal_subspaces(harmful, harmless, 5)
     assert (bases[:, 3:] == 0).all()  # 2 prompts: the mean difference + at most 2 more directions
+    broken = _residuals(8, prompts=6)
+    broken[:, 2] = float("nan")  # a layer whose residuals are NaN: no direction, and no subspace either
+    bases = refusal_subspaces(broken, _residuals(9, prompts=6), 3)
+    assert (bases[2] == 0).all() and bases[1].abs().sum() > 0
     with pytest.raises(ValueError, match="rank must be >= 1"):
         refusal_subspaces(harmful, harmless, 0)
 
