@@ -65,6 +65,9 @@ def main() -> int:
     parser.add_argument("--directions", choices=["mean_difference", "subspace"], default="mean_difference",
                         help="stage 2's --directions (subspace: a rank --direction_rank refusal subspace per layer)")
     parser.add_argument("--direction_rank", type=int, default=3)
+    parser.add_argument("--full_depth_space", action="store_true",
+                        help="bench-only experiment, not the product's space: kernel peaks over layers 0..L-1 and "
+                             "reach up to L (the product's space: peaks 0.6L..L-1, reach 1..0.6L)")
     args = parser.parse_args()
     global TESTBED, SPEC
     TESTBED, SPEC = TESTBEDS[args.testbed]
@@ -93,6 +96,19 @@ def main() -> int:
     if args.small:
         argv += ["--max_test_prompts", "10", "--max_train_prompts", "32"]
     settings = parse_settings(argv)
+    if args.full_depth_space:
+        import abliterate.run as run_module
+        from abliterate.search import space
+
+        def full_depth(low, high, floor, ceiling, _bounds=space._bounds):
+            if low == 1.0 and floor == 1.0:  # the reach (distance)
+                return _bounds(1.0, ceiling, floor, ceiling)
+            if high == ceiling and floor == 0.0 and low > 0.5 * ceiling:  # the peak position (high = L - 1)
+                return _bounds(0.0, ceiling, floor, ceiling)
+            return _bounds(low, high, floor, ceiling)
+
+        space._bounds = full_depth
+        run_module.suggest_parameters = space.suggest_parameters
     import shutil
 
     shutil.rmtree(args.out / "study", ignore_errors=True)  # a bench measures a fresh study
@@ -127,7 +143,7 @@ def main() -> int:
         "seconds_to_first_trial": round(first.datetime_complete.timestamp() - search_wall, 1),
         "base": chosen.base_metrics, "chosen": {"trial": chosen.trial_number, **chosen.metrics},
         "testbed": args.testbed, "all_random": args.all_random,
-        "directions": args.directions, "direction_rank": args.direction_rank if args.directions == "subspace" else None,
+        "full_depth_space": args.full_depth_space, "directions": args.directions, "direction_rank": args.direction_rank if args.directions == "subspace" else None,
         "kl_range": [min(r["kl"] for r in rows), max(r["kl"] for r in rows)],
         "share_meeting_refusals_kl": round(sum(r["meets_refusals_kl"] for r in rows) / len(rows), 4),
         "trials_meeting_target": [row["trial"] for row in meeting],
