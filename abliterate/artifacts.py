@@ -28,7 +28,7 @@ An abliteration output directory holds:
     refusals, compliance, KL; ``settings``: the settings of the run.
 
 ``directions.safetensors``
-    fp32 tensors: ``refusal_directions`` [layers + 1, hidden] (every residual
+    fp32 tensors: ``refusal_directions`` [layers + 1, hidden] ([layers + 1, k, hidden] with ``--directions subspace``) (every residual
     index's unit direction) and every vector an edit names (``global`` or
     ``layer.<i>``), exactly as the search used them.
 

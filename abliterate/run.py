@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from abliterate.architectures import Architecture, discover
 from abliterate.architectures.report import print_architecture
 from abliterate.artifacts import write_chosen_trial
-from abliterate.directions import refusal_directions
+from abliterate.directions import refusal_directions, refusal_subspaces
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
 from abliterate.evaluation import Evaluator
@@ -114,6 +114,9 @@ def compute_directions(model, architecture: Architecture, tokenizer, prompts: Pr
         for index, count in residuals.nonfinite_layers().items():
             console.print(f"[yellow]warning:[/] {label} residual index {index} (after layer {index - 1}) is NaN/inf "
                           f"for {count} prompts; its direction is zeroed and edits using it do nothing")
+    if settings.directions == "subspace":  # [layers + 1, k, hidden] orthonormal bases
+        return refusal_subspaces(harmful.values, harmless.values, settings.direction_rank,
+                                 projected=settings.direction_projected)
     return refusal_directions(harmful.values, harmless.values, projected=settings.direction_projected)
 
 
@@ -279,7 +282,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                                        compute_directions(model, architecture, tokenizer, prompts, settings,
                                                           evaluator.batch_size, console))
     abliterator = LoraAbliterator(model, architecture.components, method=settings.method, rank=settings.lowrank_rank,
-                                  seed=SVD_SEED)
+                                  seed=SVD_SEED, direction_rank=directions.shape[1] if directions.ndim == 3 else 1)
     for skipped in abliterator.skipped:
         console.print(f"[yellow]skipped:[/] {skipped.component.parameter_path} ({skipped.reason})")
     placement = abliterator.placement_summary()

@@ -98,6 +98,8 @@ class AbliterateSettings(BaseSettings):
 
     # --- directions and edits ---
     direction_projected: bool = Field(default=False, description="Remove the harmless-mean component from each refusal direction before use.")
+    directions: Literal["mean_difference", "subspace"] = Field(default="mean_difference", description="mean_difference: one refusal direction per layer (difference of class means). subspace: a rank-direction_rank refusal subspace per layer (the mean difference plus the top singular vectors of the per-prompt harmful-minus-harmless-mean differences), projected out as a whole.")
+    direction_rank: int = Field(default=3, ge=1, le=64, description="Rank k of the refusal subspace of --directions subspace (ignored otherwise).")
     direction_scope: Literal["search", "global", "per_layer"] = Field(default="search", description="One interpolated direction for all layers, each layer's own, or let the search choose.")
     method: Literal["rank1", "norm_preserving"] = Field(default="norm_preserving", description="rank1: W' = (I - lambda v v^T) W. norm_preserving: same, then each row's norm restored, delta approximated at rank lowrank_rank.")
     lowrank_rank: int = Field(default=3, ge=1, description="Rank of the norm-preserving delta's approximation (and of its LoRA adapter).")

@@ -62,6 +62,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest for the testbed on a shared CPU)")
     parser.add_argument("--testbed", choices=sorted(TESTBEDS), default="model", help="model: the fast testbed; hard: issue 17's")
     parser.add_argument("--all_random", action="store_true", help="every trial a random startup trial")
+    parser.add_argument("--directions", choices=["mean_difference", "subspace"], default="mean_difference",
+                        help="stage 2's --directions (subspace: a rank --direction_rank refusal subspace per layer)")
+    parser.add_argument("--direction_rank", type=int, default=3)
+    parser.add_argument("--full_depth_space", action="store_true",
+                        help="bench-only experiment, not the product's space: kernel peaks over layers 0..L-1 and "
+                             "reach up to L (the product's space: peaks 0.6L..L-1, reach 1..0.6L)")
     args = parser.parse_args()
     global TESTBED, SPEC
     TESTBED, SPEC = TESTBEDS[args.testbed]
@@ -85,9 +91,24 @@ def main() -> int:
             "--study_dir", str(args.out / "study"), "--n_trials", str(trials),
             "--n_startup_trials", str(min(args.startup_trials, trials)), "--method", args.method,
             "--device_map", args.device, "--overwrite", "--select", "best_kl_under 0.05", "--dtypes", "float32", "--cpu_threads", str(args.threads)]
+    if args.directions != "mean_difference":
+        argv += ["--directions", args.directions, "--direction_rank", str(args.direction_rank)]
     if args.small:
         argv += ["--max_test_prompts", "10", "--max_train_prompts", "32"]
     settings = parse_settings(argv)
+    if args.full_depth_space:
+        import abliterate.run as run_module
+        from abliterate.search import space
+
+        def full_depth(low, high, floor, ceiling, _bounds=space._bounds):
+            if low == 1.0 and floor == 1.0:  # the reach (distance)
+                return _bounds(1.0, ceiling, floor, ceiling)
+            if high == ceiling and floor == 0.0 and low > 0.5 * ceiling:  # the peak position (high = L - 1)
+                return _bounds(0.0, ceiling, floor, ceiling)
+            return _bounds(low, high, floor, ceiling)
+
+        space._bounds = full_depth
+        run_module.suggest_parameters = space.suggest_parameters
     import shutil
 
     shutil.rmtree(args.out / "study", ignore_errors=True)  # a bench measures a fresh study
@@ -103,7 +124,7 @@ def main() -> int:
         n = metrics.n_harmful
         rows.append({
             "trial": trial.number, "refusals": metrics.refusals, "compliance": metrics.compliance, "n_harmful": n,
-            "kl": metrics.kl, "kl_first_token": metrics.kl_first_token,
+            "kl": metrics.kl, "kl_first_token": metrics.kl_first_token, "false_refusals": metrics.false_refusals,
             "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds(),
             "meets_target": metrics.refusals <= 0.05 * n and (metrics.compliance or 0) >= 0.8 * n and metrics.kl <= 0.05,
             "meets_refusals_kl": metrics.refusals <= 0.05 * n and metrics.kl <= 0.05,  # issue 17's measure
@@ -122,6 +143,7 @@ def main() -> int:
         "seconds_to_first_trial": round(first.datetime_complete.timestamp() - search_wall, 1),
         "base": chosen.base_metrics, "chosen": {"trial": chosen.trial_number, **chosen.metrics},
         "testbed": args.testbed, "all_random": args.all_random,
+        "full_depth_space": args.full_depth_space, "directions": args.directions, "direction_rank": args.direction_rank if args.directions == "subspace" else None,
         "kl_range": [min(r["kl"] for r in rows), max(r["kl"] for r in rows)],
         "share_meeting_refusals_kl": round(sum(r["meets_refusals_kl"] for r in rows) / len(rows), 4),
         "trials_meeting_target": [row["trial"] for row in meeting],

@@ -71,14 +71,23 @@ def abliteration_factors(
     """``(left [..., hidden, r], right [..., r, in])`` fp32 with canonical delta ``left @ right``.
 
     ``weight`` is 2-D or 3-D (fused experts, one edit per expert); ``direction``
-    a unit vector of the residual size; ``strength`` is lambda.
+    a unit vector of the residual size, or an orthonormal basis ``[k, hidden]`` of a refusal
+    subspace (``--directions subspace``: the whole subspace is projected out, a rank-k delta; the
+    norm-preserving approximation then uses ``max(rank, k)``); ``strength`` is lambda.
     """
     canonical = _canonical(weight, transposed)
     v = direction.to(device=canonical.device, dtype=torch.float32)
-    if canonical.shape[-2] != v.shape[0]:
-        raise ValueError(f"direction has {v.shape[0]} features, weight's residual axis has {canonical.shape[-2]}")
-    projection = torch.einsum("h,...hi->...i", v, canonical).unsqueeze(-2)  # v^T W: [..., 1, in]
-    left = (-strength * v).unsqueeze(-1).expand(*canonical.shape[:-2], v.shape[0], 1)  # [..., hidden, 1]
+    if canonical.shape[-2] != v.shape[-1]:
+        raise ValueError(f"direction has {v.shape[-1]} features, weight's residual axis has {canonical.shape[-2]}")
+    if v.ndim == 1:
+        projection = torch.einsum("h,...hi->...i", v, canonical).unsqueeze(-2)  # v^T W: [..., 1, in]
+        left = (-strength * v).unsqueeze(-1).expand(*canonical.shape[:-2], v.shape[0], 1)  # [..., hidden, 1]
+    elif v.ndim == 2:  # an orthonormal basis V [k, hidden] of a subspace: W' = (I - lambda V^T V) W
+        projection = torch.einsum("kh,...hi->...ki", v, canonical)  # V W: [..., k, in]
+        left = (-strength * v.T).expand(*canonical.shape[:-2], v.shape[1], v.shape[0])  # [..., hidden, k]
+        rank = max(rank, v.shape[0])  # the norm-preserving delta of a rank-k edit needs at least rank k
+    else:
+        raise ValueError(f"direction must be [hidden] or a basis [k, hidden], got shape {tuple(v.shape)}")
     if method == "rank1":
         return left.contiguous(), projection
     if method != "norm_preserving":

@@ -215,10 +215,12 @@ class _PackedExpertSlot:
 class LoraAbliterator:
     """Owns the adapter on ``model`` (modified in place) and writes one trial's edit into it."""
 
-    def __init__(self, model: nn.Module, components: list[Component], *, method: Method = "rank1", rank: int = 3, seed: int = 0):
+    def __init__(self, model: nn.Module, components: list[Component], *, method: Method = "rank1", rank: int = 3, seed: int = 0,
+                 direction_rank: int = 1):
         self.model = model
         self.method = method
-        self.rank = 1 if method == "rank1" else rank
+        # a rank-k subspace edit (--directions subspace) is a rank-k delta: the adapter holds at least k
+        self.rank = max(1 if method == "rank1" else rank, direction_rank)
         self.seed = seed
         placement = classify_components(model, components)
         kept = {c.parameter_path for c in placement.in_place} | set(placement.offloaded)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from abliterate.architectures import Component
-from abliterate.directions import interpolated_direction, layer_direction
+from abliterate.directions import interpolated_direction, interpolated_subspace, layer_direction
 from abliterate.edits.kernel import KernelParameters, layer_strength
 
 GLOBAL = "global"
@@ -55,11 +55,16 @@ def direction_key(parameters: AbliterationParameters, component: Component) -> s
 
 
 def edit_directions(parameters: AbliterationParameters, directions: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every direction an edit may use, by key: the interpolated global one, or each layer's."""
+    """Every direction an edit may use, by key: the interpolated global one, or each layer's.
+
+    ``directions`` is [layers + 1, hidden] (one direction per residual index) or [layers + 1, k, hidden]
+    (a subspace basis per index, ``--directions subspace``): the values are then [k, hidden] bases.
+    """
     if parameters.direction_scope == GLOBAL:
         if parameters.direction_index is None:
             raise ValueError("a global direction scope needs direction_index")
-        return {GLOBAL: interpolated_direction(directions, parameters.direction_index)}
+        interpolate = interpolated_subspace if directions.ndim == 3 else interpolated_direction
+        return {GLOBAL: interpolate(directions, parameters.direction_index)}
     return {f"layer.{index + 1}": layer_direction(directions, index) for index in range(directions.shape[0] - 1)}
 
 

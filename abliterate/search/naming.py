@@ -40,6 +40,8 @@ def study_name(settings: AbliterateSettings, prompts: PromptSets, config: Evalua
         "edit": [settings.method, settings.lowrank_rank, settings.direction_scope, settings.direction_projected],
         "objective": [settings.kl_target, settings.seed],
     }
+    if settings.directions != "mean_difference":  # a subspace edit is another search (older studies keep their names)
+        identity["directions"] = [settings.directions, settings.direction_rank]
     if settings.false_refusal_tokens is not None:
         identity["false_refusal_tokens"] = settings.false_refusal_tokens
     if settings.judge:  # judged refusals are another objective: their own study (unjudged studies keep their names)

@@ -67,6 +67,37 @@ def test_command_writes_a_chosen_trial_that_reproduces_the_search_edit(workspace
         torch.testing.assert_close(searched(ids).logits, merged_logits, atol=1e-5, rtol=1e-4)
 
 
+def test_subspace_directions_run_end_to_end_and_the_merge_reproduces_the_search_edit(workspace, capsys):
+    """--directions subspace: rank-k bases saved, a rank-k adapter, its own study; the merge equals the search's edit."""
+    model_dir, spec, root = workspace
+    out = root / "out_subspace"
+    assert main(_argv(model_dir, spec, out, 2, "--method", "rank1", "--directions", "subspace",
+                      "--direction_rank", "2")) == 0
+    capsys.readouterr()
+    chosen = read_chosen_trial(out)
+    bases = chosen.directions["refusal_directions"]
+    assert bases.ndim == 3 and bases.shape[1] == 2 and chosen.rank == 2
+    assert chosen.edits
+    from abliterate.export.apply_edit import edit_tensor
+    from abliterate.export.plan import TensorEdit
+
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, weight in merged.named_parameters():
+            if name in chosen.edits:
+                weight.copy_(edit_tensor(weight, TensorEdit(name, chosen.edits[name]), chosen))
+        merged_logits = merged(ids).logits
+    searched = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    abliterator = LoraAbliterator(searched, discover(searched).components, method="rank1", direction_rank=2)
+    abliterator.apply(chosen.parameters, bases)
+    with torch.no_grad():
+        torch.testing.assert_close(searched(ids).logits, merged_logits, atol=1e-5, rtol=1e-4)
+        # a rank-1 slice of the same bases through the same path differs: the second direction is really used
+        abliterator.apply(chosen.parameters, bases[:, :1])
+        assert (searched(ids).logits - merged_logits).abs().max() > 1e-6
+
+
 def test_rerun_continues_the_study_and_select_is_non_interactive(workspace, capsys):
     model_dir, spec, root = workspace
     out = root / "out2"

@@ -47,20 +47,25 @@ def save_sharded(config, directory, shard_size: str = "40KB") -> None:
     model.save_pretrained(directory, max_shard_size=shard_size)
 
 
-def make_trial(config, directory, method: str = "rank1", seed: int = 1) -> ChosenTrial:
-    """A chosen-trial artifact written by stage 2's own writer: per-layer directions, both kernels."""
+def make_trial(config, directory, method: str = "rank1", seed: int = 1, subspace_rank: int | None = None) -> ChosenTrial:
+    """A chosen-trial artifact written by stage 2's own writer: per-layer directions, both kernels.
+
+    ``subspace_rank`` k: per-layer orthonormal [k, hidden] bases instead (``--directions subspace``)."""
     with torch.device("meta"):
         components = discover(AutoModelForCausalLM.from_config(config)).components
     layers = config.num_hidden_layers
     generator = torch.Generator().manual_seed(seed)
     directions = torch.randn(layers + 1, HIDDEN, generator=generator)
     directions = directions / directions.norm(dim=-1, keepdim=True)
+    if subspace_rank is not None:
+        directions = torch.linalg.qr(torch.randn(layers + 1, HIDDEN, subspace_rank, generator=generator)).Q.transpose(1, 2)
     parameters = AbliterationParameters(PER_LAYER, None, {
         "attn": KernelParameters(max_weight=1.2, max_weight_position=layers - 1, min_weight=0.4, min_weight_distance=2),
         "mlp": KernelParameters(max_weight=1.0, max_weight_position=1.5, min_weight=0.5, min_weight_distance=3),
     })
     header = {"model": "tiny", "source_format": "bf16", "trial_number": 7, "method": method,
-              "rank": 1 if method == "rank1" else 2,  # stage 2 records rank 1 for rank1
+              # stage 2 records rank 1 for rank1, and at least k for a rank-k subspace
+              "rank": max(1 if method == "rank1" else 2, subspace_rank or 1),
               "svd_seed": 0, "parameters": parameters.to_dict(), "num_layers": layers, "hidden_size": HIDDEN,
               "metrics": {"refusals": 1, "n_harmful": 10, "compliance": 8, "kl": 0.01},
               "base_metrics": {"refusals": 9, "n_harmful": 10, "compliance": 0, "kl": 0.0}}

@@ -64,6 +64,22 @@ def test_streaming_merge_equals_peft_merge_and_unload(llama_dir, tmp_path, metho
         assert torch.equal(tensor, original[name]) == (name not in edited), name
 
 
+@pytest.mark.parametrize("method", ["rank1", "norm_preserving"])
+def test_subspace_edit_streaming_merge_equals_peft_merge(llama_dir, tmp_path, method):
+    """--directions subspace: a rank-3 basis per layer merges exactly as the rank-3 LoRA the search evaluated."""
+    trial = make_trial(llama_config(), tmp_path / "trial", method=method, subspace_rank=3)
+    assert trial.rank == 3 and all(vector.shape == (3, trial.directions[key].shape[-1])
+                                   for key, vector in trial.directions.items() if key.startswith("layer."))
+    out = tmp_path / "out"
+    out.mkdir()
+    merger = StreamingMerger.from_directory(llama_dir, trial)
+    export_full_precision(merger, out, show_progress=False)
+    streamed, reference, original = load_all(out), _peft_merged_state(llama_dir, trial), load_all(llama_dir)
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, reference[name]), name
+        assert torch.equal(tensor, original[name]) == (name not in set(merger.edited_names)), name
+
+
 def test_fused_experts_are_edited_per_expert(moe_dir, tmp_path):
     """On disk one tensor per expert, in memory one 3-D parameter: every expert is edited like the fused one."""
     edit = make_trial(moe_config(), tmp_path / "trial")
