@@ -36,13 +36,17 @@ def refusal_directions(harmful: torch.Tensor, harmless: torch.Tensor, *, project
 
 def interpolated_direction(directions: torch.Tensor, index: float) -> torch.Tensor:
     """The unit direction at a fractional residual index, linear between its two neighbours."""
-    last = directions.shape[0] - 1
+    below, above, weight = _neighbours(directions.shape[0], index)
+    return normalize(torch.lerp(directions[below], directions[above], weight))
+
+
+def _neighbours(count: int, index: float) -> tuple[int, int, float]:
+    """The two residual indices around a fractional ``index`` of ``count`` and the weight of the upper one."""
+    last = count - 1
     if not 0.0 <= index <= last:
         raise ValueError(f"direction index {index} outside [0, {last}]")
     below = math.floor(index)
-    above = min(below + 1, last)
-    weight = index - below
-    return normalize(torch.lerp(directions[below], directions[above], weight))
+    return below, min(below + 1, last), index - below
 
 
 def layer_direction(directions: torch.Tensor, layer: int) -> torch.Tensor:
@@ -99,12 +103,7 @@ def interpolated_subspace(bases: torch.Tensor, index: float) -> torch.Tensor:
     other rows are interpolated after flipping the upper neighbour's sign to agree with the lower one
     (singular vectors have no sign), then re-orthonormalized against the rows before them.
     """
-    last = bases.shape[0] - 1
-    if not 0.0 <= index <= last:
-        raise ValueError(f"direction index {index} outside [0, {last}]")
-    below = math.floor(index)
-    above = min(below + 1, last)
-    weight = index - below
+    below, above, weight = _neighbours(bases.shape[0], index)
     lower, upper = bases[below], bases[above].clone()
     signs = torch.where((lower * upper).sum(dim=-1, keepdim=True) < 0, -1.0, 1.0)
     signs[0] = 1.0  # row 0 is a mean difference: its sign is meaningful

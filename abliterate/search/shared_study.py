@@ -45,7 +45,7 @@ from abliterate.search.study import (
     Report,
     Suggest,
     TrialOutcome,
-    completed_trials,
+    report_completed,
     seeded_sampler,
 )
 from foundation.errors import UserError
@@ -251,7 +251,5 @@ def run_shared_trials(
             continue
         ran += 1
         durations.append(time.perf_counter() - started)
-        done = len(completed_trials(study))
-        eta = (sum(durations) / len(durations)) * max(n_trials - done, 0) if durations else None
-        if report:
-            report(TrialOutcome(trial.number, parameters, metrics, values, durations[-1]), done, n_trials, eta)
+        report_completed(study, report, TrialOutcome(trial.number, parameters, metrics, values, durations[-1]),
+                         durations, n_trials)

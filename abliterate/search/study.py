@@ -115,10 +115,8 @@ def run_trials(
         trial.set_user_attr(METRICS_ATTR, metrics.to_dict())
         study.tell(trial, list(values))
         durations.append(time.perf_counter() - started)
-        done = len(completed_trials(study))
-        eta = (sum(durations) / len(durations)) * (n_trials - done) if durations else None
-        if report:
-            report(TrialOutcome(trial.number, parameters, metrics, values, durations[-1]), done, n_trials, eta)
+        report_completed(study, report, TrialOutcome(trial.number, parameters, metrics, values, durations[-1]),
+                         durations, n_trials)
 
     try:
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -130,6 +128,16 @@ def run_trials(
             run_one(study.ask())
     except UpdateFinishedTrialError as error:
         raise concurrent_writer_error(study, error) from None
+
+
+def report_completed(study: optuna.Study, report: Report | None, outcome: TrialOutcome, durations: list[float],
+                     n_trials: int) -> None:
+    """Hand a finished trial to ``report`` with the study's completed count and an ETA from this process's trials."""
+    if report is None:
+        return
+    done = len(completed_trials(study))
+    eta = (sum(durations) / len(durations)) * max(n_trials - done, 0) if durations else None
+    report(outcome, done, n_trials, eta)
 
 
 def concurrent_writer_error(study: optuna.Study, error: UpdateFinishedTrialError) -> UserError:
