@@ -147,7 +147,7 @@ def _static_responses(model, tokenizer, batch: PaddedBatch, max_new_tokens: int,
                       is_decided: Callable[[str], bool] | None) -> list[Response]:
     decoder = static_decode.decoder_for(model, batch.input_ids.shape[0], batch.input_ids.shape[1], max_new_tokens)
     judge = static_decode.RowJudge(tokenizer, eos_ids, is_decided)
-    generated = decoder.run(batch, judge, CHECK_EVERY).tolist()
+    generated = decoder.run(batch, max_new_tokens, judge, CHECK_EVERY).tolist()
     responses = []
     for row, tokens in enumerate(generated):
         length, reason = judge.end_of(row, len(tokens))

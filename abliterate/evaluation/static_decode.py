@@ -29,7 +29,7 @@ from transformers import AttentionInterface, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-_KEPT_DECODERS = 4  # per model: the harmful batches, the harmless batches, and a spare shape
+_KEPT_DECODERS = 4  # per model, one per batch size: the full batches, a remainder batch, spares
 
 
 _RECURRENT_CONFIG_KEYS = ("hybrid_override_pattern", "layers_block_type", "ssm_cfg", "mamba_d_ssm", "linear_attn_config")
@@ -147,12 +147,16 @@ def _additive_mask(attention_mask: torch.Tensor, cache_len: int, dtype: torch.dt
 
 
 class StaticDecoder:
-    """One batch shape's cache, step buffers and (on CUDA) captured decode step."""
+    """One batch size's cache, step buffers and (on CUDA) captured decode step.
 
-    def __init__(self, model, batch: int, prompt_len: int, max_new_tokens: int, dtype: torch.dtype) -> None:
+    The captured step depends on the batch size and the cache length only, not on the prompt length (the prompt
+    is prefilled outside the graph), so one decoder serves every call of its batch size that fits its cache:
+    the false-refusal and skill answers decode in the harmful answers' KV cache instead of a cache of their own.
+    """
+
+    def __init__(self, model, batch: int, cache_len: int, dtype: torch.dtype) -> None:
         self.model = model
-        self.batch, self.prompt_len, self.max_new = batch, prompt_len, max_new_tokens
-        self.cache_len = prompt_len + max_new_tokens
+        self.batch, self.cache_len = batch, cache_len
         device = next(model.parameters()).device
         self.device, self.dtype = device, dtype
         self.cache = StaticCache(config=model.config, max_cache_len=self.cache_len)
@@ -181,24 +185,31 @@ class StaticDecoder:
         with torch.cuda.graph(self.graph):
             self._step()
 
-    def run(self, batch, judge: RowJudge, check_every: int) -> torch.Tensor:
-        """Generated tokens [batch, <= max_new] for a left-padded ``batch`` (``generation.PaddedBatch``).
+    def fits(self, batch: int, prompt_len: int, max_new_tokens: int) -> bool:
+        return batch == self.batch and prompt_len + max_new_tokens <= self.cache_len
+
+    def run(self, batch, max_new_tokens: int, judge: RowJudge, check_every: int) -> torch.Tensor:
+        """Generated tokens [batch, <= max_new_tokens] for a left-padded ``batch`` (``generation.PaddedBatch``).
 
         Rows keep going after they end; ``judge`` says where each one ends.
         """
+        prompt_len = batch.input_ids.shape[1]
+        if not self.fits(batch.input_ids.shape[0], prompt_len, max_new_tokens):
+            raise ValueError(f"a batch of {batch.input_ids.shape[0]} x {prompt_len} + {max_new_tokens} new tokens "
+                             f"does not fit this decoder ({self.batch} rows, cache of {self.cache_len})")
         self.cache.reset()
         prompt_mask = _additive_mask(batch.attention_mask, self.cache_len, self.dtype)
-        cache_position = torch.arange(self.prompt_len, device=self.device)
+        cache_position = torch.arange(prompt_len, device=self.device)
         logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache_position=cache_position,
                             attention_mask=prompt_mask, past_key_values=self.cache, use_cache=True,
                             logits_to_keep=1).logits
-        generated = torch.empty(self.batch, self.max_new, dtype=torch.long, device=self.device)
+        generated = torch.empty(self.batch, max_new_tokens, dtype=torch.long, device=self.device)
         generated[:, 0] = logits[:, -1].argmax(-1)
         self.step_mask.copy_(prompt_mask[:, :, -1:, :])
         self.positions.copy_(batch.position_ids[:, -1:])
-        self.cache_position.fill_(self.prompt_len - 1)
+        self.cache_position.fill_(prompt_len - 1)
         steps = 1
-        while steps < self.max_new:
+        while steps < max_new_tokens:
             if steps % check_every == 0 and judge.update(generated[:, :steps]):
                 break
             self.ids.copy_(generated[:, steps - 1 : steps])
@@ -219,17 +230,23 @@ class StaticDecoder:
 
 
 def decoder_for(model, batch: int, prompt_len: int, max_new_tokens: int) -> StaticDecoder:
-    """The model's decoder for this shape, kept across trials (least recently used ones dropped)."""
+    """The model's decoder for this batch size, kept across trials (least recently used batch sizes dropped).
+
+    A call that does not fit the kept decoder's cache replaces it with one sized for this call (the old cache
+    and graph are freed), so the longest call of a batch size - the harmful answers - sets the size once.
+    """
     decoders: OrderedDict = model.__dict__.setdefault("_static_decoders", OrderedDict())
-    key = (batch, prompt_len, max_new_tokens)
-    if key in decoders:
-        decoders.move_to_end(key)
-        return decoders[key]
+    kept = decoders.get(batch)
+    if kept is not None and kept.fits(batch, prompt_len, max_new_tokens):
+        decoders.move_to_end(batch)
+        return kept
+    decoders.pop(batch, None)
+    del kept  # its KV cache goes before the larger one is allocated
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    decoders[key] = StaticDecoder(model, batch, prompt_len, max_new_tokens, dtype)
+    decoders[batch] = StaticDecoder(model, batch, prompt_len + max_new_tokens, dtype)
     while len(decoders) > _KEPT_DECODERS:
         decoders.popitem(last=False)
-    return decoders[key]
+    return decoders[batch]
 
 
 def forget_decoders(model) -> None:

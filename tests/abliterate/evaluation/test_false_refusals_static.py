@@ -40,6 +40,10 @@ def test_false_refusals_reuse_one_static_decoder_across_trials(testbed):
                                   batch_size=4, decoding="generate")
         assert result.harmless_refusals == sum(is_refusal(a.text, config.refusal_markers) for a in answers)
         counts.add(result.harmless_refusals)
-        shapes |= {key for key in edited.__dict__.get("_static_decoders", {}) if key[2] == 6}
-    assert len({key[0] for key in shapes}) == 1  # one batch size for every trial's departed prompts
-    assert len(counts) > 1 and shapes  # the edits moved the count, and departed prompts were generated
+        decoders = edited.__dict__.get("_static_decoders", {})
+        shapes |= {(size, decoder.cache_len) for size, decoder in decoders.items()}
+    # one decoder for every trial: the departed prompts are padded to the harmful prompts' batch size and decode
+    # in their KV cache (no cache of their own), so every trial keeps exactly one (batch, cache length)
+    harmful_cache = max(len(ids) for ids in evaluator.harmful_ids) + config.max_new_tokens
+    assert shapes == {(4, harmful_cache)}
+    assert len(counts) > 1  # the edits moved the count, so departed prompts were generated
