@@ -32,6 +32,12 @@ Method = Literal["rank1", "norm_preserving"]
 METHODS: tuple[str, ...] = ("rank1", "norm_preserving")
 _OVERSAMPLE = 8
 _POWER_ITERATIONS = 2
+# Above this many values a 2-D weight is edited a block of residual rows at a time: the norm-preserving delta's
+# full-size fp32 temporaries (edited weight, rescaled weight, delta; ~4x the weight) were the largest GPU
+# allocation of a trial on an 8B model (+1.0 GB over the resting 6.8 GB, bench/stage2_trial_profile.py).
+# Smaller weights keep the one-shot computation (same factors up to float rounding either way).
+_CHUNKED_ABOVE = 1 << 24
+_CHUNK_VALUES = 1 << 24  # four blocks of an 8B down_proj: fewer launches, ~270 MB of block temporaries
 
 
 def _canonical(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -75,23 +81,26 @@ def abliteration_factors(
     subspace (``--directions subspace``: the whole subspace is projected out, a rank-k delta; the
     norm-preserving approximation then uses ``max(rank, k)``); ``strength`` is lambda.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if direction.ndim not in (1, 2):
+        raise ValueError(f"direction must be [hidden] or a basis [k, hidden], got shape {tuple(direction.shape)}")
+    residual = weight.shape[-1] if transposed else weight.shape[-2]
+    if residual != direction.shape[-1]:
+        raise ValueError(f"direction has {direction.shape[-1]} features, weight's residual axis has {residual}")
+    if weight.ndim == 2 and weight.numel() > _CHUNKED_ABOVE:
+        return _chunked_factors(weight, direction, strength, method=method, rank=rank, transposed=transposed, seed=seed)
     canonical = _canonical(weight, transposed)
     v = direction.to(device=canonical.device, dtype=torch.float32)
-    if canonical.shape[-2] != v.shape[-1]:
-        raise ValueError(f"direction has {v.shape[-1]} features, weight's residual axis has {canonical.shape[-2]}")
     if v.ndim == 1:
         projection = torch.einsum("h,...hi->...i", v, canonical).unsqueeze(-2)  # v^T W: [..., 1, in]
         left = (-strength * v).unsqueeze(-1).expand(*canonical.shape[:-2], v.shape[0], 1)  # [..., hidden, 1]
-    elif v.ndim == 2:  # an orthonormal basis V [k, hidden] of a subspace: W' = (I - lambda V^T V) W
+    else:  # an orthonormal basis V [k, hidden] of a subspace: W' = (I - lambda V^T V) W
         projection = torch.einsum("kh,...hi->...ki", v, canonical)  # V W: [..., k, in]
         left = (-strength * v.T).expand(*canonical.shape[:-2], v.shape[1], v.shape[0])  # [..., hidden, k]
         rank = max(rank, v.shape[0])  # the norm-preserving delta of a rank-k edit needs at least rank k
-    else:
-        raise ValueError(f"direction must be [hidden] or a basis [k, hidden], got shape {tuple(v.shape)}")
     if method == "rank1":
         return left.contiguous(), projection
-    if method != "norm_preserving":
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     edited = canonical + left @ projection
     row_norms = canonical.norm(dim=-1, keepdim=True)
     edited_norms = edited.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -100,6 +109,53 @@ def abliteration_factors(
         return _low_rank(full_delta, rank, seed)
     pairs = [_low_rank(matrix, rank, seed + index) for index, matrix in enumerate(full_delta)]
     return torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])
+
+
+def _row_blocks(rows: int, columns: int) -> list[slice]:
+    step = max(1, _CHUNK_VALUES // max(columns, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _chunked_factors(
+    weight: torch.Tensor, direction: torch.Tensor, strength: float, *, method: Method, rank: int, transposed: bool,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``abliteration_factors`` of a large 2-D weight with one block of residual rows in fp32 at a time.
+
+    The same math as the one-shot path: the projection ``V W`` summed over row blocks, and for the
+    norm-preserving delta the randomized SVD's products with the delta, each rebuilt block by block from the
+    weight (the delta's rows depend only on the weight's same rows), so no full-size fp32 temporary exists.
+    """
+    view = weight.transpose(0, 1) if transposed else weight  # [hidden, in], a view
+    rows, columns = view.shape
+    blocks = _row_blocks(rows, columns)
+    basis = direction.to(device=weight.device, dtype=torch.float32).reshape(-1, rows)  # [k, hidden]
+    projection = sum(basis[:, block] @ view[block].float() for block in blocks)  # [k, in]
+    left = -strength * basis.T.contiguous()  # [hidden, k]
+    if method == "rank1":
+        return left, projection
+
+    def delta_rows(block: slice) -> torch.Tensor:
+        original = view[block].float()
+        edited = original + left[block] @ projection
+        scale = original.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return edited * scale - original
+
+    rank = max(rank, basis.shape[0])
+    sketch_size = min(rank + _OVERSAMPLE, rows, columns)
+    if sketch_size == min(rows, columns):  # nothing to sketch: the exact SVD of the (then small-sided) delta
+        return _low_rank(torch.cat([delta_rows(block) for block in blocks]), rank, seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    probe = torch.randn(columns, sketch_size, generator=generator).to(projection)
+    sketch = torch.linalg.qr(torch.cat([delta_rows(block) @ probe for block in blocks])).Q
+    for _ in range(_POWER_ITERATIONS):
+        back = sum(delta_rows(block).T @ sketch[block] for block in blocks)  # delta^T Q: [in, s]
+        sketch = torch.linalg.qr(torch.cat([delta_rows(block) @ back for block in blocks])).Q
+    small = sum(sketch[block].T @ delta_rows(block) for block in blocks)  # Q^T delta: [s, in]
+    u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+    u = sketch @ u_small
+    rank = min(rank, s.shape[0])
+    return u[:, :rank] * s[:rank], vh[:rank]
 
 
 def abliteration_delta(

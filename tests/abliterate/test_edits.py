@@ -55,6 +55,32 @@ def test_norm_preserving_keeps_row_norms_at_full_rank_and_approximates_at_low_ra
     assert torch.equal(left, again[0]) and torch.equal(right, again[1])
 
 
+@pytest.mark.parametrize("method", ["rank1", "norm_preserving"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("subspace", [False, True])
+def test_large_weights_edited_in_row_blocks_give_the_one_shot_delta(monkeypatch, method, transposed, subspace):
+    """Above the size limit the factors are built a block of residual rows at a time; the delta is the same."""
+    from abliterate.edits import delta as delta_module
+
+    weight = torch.randn(96, 40, generator=torch.Generator().manual_seed(7))  # canonical [hidden 96, in 40]
+    stored = weight.T.contiguous() if transposed else weight
+    direction = torch.linalg.qr(torch.randn(96, 2, generator=torch.Generator().manual_seed(8))).Q.T if subspace \
+        else _unit(96, 8)
+    one_shot = abliteration_factors(stored, direction, 0.9, method=method, rank=4, transposed=transposed, seed=3)
+    calls = []
+    chunked = delta_module._chunked_factors
+    monkeypatch.setattr(delta_module, "_chunked_factors", lambda *a, **k: calls.append(1) or chunked(*a, **k))
+    monkeypatch.setattr(delta_module, "_CHUNKED_ABOVE", 1000)  # 3,840 values: chunked
+    monkeypatch.setattr(delta_module, "_CHUNK_VALUES", 400)  # 10 rows of 40 per block: 10 blocks
+    blocked = abliteration_factors(stored, direction, 0.9, method=method, rank=4, transposed=transposed, seed=3)
+    assert calls, "the row-block path must have run"
+    assert [t.shape for t in blocked] == [t.shape for t in one_shot]
+    torch.testing.assert_close(blocked[0] @ blocked[1], one_shot[0] @ one_shot[1], atol=1e-5, rtol=1e-4)
+    if method == "rank1":  # and the delta is the projection formula itself
+        basis = direction.reshape(-1, 96)
+        torch.testing.assert_close(blocked[0] @ blocked[1], -0.9 * basis.T @ (basis @ weight), atol=1e-5, rtol=1e-4)
+
+
 def test_layer_kernel_shape():
     kernel = KernelParameters(max_weight=1.2, max_weight_position=4.0, min_weight=0.4, min_weight_distance=2.0)
     assert layer_strength(4, kernel) == pytest.approx(1.2)
