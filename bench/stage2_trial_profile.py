@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+# The CLI sets this itself, but this process touches CUDA (the checkpoint writer) before the CLI runs, and the
+# allocator reads it at its first allocation: without it here the reserved memory would not be the CLI's.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
@@ -43,6 +47,23 @@ class Recorder:
         self.cuda = torch.cuda.is_available()
         self.events: list[dict] = []
         self.evaluate_calls = 0
+        self.open_peaks: list[int] = []  # running GPU peaks of the calls now open, innermost last
+
+    def enter(self) -> None:
+        """Start a call's own GPU peak; the enclosing calls keep theirs (nested timers share one counter)."""
+        if self.cuda:
+            if self.open_peaks:
+                self.open_peaks[-1] = max(self.open_peaks[-1], self.torch.cuda.max_memory_allocated())
+            self.open_peaks.append(self.torch.cuda.memory_allocated())
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def leave(self, event: dict) -> None:
+        if self.cuda:
+            peak = max(self.open_peaks.pop(), self.torch.cuda.max_memory_allocated())
+            if self.open_peaks:
+                self.open_peaks[-1] = max(self.open_peaks[-1], peak)
+            event["gpu_allocated_bytes"] = self.torch.cuda.memory_allocated()
+            event["peak_gpu_allocated_bytes"] = peak
 
     def sync(self) -> None:
         if self.cuda:
@@ -54,14 +75,14 @@ class Recorder:
 
         def timed(*args, **kwargs):
             recorder.sync()
+            recorder.enter()
             started = time.perf_counter()
             result = original(*args, **kwargs)
             recorder.sync()
             event = {"what": label, "seconds": time.perf_counter() - started, "evaluate_call": recorder.evaluate_calls}
             if describe:
                 event.update(describe(args, kwargs, result))
-            if recorder.cuda:
-                event["gpu_allocated_bytes"] = recorder.torch.cuda.memory_allocated()
+            recorder.leave(event)
             recorder.events.append(event)
             return result
 
@@ -69,8 +90,8 @@ class Recorder:
 
 
 def _decoder_facts(args, kwargs, result) -> dict:
-    decoder = args[0]
-    return {"batch": decoder.batch, "prompt_len": decoder.prompt_len, "cache_len": decoder.cache_len,
+    decoder, batch = args[0], args[1]
+    return {"batch": decoder.batch, "prompt_len": int(batch.input_ids.shape[1]), "cache_len": decoder.cache_len,
             "steps": int(result.shape[1])}
 
 
@@ -90,13 +111,14 @@ def install(recorder: Recorder, profile_call: int, out_dir: Path) -> None:
     recorder.wrap(evaluator, "continuation_log_probs", "kl.continuation_log_probs")
     recorder.wrap(static_decode.StaticDecoder, "run", "static_decoder.run", _decoder_facts)
     recorder.wrap(static_decode.StaticDecoder, "_capture", "static_decoder.capture")
+    recorder.wrap(evaluator.Evaluator, "_find_batch_size", "batch_size_probe")
+    recorder.wrap(evaluator.Evaluator, "_count_false_refusals", "false_refusals")
     original = evaluator.Evaluator.evaluate
 
     def evaluate(self, model, **kwargs):
         recorder.evaluate_calls += 1
-        if recorder.cuda:
-            torch.cuda.reset_peak_memory_stats()
         recorder.sync()
+        recorder.enter()
         started = time.perf_counter()
         if recorder.evaluate_calls == profile_call:
             from torch.profiler import ProfilerActivity, profile
@@ -114,8 +136,8 @@ def install(recorder: Recorder, profile_call: int, out_dir: Path) -> None:
         event = {"what": "evaluate", "seconds": time.perf_counter() - started, "evaluate_call": recorder.evaluate_calls,
                  "profiled": recorder.evaluate_calls == profile_call}
         if recorder.cuda:
-            event["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
             event["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        recorder.leave(event)
         recorder.events.append(event)
         return result
 
@@ -130,6 +152,28 @@ def summarize(events: list[dict]) -> dict:
     return {str(call): dict(parts) for call, parts in sorted(per_call.items())}
 
 
+def peaks(events: list[dict]) -> dict:
+    """The highest GPU allocation inside each part, per evaluate() call (GB): where the process peak comes from."""
+    per_call: dict[int, dict[str, float]] = defaultdict(dict)
+    for event in events:
+        if "peak_gpu_allocated_bytes" in event:
+            parts = per_call[event["evaluate_call"]]
+            parts[event["what"]] = max(parts.get(event["what"], 0.0), round(event["peak_gpu_allocated_bytes"] / 1e9, 3))
+    return {str(call): parts for call, parts in sorted(per_call.items())}
+
+
+def use_pipelined_tile() -> None:
+    """The A/B arm: M = 17-128 goes to the compiler-pipelined tile (``pipelined_config``) instead of the default."""
+    from checkpoint_formats import nvfp4_matmul
+
+    default = nvfp4_matmul.decode_config
+
+    def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2):
+        return nvfp4_matmul.pipelined_config(m, n, k) if 16 < m <= 128 and x_bytes == 2 else default(m, n, k, sm_count, x_bytes)
+
+    nvfp4_matmul.decode_config = decode_config
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="8b")
@@ -139,6 +183,8 @@ def main() -> int:
     parser.add_argument("--profile_trial", type=int, default=2, help="which trial runs under torch.profiler (0: none)")
     parser.add_argument("--max_new_tokens", type=int, default=100)
     parser.add_argument("--max_test_prompts", type=int, default=100)
+    parser.add_argument("--kernel", choices=("default", "pipelined"), default="default",
+                        help="decode tile for M = 17-128 (an A/B of the two in one run on one machine)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more abliterate flags")
     args = parser.parse_args()
     import torch
@@ -155,6 +201,8 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
     prompts = common.write_prompts(args.work / "prompts", None, args.max_test_prompts)
     recorder = Recorder(torch)
+    if args.kernel == "pipelined":
+        use_pipelined_tile()
     install(recorder, args.profile_trial + 1 if args.profile_trial else 0, args.out.parent)
     command = ["abliterate", "--model", str(checkpoint), "--prompts", prompts["spec"], "--n_trials", str(args.trials),
                "--n_startup_trials", str(args.trials), "--max_response_length", str(args.max_new_tokens),
@@ -172,6 +220,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": common.gpu_name(), "versions": common.versions(),
         "command": "python bench/stage2_trial_profile.py " + " ".join(sys.argv[1:]), "cli": command, "exit_code": code,
         "cli_seconds": time.perf_counter() - started, "checkpoint": written, "per_evaluate_call": summarize(recorder.events),
+        "peak_gb_per_evaluate_call": peaks(recorder.events), "kernel": args.kernel,
         "events": recorder.events,
     }
     if device == "cuda":
