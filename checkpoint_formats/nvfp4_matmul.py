@@ -190,9 +190,9 @@ def pipelined_config(m: int, n: int, k: int) -> KernelConfig:
     """The pipelined tile's best launch shape for M = 17-128 (bench/nvfp4_matmul_sweep2_gpu.json); not the default.
 
     In isolation it beat the hand-prefetched kernel by up to 28% at M = 128, but a whole trial on the 8B-shaped
-    model (bench/stage2_trial_profile.py, 2026-12-02) did not get faster (harmful decode 2.04-2.06 s against
-    1.95-2.00 s measured with the default on another machine of the same kind), so ``decode_config`` keeps the
-    hand-prefetched tile until an A/B in one process decides; this is the candidate that A/B should time.
+    model is 3% slower with it (bench/stage2_trial_profile.py --kernel pipelined, an A/B on one H200,
+    2026-12-02: harmful + false-refusal decoding 2.26 s against 2.19 s), so ``decode_config`` keeps the
+    hand-prefetched tile; this stays selectable for the next kernel round.
 
     A 4096-wide output leaves SMs idle, so K is split 4 ways there; 14336-wide outputs fill the GPU unsplit.
     Small (MoE expert, K/V) weights want narrow N tiles; a 128-row tile on a weight wider in K than in N
