@@ -114,12 +114,40 @@ class ChildResult:
     memory: dict = field(default_factory=dict)
     torch_memory: dict | None = None
     timed_out: bool = False
+    timeout_s: float | None = None
+    rss: dict | None = None  # peak RSS (anonymous / file-backed) when asked for
 
     def tail(self, chars: int = 3000) -> str:
         try:
             return self.log.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+
+class RssPoller(threading.Thread):
+    """Max RSS, anonymous and file-backed, of one process (/proc/PID/status every `interval` s)."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in self.peak:
+                        self.peak[key] = max(self.peak[key], int(value.split()[0]) * 1024)
+            except (OSError, ValueError, IndexError):
+                pass
+            self._halt.wait(self.interval)
+
+    def stop(self) -> dict:
+        self._halt.set()
+        self.join(timeout=5)
+        return {f"peak_{key}_bytes": value for key, value in self.peak.items()}
 
 
 DEADLINE = [float("inf")]  # time.time() by which every child must have ended (--budget_s)
@@ -129,11 +157,13 @@ def time_left(reserve: float = 20.0) -> float:
     return max(DEADLINE[0] - time.time() - reserve, 1.0)
 
 
-def run_child(command: list[str], log: Path, env: dict, cwd: Path, timeout: float) -> ChildResult:
-    """Run one tool as a child process, polling its GPU memory; never raises for the child's failure.
+def run_child(command: list[str], log: Path, env: dict, cwd: Path, timeout: float, *, reserve: float = 20.0,
+              poll_rss: bool = False) -> ChildResult:
+    """Run one tool as a child process, polling its GPU memory (and its RSS); never raises for the child's failure.
 
-    The timeout is cut to what is left of the bench's budget, so the JSON is still written in time."""
-    timeout = min(timeout, time_left())
+    The timeout is cut to what is left of the bench's budget minus ``reserve`` seconds, so the JSON is still
+    written in time."""
+    timeout = min(timeout, time_left(reserve))
     memory_json = log.with_suffix(".memory.json")
     memory_json.unlink(missing_ok=True)
     env = dict(env, BENCH_MEMORY_JSON=str(memory_json))
@@ -147,6 +177,9 @@ def run_child(command: list[str], log: Path, env: dict, cwd: Path, timeout: floa
         process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=handle,
                                    stderr=subprocess.STDOUT)
         poller.pid = process.pid
+        rss = RssPoller(process.pid) if poll_rss else None
+        if rss:
+            rss.start()
         try:
             returncode = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -154,7 +187,8 @@ def run_child(command: list[str], log: Path, env: dict, cwd: Path, timeout: floa
             returncode, timed_out = process.wait(), True
     wall = time.time() - started
     torch_memory = json.loads(memory_json.read_text()) if memory_json.is_file() else None
-    return ChildResult(returncode, started, wall, log, poller.stop(), torch_memory, timed_out)
+    return ChildResult(returncode, started, wall, log, poller.stop(), torch_memory, timed_out, timeout,
+                       rss.stop() if rss else None)
 
 
 def trial_times(journal: Path, started: float) -> dict:

@@ -40,9 +40,7 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -192,32 +190,6 @@ def peak_rss_self() -> int:
 
 # ---------------------------------------------------------------- one quantize run, measured
 
-class RssPoller(threading.Thread):
-    """Max RSS, anonymous and file-backed, of one process (/proc/PID/status every `interval` s)."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                    key, _, value = line.partition(":")
-                    if key in self.peak:
-                        self.peak[key] = max(self.peak[key], int(value.split()[0]) * 1024)
-            except (OSError, ValueError, IndexError):
-                pass
-            self._halt.wait(self.interval)
-
-    def stop(self) -> dict:
-        self._halt.set()
-        self.join(timeout=5)
-        return {f"peak_{key}_bytes": value for key, value in self.peak.items()}
-
-
 def run_quantize(name: str, args, source: Path, output: Path, extra: list[str], offload: bool, env: dict) -> dict:
     runner = args.work / "quantize_runner.py"
     runner.write_text(RUNNER)
@@ -228,33 +200,13 @@ def run_quantize(name: str, args, source: Path, output: Path, extra: list[str], 
     if not offload:
         command += ["--device", args.device]
     log = args.work / f"{name}.log"
-    memory_json = args.work / f"{name}.memory.json"
-    memory_json.unlink(missing_ok=True)
     shutil.rmtree(output, ignore_errors=True)
-    gpu = measure.GpuMemoryPoller()
-    gpu.start()
-    started = time.time()
-    timeout = measure.time_left(reserve=args.reserve_s)
-    with open(log, "w") as handle:
-        handle.write("$ " + " ".join(command) + "\n")
-        handle.flush()
-        process = subprocess.Popen(command, cwd=REPO, env=dict(env, BENCH_MEMORY_JSON=str(memory_json)),
-                                                 stdin=subprocess.DEVNULL, stdout=handle,
-                                                 stderr=subprocess.STDOUT)
-        gpu.pid = process.pid
-        rss = RssPoller(process.pid)
-        rss.start()
-        timed_out = False
-        try:
-            returncode = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            returncode, timed_out = process.wait(), True
-    wall = time.time() - started
-    result = {"ok": returncode == 0 and (output / "hf_quant_config.json").is_file(), "returncode": returncode,
-              "timed_out": timed_out, "timeout_s": timeout, "wall_s": wall, "command": " ".join(command), "log": str(log),
-              "gpu_memory_poll": gpu.stop(), "rss_poll": rss.stop(),
-              "child_report": json.loads(memory_json.read_text()) if memory_json.is_file() else None}
+    child = measure.run_child(command, log, env, REPO, timeout=float("inf"), reserve=args.reserve_s, poll_rss=True)
+    wall = child.wall_s
+    result = {"ok": child.returncode == 0 and (output / "hf_quant_config.json").is_file(),
+              "returncode": child.returncode, "timed_out": child.timed_out, "timeout_s": child.timeout_s,
+              "wall_s": wall, "command": " ".join(command), "log": str(log), "gpu_memory_poll": child.memory,
+              "rss_poll": child.rss, "child_report": child.torch_memory}
     manifest_path = output / "quantize_manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
