@@ -32,12 +32,11 @@ Method = Literal["rank1", "norm_preserving"]
 METHODS: tuple[str, ...] = ("rank1", "norm_preserving")
 _OVERSAMPLE = 8
 _POWER_ITERATIONS = 2
-# Above this many values a 2-D weight is edited a block of residual rows at a time: the norm-preserving delta's
-# full-size fp32 temporaries (edited weight, rescaled weight, delta; ~4x the weight) were the largest GPU
-# allocation of a trial on an 8B model (+1.0 GB over the resting 6.8 GB, bench/stage2_trial_profile.py).
-# Smaller weights keep the one-shot computation (same factors up to float rounding either way).
-_CHUNKED_ABOVE = 1 << 24
-_CHUNK_VALUES = 1 << 24  # four blocks of an 8B down_proj: fewer launches, ~270 MB of block temporaries
+# Above this many values a 2-D weight's factors are computed without full-size temporaries (``_large_factors``):
+# the one-shot norm-preserving delta holds ~4 fp32 copies of the weight, which were the largest GPU allocation
+# of a trial on an 8B model (+1.0 GB over the resting 6.8 GB, bench/stage2_trial_profile.py). Smaller weights
+# keep the one-shot computation (the same factors up to float rounding either way).
+_LARGE_ABOVE = 1 << 24
 
 
 def _canonical(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -88,8 +87,8 @@ def abliteration_factors(
     residual = weight.shape[-1] if transposed else weight.shape[-2]
     if residual != direction.shape[-1]:
         raise ValueError(f"direction has {direction.shape[-1]} features, weight's residual axis has {residual}")
-    if weight.ndim == 2 and weight.numel() > _CHUNKED_ABOVE:
-        return _chunked_factors(weight, direction, strength, method=method, rank=rank, transposed=transposed, seed=seed)
+    if weight.ndim == 2 and weight.numel() > _LARGE_ABOVE:
+        return _large_factors(weight, direction, strength, method=method, rank=rank, transposed=transposed, seed=seed)
     canonical = _canonical(weight, transposed)
     v = direction.to(device=canonical.device, dtype=torch.float32)
     if v.ndim == 1:
@@ -111,48 +110,47 @@ def abliteration_factors(
     return torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])
 
 
-def _row_blocks(rows: int, columns: int) -> list[slice]:
-    step = max(1, _CHUNK_VALUES // max(columns, 1))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-
-
-def _chunked_factors(
+def _large_factors(
     weight: torch.Tensor, direction: torch.Tensor, strength: float, *, method: Method, rank: int, transposed: bool,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``abliteration_factors`` of a large 2-D weight with one block of residual rows in fp32 at a time.
+    """``abliteration_factors`` of a large 2-D weight, with no temporary the size of the weight.
 
-    The same math as the one-shot path: the projection ``V W`` summed over row blocks, and for the
-    norm-preserving delta the randomized SVD's products with the delta, each rebuilt block by block from the
-    weight (the delta's rows depend only on the weight's same rows), so no full-size fp32 temporary exists.
+    With ``E = W + L P`` (L = -lambda V^T, P = V W) and per-row scales ``s = |W_h| / |E_h|``, the norm-preserving
+    delta is ``diag(s - 1) W + diag(s) L P``: the row norms of E follow from |W_h|, ``W P^T`` and ``P P^T``, and
+    the randomized SVD only needs the delta's products with thin matrices, which are products of W. The same
+    math as the one-shot path, in a few matmuls.
     """
-    view = weight.transpose(0, 1) if transposed else weight  # [hidden, in], a view
-    rows, columns = view.shape
-    blocks = _row_blocks(rows, columns)
-    basis = direction.to(device=weight.device, dtype=torch.float32).reshape(-1, rows)  # [k, hidden]
-    projection = sum(basis[:, block] @ view[block].float() for block in blocks)  # [k, in]
-    left = -strength * basis.T.contiguous()  # [hidden, k]
+    canonical = _canonical(weight, transposed)  # [hidden, in] fp32 (a view when the weight is fp32 already)
+    basis = direction.to(device=canonical.device, dtype=torch.float32).reshape(-1, canonical.shape[0])  # [k, hidden]
+    projection = basis @ canonical  # [k, in]
+    left = (-strength * basis.T).contiguous()  # [hidden, k]
     if method == "rank1":
         return left, projection
+    norms = torch.linalg.vector_norm(canonical, dim=-1)
+    cross = canonical @ projection.T  # [hidden, k]
+    edited_squares = norms.square() + 2 * (left * cross).sum(-1) + ((left @ (projection @ projection.T)) * left).sum(-1)
+    scale = norms / edited_squares.clamp_min(0).sqrt().clamp_min(1e-12)
+    row_factor = (scale - 1).unsqueeze(-1)  # [hidden, 1]
+    scaled_left = scale.unsqueeze(-1) * left  # [hidden, k]
 
-    def delta_rows(block: slice) -> torch.Tensor:
-        original = view[block].float()
-        edited = original + left[block] @ projection
-        scale = original.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return edited * scale - original
+    def times(x: torch.Tensor) -> torch.Tensor:  # delta @ x
+        return row_factor * (canonical @ x) + scaled_left @ (projection @ x)
+
+    def transposed_times(y: torch.Tensor) -> torch.Tensor:  # delta^T @ y
+        return canonical.T @ (row_factor * y) + projection.T @ (scaled_left.T @ y)
 
     rank = max(rank, basis.shape[0])
+    rows, columns = canonical.shape
     sketch_size = min(rank + _OVERSAMPLE, rows, columns)
-    if sketch_size == min(rows, columns):  # nothing to sketch: the exact SVD of the (then small-sided) delta
-        return _low_rank(torch.cat([delta_rows(block) for block in blocks]), rank, seed)
+    if sketch_size == min(rows, columns):  # nothing to sketch: the exact SVD of the (then thin) delta
+        return _low_rank(row_factor * canonical + scaled_left @ projection, rank, seed)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     probe = torch.randn(columns, sketch_size, generator=generator).to(projection)
-    sketch = torch.linalg.qr(torch.cat([delta_rows(block) @ probe for block in blocks])).Q
+    sketch = torch.linalg.qr(times(probe)).Q
     for _ in range(_POWER_ITERATIONS):
-        back = sum(delta_rows(block).T @ sketch[block] for block in blocks)  # delta^T Q: [in, s]
-        sketch = torch.linalg.qr(torch.cat([delta_rows(block) @ back for block in blocks])).Q
-    small = sum(sketch[block].T @ delta_rows(block) for block in blocks)  # Q^T delta: [s, in]
-    u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+        sketch = torch.linalg.qr(times(transposed_times(sketch))).Q
+    u_small, s, vh = torch.linalg.svd(transposed_times(sketch).T, full_matrices=False)
     u = sketch @ u_small
     rank = min(rank, s.shape[0])
     return u[:, :rank] * s[:rank], vh[:rank]

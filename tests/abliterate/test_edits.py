@@ -58,8 +58,8 @@ def test_norm_preserving_keeps_row_norms_at_full_rank_and_approximates_at_low_ra
 @pytest.mark.parametrize("method", ["rank1", "norm_preserving"])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("subspace", [False, True])
-def test_large_weights_edited_in_row_blocks_give_the_one_shot_delta(monkeypatch, method, transposed, subspace):
-    """Above the size limit the factors are built a block of residual rows at a time; the delta is the same."""
+def test_large_weights_get_the_one_shot_delta_without_full_size_temporaries(monkeypatch, method, transposed, subspace):
+    """Above the size limit the factors come from products of the weight with thin matrices; the delta is the same."""
     from abliterate.edits import delta as delta_module
 
     weight = torch.randn(96, 40, generator=torch.Generator().manual_seed(7))  # canonical [hidden 96, in 40]
@@ -68,17 +68,20 @@ def test_large_weights_edited_in_row_blocks_give_the_one_shot_delta(monkeypatch,
         else _unit(96, 8)
     one_shot = abliteration_factors(stored, direction, 0.9, method=method, rank=4, transposed=transposed, seed=3)
     calls = []
-    chunked = delta_module._chunked_factors
-    monkeypatch.setattr(delta_module, "_chunked_factors", lambda *a, **k: calls.append(1) or chunked(*a, **k))
-    monkeypatch.setattr(delta_module, "_CHUNKED_ABOVE", 1000)  # 3,840 values: chunked
-    monkeypatch.setattr(delta_module, "_CHUNK_VALUES", 400)  # 10 rows of 40 per block: 10 blocks
-    blocked = abliteration_factors(stored, direction, 0.9, method=method, rank=4, transposed=transposed, seed=3)
-    assert calls, "the row-block path must have run"
-    assert [t.shape for t in blocked] == [t.shape for t in one_shot]
-    torch.testing.assert_close(blocked[0] @ blocked[1], one_shot[0] @ one_shot[1], atol=1e-5, rtol=1e-4)
+    large = delta_module._large_factors
+    monkeypatch.setattr(delta_module, "_large_factors", lambda *a, **k: calls.append(1) or large(*a, **k))
+    monkeypatch.setattr(delta_module, "_LARGE_ABOVE", 1000)  # 3,840 values: the large-weight path
+    factored = abliteration_factors(stored, direction, 0.9, method=method, rank=4, transposed=transposed, seed=3)
+    assert calls, "the large-weight path must have run"
+    assert [t.shape for t in factored] == [t.shape for t in one_shot]
+    torch.testing.assert_close(factored[0] @ factored[1], one_shot[0] @ one_shot[1], atol=1e-5, rtol=1e-4)
     if method == "rank1":  # and the delta is the projection formula itself
         basis = direction.reshape(-1, 96)
-        torch.testing.assert_close(blocked[0] @ blocked[1], -0.9 * basis.T @ (basis @ weight), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(factored[0] @ factored[1], -0.9 * basis.T @ (basis @ weight), atol=1e-5, rtol=1e-4)
+    else:  # at full rank the rows keep their norms (the norm-preserving property itself)
+        full = abliteration_factors(stored, direction, 0.9, method=method, rank=40, transposed=transposed, seed=3)
+        edited = weight + full[0] @ full[1]
+        torch.testing.assert_close(edited.norm(dim=1), weight.norm(dim=1), atol=1e-4, rtol=1e-4)
 
 
 def test_layer_kernel_shape():
