@@ -319,7 +319,8 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
         def failed(number: int, error: BaseException) -> None:
             progress.console.print(f"[red]trial {number} failed:[/] {error}")
 
-        search = {"suggest": lambda trial: suggest_parameters(trial, architecture.num_layers, groups, settings.direction_scope),
+        search = {"suggest": lambda trial: suggest_parameters(trial, architecture.num_layers, groups,
+                                                              settings.direction_scope, settings.search_depth),
                   "evaluate": evaluate, "base": base, "n_trials": settings.n_trials, "seed": settings.seed,
                   "n_startup_trials": settings.n_startup_trials, "kl_target": settings.kl_target, "report": report,
                   "on_failure": failed}
