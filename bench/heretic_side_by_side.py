@@ -197,7 +197,7 @@ def markdown(result: dict) -> str:
                              ("heretic (its front)", result["heretic"]["front"], result["heretic"]["base"]),
                              ("heretic (front by our measures)", result["heretic"]["front_by_our_measures"] or [],
                               result["heretic"]["base"])):
-        for row in rows:
+        for row in sorted(rows, key=lambda r: (r["refusals"], r["kl"])):
             accuracy = row.get("skill_accuracy")
             lines.append(f"| {tool} | {row['trial']} | {row['refusals']}/{row['n_harmful']} | "
                          f"{_cell(row.get('lookalike_refusals'))}/{_cell(row.get('n_lookalike'))} | "
@@ -215,7 +215,8 @@ def plot(result: dict, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(8, 5))
     fronts = [("ours", result["ours"]["front"], result["ours"]["base"], "tab:blue", "o"),
-              ("heretic 1.4.0", result["heretic"]["front_by_our_measures"] or result["heretic"]["front"],
+              ("heretic 1.4.0 (its trials' front by our measures)" if result["heretic"]["front_by_our_measures"]
+               else "heretic 1.4.0 (its front)", result["heretic"]["front_by_our_measures"] or result["heretic"]["front"],
                result["heretic"]["base"], "tab:red", "s")]
     for label, rows, base, color, marker in fronts:
         rows = sorted(rows, key=lambda r: r["refusals"])
@@ -300,7 +301,7 @@ def main() -> int:
     ours = run_ours(args)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python bench/heretic_side_by_side.py " + " ".join(sys.argv[1:]),
+        "command": "python bench/heretic_side_by_side.py " + shlex.join(sys.argv[1:]),
         "model": str(args.model), "trials": args.trials, "threads": args.threads,
         "testbed": args.testbed, "spec": str(SPEC),
         "heretic": heretic_summary, "ours": ours,
