@@ -100,6 +100,7 @@ class AbliterateSettings(BaseSettings):
     direction_projected: bool = Field(default=False, description="Remove the harmless-mean component from each refusal direction before use.")
     directions: Literal["mean_difference", "subspace"] = Field(default="mean_difference", description="mean_difference: one refusal direction per layer (difference of class means). subspace: a rank-direction_rank refusal subspace per layer (the mean difference plus the top singular vectors of the per-prompt harmful-minus-harmless-mean differences), projected out as a whole.")
     direction_rank: int = Field(default=3, ge=1, le=64, description="Rank k of the refusal subspace of --directions subspace (ignored otherwise).")
+    search_depth: Literal["late", "full"] = Field(default="late", description="Where in depth the search's edits reach. late: the reference's space, each kernel peaks at layers 0.6L..L-1 and reaches 1..0.6L layers (the later ~half of the model). full: peaks anywhere in 0..L-1, reach up to L layers, so one edit can cover every layer: for models whose refusal is spread over the whole depth (e.g. testbed/hard).")
     direction_scope: Literal["search", "global", "per_layer"] = Field(default="search", description="One interpolated direction for all layers, each layer's own, or let the search choose.")
     method: Literal["rank1", "norm_preserving"] = Field(default="norm_preserving", description="rank1: W' = (I - lambda v v^T) W. norm_preserving: same, then each row's norm restored, delta approximated at rank lowrank_rank.")
     lowrank_rank: int = Field(default=3, ge=1, description="Rank of the norm-preserving delta's approximation (and of its LoRA adapter).")
@@ -113,6 +114,8 @@ class AbliterateSettings(BaseSettings):
     workers: int = Field(default=1, ge=1, description="Run the search in this many local processes, each pinned to one GPU (CUDA_VISIBLE_DEVICES; round robin when there are fewer GPUs; plain processes on a CPU), sharing --storage (default: journal:<study_dir>/journal.log). This process is the first worker and writes the output; the others log to <study_dir>/worker-N.log.")
     search_only: bool = Field(default=False, description="Only run trials of the shared study (--storage) and exit when none is left to take: no selection, no output. For extra workers started by hand, e.g. on other hosts.")
     heartbeat_seconds: int = Field(default=30, ge=1, description="With --storage: a running trial records a heartbeat this often; one silent for 3x this long is taken as the trial of a killed worker, failed and queued again (at most 3 times) with the same parameters.")
+
+    search_caps: str | None = Field(default=None, description="Caps the search itself honours, as Optuna constraints: 'lookalike_refusals<=L, skill_loss<=S' (and false_refusals<=F; the syntax of --select's caps: a count, or below 1 with a point a fraction of the look-alike / harmless test prompts; skill_loss in points of exact-answer accuracy lost). After the random startup trials TPE models the trials within the caps apart from the others; every trial is still run and recorded, the objectives are unchanged. None = no constraints (--select's caps then only choose among the trials).")
 
     # --- output and selection ---
     out: Path | None = Field(default=None, description="Output directory (chosen_trial.json, directions.safetensors, pareto.png); default outputs/<model name>-abliterate.")
@@ -171,6 +174,19 @@ class AbliterateSettings(BaseSettings):
 
             try:
                 parse_selection(value, n_harmful=1, n_harmless=1)
+            except UserError as error:
+                raise ValueError(f"{error.problem}; {error.fix}") from None
+        return value
+
+    @field_validator("search_caps")
+    @classmethod
+    def _readable_caps(cls, value: str | None) -> str | None:
+        """A typo in --search_caps must fail now, not after the model loaded."""
+        if value is not None:
+            from abliterate.search.constraints import parse_caps
+
+            try:
+                parse_caps(value)
             except UserError as error:
                 raise ValueError(f"{error.problem}; {error.fix}") from None
         return value

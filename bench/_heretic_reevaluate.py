@@ -2,8 +2,11 @@
 
 Reads heretic's Optuna journal, rebuilds its edit for each trial on its Pareto
 front through heretic's own public classes (``Model.abliterate``), and measures
-it with OUR evaluator (refusals, compliance, multi-token KL), so both tools are
-judged by the same yardstick. Also reports heretic's own numbers and timings.
+it with OUR evaluator (refusals, compliance, multi-token KL; and, where the prompt
+spec has them, look-alike refusals and skill accuracy), configured exactly as our
+stage 2 configures it for that spec, so both tools are judged by the same
+yardstick. ``--all_trials`` measures every completed trial, not only its front.
+Also reports heretic's own numbers and timings.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ def main() -> int:
     parser.add_argument("--journal", type=Path, required=True)
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--kl_tokens", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=None, help="our evaluator's batch size (None: automatic)")
+    parser.add_argument("--max_test_prompts", type=int, default=None, help="the cap our run used (look-alike and skill sets)")
+    parser.add_argument("--all_trials", action="store_true", help="measure every completed trial, not only the front")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -38,10 +44,16 @@ def main() -> int:
     from heretic.utils import load_prompts
 
     sys.path.insert(0, str(REPO))
-    from abliterate.evaluation import EvaluationConfig, Evaluator
-    from abliterate.prompts import load_prompt_sets
+    from abliterate.evaluation import Evaluator
+    from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
+    from abliterate.prompts import prompt_sets_of
+    from abliterate.search.objectives import TrialMetrics
+    from abliterate.settings import AbliterateSettings
 
-    spec = load_prompt_sets(args.spec, {})
+    ours = AbliterateSettings.from_mapping({"model": args.model, "prompts": args.spec, "kl_tokens": args.kl_tokens,
+                                            "batch_size": args.batch_size, "max_test_prompts": args.max_test_prompts})
+    inputs = EvaluationInputs.from_settings(ours)
+    spec = prompt_sets_of(inputs)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(args.journal)))
     study = optuna.load_study(study_name="heretic", storage=storage)
     # Exactly the settings heretic ran with (its seed included, which its low-rank SVD uses).
@@ -56,12 +68,11 @@ def main() -> int:
         good_directions = F.normalize(good_means, p=2, dim=1)
         directions = F.normalize(directions - (directions * good_directions).sum(1, keepdim=True) * good_directions, p=2, dim=1)
 
-    config = EvaluationConfig(refusal_markers=tuple(spec.refusal_markers or ()), compliance_openers=spec.compliance_openers,
-                              compliance_patterns=spec.compliance_patterns, kl_tokens=args.kl_tokens)
+    config = evaluation_config(inputs, spec)  # what our stage 2 runs with on this spec
     model.reset_model()
     harmful_test = (args.prompts / "harmful_test.txt").read_text().splitlines()  # exactly the prompts heretic used
     harmless_test = (args.prompts / "harmless_test.txt").read_text().splitlines()
-    evaluator = Evaluator(model.model, model.tokenizer, harmful_test, harmless_test, config)
+    evaluator = Evaluator(model.model, model.tokenizer, harmful_test, harmless_test, config, **spec.collateral_sets())
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     front = {t.number for t in study.best_trials}
@@ -71,17 +82,20 @@ def main() -> int:
                "heretic_kl_first_token": trial.user_attrs["kl_divergence"],
                "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds(),
                "on_heretic_front": trial.number in front}
-        if trial.number in front:
+        if trial.number in front or args.all_trials:
             model.reset_model()
             model.abliterate(directions, trial.user_attrs["direction_index"],
                              {k: AbliterationParameters(**v) for k, v in trial.user_attrs["parameters"].items()})
             result = evaluator.evaluate(model.model)
-            row.update(refusals=result.refusals, compliance=result.compliance, n_harmful=result.n_harmful,
-                       kl=result.kl, kl_first_token=result.kl_first_token)
+            metrics = TrialMetrics.from_eval_result(result)
+            row.update({key: value for key, value in metrics.to_dict().items() if key != "seconds"},
+                       skill_accuracy=metrics.skill_accuracy, heretic_parameters=trial.user_attrs["parameters"],
+                       heretic_direction_index=trial.user_attrs["direction_index"])
         rows.append(row)
     first = min(complete, key=lambda t: t.number)
     output = {
-        "base": {"refusals": evaluator.base.refusals, "compliance": evaluator.base.compliance},
+        "base": TrialMetrics.from_eval_result(evaluator.base).to_dict()
+                | {"skill_accuracy": TrialMetrics.from_eval_result(evaluator.base).skill_accuracy},
         "trials": rows,
         "first_trial_started": first.datetime_start.timestamp(),
         "first_trial_completed": first.datetime_complete.timestamp(),
