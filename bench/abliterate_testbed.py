@@ -69,7 +69,6 @@ def main() -> int:
     parser.add_argument("--direction_rank", type=int, default=3)
     parser.add_argument("--search_depth", choices=["late", "full"], default="late",
                         help="stage 2's --search_depth (full: kernel peaks over layers 0..L-1, reach up to L)")
-    parser.add_argument("--search_caps", default=None, help="stage 2's --search_caps, e.g. 'lookalike_refusals<=5, skill_loss<=2'")
     parser.add_argument("--full_depth_space", action="store_true",
                         help="older spelling of --search_depth full (the bench-only experiment it was is now the option)")
     args = parser.parse_args()
@@ -101,8 +100,6 @@ def main() -> int:
         argv += ["--directions", args.directions, "--direction_rank", str(args.direction_rank)]
     if args.search_depth != "late":
         argv += ["--search_depth", args.search_depth]
-    if args.search_caps:
-        argv += ["--search_caps", args.search_caps]
     if args.small:
         argv += ["--max_test_prompts", "10", "--max_train_prompts", "32"]
     settings = parse_settings(argv)
@@ -155,7 +152,7 @@ def main() -> int:
         "seconds_to_first_trial": round(first.datetime_complete.timestamp() - search_wall, 1),
         "base": chosen.base_metrics, "chosen": {"trial": chosen.trial_number, **chosen.metrics},
         "testbed": args.testbed, "all_random": args.all_random,
-        "search_depth": args.search_depth, "search_caps": args.search_caps, "directions": args.directions, "direction_rank": args.direction_rank if args.directions == "subspace" else None,
+        "search_depth": args.search_depth, "directions": args.directions, "direction_rank": args.direction_rank if args.directions == "subspace" else None,
         "kl_range": [min(r["kl"] for r in rows), max(r["kl"] for r in rows)],
         "share_meeting_refusals_kl": round(sum(r["meets_refusals_kl"] for r in rows) / len(rows), 4),
         "trials_meeting_target": [row["trial"] for row in meeting],
