@@ -46,7 +46,6 @@ from abliterate.loading import load_model
 from abliterate.prompt_lengths import context_length, prompt_files, require_prompts_fit
 from abliterate.prompts import PromptSets, prompt_sets_of
 from abliterate.residuals import prompt_residuals
-from abliterate.search.constraints import search_constraints
 from abliterate.search.journal import no_space_left
 from abliterate.search.model_identity import open_study_of_model
 from abliterate.search.naming import study_name
@@ -320,12 +319,11 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
         def failed(number: int, error: BaseException) -> None:
             progress.console.print(f"[red]trial {number} failed:[/] {error}")
 
-        constraints = search_constraints(settings.search_caps, base, len(prompts.harmless_test))
         search = {"suggest": lambda trial: suggest_parameters(trial, architecture.num_layers, groups,
                                                               settings.direction_scope, settings.search_depth),
                   "evaluate": evaluate, "base": base, "n_trials": settings.n_trials, "seed": settings.seed,
                   "n_startup_trials": settings.n_startup_trials, "kl_target": settings.kl_target, "report": report,
-                  "on_failure": failed, "constraints": constraints}
+                  "on_failure": failed}
         if shared is None:
             with no_space_left(journal):
                 run_trials(study, **search)

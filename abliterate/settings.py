@@ -115,8 +115,6 @@ class AbliterateSettings(BaseSettings):
     search_only: bool = Field(default=False, description="Only run trials of the shared study (--storage) and exit when none is left to take: no selection, no output. For extra workers started by hand, e.g. on other hosts.")
     heartbeat_seconds: int = Field(default=30, ge=1, description="With --storage: a running trial records a heartbeat this often; one silent for 3x this long is taken as the trial of a killed worker, failed and queued again (at most 3 times) with the same parameters.")
 
-    search_caps: str | None = Field(default=None, description="Caps the search itself honours, as Optuna constraints: 'lookalike_refusals<=L, skill_loss<=S' (and false_refusals<=F; the syntax of --select's caps: a count, or below 1 with a point a fraction of the look-alike / harmless test prompts; skill_loss in points of exact-answer accuracy lost). After the random startup trials TPE models the trials within the caps apart from the others; every trial is still run and recorded, the objectives are unchanged. None = no constraints (--select's caps then only choose among the trials).")
-
     # --- output and selection ---
     out: Path | None = Field(default=None, description="Output directory (chosen_trial.json, directions.safetensors, pareto.png); default outputs/<model name>-abliterate.")
     study_dir: Path | None = Field(default=None, description="Where the resumable Optuna journal lives; default <out>.study.")
@@ -174,19 +172,6 @@ class AbliterateSettings(BaseSettings):
 
             try:
                 parse_selection(value, n_harmful=1, n_harmless=1)
-            except UserError as error:
-                raise ValueError(f"{error.problem}; {error.fix}") from None
-        return value
-
-    @field_validator("search_caps")
-    @classmethod
-    def _readable_caps(cls, value: str | None) -> str | None:
-        """A typo in --search_caps must fail now, not after the model loaded."""
-        if value is not None:
-            from abliterate.search.constraints import parse_caps
-
-            try:
-                parse_caps(value)
             except UserError as error:
                 raise ValueError(f"{error.problem}; {error.fix}") from None
         return value

@@ -44,8 +44,6 @@ def study_name(settings: AbliterateSettings, prompts: PromptSets, config: Evalua
         identity["directions"] = [settings.directions, settings.direction_rank]
     if settings.search_depth != "late":  # another search space (older studies keep their names)
         identity["search_depth"] = settings.search_depth
-    if settings.search_caps is not None:  # a constrained sampler is another search (older studies keep their names)
-        identity["search_caps"] = settings.search_caps
     if settings.false_refusal_tokens is not None:
         identity["false_refusal_tokens"] = settings.false_refusal_tokens
     if settings.judge:  # judged refusals are another objective: their own study (unjudged studies keep their names)

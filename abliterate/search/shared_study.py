@@ -41,14 +41,12 @@ from abliterate.search.study import (
     MAX_CONSECUTIVE_FAILURES,
     METRICS_ATTR,
     PARAMETERS_ATTR,
-    Constraints,
     Evaluate,
     Report,
     Suggest,
     TrialOutcome,
     report_completed,
     seeded_sampler,
-    set_constraints,
 )
 from foundation.errors import UserError
 from foundation.model_fingerprint import changed_files
@@ -203,7 +201,6 @@ def run_shared_trials(
     report: Report | None = None,
     on_failure: Callable[[int, BaseException], None] | None = None,
     on_note: Callable[[str], None] | None = None,
-    constraints: Constraints | None = None,
 ) -> int:
     """Take and run trials until the study has ``n_trials`` complete (or, without ``wait_for_all``, until none is
     left to take); returns how many this worker completed."""
@@ -246,7 +243,6 @@ def run_shared_trials(
         values = objective_values(metrics, base, kl_target)
         try:
             trial.set_user_attr(METRICS_ATTR, metrics.to_dict())
-            set_constraints(trial, metrics, constraints)
             study.tell(trial, list(values))
         except UpdateFinishedTrialError:
             if on_note:

@@ -74,13 +74,6 @@ class TrialOutcome:
 Suggest = Callable[[optuna.Trial], AbliterationParameters]
 Evaluate = Callable[[AbliterationParameters], TrialMetrics]
 Report = Callable[[TrialOutcome, int, int, float | None], None]  # outcome, done, total, eta seconds
-Constraints = Callable[[TrialMetrics], dict[str, float]]  # --search_caps: {name: value}, <= 0 within the cap
-
-
-def set_constraints(trial: optuna.Trial, metrics: TrialMetrics, constraints: Constraints | None) -> None:
-    """Record a finished trial's cap values before it is told: TPE then models feasible trials apart."""
-    for key, value in (constraints(metrics) if constraints is not None else {}).items():
-        trial.set_constraint(key, value)
 
 
 def run_trials(
@@ -95,9 +88,8 @@ def run_trials(
     kl_target: float,
     report: Report | None = None,
     on_failure: Callable[[int, BaseException], None] | None = None,
-    constraints: Constraints | None = None,
 ) -> None:
-    """Run (or resume) the study until ``n_trials`` trials are complete (``constraints``: --search_caps)."""
+    """Run (or resume) the study until ``n_trials`` trials are complete."""
     durations: list[float] = []
     failures = 0
 
@@ -121,7 +113,6 @@ def run_trials(
         failures = 0
         values = objective_values(metrics, base, kl_target)
         trial.set_user_attr(METRICS_ATTR, metrics.to_dict())
-        set_constraints(trial, metrics, constraints)
         study.tell(trial, list(values))
         durations.append(time.perf_counter() - started)
         report_completed(study, report, TrialOutcome(trial.number, parameters, metrics, values, durations[-1]),
