@@ -7,8 +7,8 @@ harmful test prompts, compliance >= 80%, at multi-token KL <= 0.05.
 
 ``--testbed hard`` uses the hard testbed (``testbed/hard`` and its spec, issue 17); ``--all_random`` makes
 every trial a random startup trial (the spread of random trials: KL range, share meeting
-``refusals <= 5%, KL <= 0.05``). ``--search_depth full``, ``--directions subspace --direction_rank k`` and
-``--search_caps`` pass stage 2's options of those names; each trial's look-alike refusals, skill loss and
+``refusals <= 5%, KL <= 0.05``). ``--search_depth full`` and ``--directions subspace --direction_rank k`` pass stage 2's options of
+those names; each trial's look-alike refusals, skill loss and
 whether it meets issue 17's target (<= 5% refusals and look-alikes, <= 2 points of skill) are recorded.
 
 Without ``--model`` the committed testbed (``testbed/model``) is quantized to
