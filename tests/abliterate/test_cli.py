@@ -26,6 +26,20 @@ def _argv(model, spec, out, trials, *extra):
             "--device_map", "cpu", "--batch_size", "4", *extra]
 
 
+def _merged_logits(model_dir, chosen):
+    """Test inputs and the logits of the model with the chosen edit merged as the export merges it (edit_tensor)."""
+    from abliterate.export.apply_edit import edit_tensor
+    from abliterate.export.plan import TensorEdit
+
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, weight in merged.named_parameters():
+            if name in chosen.edits:
+                weight.copy_(edit_tensor(weight, TensorEdit(name, chosen.edits[name]), chosen))
+        return ids, merged(ids).logits
+
+
 def test_command_writes_a_chosen_trial_that_reproduces_the_search_edit(workspace, capsys):
     model_dir, spec, root = workspace
     out = root / "out"
@@ -50,16 +64,7 @@ def test_command_writes_a_chosen_trial_that_reproduces_the_search_edit(workspace
     assert chosen.edits, "the chosen trial edits something"
 
     # What the merge does (the export's edit_tensor) equals what the search evaluated (LoRA).
-    from abliterate.export.apply_edit import edit_tensor
-    from abliterate.export.plan import TensorEdit
-
-    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
-    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, weight in merged.named_parameters():
-            if name in chosen.edits:
-                weight.copy_(edit_tensor(weight, TensorEdit(name, chosen.edits[name]), chosen))
-        merged_logits = merged(ids).logits
+    ids, merged_logits = _merged_logits(model_dir, chosen)
     searched = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     abliterator = LoraAbliterator(searched, discover(searched).components, method="norm_preserving", rank=3, seed=chosen.svd_seed)
     abliterator.apply(chosen.parameters, chosen.directions["refusal_directions"])
@@ -78,16 +83,7 @@ def test_subspace_directions_run_end_to_end_and_the_merge_reproduces_the_search_
     bases = chosen.directions["refusal_directions"]
     assert bases.ndim == 3 and bases.shape[1] == 2 and chosen.rank == 2
     assert chosen.edits
-    from abliterate.export.apply_edit import edit_tensor
-    from abliterate.export.plan import TensorEdit
-
-    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
-    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, weight in merged.named_parameters():
-            if name in chosen.edits:
-                weight.copy_(edit_tensor(weight, TensorEdit(name, chosen.edits[name]), chosen))
-        merged_logits = merged(ids).logits
+    ids, merged_logits = _merged_logits(model_dir, chosen)
     searched = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     abliterator = LoraAbliterator(searched, discover(searched).components, method="rank1", direction_rank=2)
     abliterator.apply(chosen.parameters, bases)
