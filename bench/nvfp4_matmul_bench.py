@@ -163,32 +163,41 @@ def _hand_prefetched_candidates(m: int):
         yield C(64, 32, 128, 2, 4, kernel="dot", join=True)
 
 
-def sweep_shape(n: int, k: int, deadline: float, kinds: frozenset[str], skip_prefill: bool = True) -> list[dict]:
-    """Every candidate decode launch shape (error: fp32 output vs the fp32 reference), timed against bf16."""
+def sweep_cell(n: int, k: int, m: int, deadline: float, kinds: frozenset[str]) -> dict | None:
+    """Every candidate decode launch shape at (N, K, M) (error: fp32 output vs the fp32 reference), timed
+    against bf16; the dispatch's own choice first. None when the deadline passed before any was timed."""
     q, w32, w16 = _weights(n, k)
     args = (q.packed, q.weight_scale, q.weight_scale_2)
-    rows = []
-    for m in SWEEP_TOKENS:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ w32.T
-        timed = []
-        chosen = mm.decode_config(m, n, k, mm._sm_count(x.device))
-        candidates = [chosen] + [c for c in _decode_candidates(m, k, kinds) if c != chosen]
-        for config in candidates:
-            if time.monotonic() > deadline:
-                return rows
-            try:
-                err = _error(mm.fused_matmul(x, *args, None, config, torch.float32), ref)
-                ms = _gpu_ms(lambda x=x, config=config: mm.fused_matmul(x, *args, None, config))
-            except Exception as exc:  # a candidate that fails to compile is reported, not fatal
-                timed.append((None, config.__dict__, repr(exc)[:300]))
-                continue
-            timed.append((ms, {**config.__dict__, "dispatch": config == chosen}, err))
-        timed.sort(key=lambda t: float("inf") if t[0] is None else t[0])
-        rows.append({"n": n, "k": k, "m": m, "bf16_ms": _gpu_ms(lambda x=x: F.linear(x, w16)), "timed": timed})
-        print(json.dumps(rows[-1]), flush=True)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ w32.T
+    timed = []
+    chosen = mm.decode_config(m, n, k, mm._sm_count(x.device))
+    candidates = [chosen] + [c for c in _decode_candidates(m, k, kinds) if c != chosen]
+    for config in candidates:
+        if time.monotonic() > deadline:
+            break
+        try:
+            err = _error(mm.fused_matmul(x, *args, None, config, torch.float32), ref)
+            ms = _gpu_ms(lambda x=x, config=config: mm.fused_matmul(x, *args, None, config))
+        except Exception as exc:  # a candidate that fails to compile is reported, not fatal
+            timed.append((None, config.__dict__, repr(exc)[:300]))
+            continue
+        timed.append((ms, {**config.__dict__, "dispatch": config == chosen}, err))
+    if not timed:
+        return None
+    timed.sort(key=lambda t: float("inf") if t[0] is None else t[0])
+    row = {"n": n, "k": k, "m": m, "bf16_ms": _gpu_ms(lambda x=x: F.linear(x, w16)), "timed": timed}
+    print(json.dumps({**row, "timed": timed[:3]}), flush=True)
+    return row
+
+
+def sweep_shape(n: int, k: int, deadline: float, kinds: frozenset[str], skip_prefill: bool = True) -> list[dict]:
+    """``sweep_cell`` at every SWEEP_TOKENS M, then (unless skipped) the fused prefill kernel at M = 2048."""
+    rows = [row for m in SWEEP_TOKENS if (row := sweep_cell(n, k, m, deadline, kinds)) is not None]
     if skip_prefill:
         return rows
+    q, w32, _ = _weights(n, k)
+    args = (q.packed, q.weight_scale, q.weight_scale_2)
     x = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
     out = mm.fused_matmul(x, *args, None, PREFILL_CONFIG)
     rows.append({
@@ -202,6 +211,13 @@ def sweep_shape(n: int, k: int, deadline: float, kinds: frozenset[str], skip_pre
     return rows
 
 
+def _cell(text: str) -> tuple[int, int, int]:
+    """'100:14336x4096' -> (M, N, K); ValueError otherwise."""
+    m, nk = text.split(":")
+    n, k = nk.split("x")
+    return int(m), int(n), int(k)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("nvfp4_matmul_gpu.json"))
@@ -210,7 +226,13 @@ def main() -> None:
     parser.add_argument("--skip-main", action="store_true")
     parser.add_argument("--sweep-kernels", default="dot,pipelined", help="comma list of dot (hand-prefetched, GEMV) and pipelined")
     parser.add_argument("--sweep-first", action="store_true", help="run the sweep before the main table")
+    parser.add_argument("--sweep-cells", default="",
+                        help="M:NxK,... swept in this order instead of every shape at SWEEP_TOKENS (e.g. 100:14336x4096)")
     args = parser.parse_args()
+    try:
+        cells = [_cell(text) for text in args.sweep_cells.split(",")] if args.sweep_cells else []
+    except ValueError:
+        parser.error(f"--sweep-cells {args.sweep_cells!r}: write M:NxK cells separated by commas, e.g. 100:14336x4096,16:4096x4096")
     if not mm.available("cuda"):
         sys.exit("needs Triton and a CUDA GPU of sm_80+")
     import triton
@@ -233,6 +255,13 @@ def main() -> None:
 
     def sweep() -> None:
         deadline = time.monotonic() + args.sweep_budget_s
+        kinds = frozenset(args.sweep_kernels.split(","))
+        if args.sweep_cells:
+            for m, n, k in cells:
+                if (row := sweep_cell(n, k, m, deadline, kinds)) is not None:
+                    report["sweep"].append(row)
+                    save()
+            return
         for n, k in SHAPES:
             report["sweep"] += sweep_shape(n, k, deadline, frozenset(args.sweep_kernels.split(",")))
             save()

@@ -174,6 +174,32 @@ def use_pipelined_tile() -> None:
     nvfp4_matmul.decode_config = decode_config
 
 
+def use_kernel_table(sweep_json: Path) -> dict:
+    """The A/B arm: each (M, N, K) that a matmul sweep timed gets that cell's fastest launch shape.
+
+    ``sweep_json`` is bench/nvfp4_matmul_bench.py's output (``--sweep --sweep-cells``); other shapes keep the
+    default dispatch. Returns the table used, for the result file.
+    """
+    import dataclasses
+
+    from checkpoint_formats import nvfp4_matmul
+
+    fields = {f.name for f in dataclasses.fields(nvfp4_matmul.KernelConfig)}
+    table = {}
+    for row in json.loads(sweep_json.read_text())["sweep"]:
+        timed = [t for t in row.get("timed", []) if t[0] is not None]
+        if timed:
+            table[(row["m"], row["n"], row["k"])] = nvfp4_matmul.KernelConfig(**{f: v for f, v in timed[0][1].items() if f in fields})
+    default = nvfp4_matmul.decode_config
+
+    def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2):
+        config = table.get((m, n, k)) if x_bytes == 2 else None
+        return config or default(m, n, k, sm_count, x_bytes)
+
+    nvfp4_matmul.decode_config = decode_config
+    return {f"{m}:{n}x{k}": config.__dict__ for (m, n, k), config in table.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="8b")
@@ -185,8 +211,12 @@ def main() -> int:
     parser.add_argument("--max_test_prompts", type=int, default=100)
     parser.add_argument("--kernel", choices=("default", "pipelined"), default="default",
                         help="decode tile for M = 17-128 (an A/B of the two in one run on one machine)")
+    parser.add_argument("--kernel_table", type=Path, default=None,
+                        help="a matmul sweep JSON: each swept (M, N, K) uses its fastest launch shape (an A/B arm)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more abliterate flags")
     args = parser.parse_args()
+    if args.kernel_table and not args.kernel_table.is_file():
+        parser.error(f"--kernel_table {args.kernel_table}: no such file (write one with bench/nvfp4_matmul_bench.py --sweep)")
     import torch
 
     args.work = args.work.resolve()
@@ -203,6 +233,7 @@ def main() -> int:
     recorder = Recorder(torch)
     if args.kernel == "pipelined":
         use_pipelined_tile()
+    kernel_table = use_kernel_table(args.kernel_table) if args.kernel_table else None
     install(recorder, args.profile_trial + 1 if args.profile_trial else 0, args.out.parent)
     command = ["abliterate", "--model", str(checkpoint), "--prompts", prompts["spec"], "--n_trials", str(args.trials),
                "--n_startup_trials", str(args.trials), "--max_response_length", str(args.max_new_tokens),
@@ -221,7 +252,7 @@ def main() -> int:
         "command": "python bench/stage2_trial_profile.py " + " ".join(sys.argv[1:]), "cli": command, "exit_code": code,
         "cli_seconds": time.perf_counter() - started, "checkpoint": written, "per_evaluate_call": summarize(recorder.events),
         "peak_gb_per_evaluate_call": peaks(recorder.events), "kernel": args.kernel,
-        "events": recorder.events,
+        "kernel_table": kernel_table, "events": recorder.events,
     }
     if device == "cuda":
         result["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
