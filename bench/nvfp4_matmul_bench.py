@@ -140,6 +140,30 @@ def _decode_candidates(m: int, k: int, kinds: frozenset[str]):
         for (bn, bk), stages, split in itertools.product(tiles, (3, 4, 5), (1, 2, 4)):
             warps = 8 if bm * bn >= 128 * 64 else 4
             yield C(bm, bn, bk, split, warps, stages, kernel="pipelined")
+    if "swap" in kinds:
+        yield from _swap_candidates(m)
+    if "wide_swap" in kinds:
+        yield from _wide_swap_candidates(m)
+
+
+def _swap_candidates(m: int):
+    """out^T = W x^T (the decoded weight as the MMA's register operand), hand-prefetched and pipelined."""
+    C = mm.KernelConfig
+    bm = max(16, 1 << max(m - 1, 0).bit_length())
+    for bn, bk, split in itertools.product((64, 128), (64, 128), (1, 2, 4)):
+        warps = 4 if bn == 64 else 8
+        yield C(bm, bn, bk, split, warps, 3, kernel="dot", join=True, swap=True)
+        yield C(bm, bn, bk, split, warps, 4, kernel="pipelined", swap=True)
+
+
+def _wide_swap_candidates(m: int):
+    """A wider swap space around the first sweep's winners (BLOCK_N to 256, BLOCK_K down to 32, 4 or 8 warps)."""
+    C = mm.KernelConfig
+    bm = max(16, 1 << max(m - 1, 0).bit_length())
+    for (bn, warps), bk, split in itertools.product(((64, 4), (128, 4), (128, 8), (256, 8)), (32, 64, 128), (1, 2, 4)):
+        yield C(bm, bn, bk, split, warps, 3, kernel="dot", join=True, swap=True)
+    for bn, bk, split, stages in itertools.product((128, 256), (64, 128), (1, 2, 4), (3, 5)):
+        yield C(bm, bn, bk, split, 8, stages, kernel="pipelined", swap=True)
 
 
 def _hand_prefetched_candidates(m: int):
@@ -224,7 +248,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time candidate launch shapes (tuning)")
     parser.add_argument("--sweep-budget-s", type=float, default=150.0)
     parser.add_argument("--skip-main", action="store_true")
-    parser.add_argument("--sweep-kernels", default="dot,pipelined", help="comma list of dot (hand-prefetched, GEMV) and pipelined")
+    parser.add_argument("--sweep-kernels", default="dot,pipelined", help="comma list of dot (hand-prefetched, GEMV), pipelined, swap (W as the MMA's first operand) and wide_swap")
     parser.add_argument("--sweep-first", action="store_true", help="run the sweep before the main table")
     parser.add_argument("--sweep-cells", default="",
                         help="M:NxK,... swept in this order instead of every shape at SWEEP_TOKENS (e.g. 100:14336x4096)")

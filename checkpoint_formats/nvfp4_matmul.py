@@ -24,7 +24,9 @@ Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.
   with fp32 atomics where N alone leaves SMs idle. Global scale and bias on the fp32 accumulator.
   ``kernel="pipelined"``: the same tile in a plain ``tl.range`` loop that Triton's software pipeliner keeps
   3-5 K tiles deep (see ``pipelined_config``: faster in isolation, not yet in a whole trial).
-  MEASURED (H200, bench JSON): 1.1-1.4x bf16 at M=1, about 1.0x at M=4-16, 0.4-0.7x at M=64-128;
+  ``swap`` (large weights, 16-bit x, M = 2-128): out^T = W x^T, the decoded tile as the MMA's first operand
+  (Hopper's wgmma reads it from registers), see ``_swap_config``.
+  MEASURED (H200, bench JSON): 1.1-1.4x bf16 at M=1, 1.0-1.15x at M=4-16 (swap), 0.6-0.8x at M=64-128;
   latency bound (too few bytes in flight), not at the ~0.5625 B/weight bandwidth floor.
 - prefill, larger M: a Triton kernel dequantizes W to x's dtype and cuBLAS
   (``F.linear``) multiplies; at these sizes the matmul is compute bound and
@@ -73,6 +75,7 @@ class KernelConfig:
     join: bool = False  # dot: rebuild K order in registers (one dot) instead of eight dots on strided x
     mul16: bool = True  # dot: code * scale in fp16 (exact) instead of fp32
     asm: bool = True  # decode 8 codes of a word with inline PTX (GPU only; the interpreter takes the portable path)
+    swap: bool = False  # dot (joined) / pipelined: out^T = W x^T, the decoded weight as the MMA's first operand
 
 
 def available(device: torch.device | str) -> bool:
@@ -162,6 +165,8 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
     small = n * k <= 4096 * 4096
     if m == 1 or (m <= 4 and small):
         config = KernelConfig(block_m=_next_pow2(m), block_n=16 if m == 1 and n == 4096 else 8, block_k=1024, kernel="gemv")
+    elif n * k >= 4096 * 4096 and x_bytes == 2:
+        return _swap_config(m, n, k)
     elif m <= 16:
         if n * k < 4096 * 4096:
             config = KernelConfig(block_m=16, block_n=16, block_k=512, kernel="dot", join=True)
@@ -184,6 +189,22 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
     while tiles * split < 3 * sm_count and k_tiles // (split * 2) >= 4:
         split *= 2
     return dataclasses.replace(config, split_k=split)
+
+
+def _swap_config(m: int, n: int, k: int) -> KernelConfig:
+    """Large weights, 16-bit x, M = 2-128: the decoded tile as the MMA's first operand (``swap``).
+
+    Measured on an H200 (bench/nvfp4_matmul_swap_sweep_gpu.json, ..._wide_swap_sweep_gpu.json): 1.0-1.4x
+    faster than the x-first tile on 4096 x 4096, 14336 x 4096 and 4096 x 14336 at every M swept; smaller
+    weights (K/V projections, MoE experts) stay with the x-first tile, which won there. Tall weights (N > K)
+    fill the GPU unsplit from M = 17; square and wide ones split K 4 ways.
+    """
+    split = 1 if m > 16 and n > k else 4
+    if m <= 16:
+        return KernelConfig(16, 64, 64 if n > k else 128, split, 4, 3, kernel="dot", join=True, swap=True)
+    if m <= 64:
+        return KernelConfig(_next_pow2(m), 64, 128, split, 4, 3, kernel="dot", join=True, swap=True)
+    return KernelConfig(128, 128, 64, split, 8, 3, kernel="dot", join=True, swap=True)
 
 
 def pipelined_config(m: int, n: int, k: int) -> KernelConfig:
@@ -244,9 +265,10 @@ def fused_matmul(
         kernels._gemv_kernel[grid](x2d, words, *common, **meta)
     elif config.kernel == "pipelined":
         stages = meta.pop("num_stages")
-        kernels._pipelined_dot_kernel[grid](x2d, words, *common, STAGES=stages, num_stages=stages, **meta)
+        kernels._pipelined_dot_kernel[grid](x2d, words, *common, STAGES=stages, num_stages=stages, SWAP=config.swap, **meta)
     else:
-        kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, **meta)
+        kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, SWAP=config.swap and config.join,
+                                  **meta)  # fmt: skip
     return out.to(out_dtype) if atomic else out
 
 

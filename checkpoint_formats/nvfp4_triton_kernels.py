@@ -241,19 +241,24 @@ def _dot_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN: tl.constexpr, MUL16: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, SWAP: tl.constexpr = False,
 ):  # fmt: skip
     """Tensor-core decode: codes decoded straight from uint32 words, no byte unpacking.
 
     JOIN=False: eight dots per K tile, code j of every word against x's columns 8w+j (x split in
-    registers). JOIN=True: the eight code tiles joined back into K order, one dot.
+    registers). JOIN=True: the eight code tiles joined back into K order, one dot. SWAP (with JOIN)
+    computes out^T = W x^T, the decoded tile as the MMA's first operand (Hopper's wgmma reads it from
+    registers; only x goes through shared memory).
     """
     k_start = tl.program_id(2) * k_per_split
     offs_m, offs_n, w_ptrs, s_ptrs, x_ptrs = _tile_pointers(
         x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, k_start, BLOCK_M, BLOCK_N, BLOCK_K
     )
     dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.minimum(k_start + k_per_split, K)
     words_next, scale_next, x_next = _load_tile(w_ptrs, s_ptrs, x_ptrs, k_start, K, EVEN_K, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -269,7 +274,10 @@ def _dot_kernel(
             q0 = tl.join(tl.join(c0, c4), tl.join(c2, c6))
             q1 = tl.join(tl.join(c1, c5), tl.join(c3, c7))
             w = tl.reshape(tl.join(q0, q1), (BLOCK_N, BLOCK_K))  # [n, w, a, b, c] is code 4a + 2b + c
-            acc = tl.dot(x, tl.trans(w), acc)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
         else:
             x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, BLOCK_M, BLOCK_K)
             acc = tl.dot(x0, tl.trans(c0), acc)
@@ -282,6 +290,8 @@ def _dot_kernel(
             acc = tl.dot(x7, tl.trans(c7), acc)
     acc = acc * 16384.0  # 2^14 (codes)
     first = (tl.program_id(2) == 0).to(tl.float32)
+    if SWAP:
+        acc = tl.trans(acc)
     _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, HAS_BIAS, ATOMIC)
 
 @triton.jit
@@ -289,8 +299,9 @@ def _pipelined_dot_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+    SWAP: tl.constexpr = False,
 ):  # fmt: skip
-    """Tensor-core decode with Triton's software pipeliner keeping STAGES K tiles in flight.
+    """Tensor-core decode with Triton's software pipeliner keeping STAGES K tiles in flight (SWAP: as in _dot_kernel).
 
     The loads stand at the top of a plain ``tl.range`` loop, so the compiler (not a hand-written
     register prefetch) overlaps them with the decode and the dot of earlier tiles.
@@ -300,7 +311,10 @@ def _pipelined_dot_kernel(
         x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, k_start, BLOCK_M, BLOCK_N, BLOCK_K
     )
     dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         words, scale, x = _load_tile(w_ptrs, s_ptrs, x_ptrs, k0, K, EVEN_K, BLOCK_K)
@@ -312,9 +326,14 @@ def _pipelined_dot_kernel(
         q0 = tl.join(tl.join(c0, c4), tl.join(c2, c6))
         q1 = tl.join(tl.join(c1, c5), tl.join(c3, c7))
         w = tl.reshape(tl.join(q0, q1), (BLOCK_N, BLOCK_K))  # [n, w, a, b, c] is code 4a + 2b + c
-        acc = tl.dot(x, tl.trans(w), acc)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
     acc = acc * 16384.0  # 2^14 (codes)
     first = (tl.program_id(2) == 0).to(tl.float32)
+    if SWAP:
+        acc = tl.trans(acc)
     _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, HAS_BIAS, ATOMIC)
 
 @triton.jit

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests are CPU-only: where Triton is installed its kernels can only run interpreted. Set before any test module
+# imports checkpoint_formats.nvfp4_matmul (its kernels read the variable when defined).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -85,9 +85,12 @@ def test_dequantize_kernel_matches_codec_bit_for_bit(interpreted, dtype: torch.d
         (KernelConfig(block_m=16, block_n=16, block_k=32, kernel="pipelined"), torch.float16),
         (KernelConfig(block_m=16, block_n=32, block_k=64, split_k=3, kernel="pipelined"), torch.float32),
         (KernelConfig(block_m=16, block_n=16, block_k=64, kernel="gemv"), torch.float32),
+        (KernelConfig(block_m=16, block_n=16, block_k=32, kernel="dot", join=True, swap=True), torch.float16),
+        (KernelConfig(block_m=32, block_n=32, block_k=64, split_k=3, kernel="dot", join=True, swap=True), torch.float16),
+        (KernelConfig(block_m=16, block_n=32, block_k=64, split_k=3, kernel="pipelined", swap=True), torch.float16),
     ],
 )
-@pytest.mark.parametrize("m", [1, 5, 17])
+@pytest.mark.parametrize("m", [1, 5, 17, 33])
 def test_fused_kernels_match_fp32_reference(interpreted, config: KernelConfig, x_dtype: torch.dtype, m: int) -> None:
     n, k = 40, 208  # K = 13 blocks: a partial last K tile, and splits of unequal length
     q = _weight(n, k, seed=m)
@@ -126,3 +129,19 @@ def test_pipelined_candidate_shapes_compute_the_product(interpreted, m: int, n: 
     ref = x.float() @ nvfp4.dequantize_weight(q, torch.float32).T
     out = interpreted.fused_matmul(x, q.packed, q.weight_scale, q.weight_scale_2, None, config, torch.float32)
     assert _relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("m", [5, 16, 17, 64, 100, 128])
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (14336, 4096), (4096, 14336)])
+def test_large_weights_at_16_bit_x_take_the_swapped_tile(m: int, n: int, k: int) -> None:
+    """The measured winner on large weights at M = 5-128 (M <= 4 on 4096 x 4096: the GEMV)."""
+    config = nvfp4_matmul.decode_config(m, n, k, 132, 2)
+    assert config.kernel == "dot" and config.join and config.swap
+    assert config.block_m >= m and k % (config.block_k * config.split_k) == 0
+
+
+@pytest.mark.parametrize("m", [5, 100])
+def test_fp32_x_and_small_weights_keep_the_x_first_tile(interpreted, m: int) -> None:
+    assert not interpreted.decode_config(m, 4096, 4096, 132, 4).swap
+    assert not interpreted.decode_config(m, 1024, 4096, 132, 2).swap
+    assert interpreted.decode_config(2, 4096, 4096, 132, 2).kernel == "gemv"
