@@ -114,31 +114,10 @@ def compute_directions(model, architecture: Architecture, tokenizer, prompts: Pr
         for index, count in residuals.nonfinite_layers().items():
             console.print(f"[yellow]warning:[/] {label} residual index {index} (after layer {index - 1}) is NaN/inf "
                           f"for {count} prompts; its direction is zeroed and edits using it do nothing")
-    def of(projected: bool) -> torch.Tensor:
-        if settings.directions == "subspace":  # [layers + 1, k, hidden] orthonormal bases
-            return refusal_subspaces(harmful.values, harmless.values, settings.direction_rank, projected=projected)
-        return refusal_directions(harmful.values, harmless.values, projected=projected)
-
-    if settings.direction_projection == "search":  # both sets, [2, ...]: plain, then projected
-        return torch.stack([of(False), of(True)])
-    return of(settings.direction_projected)
-
-
-def direction_rank(directions: torch.Tensor, settings: AbliterateSettings) -> int:
-    """k of a subspace edit (1 for one direction), whether or not the study holds two direction sets."""
-    one_set = directions[0] if settings.direction_projection == "search" else directions
-    return one_set.shape[1] if one_set.ndim == 3 else 1
-
-
-def trial_directions(directions: torch.Tensor, parameters: AbliterationParameters,
-                     settings: AbliterateSettings) -> torch.Tensor:
-    """The directions a trial edits with: with ``--direction_projection search`` the set it drew of the two."""
-    if settings.direction_projection != "search":
-        return directions
-    if directions.shape[0] != 2 or parameters.direction_projected is None:
-        raise RuntimeError(f"--direction_projection search needs two direction sets and a drawn choice, got "
-                           f"directions of shape {tuple(directions.shape)} and {parameters.direction_projected!r}")
-    return directions[int(parameters.direction_projected)]
+    if settings.directions == "subspace":  # [layers + 1, k, hidden] orthonormal bases
+        return refusal_subspaces(harmful.values, harmless.values, settings.direction_rank,
+                                 projected=settings.direction_projected)
+    return refusal_directions(harmful.values, harmless.values, projected=settings.direction_projected)
 
 
 def save_directions_atomically(directions: torch.Tensor, path: Path) -> None:
@@ -161,8 +140,7 @@ def describe_parameters(parameters: AbliterationParameters) -> str:
         f"{group}(max {k.max_weight:.2f}@{k.max_weight_position:.1f} min {k.min_weight:.2f} d {k.min_weight_distance:.1f})"
         for group, k in sorted(parameters.kernels.items())
     )
-    projected = {None: "", True: " projected", False: " unprojected"}[parameters.direction_projected]
-    return f"{scope}{projected} {kernels}"
+    return f"{scope} {kernels}"
 
 
 def describe_metrics(metrics: TrialMetrics) -> str:
@@ -304,7 +282,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                                        compute_directions(model, architecture, tokenizer, prompts, settings,
                                                           evaluator.batch_size, console))
     abliterator = LoraAbliterator(model, architecture.components, method=settings.method, rank=settings.lowrank_rank,
-                                  seed=SVD_SEED, direction_rank=direction_rank(directions, settings))
+                                  seed=SVD_SEED, direction_rank=directions.shape[1] if directions.ndim == 3 else 1)
     for skipped in abliterator.skipped:
         console.print(f"[yellow]skipped:[/] {skipped.component.parameter_path} ({skipped.reason})")
     placement = abliterator.placement_summary()
@@ -320,7 +298,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     groups = sorted({c.group for c in abliterator.components})
 
     def evaluate(parameters: AbliterationParameters) -> TrialMetrics:
-        abliterator.apply(parameters, trial_directions(directions, parameters, settings))
+        abliterator.apply(parameters, directions)
         try:
             metrics = TrialMetrics.from_eval_result(evaluator.evaluate(model))
             if not checked["offloaded_edits"]:  # once: every offloaded edit reached a forward pass
@@ -342,8 +320,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
             progress.console.print(f"[red]trial {number} failed:[/] {error}")
 
         search = {"suggest": lambda trial: suggest_parameters(trial, architecture.num_layers, groups,
-                                                              settings.direction_scope, settings.search_depth,
-                                                              settings.direction_projection),
+                                                              settings.direction_scope, settings.search_depth),
                   "evaluate": evaluate, "base": base, "n_trials": settings.n_trials, "seed": settings.seed,
                   "n_startup_trials": settings.n_startup_trials, "kl_target": settings.kl_target, "report": report,
                   "on_failure": failed}
@@ -382,8 +359,8 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                 "settings_sources": settings_sources or {},
             },
             edits=plan_edits(parameters, abliterator.components),
-            directions=trial_directions(directions, parameters, settings),  # the set the chosen trial edited with
-            edit_vectors=edit_directions(parameters, trial_directions(directions, parameters, settings)),
+            directions=directions,
+            edit_vectors=edit_directions(parameters, directions),
         )
         front_records = [{"trial": c.number, "effective_refusals": c.effective_refusals, **c.metrics.to_dict()} for c in front]
         (temporary / "pareto_front.json").write_text(json.dumps(front_records, indent=2) + "\n")

@@ -98,7 +98,6 @@ class AbliterateSettings(BaseSettings):
 
     # --- directions and edits ---
     direction_projected: bool = Field(default=False, description="Remove the harmless-mean component from each refusal direction before use.")
-    direction_projection: Literal["fixed", "search"] = Field(default="fixed", description="fixed: every trial uses the directions --direction_projected asks for. search: each trial draws whether its directions are projected (both sets are computed once; the chosen trial's set is written with it). Projected directions edit far more gently (testbed/hard: the same edit at ~1/10 the KL), unprojected ones remove the most refusals, so one search finds both ends of the front. Its own study; excludes --direction_projected.")
     directions: Literal["mean_difference", "subspace"] = Field(default="mean_difference", description="mean_difference: one refusal direction per layer (difference of class means). subspace: a rank-direction_rank refusal subspace per layer (the mean difference plus the top singular vectors of the per-prompt harmful-minus-harmless-mean differences), projected out as a whole.")
     direction_rank: int = Field(default=3, ge=1, le=64, description="Rank k of the refusal subspace of --directions subspace (ignored otherwise).")
     search_depth: Literal["late", "full"] = Field(default="late", description="Where in depth the search's edits reach. late: the reference's space, each kernel peaks at layers 0.6L..L-1 and reaches 1..0.6L layers (the later ~half of the model). full: peaks anywhere in 0..L-1, reach up to L layers, so one edit can cover every layer: for models whose refusal is spread over the whole depth (e.g. testbed/hard).")
@@ -195,13 +194,6 @@ class AbliterateSettings(BaseSettings):
         if self.search_only and self.storage is None:
             raise ValueError("--search_only needs --storage: a worker that writes no output only makes sense in a "
                              "shared study; pass the same --storage as the other workers")
-        return self
-
-    @model_validator(mode="after")
-    def _one_projection_choice(self) -> AbliterateSettings:
-        if self.direction_projection == "search" and self.direction_projected:
-            raise ValueError("--direction_projection search draws per trial whether the directions are projected, "
-                             "so --direction_projected has nothing to fix; drop one of the two")
         return self
 
     @model_validator(mode="after")

@@ -26,19 +26,13 @@ class AbliterationParameters:
     direction_scope: str  # GLOBAL or PER_LAYER
     direction_index: float | None  # fractional residual index, GLOBAL scope only
     kernels: dict[str, KernelParameters] = field(default_factory=dict)  # component group -> kernel
-    # drawn by --direction_projection search (None otherwise): which of the study's two direction sets the trial
-    # edits with. The edit itself does not read it: the caller hands it that set's directions.
-    direction_projected: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = {
+        return {
             "direction_scope": self.direction_scope,
             "direction_index": self.direction_index,
             "kernels": {group: kernel.to_dict() for group, kernel in sorted(self.kernels.items())},
         }
-        if self.direction_projected is not None:  # (a fixed choice keeps the stored form it always had)
-            data["direction_projected"] = self.direction_projected
-        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AbliterationParameters:
@@ -46,7 +40,6 @@ class AbliterationParameters:
             direction_scope=data["direction_scope"],
             direction_index=data.get("direction_index"),
             kernels={group: KernelParameters(**kernel) for group, kernel in data["kernels"].items()},
-            direction_projected=data.get("direction_projected"),
         )
 
 

@@ -44,8 +44,6 @@ def study_name(settings: AbliterateSettings, prompts: PromptSets, config: Evalua
         identity["directions"] = [settings.directions, settings.direction_rank]
     if settings.search_depth != "late":  # another search space (older studies keep their names)
         identity["search_depth"] = settings.search_depth
-    if settings.direction_projection != "fixed":  # two direction sets, one drawn per trial (older studies keep their names)
-        identity["direction_projection"] = settings.direction_projection
     if settings.false_refusal_tokens is not None:
         identity["false_refusal_tokens"] = settings.false_refusal_tokens
     if settings.judge:  # judged refusals are another objective: their own study (unjudged studies keep their names)

@@ -15,10 +15,6 @@ the model. ``full`` depth lets the peak sit at any layer, [0, L - 1], and the re
 one kernel can edit every layer: for models whose refusal is spread over the whole depth (the hard
 testbed, where no edit of the later layers alone removes a refusal).
 
-``--direction_projection search`` adds ``direction_projected`` (False/True): which of the two direction
-sets (plain, or with the harmless-mean component removed) the trial edits with. Without it nothing more
-is drawn, so the default search draws what it always drew.
-
 ``direction_index`` is always sampled (and ignored for the per-layer scope)
 so that every trial has the same parameters and multivariate TPE models them
 jointly.
@@ -35,7 +31,6 @@ from abliterate.edits.plan import GLOBAL, PER_LAYER, AbliterationParameters
 from foundation.errors import UserError
 
 DEPTHS = ("late", "full")
-PROJECTIONS = ("fixed", "search")
 
 
 def kernel_bounds(num_layers: int, depth: str = "late") -> dict[str, tuple[float, float]]:
@@ -55,15 +50,10 @@ def _bounds(low: float, high: float, floor: float, ceiling: float) -> tuple[floa
 
 
 def suggest_parameters(
-    trial: optuna.Trial, num_layers: int, groups: Iterable[str], scope: str = "search", depth: str = "late",
-    projection: str = "fixed",
+    trial: optuna.Trial, num_layers: int, groups: Iterable[str], scope: str = "search", depth: str = "late"
 ) -> AbliterationParameters:
     """Draw (or, for a trial being resumed, read back) one trial's parameters."""
     bounds = kernel_bounds(num_layers, depth)
-    if projection not in PROJECTIONS:
-        raise UserError("--direction_projection", f"unknown projection choice {projection!r}",
-                        f"choose one of {', '.join(PROJECTIONS)}")
-    projected = trial.suggest_categorical("direction_projected", [False, True]) if projection == "search" else None
     if scope == "search":
         scope = trial.suggest_categorical("direction_scope", [GLOBAL, PER_LAYER])
     index_low, index_high = _bounds(0.4 * num_layers, 0.9 * num_layers, 0.0, float(num_layers))
@@ -83,5 +73,4 @@ def suggest_parameters(
         direction_scope=scope,
         direction_index=direction_index if scope == GLOBAL else None,
         kernels=kernels,
-        direction_projected=projected,
     )
