@@ -26,7 +26,7 @@ Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.
   3-5 K tiles deep (see ``pipelined_config``: faster in isolation, not yet in a whole trial).
   ``swap`` (large weights, 16-bit x, M = 2-128): out^T = W x^T, the decoded tile as the MMA's first operand
   (Hopper's wgmma reads it from registers), see ``_swap_config``.
-  MEASURED (H200, bench JSON): 1.1-1.4x bf16 at M=1, 1.0-1.15x at M=4-16 (swap), 0.6-0.8x at M=64-128;
+  MEASURED (H200, bench JSON): 1.1-1.4x bf16 at M=1, 1.0-1.2x at M=4-16 (swap), 0.5-0.8x at M=64-128;
   latency bound (too few bytes in flight), not at the ~0.5625 B/weight bandwidth floor.
 - prefill, larger M: a Triton kernel dequantizes W to x's dtype and cuBLAS
   (``F.linear``) multiplies; at these sizes the matmul is compute bound and
@@ -194,8 +194,8 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
 def _swap_config(m: int, n: int, k: int) -> KernelConfig:
     """Large weights, 16-bit x, M = 2-128: the decoded tile as the MMA's first operand (``swap``).
 
-    Measured on an H200 (bench/nvfp4_matmul_swap_sweep_gpu.json, ..._wide_swap_sweep_gpu.json): 1.0-1.4x
-    faster than the x-first tile on 4096 x 4096, 14336 x 4096 and 4096 x 14336 at every M swept; smaller
+    Measured on an H200 (bench/nvfp4_matmul_swap_sweep_gpu.json, ..._wide_swap_sweep_gpu.json): 0.98-1.4x the
+    x-first tile's speed on 4096 x 4096, 14336 x 4096 and 4096 x 14336 at every M swept; smaller
     weights (K/V projections, MoE experts) stay with the x-first tile, which won there. Tall weights (N > K)
     fill the GPU unsplit from M = 17; square and wide ones split K 4 ways.
     """
