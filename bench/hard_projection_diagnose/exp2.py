@@ -1,70 +1,20 @@
-"""Hand-set edits on testbed/hard through OUR stage-2 machinery (LoraAbliterator + Evaluator)."""
-import json, sys, time
-sys.path.insert(0, "/work/wt-h17")
-import torch
-torch.set_num_threads(1)
-from abliterate.settings import AbliterateSettings
-from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
-from abliterate.prompts import prompt_sets_of
-from abliterate.loading import load_model
-from abliterate.architectures.discovery import discover
-from abliterate.evaluation import Evaluator
-from abliterate.residuals import prompt_residuals
-from abliterate.directions import refusal_directions, refusal_subspaces, normalize
-from abliterate.edits.lora import LoraAbliterator
-from abliterate.edits.plan import AbliterationParameters
-from abliterate.edits.kernel import KernelParameters
-from abliterate.search.objectives import TrialMetrics
+"""Second run: heretic's trial 30 with projected subspaces, our trial 54 plain and projected, global indices."""
+import json
 
-S = AbliterateSettings.from_mapping({"model": "/work/wt-h17/testbed/hard",
-                                     "prompts": "/work/wt-h17/datasets_yaml/testbed_hard_prompts.yaml", "dtypes": ["float32"]})
-inputs = EvaluationInputs.from_settings(S)
-P = prompt_sets_of(inputs)
-loaded = load_model(S.model, dtypes=["float32"])
-model, tok = loaded.model, loaded.tokenizer
-arch = discover(model)
-print([ (c.group, c.layer) for c in arch.components][:4])
-config = evaluation_config(inputs, P)
-ev = Evaluator(model, tok, P.harmful_test, P.harmless_test, config, **P.collateral_sets())
-base = TrialMetrics.from_eval_result(ev.base)
-print("base", base.to_dict())
-R = torch.load("/tmp/h17/residuals.pt"); H, G = R["H"], R["G"]
-dirs = torch.load("/tmp/h17/dirs.pt")
-dirs["sub4_projected"] = refusal_subspaces(H, G, 4, projected=True)
-groups = sorted({c.group for c in arch.components}); print(groups)
-ab = {}
-def run(name, dkey, params_dict, scope="per_layer", index=None, method="norm_preserving"):
-    d = dirs[dkey]
-    key = (method, d.ndim)
-    if key not in ab:
-        ab[key] = LoraAbliterator(model, arch.components, method=method, rank=3, seed=0,
-                                  direction_rank=d.shape[1] if d.ndim == 3 else 1)
-    a = ab[key]
-    p = AbliterationParameters(scope, index, {g: KernelParameters(**params_dict[g]) for g in groups})
-    t = time.time()
-    a.apply(p, d)
-    try:
-        m = TrialMetrics.from_eval_result(ev.evaluate(model))
-    finally:
-        a.reset()
-    row = {"edit": name, "dirs": dkey, "scope": scope, "index": index, "method": method, **{k: m.to_dict()[k] for k in ("refusals", "kl", "kl_first_token", "lookalike_refusals", "false_refusals")}, "skill": m.skill_accuracy, "s": round(time.time()-t,1)}
-    print(json.dumps(row), flush=True)
-    return row
+from common import WORK, HardTestbed
 
-heretic = json.load(open("/work/wt-h17/bench/heretic_side_by_side_hard_cpu.json"))["heretic"]["trials"]
-def hp(n):
-    t = next(t for t in heretic if t["trial"] == n)
-    pp = t["heretic_parameters"]
-    return {"attn": pp["attn.o_proj"], "mlp": pp["mlp.down_proj"]}, t["heretic_direction_index"]
+bed = HardTestbed()
+bed.load_saved_directions()
+
 
 def t54(kind):
     p = {'attn.max_weight': 1.460143705976343, 'attn.max_weight_position': 5.426279329801734, 'attn.min_weight_fraction': 0.31864513788813476, 'attn.min_weight_distance': 4.610987855758952, 'mlp.max_weight': 1.1615109166351587, 'mlp.max_weight_position': 0.6993464281403894, 'mlp.min_weight_fraction': 0.486348949064668, 'mlp.min_weight_distance': 5.788252535221814}
     return {g: {"max_weight": p[g+".max_weight"], "max_weight_position": p[g+".max_weight_position"], "min_weight": p[g+".min_weight_fraction"]*p[g+".max_weight"], "min_weight_distance": p[g+".min_weight_distance"]} for g in ("attn","mlp")}
 rows = []
-pd, _ = hp(30)
-rows.append(run("heretic trial 30", "sub4_projected", pd))
-rows.append(run("ours trial 54", "sub4", t54(0), scope="global", index=3.7754780501620537))
-rows.append(run("ours trial 54", "sub4_projected", t54(0), scope="global", index=3.7754780501620537))
+pd = bed.heretic_parameters(bed.heretic_trial(30))
+rows.append(bed.run("heretic trial 30", "sub4_projected", pd))
+rows.append(bed.run("ours trial 54", "sub4", t54(0), scope="global", index=3.7754780501620537))
+rows.append(bed.run("ours trial 54", "sub4_projected", t54(0), scope="global", index=3.7754780501620537))
 for idx in (4.0, 5.0, 6.0, 7.0):
-    rows.append(run("heretic trial 30, global", "ours_projected", pd, scope="global", index=idx))
-json.dump(rows, open("/tmp/h17/exp2_rows.json", "w"), indent=1)
+    rows.append(bed.run("heretic trial 30, global", "ours_projected", pd, scope="global", index=idx))
+json.dump(rows, open(WORK / "exp2_rows.json", "w"), indent=1)

@@ -1,69 +1,19 @@
-"""Hand-set edits on testbed/hard through OUR stage-2 machinery (LoraAbliterator + Evaluator)."""
-import json, sys, time
-sys.path.insert(0, "/work/wt-h17")
-import torch
-torch.set_num_threads(1)
-from abliterate.settings import AbliterateSettings
-from abliterate.evaluation_inputs import EvaluationInputs, evaluation_config
-from abliterate.prompts import prompt_sets_of
-from abliterate.loading import load_model
-from abliterate.architectures.discovery import discover
-from abliterate.evaluation import Evaluator
-from abliterate.residuals import prompt_residuals
-from abliterate.directions import refusal_directions, refusal_subspaces, normalize
-from abliterate.edits.lora import LoraAbliterator
-from abliterate.edits.plan import AbliterationParameters
-from abliterate.edits.kernel import KernelParameters
-from abliterate.search.objectives import TrialMetrics
+"""All 60 saved heretic trials' parameters replayed in OUR machinery with one direction set (argv[1])."""
+import json
+import sys
 
-S = AbliterateSettings.from_mapping({"model": "/work/wt-h17/testbed/hard",
-                                     "prompts": "/work/wt-h17/datasets_yaml/testbed_hard_prompts.yaml", "dtypes": ["float32"]})
-inputs = EvaluationInputs.from_settings(S)
-P = prompt_sets_of(inputs)
-loaded = load_model(S.model, dtypes=["float32"])
-model, tok = loaded.model, loaded.tokenizer
-arch = discover(model)
-print([ (c.group, c.layer) for c in arch.components][:4])
-config = evaluation_config(inputs, P)
-ev = Evaluator(model, tok, P.harmful_test, P.harmless_test, config, **P.collateral_sets())
-base = TrialMetrics.from_eval_result(ev.base)
-print("base", base.to_dict())
-R = torch.load("/tmp/h17/residuals.pt"); H, G = R["H"], R["G"]
-dirs = torch.load("/tmp/h17/dirs.pt")
-dirs["sub4_projected"] = refusal_subspaces(H, G, 4, projected=True)
-groups = sorted({c.group for c in arch.components}); print(groups)
-ab = {}
-def run(name, dkey, params_dict, scope="per_layer", index=None, method="norm_preserving"):
-    d = dirs[dkey]
-    key = (method, d.ndim)
-    if key not in ab:
-        ab[key] = LoraAbliterator(model, arch.components, method=method, rank=3, seed=0,
-                                  direction_rank=d.shape[1] if d.ndim == 3 else 1)
-    a = ab[key]
-    p = AbliterationParameters(scope, index, {g: KernelParameters(**params_dict[g]) for g in groups})
-    t = time.time()
-    a.apply(p, d)
-    try:
-        m = TrialMetrics.from_eval_result(ev.evaluate(model))
-    finally:
-        a.reset()
-    row = {"edit": name, "dirs": dkey, "scope": scope, "index": index, "method": method, **{k: m.to_dict()[k] for k in ("refusals", "kl", "kl_first_token", "lookalike_refusals", "false_refusals")}, "skill": m.skill_accuracy, "s": round(time.time()-t,1)}
-    print(json.dumps(row), flush=True)
-    return row
+from common import WORK, HardTestbed
 
-heretic = json.load(open("/work/wt-h17/bench/heretic_side_by_side_hard_cpu.json"))["heretic"]["trials"]
-def hp(n):
-    t = next(t for t in heretic if t["trial"] == n)
-    pp = t["heretic_parameters"]
-    return {"attn": pp["attn.o_proj"], "mlp": pp["mlp.down_proj"]}, t["heretic_direction_index"]
-
+bed = HardTestbed()
+bed.load_saved_directions()
 
 rows = []
 which = sys.argv[1]
-for t in heretic:
-    pp = t["heretic_parameters"]; pd = {"attn": pp["attn.o_proj"], "mlp": pp["mlp.down_proj"]}
+for t in bed.heretic_trials:
     idx = t["heretic_direction_index"]
-    r = run(f"heretic trial {t['trial']}", which, pd, scope="per_layer" if idx is None else "global", index=None if idx is None else idx + 1)
-    r["heretic_refusals_ours_eval"] = t["refusals"]; r["heretic_kl_ours_eval"] = t["kl"]
+    r = bed.run(f"heretic trial {t['trial']}", which, bed.heretic_parameters(t),
+                scope="per_layer" if idx is None else "global", index=None if idx is None else idx + 1)
+    r["heretic_refusals_ours_eval"] = t["refusals"]
+    r["heretic_kl_ours_eval"] = t["kl"]
     rows.append(r)
-json.dump(rows, open(f"/tmp/h17/replay_{which}.json", "w"), indent=1)
+json.dump(rows, open(WORK / f"replay_{which}.json", "w"), indent=1)
