@@ -242,6 +242,8 @@ def fused_matmul(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The decode path: [M, K] x packed [N, K/2] -> [M, N] with in-kernel dequantization."""
+    if config.swap and not (config.kernel == "pipelined" or (config.kernel == "dot" and config.join)):
+        raise ValueError(f"swap=True needs the joined dot tile or the pipelined one, got {config}")
     m, k = x2d.shape
     n = packed.shape[0]
     out_dtype = out_dtype or x2d.dtype
@@ -267,8 +269,7 @@ def fused_matmul(
         stages = meta.pop("num_stages")
         kernels._pipelined_dot_kernel[grid](x2d, words, *common, STAGES=stages, num_stages=stages, SWAP=config.swap, **meta)
     else:
-        kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, SWAP=config.swap and config.join,
-                                  **meta)  # fmt: skip
+        kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, SWAP=config.swap, **meta)
     return out.to(out_dtype) if atomic else out
 
 

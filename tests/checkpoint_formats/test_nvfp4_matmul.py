@@ -145,3 +145,10 @@ def test_fp32_x_and_small_weights_keep_the_x_first_tile(interpreted, m: int) -> 
     assert not interpreted.decode_config(m, 4096, 4096, 132, 4).swap
     assert not interpreted.decode_config(m, 1024, 4096, 132, 2).swap
     assert interpreted.decode_config(2, 4096, 4096, 132, 2).kernel == "gemv"
+
+
+@pytest.mark.parametrize("config", [KernelConfig(16, 16, 32, kernel="dot", swap=True), KernelConfig(16, 16, 64, kernel="gemv", swap=True)])
+def test_swap_is_refused_where_no_kernel_computes_it(config: KernelConfig) -> None:
+    x, packed, scale, scale_2 = _args()
+    with pytest.raises(ValueError, match="swap=True needs"):
+        nvfp4_matmul.fused_matmul(x, packed, scale, scale_2, None, config)
