@@ -162,16 +162,23 @@ def peaks(events: list[dict]) -> dict:
     return {str(call): parts for call, parts in sorted(per_call.items())}
 
 
-def use_pipelined_tile() -> None:
-    """The A/B arm: M = 17-128 goes to the compiler-pipelined tile (``pipelined_config``) instead of the default."""
+def _route_decode(choose) -> None:
+    """The A/B arms' hook: ``choose(m, n, k, x_bytes)`` gives a launch shape, or None for the default dispatch."""
     from checkpoint_formats import nvfp4_matmul
 
     default = nvfp4_matmul.decode_config
 
     def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2):
-        return nvfp4_matmul.pipelined_config(m, n, k) if 16 < m <= 128 and x_bytes == 2 else default(m, n, k, sm_count, x_bytes)
+        return choose(m, n, k, x_bytes) or default(m, n, k, sm_count, x_bytes)
 
     nvfp4_matmul.decode_config = decode_config
+
+
+def use_pipelined_tile() -> None:
+    """The A/B arm: M = 17-128 goes to the compiler-pipelined tile (``pipelined_config``) instead of the default."""
+    from checkpoint_formats import nvfp4_matmul
+
+    _route_decode(lambda m, n, k, x_bytes: nvfp4_matmul.pipelined_config(m, n, k) if 16 < m <= 128 and x_bytes == 2 else None)
 
 
 def use_kernel_table(sweep_json: Path) -> dict:
@@ -190,13 +197,7 @@ def use_kernel_table(sweep_json: Path) -> dict:
         timed = [t for t in row.get("timed", []) if t[0] is not None]
         if timed:
             table[(row["m"], row["n"], row["k"])] = nvfp4_matmul.KernelConfig(**{f: v for f, v in timed[0][1].items() if f in fields})
-    default = nvfp4_matmul.decode_config
-
-    def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2):
-        config = table.get((m, n, k)) if x_bytes == 2 else None
-        return config or default(m, n, k, sm_count, x_bytes)
-
-    nvfp4_matmul.decode_config = decode_config
+    _route_decode(lambda m, n, k, x_bytes: table.get((m, n, k)) if x_bytes == 2 else None)
     return {f"{m}:{n}x{k}": config.__dict__ for (m, n, k), config in table.items()}
 
 
