@@ -201,6 +201,46 @@ def use_kernel_table(sweep_json: Path) -> dict:
     return {f"{m}:{n}x{k}": config.__dict__ for (m, n, k), config in table.items()}
 
 
+_OWN_CODE = ("/abliterate/", "/checkpoint_formats/", "/transformers/", "/peft/", "/bench/")
+
+
+def _site(frames: list[dict]) -> str:
+    """The innermost frame in our code or the model libraries' (``file:line function``), where an allocation came from."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        if any(part in name for part in _OWN_CODE):
+            return f"{name.split('/site-packages/')[-1].split('/work/')[-1]}:{frame.get('line')} {frame.get('name')}"
+    return "(no project frame)"
+
+
+def memory_at_peak(snapshot: dict, max_entries: int, top: int = 25) -> dict:
+    """Replay the allocator's trace: the live allocations at the highest allocated total, grouped by site (GB).
+
+    Why: the process peak is a moment, and ``memory_summary`` says how much but not whose; this names the
+    tensors that stand at that moment (the weights, the KV caches, the graph pools' blocks, the transients).
+    """
+    events = [event for trace in snapshot["device_traces"] for event in trace]
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for event in events:
+        action = event["action"]
+        if action == "alloc":
+            live[event["addr"]] = (event["size"], _site(event.get("frames", [])))
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif action == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])[0]
+    sites: dict[str, int] = defaultdict(int)
+    for size, site in at_peak.values():
+        sites[site] += size
+    ranked = sorted(sites.items(), key=lambda item: -item[1])
+    return {"events": len(events), "trace_complete": len(events) < max_entries, "peak_gb": round(peak / 1e9, 3),
+            "sites_gb": {site: round(size / 1e9, 4) for site, size in ranked[:top]},
+            "rest_gb": round(sum(size for _, size in ranked[top:]) / 1e9, 4)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="8b")
@@ -214,6 +254,10 @@ def main() -> int:
                         help="decode tile for M = 17-128 (an A/B of the two in one run on one machine)")
     parser.add_argument("--kernel_table", type=Path, default=None,
                         help="a matmul sweep JSON: each swept (M, N, K) uses its fastest launch shape (an A/B arm)")
+    parser.add_argument("--step_kernels", choices=("triton", "torch"), default="triton",
+                        help="torch: the decode step's attention and RMSNorm as before the Triton kernels (an A/B arm)")
+    parser.add_argument("--memory_history", type=int, default=0, metavar="ENTRIES",
+                        help="record the allocator's trace (up to ENTRIES events) and name the allocations at the peak")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more abliterate flags")
     args = parser.parse_args()
     if args.kernel_table and not args.kernel_table.is_file():
@@ -235,6 +279,10 @@ def main() -> int:
     if args.kernel == "pipelined":
         use_pipelined_tile()
     kernel_table = use_kernel_table(args.kernel_table) if args.kernel_table else None
+    if args.step_kernels == "torch":
+        from abliterate.evaluation import decode_attention
+
+        decode_attention.available = lambda device: False  # SDPA and transformers' RMSNorm in the decode step
     install(recorder, args.profile_trial + 1 if args.profile_trial else 0, args.out.parent)
     command = ["abliterate", "--model", str(checkpoint), "--prompts", prompts["spec"], "--n_trials", str(args.trials),
                "--n_startup_trials", str(args.trials), "--max_response_length", str(args.max_new_tokens),
@@ -243,6 +291,8 @@ def main() -> int:
                *(["--load_as", "packed"] if device == "cuda" else []), *args.extra]
     from pipelines.cli import main as cli
 
+    if args.memory_history and device == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=args.memory_history, stacks="python")
     started = time.perf_counter()
     try:
         code = cli(command)
@@ -252,12 +302,16 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": common.gpu_name(), "versions": common.versions(),
         "command": "python bench/stage2_trial_profile.py " + " ".join(sys.argv[1:]), "cli": command, "exit_code": code,
         "cli_seconds": time.perf_counter() - started, "checkpoint": written, "per_evaluate_call": summarize(recorder.events),
-        "peak_gb_per_evaluate_call": peaks(recorder.events), "kernel": args.kernel,
+        "peak_gb_per_evaluate_call": peaks(recorder.events), "kernel": args.kernel, "step_kernels": args.step_kernels,
         "kernel_table": kernel_table, "events": recorder.events,
     }
     if device == "cuda":
         result["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
         (args.out.parent / "stage2_trial_profile_memory.txt").write_text(torch.cuda.memory_summary())
+        if args.memory_history:
+            result["memory_at_peak"] = memory_at_peak(torch.cuda.memory._snapshot(), args.memory_history)
+            torch.cuda.memory._record_memory_history(enabled=None)
+            print(json.dumps(result["memory_at_peak"], indent=1), flush=True)
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     for call, parts in result["per_evaluate_call"].items():
         print(call, {name: round(seconds, 3) for name, seconds in parts.items()}, flush=True)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from abliterate.evaluation import static_decode
 from abliterate.evaluation.batch_size import find_fastest_batch_size
+from abliterate.evaluation.chunked_mlp import sliced_mlps
 from abliterate.evaluation.generation import (
     format_chat_prompts,
     generate_greedy,
@@ -201,15 +202,16 @@ class Evaluator:
         self.skill_ids = format_chat_prompts(tokenizer, self.skill_prompts, self.config.system_prompt) \
             if self.skill_prompts else []
         model.eval()
-        self.batch_size = self.config.batch_size or self._find_batch_size(model)
-        static_decode.forget_decoders(model)  # the probe's shapes never come back; their KV caches would stay
-        continuations = generate_greedy(
-            model, tokenizer, self.harmless_ids, max_new_tokens=self.config.kl_tokens, batch_size=self.batch_size,
-            decoding=self.config.decoding,
-        )
-        static_decode.forget_decoders(model)  # nor do the reference continuations'
-        self.reference_continuations = [response.token_ids for response in continuations]
-        self.reference_log_probs = self._log_probs(model)
+        with sliced_mlps(model):
+            self.batch_size = self.config.batch_size or self._find_batch_size(model)
+            static_decode.forget_decoders(model)  # the probe's shapes never come back; their KV caches would stay
+            continuations = generate_greedy(
+                model, tokenizer, self.harmless_ids, max_new_tokens=self.config.kl_tokens, batch_size=self.batch_size,
+                decoding=self.config.decoding,
+            )
+            static_decode.forget_decoders(model)  # nor do the reference continuations'
+            self.reference_continuations = [response.token_ids for response in continuations]
+            self.reference_log_probs = self._log_probs(model)
         self.base = self.evaluate(model, with_perplexity=bool(self.perplexity_texts))
 
     @property
@@ -217,6 +219,10 @@ class Evaluator:
         return self.base.refusals
 
     def evaluate(self, model, *, with_perplexity: bool = False) -> EvalResult:
+        with sliced_mlps(model):  # long forwards' MLPs a slice of tokens at a time on a GPU (memory)
+            return self._evaluate(model, with_perplexity)
+
+    def _evaluate(self, model, with_perplexity: bool) -> EvalResult:
         start = time.perf_counter()
         model.eval()
         config = self.config

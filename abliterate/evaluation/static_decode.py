@@ -29,6 +29,8 @@ from transformers import AttentionInterface, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from abliterate.evaluation import decode_attention, fused_norm
+
 _KEPT_DECODERS = 4  # per model, one per batch size: the full batches, a remainder batch, spares
 
 
@@ -100,6 +102,7 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     layer and measured 2/3 of the step's attention time on an H200. A decode query has length 1, so the
     query heads sharing a KV head (head h uses KV head h // groups, as ``repeat_kv`` lays them out) can
     stand on SDPA's query-length axis instead: the same scores and softmax, one query row per head.
+    Where Triton runs, ``decode_attention``'s kernel computes it and skips the cache positions the mask closes.
     Anything else (prefill, dropout, position bias, sinks) goes to transformers' own ``sdpa``.
     """
     batch, heads, length, dim = query.shape
@@ -110,6 +113,9 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
                                       **kwargs)
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     mask = attention_mask[..., :1, : key.shape[2]] if attention_mask is not None else None  # [batch, 1, 1, keys]
+    if decode_attention.available(query.device) and decode_attention.supports(grouped, key, value, mask):
+        scale = scaling if scaling is not None else dim**-0.5
+        return decode_attention.decode_attention(grouped, key, value, mask, scale), None
     out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
@@ -146,6 +152,22 @@ def _additive_mask(attention_mask: torch.Tensor, cache_len: int, dtype: torch.dt
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture and its warm-up.
+
+    Why: torch keeps a cuBLAS workspace for each (handle, stream) pair it has seen, for the process's life; a new
+    stream per capture (the batch-size probe's decoders, the reference continuations', the harmful answers')
+    left one more each time: 0.40 GB of a trial's 6.85 GB peak on an H200 (bench/stage2_trial_profile.py
+    --memory_history, 2026-12-02).
+    """
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
+
+
 class StaticDecoder:
     """One batch size's cache, step buffers and (on CUDA) captured decode step.
 
@@ -168,21 +190,21 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _step(self) -> None:
-        with _grouped_attention(self.model):
+        with _grouped_attention(self.model), fused_norm.fused_rms_norms(self.model):
             logits = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.cache_position,
                                 attention_mask=self.step_mask, past_key_values=self.cache, use_cache=True,
                                 logits_to_keep=1).logits
         self.next_token.copy_(logits[:, -1].argmax(-1))
 
     def _capture(self) -> None:
-        """Warm up on a side stream (Triton autotuning, cuBLAS handles), then record one step."""
-        stream = torch.cuda.Stream(self.device)
+        """Warm up on the device's capture stream (Triton autotuning, cuBLAS handles), then record one step on it."""
+        stream = _capture_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=stream):
             self._step()
 
     def fits(self, batch: int, prompt_len: int, max_new_tokens: int) -> bool:
