@@ -19,6 +19,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from abliterate.evaluation.chunked_mlp import sliced_mlps
 from abliterate.evaluation.generation import (
     batches_by_length,
     format_chat_prompts,
@@ -81,20 +82,21 @@ def capture_last_token_residuals(
     rows: list[torch.Tensor | None] = [None] * len(token_ids)
     task = progress.add_task(description, total=len(token_ids)) if progress else None
     try:
-        for indices in batches_by_length([len(ids) for ids in token_ids], batch_size):
-            batch = left_pad([token_ids[index] for index in indices], pad_id, device)
-            extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
-            if "position_ids" in accepted:
-                extra["position_ids"] = batch.position_ids
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **extra)
-            stacked = torch.stack([hidden for hidden in captured if hidden is not None], dim=1)
-            if stacked.shape[1] != len(layers) + 1:
-                raise RuntimeError("a decoder layer did not run; residuals are incomplete")
-            for row, index in enumerate(indices):
-                rows[index] = stacked[row]
-            captured[:] = [None] * len(captured)
-            if progress is not None:
-                progress.advance(task, len(indices))
+        with sliced_mlps(model):  # a batch of long prompts: the MLPs a slice of tokens at a time on a GPU (memory)
+            for indices in batches_by_length([len(ids) for ids in token_ids], batch_size):
+                batch = left_pad([token_ids[index] for index in indices], pad_id, device)
+                extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+                if "position_ids" in accepted:
+                    extra["position_ids"] = batch.position_ids
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **extra)
+                stacked = torch.stack([hidden for hidden in captured if hidden is not None], dim=1)
+                if stacked.shape[1] != len(layers) + 1:
+                    raise RuntimeError("a decoder layer did not run; residuals are incomplete")
+                for row, index in enumerate(indices):
+                    rows[index] = stacked[row]
+                captured[:] = [None] * len(captured)
+                if progress is not None:
+                    progress.advance(task, len(indices))
     finally:
         for handle in handles:
             handle.remove()
