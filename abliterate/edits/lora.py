@@ -324,12 +324,16 @@ class LoraAbliterator:
         edits = plan_edits(parameters, self.components)
         for edit in edits:
             component = edit.component
-            weight = self._base_weight(component)
+            # fp32 here (the factors' own first step) so a bf16 dequantized copy does not stand beside it, and
+            # each weight freed before the next one is dequantized: the edit was a trial's GPU memory peak
+            weight = self._base_weight(component).float()
             left, right = abliteration_factors(
                 weight, vectors[edit.direction_key].to(weight.device), edit.strength,
                 method=self.method, rank=self.rank, transposed=component.transposed, seed=self.seed,
             )
+            del weight
             self._write(component, left, right)
+            del left, right
         return len(edits)
 
     def _write(self, component: Component, left: torch.Tensor, right: torch.Tensor) -> None:

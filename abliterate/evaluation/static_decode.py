@@ -103,14 +103,17 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     query heads sharing a KV head (head h uses KV head h // groups, as ``repeat_kv`` lays them out) can
     stand on SDPA's query-length axis instead: the same scores and softmax, one query row per head.
     Where Triton runs, ``decode_attention``'s kernel computes it and skips the cache positions the mask closes.
-    Anything else (prefill, dropout, position bias, sinks) goes to transformers' own ``sdpa``.
+    A prefill on a GPU stacks the heads the same way (``_grouped_prefill_attention``); anything else (a CPU
+    prefill, dropout, position bias, sinks) goes to transformers' own ``sdpa``.
     """
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     unusual = dropout or any(kwargs.get(name) is not None for name in ("position_bias", "s_aux", "softcap"))
-    if length != 1 or heads == kv_heads or unusual or value.shape[-1] != dim:
+    if heads == kv_heads or unusual or value.shape[-1] != dim:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if length != 1:
+        return _grouped_prefill_attention(module, query, key, value, attention_mask, scaling, **kwargs)
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     mask = attention_mask[..., :1, : key.shape[2]] if attention_mask is not None else None  # [batch, 1, 1, keys]
     if decode_attention.available(query.device) and decode_attention.supports(grouped, key, value, mask):
@@ -120,13 +123,39 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
+def _grouped_prefill_attention(module, query, key, value, attention_mask, scaling, **kwargs):
+    """A prefill on a GPU: each KV head's query heads stacked on SDPA's query axis (their mask rows repeated).
+
+    Why: with a mask, transformers' sdpa copies K and V once per query head; over the static cache of a batch of
+    100 that is 2 x 115 MB per layer, the largest transient of the harmful answers' prefill on an H200. The
+    scores, softmax and output are the same. CPUs (and no mask, or one that is not a plain 4-D one) keep transformers'.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads, positions = key.shape[1], key.shape[2]
+    mask = attention_mask[..., :positions] if attention_mask is not None else None
+    if query.device.type != "cuda" or mask is None or mask.dim() != 4 or mask.shape[1] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return stacked_heads_attention(query, key, value, mask, scaling), None
+
+
+def stacked_heads_attention(query, key, value, mask, scaling):
+    """SDPA of query [B, H, T, D] on K/V [B, Hkv, S, D] with mask [B|1, 1, T, S]: [B, T, H, D], no K/V copies."""
+    batch, heads, length, dim = query.shape
+    kv_heads, positions = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    stacked = query.reshape(batch, kv_heads, groups * length, dim)  # head h = kv * groups + g -> row g * T + t
+    mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * length, positions)
+    out = F.scaled_dot_product_attention(stacked, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous()
+
+
 AttentionInterface.register(GROUPED_DECODE_ATTENTION, grouped_decode_attention)
 AttentionMaskInterface.register(GROUPED_DECODE_ATTENTION, sdpa_mask)  # the step's 4-D mask is used as given
 
 
 @contextmanager
 def _grouped_attention(model) -> Iterator[None]:
-    """The decode step runs (and is captured) with ``grouped_decode_attention`` where the model uses sdpa."""
+    """The prefill and the decode step (captured) run ``grouped_decode_attention`` where the model uses sdpa."""
     config = model.config
     previous = config._attn_implementation
     if previous != "sdpa":
@@ -222,9 +251,10 @@ class StaticDecoder:
         self.cache.reset()
         prompt_mask = _additive_mask(batch.attention_mask, self.cache_len, self.dtype)
         cache_position = torch.arange(prompt_len, device=self.device)
-        logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache_position=cache_position,
-                            attention_mask=prompt_mask, past_key_values=self.cache, use_cache=True,
-                            logits_to_keep=1).logits
+        with _grouped_attention(self.model):
+            logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                cache_position=cache_position, attention_mask=prompt_mask, past_key_values=self.cache,
+                                use_cache=True, logits_to_keep=1).logits
         generated = torch.empty(self.batch, max_new_tokens, dtype=torch.long, device=self.device)
         generated[:, 0] = logits[:, -1].argmax(-1)
         self.step_mask.copy_(prompt_mask[:, :, -1:, :])

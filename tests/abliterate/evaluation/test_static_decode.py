@@ -118,3 +118,20 @@ def test_grouped_decode_attention_equals_transformers_sdpa():
     mask5 = torch.zeros(3, 1, 5, 11)
     torch.testing.assert_close(static_decode.grouped_decode_attention(module, prefill, key, value, mask5)[0],
                                sdpa_attention_forward(module, prefill, key, value, mask5)[0])
+
+
+def test_stacked_heads_prefill_attention_equals_transformers_sdpa():
+    """A prefill's query heads stacked per KV head (the GPU prefill path): sdpa's output, without K/V copies."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(3, 8, 5, 16, generator=generator)
+    key, value = torch.randn(2, 3, 2, 11, 16, generator=generator)
+    mask = torch.zeros(3, 1, 5, 11)
+    mask[..., 6:] = torch.finfo(mask.dtype).min  # cache positions past the prompt
+    mask[0, ..., :2] = torch.finfo(mask.dtype).min  # row 0 left-padded by 2
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    reference, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    torch.testing.assert_close(static_decode.stacked_heads_attention(query, key, value, mask, 0.25), reference,
+                               rtol=1e-5, atol=1e-6)
