@@ -71,6 +71,16 @@ def _listed(paths: list[str]) -> str:
     return ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
 
 
+def _finite_weight(model: nn.Module, component: Component, module: nn.Module) -> bool:
+    """Whether the weight the layer computes with is finite (a quantized layer's dequantized one).
+
+    Its own function so each dequantized copy is freed on return: kept in the caller's loop, two of them stood
+    at once, the process's GPU memory peak of a stage-2 run on an H200 (0.41 GB, 2026-12-02).
+    """
+    weight = dequantized_weight(module) if is_quantized_linear(module) else _weight_of(model, component)
+    return bool(torch.isfinite(weight).all())
+
+
 def classify_components(model: nn.Module, components: list[Component]) -> ComponentPlacement:
     """Sort every component into in place / offloaded / skipped (NaN weights, quantized weight-level).
 
@@ -93,14 +103,10 @@ def classify_components(model: nn.Module, components: list[Component]) -> Compon
             else:
                 offloaded[component.parameter_path] = location
             continue
-        weight = _weight_of(model, component)
-        if is_quantized_linear(module):  # --quantization: check what the layer computes with
-            if component.weight_level:
-                skipped.append(SkippedComponent(component, "quantized weight-level component (load with --load_as "
-                                                           "dequantized, or keep it unquantized with --quantization_overrides)"))
-                continue
-            weight = dequantized_weight(module)
-        if not bool(torch.isfinite(weight).all()):
+        if is_quantized_linear(module) and component.weight_level:
+            skipped.append(SkippedComponent(component, "quantized weight-level component (load with --load_as "
+                                                       "dequantized, or keep it unquantized with --quantization_overrides)"))
+        elif not _finite_weight(model, component, module):
             skipped.append(SkippedComponent(component, "NaN/inf weights"))
         else:
             in_place.append(component)
