@@ -71,14 +71,20 @@ def _listed(paths: list[str]) -> str:
     return ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
 
 
+_FINITE_CHECK_ROWS = 1024
+
+
 def _finite_weight(model: nn.Module, component: Component, module: nn.Module) -> bool:
     """Whether the weight the layer computes with is finite (a quantized layer's dequantized one).
 
-    Its own function so each dequantized copy is freed on return: kept in the caller's loop, two of them stood
-    at once, the process's GPU memory peak of a stage-2 run on an H200 (0.41 GB, 2026-12-02).
+    Why this way: ``torch.isfinite`` of a whole 14336 x 4096 fp32 weight made 0.41 GB of temporaries (an ``abs``
+    copy and two masks) beside the 0.23 GB dequantized copy, the process's GPU memory peak of a stage-2 run on an
+    H200 (bench/stage2_trial_profile.py --memory_history, 2026-12-02); a block of rows at a time they are small,
+    and the dequantized copy is freed on return.
     """
     weight = dequantized_weight(module) if is_quantized_linear(module) else _weight_of(model, component)
-    return bool(torch.isfinite(weight).all())
+    flat = weight.reshape(-1, weight.shape[-1]) if weight.dim() > 1 else weight.reshape(1, -1)
+    return all(bool(torch.isfinite(rows).all()) for rows in flat.split(_FINITE_CHECK_ROWS))
 
 
 def classify_components(model: nn.Module, components: list[Component]) -> ComponentPlacement:
