@@ -2,9 +2,10 @@
 
 Why: a prefill or KL pass over ~5,000 tokens holds the MLP's three [tokens, intermediate] tensors (gate, up,
 their product) at once: on the 8B-shaped model 0.47 GB, the largest transient of a stage-2 run on an H200
-(bench/stage2_trial_profile.py --memory_history, 2026-12-02: the process peak was in the batch-size probe's
-128-row prefill). The MLP is per token, so slicing the tokens changes nothing but which tensors exist at once;
-a packed NVFP4 weight is dequantized once more per extra slice (~28 us each on the H200).
+(bench/stage2_trial_profile.py --memory_history, 2026-12-02: the process peak was a 128-prompt forward of the
+residual capture for the directions, with the harmful answers' KV cache already allocated). The MLP is per
+token, so slicing the tokens changes nothing but which tensors exist at once; a packed NVFP4 weight is
+dequantized once more per extra slice (~28 us each on the H200).
 
 Only modules whose ``forward`` is Llama's MLP code (Mistral, Qwen2/3 and others copy it; compared by bytecode)
 on a CUDA device are sliced; CPU runs keep transformers' code and their results.
