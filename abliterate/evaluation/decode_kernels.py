@@ -1,9 +1,9 @@
 """The Triton kernels of the captured decode step (imported only where Triton is installed).
 
-``_decode_attention_kernel`` (behind ``decode_attention``): one program per (row, KV head): the query heads that share the KV head are the rows of one small tile, the
-cache is read a block of positions at a time, and a block whose every position the additive mask closes
-(left padding, or positions the static cache has not reached yet) is skipped before its keys and values are
-loaded. Online softmax in fp32, q.k and p.v on tensor cores with fp32 accumulation, as flash attention does.
+``_decode_attention_kernel`` (behind ``decode_attention``): one program per (row, KV head): the query heads
+that share the KV head are the rows of one small tile, the cache is read a block of positions at a time, and a
+block whose every position the additive mask closes (left padding, or positions the static cache has not
+reached yet) is skipped before its keys and values are loaded. Online softmax in fp32, q.k and p.v on tensor cores with fp32 accumulation, as flash attention does.
 
 ``_rms_norm_kernel`` (behind ``fused_norm``): one program per row, transformers' Llama RMSNorm in one pass.
 """
