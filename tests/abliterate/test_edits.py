@@ -159,3 +159,16 @@ def test_nan_components_are_skipped_and_counted():
     reasons = sorted((s.component.module_name, s.reason) for s in abliterator.skipped)
     assert reasons == [("model.layers.0.mlp.down_proj", "NaN/inf weights")]
     assert len(abliterator.components) == len(architecture.components) - 1
+
+
+def test_the_finiteness_check_reads_every_block_of_rows(monkeypatch):
+    """The check runs a block of rows at a time (GPU memory): an inf in the last block is still found."""
+    from abliterate.edits import lora
+
+    monkeypatch.setattr(lora, "_FINITE_CHECK_ROWS", 2)
+    model = dense_llama(layers=3)
+    architecture = discover(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[-1, 3] = float("inf")  # the last row, far past the first block
+    abliterator = LoraAbliterator(model, architecture.components, method="rank1")
+    assert [s.component.module_name for s in abliterator.skipped] == ["model.layers.1.mlp.down_proj"]
