@@ -3,18 +3,21 @@
 Why: on the hard testbed (bench/RESULTS.md, issue 17) the product search (full depth, a rank-k subspace)
 finds the strong end of the front, but its damage objective ``max(KL, kl_target)`` is flat below
 ``kl_target``, so TPE never refines edits of KL ~1e-5..1e-4; heretic's front lives there (late-depth
-edits with the refusal direction projected against the harmless mean). One search space cannot serve
-both: a gentle edit and a strong one differ in depth, in directions and in which KL differences matter.
+edits with the refusal direction projected against the harmless mean). One search cannot serve
+both: a gentle edit and a strong one differ in their directions and in which KL differences matter.
 
 So a gentle trial is another search, not another region of the same one:
 
 * **its own Optuna study** (``<name>-gentle``) in the same journal as the product's, with its own
   seeded TPE sampler that models only gentle trials (a TPE fitted on both would treat the regimes' very
   different parameter-to-KL maps as one);
-* **its own space and directions**: ``--gentle_depth`` (default ``late``, the reference's space) and the
-  single mean-difference direction projected against the harmless mean;
+* **its own space and directions**: ``--gentle_depth`` (default ``full``) and the single mean-difference
+  direction projected against the harmless mean (heretic's default direction), which edits at a tenth of
+  the plain direction's KL; on testbed/hard it removes refusals only where it reaches the early layers
+  (30 gentle trials at ``late`` depth removed none, at ``full`` depth 20 of 30 did, at KL < 9e-5);
 * **its own damage objective**: ``max(KL, --gentle_kl_target)``, default 0, i.e. the raw KL, so TPE sees
-  every KL difference inside the gentle region.
+  every KL difference inside the gentle region (a flat 1e-4 let it chase refusals up to KL 2.8e-4 and lose
+  the near-no-edit end of the front).
 
 The product study is the product search unchanged: the same space, directions, objective and startup
 trials, so its trials are number for number the first ``n_product`` trials of a search without

@@ -149,7 +149,7 @@ def test_the_export_of_a_gentle_trial_rebuilds_it_with_the_projected_single_dire
     assert trial.header.trial_number == 2
     assert trial.header.regime == {"regime": GENTLE, "study_name": gentle_study_name(trial.header.study_name),
                                    "study_trial_number": 0, "directions": "mean_difference", "direction_rank": 1,
-                                   "direction_projected": True, "search_depth": "late", "kl_target": 0.0}
+                                   "direction_projected": True, "search_depth": "full", "kl_target": 0.0}
     assert "trial   2 gentle" in printed.getvalue() and "(gentle)" in printed.getvalue()
     study_dir = Path(f"{out}.study")
     gentle = load_file(str(study_dir / f"{trial.header.regime['study_name']}.directions.safetensors"))["refusal_directions"]
