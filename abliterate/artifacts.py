@@ -25,7 +25,12 @@ An abliteration output directory holds:
     of them were offloaded (accelerate CPU/disk offload, edited through the
     hook's weights map),
     ``metrics`` / ``base_metrics``: the trial's and the unedited model's
-    refusals, compliance, KL; ``settings``: the settings of the run.
+    refusals, compliance, KL; ``settings``: the settings of the run;
+    ``regime`` (only from a search with ``--gentle_share``): the trial's regime
+    (``product`` or ``gentle``), its study and number there, and the direction
+    recipe and depth it was searched with (a gentle trial's directions are the
+    single projected ones, not ``settings.directions``: the files below hold
+    the ones it used).
 
 ``directions.safetensors``
     fp32 tensors: ``refusal_directions`` [layers + 1, hidden] ([layers + 1, k, hidden] with ``--directions subspace``) (every residual
@@ -120,6 +125,8 @@ class ChosenTrialHeader(BaseModel):
     settings: dict[str, Any] | None = None
     # settings the direct CLI took from QA_* variables or config.toml instead of its command line (name -> source)
     settings_sources: dict[str, str] = {}
+    # a mixed search's (--gentle_share) trial: which regime, study and directions it used (absent otherwise)
+    regime: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,16 @@ from abliterate.search.selection import (
     plot_front,
     select_trial,
 )
+from abliterate.search.regimes import (
+    GENTLE,
+    PRODUCT,
+    gentle_study_name,
+    regime_record,
+    run_mixed_trials,
+    search_number,
+    split_trials,
+    trial_regime,
+)
 from abliterate.search.shared_run import SharedSearch
 from abliterate.search.shared_study import stored_directions
 from abliterate.search.space import suggest_parameters
@@ -161,13 +171,22 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def candidates_of(study, base: TrialMetrics) -> list[Candidate]:
+def candidates_of(study, base: TrialMetrics, gentle=None) -> list[Candidate]:
+    """The completed trials of the search (with a mixed search's ``gentle`` study: of both), by search number."""
     result = []
-    for trial in completed_trials(study):
-        metrics, parameters = trial_metrics(trial), trial_parameters(trial)
-        result.append(Candidate(trial.number, metrics, effective_refusals(metrics, base), parameters.direction_scope,
-                                parameters.direction_index))
+    mixed = gentle is not None
+    for one in (study, gentle) if mixed else (study,):
+        for trial in completed_trials(one):
+            metrics, parameters = trial_metrics(trial), trial_parameters(trial)
+            result.append(Candidate(search_number(trial), metrics, effective_refusals(metrics, base),
+                                    parameters.direction_scope, parameters.direction_index,
+                                    trial_regime(trial) if mixed else None))
     return result
+
+
+def gentle_direction_settings(settings: AbliterateSettings) -> AbliterateSettings:
+    """The gentle regime's direction recipe: the single mean-difference direction, projected against the harmless mean."""
+    return settings.model_copy(update={"directions": "mean_difference", "direction_projected": True})
 
 
 def choose(settings: AbliterateSettings, candidates: list[Candidate], front: list[Candidate], n_harmful: int,
@@ -262,7 +281,7 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     journal = study_dir / "journal.log"  # a full disk while writing it: a UserError; the re-run repairs and resumes
     directions_path = study_dir / f"{name}.directions.safetensors"
     repaired = lambda note: console.print(f"[yellow]journal repaired:[/] {note}", highlight=False)
-    shared = None
+    shared = gentle_study = gentle_directions = None
     if settings.storage is None:
         # the name hashes the model's path; its content is checked here: a model replaced at that path starts over
         study = open_study_of_model(journal, name, model_fingerprint(settings.model), settings.model, directions_path,
@@ -273,6 +292,14 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                                                     tokenizer, prompts, settings, evaluator.batch_size, console)
         else:
             console.print("directions: reusing the study's (stored by its shared search)")
+        if settings.gentle_share > 0:  # the gentle regime's study and directions, beside the product's
+            gentle_name = gentle_study_name(name)
+            gentle_path = study_dir / f"{gentle_name}.directions.safetensors"
+            gentle_study = open_study_of_model(journal, gentle_name, model_fingerprint(settings.model), settings.model,
+                                               gentle_path, console, on_repair=repaired)
+            gentle_directions = load_or_compute_directions(gentle_path, model, architecture, tokenizer, prompts,
+                                                           gentle_direction_settings(settings), evaluator.batch_size,
+                                                           console)
     else:
         shared = SharedSearch.open(settings, name, console, on_repair=repaired)
         study = shared.study
@@ -288,8 +315,15 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     placement = abliterator.placement_summary()
     offloaded = f" ({placement['offloaded']} offloaded by the device_map, edited through accelerate's weights map)" \
         if placement["offloaded"] else ""
+    studies = [study] + ([gentle_study] if gentle_study is not None else [])
+    done = sum(len(completed_trials(one)) for one in studies)
     console.print(f"editing {len(abliterator.components)} components{offloaded}, skipped {len(abliterator.skipped)}; "
-                  f"study {name} in {study_dir if shared is None else shared.spec.describe()} ({len(completed_trials(study))}/{settings.n_trials} trials done)")
+                  f"study {name} in {study_dir if shared is None else shared.spec.describe()} ({done}/{settings.n_trials} trials done)")
+    split = split_trials(settings.n_trials, settings.n_startup_trials, settings.gentle_share)
+    if gentle_study is not None:
+        console.print(f"gentle regime: {split.n_gentle} of the {settings.n_trials} trials ({split.gentle_startup} random) "
+                      f"in study {gentle_study.study_name}, {settings.gentle_depth} depth, the projected single "
+                      f"direction, damage max(KL, {settings.gentle_kl_target:g})")
     if len(placement["components_by_device"]) > 1:
         console.print("components by device: " + ", ".join(f"{device} {count}" for device, count
                                                             in placement["components_by_device"].items()))
@@ -297,8 +331,8 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
 
     groups = sorted({c.group for c in abliterator.components})
 
-    def evaluate(parameters: AbliterationParameters) -> TrialMetrics:
-        abliterator.apply(parameters, directions)
+    def evaluate(parameters: AbliterationParameters, trial_directions: torch.Tensor = directions) -> TrialMetrics:
+        abliterator.apply(parameters, trial_directions)
         try:
             metrics = TrialMetrics.from_eval_result(evaluator.evaluate(model))
             if not checked["offloaded_edits"]:  # once: every offloaded edit reached a forward pass
@@ -309,11 +343,12 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
 
     with Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task("trials", total=settings.n_trials, completed=len(completed_trials(study)))
+        task = progress.add_task("trials", total=settings.n_trials, completed=done)
 
         def report(outcome: TrialOutcome, done: int, total: int, eta: float | None) -> None:
             progress.update(task, completed=done)
-            progress.console.print(f"trial {outcome.number:>3} {describe_parameters(outcome.parameters)} | "
+            regime = f" {outcome.regime}" if outcome.regime is not None else ""
+            progress.console.print(f"trial {outcome.number:>3}{regime} {describe_parameters(outcome.parameters)} | "
                                    f"{describe_metrics(outcome.metrics)} | {outcome.seconds:.1f}s ETA {_duration(eta)}")
 
         def failed(number: int, error: BaseException) -> None:
@@ -324,7 +359,17 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                   "evaluate": evaluate, "base": base, "n_trials": settings.n_trials, "seed": settings.seed,
                   "n_startup_trials": settings.n_startup_trials, "kl_target": settings.kl_target, "report": report,
                   "on_failure": failed}
-        if shared is None:
+        if gentle_study is not None:
+            gentle = {**search, "evaluate": lambda parameters: evaluate(parameters, gentle_directions),
+                      "suggest": lambda trial: suggest_parameters(trial, architecture.num_layers, groups,
+                                                                  settings.direction_scope, settings.gentle_depth),
+                      "kl_target": settings.gentle_kl_target}
+            own = ("n_trials", "n_startup_trials", "report")
+            with no_space_left(journal):
+                run_mixed_trials({PRODUCT: study, GENTLE: gentle_study},
+                                 {regime: {k: v for k, v in one.items() if k not in own}
+                                  for regime, one in ((PRODUCT, search), (GENTLE, gentle))}, split, report)
+        elif shared is None:
             with no_space_left(journal):
                 run_trials(study, **search)
         else:
@@ -335,12 +380,17 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                       "without --search_only")
         return None
 
-    candidates = candidates_of(study, base)
+    candidates = candidates_of(study, base, gentle_study)
     front = pareto_front(candidates)
     console.print(front_table(front))
     chosen, reason = choose(settings, candidates, front, base.n_harmful, console, len(prompts.harmless_test), base)
     console.print(f"chosen: trial {chosen.number} - {reason}")
-    parameters = trial_parameters(next(t for t in completed_trials(study) if t.number == chosen.number))
+    trial = next(t for one in studies for t in completed_trials(one) if search_number(t) == chosen.number)
+    parameters = trial_parameters(trial)
+    gentle_trial = gentle_study is not None and trial_regime(trial) == GENTLE
+    trial_directions = gentle_directions if gentle_trial else directions
+    regime = {"regime": regime_record(trial, (gentle_study if gentle_trial else study).study_name, settings)} \
+        if gentle_study is not None else {}
     with no_space_left(out), atomic_output_dir(out, settings.overwrite) as temporary:
         write_chosen_trial(
             temporary,
@@ -357,12 +407,14 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                 "metrics": chosen.metrics.to_dict(), "base_metrics": base.to_dict(),
                 "settings": json.loads(settings.model_dump_json()) | ({"storage": shared.spec.describe()} if shared else {}),
                 "settings_sources": settings_sources or {},
+                **regime,
             },
             edits=plan_edits(parameters, abliterator.components),
-            directions=directions,
-            edit_vectors=edit_directions(parameters, directions),
+            directions=trial_directions,
+            edit_vectors=edit_directions(parameters, trial_directions),
         )
-        front_records = [{"trial": c.number, "effective_refusals": c.effective_refusals, **c.metrics.to_dict()} for c in front]
+        front_records = [{"trial": c.number, **({"regime": c.regime} if c.regime else {}),
+                          "effective_refusals": c.effective_refusals, **c.metrics.to_dict()} for c in front]
         (temporary / "pareto_front.json").write_text(json.dumps(front_records, indent=2) + "\n")
         if settings.plot:
             plot_front(candidates, front, temporary / "pareto.png", base.refusals)

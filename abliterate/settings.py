@@ -110,6 +110,9 @@ class AbliterateSettings(BaseSettings):
     n_startup_trials: int = Field(default=60, ge=0, description="Random trials before TPE starts modelling (capped at n_trials).")
     seed: int = Field(default=42, description="Seed of the sampler (each trial's sampler is seeded from it and the trial number, so a resumed run proposes what an uninterrupted one would).")
     kl_target: float = Field(default=0.01, gt=0, description="KL below this is 'good enough': the damage objective is max(KL, kl_target).")
+    gentle_share: float = Field(default=0.0, description="Share (0 <= s < 1) of the n_trials given to a gentle second regime, searched in a study of its own (its own TPE sampler) beside the product's: the --gentle_depth space, the single refusal direction projected against the harmless mean, and the damage objective max(KL, gentle_kl_target), so that TPE refines edits far below --kl_target. The other trials are the product search unchanged; the front and --select cover the trials of both. 0 = off.")
+    gentle_depth: Literal["late", "full"] = Field(default="full", description="With --gentle_share: the search depth of the gentle trials (see --search_depth). full by default: on testbed/hard the projected single direction edits gently at any depth, and removes refusals only where it reaches the early layers (late: none in 30 trials, bench/RESULTS.md).")
+    gentle_kl_target: float = Field(default=0.0, description="With --gentle_share: the gentle trials' damage objective is max(KL, this); 0 = the raw KL.")
     storage: str | None = Field(default=None, description="Share the study between workers (processes on this host, or on others): a journal file (journal:PATH or PATH; one host or a shared file system) or a database URL (postgresql://user:password@host:5432/db with the postgres extra, mysql://..., sqlite:///PATH). Every worker started with the same settings and storage joins the same study: trial numbers stay unique, n_trials is the total, the trial of a killed worker is run again, and each worker not started with --search_only selects and writes its output once all trials are complete. None = a journal of this run alone in --study_dir.")
     workers: int = Field(default=1, ge=1, description="Run the search in this many local processes, each pinned to one GPU (CUDA_VISIBLE_DEVICES; round robin when there are fewer GPUs; plain processes on a CPU), sharing --storage (default: journal:<study_dir>/journal.log). This process is the first worker and writes the output; the others log to <study_dir>/worker-N.log.")
     search_only: bool = Field(default=False, description="Only run trials of the shared study (--storage) and exit when none is left to take: no selection, no output. For extra workers started by hand, e.g. on other hosts.")
@@ -194,6 +197,20 @@ class AbliterateSettings(BaseSettings):
         if self.search_only and self.storage is None:
             raise ValueError("--search_only needs --storage: a worker that writes no output only makes sense in a "
                              "shared study; pass the same --storage as the other workers")
+        return self
+
+    @model_validator(mode="after")
+    def _gentle_regime(self) -> AbliterateSettings:
+        """A bad --gentle_share must fail now; a shared study (one sampler per study and worker) is not mixed yet."""
+        if not 0.0 <= self.gentle_share < 1.0:
+            raise UserError("--gentle_share", f"must be at least 0 and below 1, got {self.gentle_share}",
+                            "pass a share of the trials such as 0.33 (0 turns the gentle regime off)")
+        if not self.gentle_kl_target >= 0.0:
+            raise UserError("--gentle_kl_target", f"must be 0 or more, got {self.gentle_kl_target}",
+                            "pass 0 (the raw KL) or a KL below which the gentle trials stop trading KL, e.g. 1e-5")
+        if self.gentle_share > 0 and (self.storage is not None or self.workers > 1):
+            raise UserError("--gentle_share", "a gentle regime runs in one process only: it cannot be combined with "
+                            "--storage or --workers", "drop --gentle_share, or run the search without --storage/--workers")
         return self
 
     @model_validator(mode="after")

@@ -123,12 +123,18 @@ def run_ours(args) -> dict:
     from abliterate.search.objectives import TrialMetrics
 
     base = TrialMetrics.from_dict(chosen.base_metrics)
+    from abliterate.search.regimes import gentle_study_name
+
     study = open_study(args.out / "ours_study" / "journal.log", chosen.study_name)
-    trials = completed_trials(study)
-    candidates = candidates_of(study, base)
+    # a mixed search (--gentle_share): its gentle study's trials are on the front too
+    gentle = open_study(args.out / "ours_study" / "journal.log", gentle_study_name(chosen.study_name)) \
+        if chosen.regime is not None else None
+    trials = completed_trials(study) + (completed_trials(gentle) if gentle is not None else [])
+    candidates = candidates_of(study, base, gentle)
     front = {c.number for c in pareto_front(candidates)}
-    first = min(trials, key=lambda t: t.number)
-    rows = [{"trial": c.number, **c.metrics.to_dict(), "skill_accuracy": c.metrics.skill_accuracy,
+    first = min(trials, key=lambda t: t.datetime_start)
+    rows = [{"trial": c.number, **({"regime": c.regime} if c.regime else {}), **c.metrics.to_dict(),
+             "skill_accuracy": c.metrics.skill_accuracy,
              "on_front": c.number in front} for c in sorted(candidates, key=lambda c: c.number)]
     return {
         "base": chosen.base_metrics | {"skill_accuracy": base.skill_accuracy},

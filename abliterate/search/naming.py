@@ -44,6 +44,8 @@ def study_name(settings: AbliterateSettings, prompts: PromptSets, config: Evalua
         identity["directions"] = [settings.directions, settings.direction_rank]
     if settings.search_depth != "late":  # another search space (older studies keep their names)
         identity["search_depth"] = settings.search_depth
+    if settings.gentle_share > 0:  # a mixed search: its product trials are scheduled differently (older studies keep their names)
+        identity["gentle"] = [settings.gentle_share, settings.gentle_depth, settings.gentle_kl_target]
     if settings.false_refusal_tokens is not None:
         identity["false_refusal_tokens"] = settings.false_refusal_tokens
     if settings.judge:  # judged refusals are another objective: their own study (unjudged studies keep their names)

@@ -39,6 +39,7 @@ class Candidate:
     effective_refusals: int  # refusals + fragments beyond the base model's
     scope: str
     direction_index: float | None
+    regime: str | None = None  # a mixed search's (``--gentle_share``) regime of the trial; None otherwise
 
 
 def effective_refusals(metrics: TrialMetrics, base: TrialMetrics) -> int:
@@ -200,6 +201,8 @@ def front_table(front: list[Candidate], title: str = "Pareto front") -> Table:
         n = metrics.n_harmful
         broken = broken_answers(metrics)
         direction = f"{candidate.direction_index:.2f}" if candidate.direction_index is not None else "per layer"
+        if candidate.regime is not None:
+            direction += f" ({candidate.regime})"
         table.add_row(
             str(candidate.number),
             f"{metrics.refusals}/{n}",

@@ -69,6 +69,7 @@ class TrialOutcome:
     metrics: TrialMetrics
     values: tuple[float, float]
     seconds: float
+    regime: str | None = None  # a mixed search's (``--gentle_share``) regime of the trial; None otherwise
 
 
 Suggest = Callable[[optuna.Trial], AbliterationParameters]
