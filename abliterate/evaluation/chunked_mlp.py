@@ -19,15 +19,14 @@ from contextlib import contextmanager
 import torch
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-_LLAMA_CODE = LlamaMLP.forward.__code__
+from abliterate.evaluation.forward_swaps import runs_code_of, swapped_forwards
+
 SLICE_BYTES = 2**25  # one [tokens, intermediate] tensor of a slice: 32 MiB (1,170 tokens at 14336 x bf16)
 MIN_SLICE_TOKENS = 256
 
 
 def is_llama_mlp(module: torch.nn.Module) -> bool:
-    code = getattr(type(module).forward, "__code__", None)
-    return code is not None and (code.co_code, code.co_consts, code.co_names) == (
-        _LLAMA_CODE.co_code, _LLAMA_CODE.co_consts, _LLAMA_CODE.co_names) and hasattr(module, "intermediate_size")
+    return runs_code_of(module, LlamaMLP.forward) and hasattr(module, "intermediate_size")
 
 
 def slice_tokens(intermediate_size: int, element_bytes: int) -> int:
@@ -56,19 +55,16 @@ def _sliced_forward(module: torch.nn.Module, tokens_per_slice: int):
 @contextmanager
 def sliced_mlps(model: torch.nn.Module) -> Iterator[int]:
     """Within the block, the model's Llama-style MLPs on CUDA slice long inputs; yields how many were set up."""
-    sliced = []
     dtype = getattr(model, "dtype", torch.bfloat16)  # the activations' dtype
     element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
-    for module in model.modules():
-        if "forward" in module.__dict__ or not is_llama_mlp(module):
-            continue
+
+    def replacement(module: torch.nn.Module):
+        if not is_llama_mlp(module):
+            return None
         tensors = [*module.parameters(), *module.buffers()]  # packed weights are buffers
         if not tensors or tensors[0].device.type != "cuda":
-            continue
-        module.forward = _sliced_forward(module, slice_tokens(module.intermediate_size, element_bytes))
-        sliced.append(module)
-    try:
-        yield len(sliced)
-    finally:
-        for module in sliced:
-            del module.forward
+            return None
+        return _sliced_forward(module, slice_tokens(module.intermediate_size, element_bytes))
+
+    with swapped_forwards(model, replacement) as count:
+        yield count

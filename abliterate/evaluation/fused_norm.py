@@ -16,6 +16,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from abliterate.evaluation import decode_attention
+from abliterate.evaluation.forward_swaps import runs_code_of, swapped_forwards
 
 try:
     import triton
@@ -24,17 +25,13 @@ try:
 except ImportError:
     triton = kernel = None
 
-_LLAMA_CODE = LlamaRMSNorm.forward.__code__
 _MAX_WIDTH = 16384
 
 
 def is_llama_rms_norm(module: torch.nn.Module) -> bool:
     """True for a module whose forward is Llama's RMSNorm code, with a 1-D weight and an epsilon."""
-    code = getattr(type(module).forward, "__code__", None)
-    same = code is not None and (code.co_code, code.co_consts, code.co_names) == (
-        _LLAMA_CODE.co_code, _LLAMA_CODE.co_consts, _LLAMA_CODE.co_names)
     weight = getattr(module, "weight", None)
-    return same and isinstance(weight, torch.Tensor) and weight.dim() == 1 and hasattr(module, "variance_epsilon")
+    return runs_code_of(module, LlamaRMSNorm.forward) and isinstance(weight, torch.Tensor) and weight.dim() == 1 and hasattr(module, "variance_epsilon")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,15 +63,15 @@ def fused_rms_norms(model: torch.nn.Module) -> Iterator[int]:
 
     Yields how many modules were swapped (0 where none can be: CPU, no Triton, other norm code).
     """
-    swapped = []
     first = next(model.parameters(), None)
-    if kernel is not None and first is not None and decode_attention.available(first.device):
-        for module in model.modules():
-            if is_llama_rms_norm(module) and decode_attention.available(module.weight.device):
-                module.forward = _fused_forward(module)
-                swapped.append(module)
-    try:
-        yield len(swapped)
-    finally:
-        for module in swapped:
-            del module.forward
+    if kernel is None or first is None or not decode_attention.available(first.device):
+        yield 0  # a CPU step: no walk over the modules
+        return
+
+    def replacement(module: torch.nn.Module):
+        if is_llama_rms_norm(module) and decode_attention.available(module.weight.device):
+            return _fused_forward(module)
+        return None
+
+    with swapped_forwards(model, replacement) as count:
+        yield count
