@@ -130,9 +130,7 @@ def _grouped_prefill_attention(module, query, key, value, attention_mask, scalin
     100 that is 2 x 115 MB per layer, the largest transient of the harmful answers' prefill on an H200. The
     scores, softmax and output are the same. CPUs (and no mask, or one that is not a plain 4-D one) keep transformers'.
     """
-    batch, heads, length, dim = query.shape
-    kv_heads, positions = key.shape[1], key.shape[2]
-    mask = attention_mask[..., :positions] if attention_mask is not None else None
+    mask = attention_mask[..., : key.shape[2]] if attention_mask is not None else None
     if query.device.type != "cuda" or mask is None or mask.dim() != 4 or mask.shape[1] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     return stacked_heads_attention(query, key, value, mask, scaling), None
