@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,16 +23,16 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _child_measure import GpuMemoryPoller  # noqa: E402
 
 
 def process_gpu_bytes() -> int | None:
     """This process's GPU memory as nvidia-smi reports it (None where it lists no process)."""
-    text = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                          capture_output=True, text=True, check=False).stdout  # fmt: skip
-    for line in text.splitlines():
-        pid, used = (part.strip() for part in line.split(","))
-        if pid == str(os.getpid()):
-            return int(used) * 2**20
+    for row in GpuMemoryPoller._query(["--query-compute-apps=pid,used_memory"]):
+        if len(row) == 2 and row[0] == str(os.getpid()) and row[1].isdigit():
+            return int(row[1]) * 2**20
     return None
 
 
