@@ -17,6 +17,7 @@ heuristics in the module.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -104,6 +105,9 @@ def measure_shape(n: int, k: int) -> list[dict]:
             config = mm.decode_config(m, n, k, mm._sm_count(x.device))
             row["config"] = config.__dict__
             row["err_fp32_out"] = _error(mm.fused_matmul(x, *args, None, config, torch.float32), ref)
+            if config.kernel != "gemv":  # A/B in this run: the same launch shape with the fp32-trip decode
+                before = dataclasses.replace(config, bf16_pairs=False)
+                row["ours_fp32_trip_decode_ms"] = _gpu_ms(lambda x=x: mm.fused_matmul(x, *args, None, before))
         row["speedup"] = row["bf16_ms"] / row["ours_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -76,6 +76,7 @@ class KernelConfig:
     mul16: bool = True  # dot: code * scale in fp16 (exact) instead of fp32
     asm: bool = True  # decode 8 codes of a word with inline PTX (GPU only; the interpreter takes the portable path)
     swap: bool = False  # dot (joined) / pipelined: out^T = W x^T, the decoded weight as the MMA's first operand
+    bf16_pairs: bool = True  # dot / pipelined, bf16 x with asm: codes straight to scaled bf16 pairs (no fp32 trip)
 
 
 def available(device: torch.device | str) -> bool:
@@ -263,13 +264,16 @@ def fused_matmul(
         packed = packed.clone()
     words = packed.view(torch.int32)
     meta.update(EVEN_K=k % config.block_k == 0, ASM=config.asm and not _INTERPRET)
+    bf16_pairs = config.bf16_pairs and meta["ASM"] and x2d.dtype == torch.bfloat16
     if config.kernel == "gemv":
         kernels._gemv_kernel[grid](x2d, words, *common, **meta)
     elif config.kernel == "pipelined":
         stages = meta.pop("num_stages")
-        kernels._pipelined_dot_kernel[grid](x2d, words, *common, STAGES=stages, num_stages=stages, SWAP=config.swap, **meta)
+        kernels._pipelined_dot_kernel[grid](x2d, words, *common, STAGES=stages, num_stages=stages, SWAP=config.swap,
+                                              BF16_PAIRS=bf16_pairs, **meta)
     else:
-        kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, SWAP=config.swap, **meta)
+        kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, SWAP=config.swap,
+                                   BF16_PAIRS=bf16_pairs, **meta)
     return out.to(out_dtype) if atomic else out
 
 

@@ -48,7 +48,7 @@ def _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, f
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if ATOMIC:
-        tl.atomic_add(ptrs, y, mask=mask)
+        tl.atomic_add(ptrs, y, mask=mask, sem="relaxed")  # a sum: no ordering needed (acq_rel fences every add)
     else:
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -236,19 +236,50 @@ def _scaled_codes(words, scale16, MUL16: tl.constexpr, ASM: tl.constexpr, dtype:
         c7 = (c7 * s).to(dtype)
     return c0, c1, c2, c3, c4, c5, c6, c7
 
+# bf16 x: the eight codes of a word straight to scaled bf16 pairs. Codes j and j+4 sit 16 bits apart, so one
+# pass per pair lays both into a bf16x2: magnitude bits to 6-8 (the exponent's low two bits and the mantissa's
+# top bit: the code reads as its E2M1 value * 2^-126, 0.5 as a bf16 subnormal), sign to bit 15; then one
+# fma.rn.bf16x2 by the word's scale (E4M3 value * 2^119, a -0 addend) gives W * 2^-7 exactly (code * scale has
+# at most 6 significant bits). About 2.5 instructions per weight against the fp32 round trip's 5.
+_BF16_PAIR = "{mag} and.b32 a, a, 0x01C001C0; {sign} and.b32 b, b, 0x80008000; or.b32 a, a, b; " \
+             "fma.rn.bf16x2 a, a, s, z; mov.b32 {{${lo}, ${hi}}}, a; "  # fmt: skip
+_BF16_CODES_ASM = tl.constexpr(
+    "{ .reg .b32 a, b, s, z; mov.b32 s, {$9, $9}; mov.b32 z, 0x80008000; "
+    + _BF16_PAIR.format(mag="shl.b32 a, $8, 6;", sign="shl.b32 b, $8, 12;", lo=0, hi=4)
+    + _BF16_PAIR.format(mag="shl.b32 a, $8, 2;", sign="shl.b32 b, $8, 8;", lo=1, hi=5)
+    + _BF16_PAIR.format(mag="shr.b32 a, $8, 2;", sign="shl.b32 b, $8, 4;", lo=2, hi=6)
+    + _BF16_PAIR.format(mag="shr.b32 a, $8, 6;", sign="mov.b32 b, $8;", lo=3, hi=7)
+    + "}"
+)
+BF16_PAIRS_FACTOR: tl.constexpr = tl.constexpr(128.0)  # 2^7: what the accumulator lacks after _bf16_scaled_codes
+
+
+@triton.jit
+def _bf16_scaled_codes(words, scale_bytes):
+    """The eight codes of each word times their E4M3 scale, as bf16 W * 2^-7 (exact); GPU only (inline PTX)."""
+    scale = (_e4m3_f16(scale_bytes).to(tl.float32) * 1.7014118346046923e38).to(tl.bfloat16)  # * 2^127: value * 2^119
+    scale = tl.interleave(scale, scale).to(tl.int16, bitcast=True)
+    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+        _BF16_CODES_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, scale], dtype=(tl.int16,) * 8, is_pure=True, pack=1
+    )
+    return (c0.to(tl.bfloat16, bitcast=True), c1.to(tl.bfloat16, bitcast=True), c2.to(tl.bfloat16, bitcast=True),
+            c3.to(tl.bfloat16, bitcast=True), c4.to(tl.bfloat16, bitcast=True), c5.to(tl.bfloat16, bitcast=True),
+            c6.to(tl.bfloat16, bitcast=True), c7.to(tl.bfloat16, bitcast=True))  # fmt: skip
+
+
 @triton.jit
 def _dot_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN: tl.constexpr, MUL16: tl.constexpr,
-    ASM: tl.constexpr, SWAP: tl.constexpr = False,
+    ASM: tl.constexpr, SWAP: tl.constexpr = False, BF16_PAIRS: tl.constexpr = False,
 ):  # fmt: skip
     """Tensor-core decode: codes decoded straight from uint32 words, no byte unpacking.
 
     JOIN=False: eight dots per K tile, code j of every word against x's columns 8w+j (x split in
     registers). JOIN=True: the eight code tiles joined back into K order, one dot. SWAP (with JOIN)
     computes out^T = W x^T, the decoded tile as the MMA's first operand (Hopper's wgmma reads it from
-    registers; only x goes through shared memory).
+    registers; only x goes through shared memory). BF16_PAIRS (bf16 x, on a GPU): ``_bf16_scaled_codes``.
     """
     k_start = tl.program_id(2) * k_per_split
     offs_m, offs_n, w_ptrs, s_ptrs, x_ptrs = _tile_pointers(
@@ -269,7 +300,10 @@ def _dot_kernel(
         x_ptrs += step
         words_next, scale_next, x_next = _load_tile(w_ptrs, s_ptrs, x_ptrs, k0 + step, K, EVEN_K, BLOCK_K)
         words = words.to(tl.uint32, bitcast=True)
-        c0, c1, c2, c3, c4, c5, c6, c7 = _scaled_codes(words, _word_scale(scale) * 256.0, MUL16, ASM, dtype)
+        if BF16_PAIRS:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _bf16_scaled_codes(words, scale)
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _scaled_codes(words, _word_scale(scale) * 256.0, MUL16, ASM, dtype)
         if JOIN:
             q0 = tl.join(tl.join(c0, c4), tl.join(c2, c6))
             q1 = tl.join(tl.join(c1, c5), tl.join(c3, c7))
@@ -288,7 +322,10 @@ def _dot_kernel(
             acc = tl.dot(x5, tl.trans(c5), acc)
             acc = tl.dot(x6, tl.trans(c6), acc)
             acc = tl.dot(x7, tl.trans(c7), acc)
-    acc = acc * 16384.0  # 2^14 (codes)
+    if BF16_PAIRS:
+        acc = acc * BF16_PAIRS_FACTOR
+    else:
+        acc = acc * 16384.0  # 2^14 (codes)
     first = (tl.program_id(2) == 0).to(tl.float32)
     if SWAP:
         acc = tl.trans(acc)
@@ -299,7 +336,7 @@ def _pipelined_dot_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-    SWAP: tl.constexpr = False,
+    SWAP: tl.constexpr = False, BF16_PAIRS: tl.constexpr = False,
 ):  # fmt: skip
     """Tensor-core decode with Triton's software pipeliner keeping STAGES K tiles in flight (SWAP: as in _dot_kernel).
 
@@ -322,7 +359,10 @@ def _pipelined_dot_kernel(
         s_ptrs += BLOCK_K // 16
         x_ptrs += BLOCK_K
         words = words.to(tl.uint32, bitcast=True)
-        c0, c1, c2, c3, c4, c5, c6, c7 = _scaled_codes(words, _word_scale(scale) * 256.0, True, ASM, dtype)
+        if BF16_PAIRS:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _bf16_scaled_codes(words, scale)
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _scaled_codes(words, _word_scale(scale) * 256.0, True, ASM, dtype)
         q0 = tl.join(tl.join(c0, c4), tl.join(c2, c6))
         q1 = tl.join(tl.join(c1, c5), tl.join(c3, c7))
         w = tl.reshape(tl.join(q0, q1), (BLOCK_N, BLOCK_K))  # [n, w, a, b, c] is code 4a + 2b + c
@@ -330,7 +370,10 @@ def _pipelined_dot_kernel(
             acc = tl.dot(w, tl.trans(x), acc)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    acc = acc * 16384.0  # 2^14 (codes)
+    if BF16_PAIRS:
+        acc = acc * BF16_PAIRS_FACTOR
+    else:
+        acc = acc * 16384.0  # 2^14 (codes)
     first = (tl.program_id(2) == 0).to(tl.float32)
     if SWAP:
         acc = tl.trans(acc)
