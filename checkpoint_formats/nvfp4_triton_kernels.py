@@ -251,7 +251,6 @@ _BF16_CODES_ASM = tl.constexpr(
     + _BF16_PAIR.format(mag="shr.b32 a, $8, 6;", sign="mov.b32 b, $8;", lo=3, hi=7)
     + "}"
 )
-BF16_PAIRS_FACTOR: tl.constexpr = tl.constexpr(128.0)  # 2^7: what the accumulator lacks after _bf16_scaled_codes
 
 
 @triton.jit
@@ -268,6 +267,26 @@ def _bf16_scaled_codes(words, scale_bytes):
 
 
 @triton.jit
+def _tile_codes(words, scale_bytes, MUL16: tl.constexpr, ASM: tl.constexpr, BF16_PAIRS: tl.constexpr, dtype: tl.constexpr):
+    """A K tile's eight scaled code tiles, by the decode the kernel was compiled for (undo with _unscaled)."""
+    if BF16_PAIRS:
+        c0, c1, c2, c3, c4, c5, c6, c7 = _bf16_scaled_codes(words, scale_bytes)
+    else:
+        c0, c1, c2, c3, c4, c5, c6, c7 = _scaled_codes(words, _word_scale(scale_bytes) * 256.0, MUL16, ASM, dtype)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _unscaled(acc, BF16_PAIRS: tl.constexpr):
+    """The accumulator times the power of two _tile_codes left out: 2^7 (bf16 pairs) or 2^14 (fp16 codes)."""
+    if BF16_PAIRS:
+        acc = acc * 128.0
+    else:
+        acc = acc * 16384.0
+    return acc
+
+
+@triton.jit
 def _dot_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
@@ -279,7 +298,7 @@ def _dot_kernel(
     JOIN=False: eight dots per K tile, code j of every word against x's columns 8w+j (x split in
     registers). JOIN=True: the eight code tiles joined back into K order, one dot. SWAP (with JOIN)
     computes out^T = W x^T, the decoded tile as the MMA's first operand (Hopper's wgmma reads it from
-    registers; only x goes through shared memory). BF16_PAIRS (bf16 x, on a GPU): ``_bf16_scaled_codes``.
+    registers; only x goes through shared memory). BF16_PAIRS (bf16 x, on a GPU): see ``_bf16_scaled_codes``.
     """
     k_start = tl.program_id(2) * k_per_split
     offs_m, offs_n, w_ptrs, s_ptrs, x_ptrs = _tile_pointers(
@@ -300,10 +319,7 @@ def _dot_kernel(
         x_ptrs += step
         words_next, scale_next, x_next = _load_tile(w_ptrs, s_ptrs, x_ptrs, k0 + step, K, EVEN_K, BLOCK_K)
         words = words.to(tl.uint32, bitcast=True)
-        if BF16_PAIRS:
-            c0, c1, c2, c3, c4, c5, c6, c7 = _bf16_scaled_codes(words, scale)
-        else:
-            c0, c1, c2, c3, c4, c5, c6, c7 = _scaled_codes(words, _word_scale(scale) * 256.0, MUL16, ASM, dtype)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _tile_codes(words, scale, MUL16, ASM, BF16_PAIRS, dtype)
         if JOIN:
             q0 = tl.join(tl.join(c0, c4), tl.join(c2, c6))
             q1 = tl.join(tl.join(c1, c5), tl.join(c3, c7))
@@ -322,10 +338,7 @@ def _dot_kernel(
             acc = tl.dot(x5, tl.trans(c5), acc)
             acc = tl.dot(x6, tl.trans(c6), acc)
             acc = tl.dot(x7, tl.trans(c7), acc)
-    if BF16_PAIRS:
-        acc = acc * BF16_PAIRS_FACTOR
-    else:
-        acc = acc * 16384.0  # 2^14 (codes)
+    acc = _unscaled(acc, BF16_PAIRS)
     first = (tl.program_id(2) == 0).to(tl.float32)
     if SWAP:
         acc = tl.trans(acc)
@@ -359,10 +372,7 @@ def _pipelined_dot_kernel(
         s_ptrs += BLOCK_K // 16
         x_ptrs += BLOCK_K
         words = words.to(tl.uint32, bitcast=True)
-        if BF16_PAIRS:
-            c0, c1, c2, c3, c4, c5, c6, c7 = _bf16_scaled_codes(words, scale)
-        else:
-            c0, c1, c2, c3, c4, c5, c6, c7 = _scaled_codes(words, _word_scale(scale) * 256.0, True, ASM, dtype)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _tile_codes(words, scale, True, ASM, BF16_PAIRS, dtype)
         q0 = tl.join(tl.join(c0, c4), tl.join(c2, c6))
         q1 = tl.join(tl.join(c1, c5), tl.join(c3, c7))
         w = tl.reshape(tl.join(q0, q1), (BLOCK_N, BLOCK_K))  # [n, w, a, b, c] is code 4a + 2b + c
@@ -370,10 +380,7 @@ def _pipelined_dot_kernel(
             acc = tl.dot(w, tl.trans(x), acc)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    if BF16_PAIRS:
-        acc = acc * BF16_PAIRS_FACTOR
-    else:
-        acc = acc * 16384.0  # 2^14 (codes)
+    acc = _unscaled(acc, BF16_PAIRS)
     first = (tl.program_id(2) == 0).to(tl.float32)
     if SWAP:
         acc = tl.trans(acc)
