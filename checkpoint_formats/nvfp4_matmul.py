@@ -21,7 +21,9 @@ Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.
   lays codes j and j+4 into one fp16x2, interpreter: portable bit ops), the next K tile prefetched in
   registers. M=1 (and tiny M on small weights): CUDA-core fp32-FMA GEMV with x split by code position;
   else tensor cores (codes * E4M3 scale exact in x's dtype, joined back into K order, one tl.dot); K split
-  with fp32 atomics where N alone leaves SMs idle. Global scale and bias on the fp32 accumulator.
+  with fp32 atomics where N alone leaves SMs idle, finished in the same launch by the split that arrives
+  last (``split_k_workspace``: no zero fill before, no cast after). Global scale and bias on the fp32
+  accumulator.
   ``kernel="pipelined"``: the same tile in a plain ``tl.range`` loop that Triton's software pipeliner keeps
   3-5 K tiles deep (see ``pipelined_config``: faster in isolation, not yet in a whole trial).
   ``swap`` (large weights, 16-bit x, M = 2-128): out^T = W x^T, the decoded tile as the MMA's first operand
@@ -47,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from checkpoint_formats import split_k_workspace
 
 try:
     import triton
@@ -161,7 +165,7 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
     """Launch shape for M <= DECODE_MAX_M, cached by (M, N, K): the winners of the bench's sweep on an H200.
 
     Decode is latency bound unless enough weight bytes are in flight, so K tiles are wide (GEMV) and K is
-    split (fp32 atomics: two extra small launches) until the grid has about three programs per SM.
+    split (fp32 atomics into a self-cleaning workspace) until the grid has about three programs per SM.
     """
     small = n * k <= 4096 * 4096
     if m == 1 or (m <= 4 and small):
@@ -251,15 +255,22 @@ def fused_matmul(
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     split = triton.cdiv(k, k_per_split)
     atomic = split > 1
-    out = (torch.zeros if atomic else torch.empty)(m, n, device=x2d.device, dtype=torch.float32 if atomic else out_dtype)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split)
+    workspace = split_k_workspace.workspace_for(x2d.device, m * n, grid[0] * grid[1]) if atomic else None
+    if atomic and workspace is None:  # no clean workspace to finish in: zero-filled fp32 output, cast after
+        out = torch.zeros(m, n, device=x2d.device, dtype=torch.float32)
+    else:
+        out = torch.empty(m, n, device=x2d.device, dtype=out_dtype)
+    sums, arrivals = (workspace.sums, workspace.arrivals) if workspace is not None else (out, out)
     common = (weight_scale.view(torch.uint8), weight_scale_2, bias if bias is not None else out, out,
-              m, n, k, x2d.stride(0), out.stride(0), k_per_split)  # fmt: skip
-    meta = dict(HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+              m, n, k, x2d.stride(0), out.stride(0), k_per_split, sums, arrivals, split)  # fmt: skip
+    meta = dict(HAS_BIAS=bias is not None, ATOMIC=atomic, SELF_CLEAN=workspace is not None, BLOCK_M=config.block_m,
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+                num_stages=config.num_stages)  # fmt: skip
+    cast = out.dtype != out_dtype
     if config.kernel == "legacy":
         kernels._mma_kernel[grid](x2d, packed, *common, **meta)
-        return out.to(out_dtype) if atomic else out
+        return out.to(out_dtype) if cast else out
     if packed.data_ptr() % 4:  # the kernels read the codes as int32 words (8 codes each)
         packed = packed.clone()
     words = packed.view(torch.int32)
@@ -274,7 +285,7 @@ def fused_matmul(
     else:
         kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, SWAP=config.swap,
                                    BF16_PAIRS=bf16_pairs, **meta)
-    return out.to(out_dtype) if atomic else out
+    return out.to(out_dtype) if cast else out
 
 
 def dequantize(

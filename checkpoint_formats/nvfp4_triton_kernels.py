@@ -39,7 +39,10 @@ def _dequant_tile(w_ptr, s_ptr, offs_n, k0, N, K, global_scale, BLOCK_N: tl.cons
     return tl.reshape(values, (BLOCK_N, BLOCK_K))
 
 @triton.jit
-def _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first_split, HAS_BIAS, ATOMIC):
+def _epilogue(
+    out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first_split, ws_ptr, count_ptr, splits,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SELF_CLEAN: tl.constexpr,
+):  # fmt: skip
     """Global scale and bias on the fp32 accumulator, then store (or add, when K is split)."""
     y = acc * tl.load(gs_ptr)
     if HAS_BIAS:
@@ -47,15 +50,32 @@ def _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, f
         y += bias[None, :] * first_split
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if ATOMIC:
+    if ATOMIC and SELF_CLEAN:
+        _reduce_splits(ptrs, y, mask, ws_ptr + offs_m[:, None] * N + offs_n[None, :], count_ptr, splits,
+                       out_ptr.dtype.element_ty)  # fmt: skip
+    elif ATOMIC:
         tl.atomic_add(ptrs, y, mask=mask, sem="relaxed")  # a sum: no ordering needed (acq_rel fences every add)
     else:
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 @triton.jit
+def _reduce_splits(out_ptrs, y, mask, sum_ptrs, count_ptr, splits, out_dtype: tl.constexpr):
+    """Split K finished in this launch (see ``split_k_workspace``): add this split's part to the zeroed fp32
+    sums; the split that arrives last at the tile writes the total in out's dtype and zeroes sums and counter."""
+    tl.atomic_add(sum_ptrs, y, mask=mask, sem="relaxed")
+    tl.debug_barrier()  # every thread's adds come before the arrival that releases them
+    counter = count_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+        total = tl.load(sum_ptrs, mask=mask, cache_modifier=".cg")  # from L2, where the adds were made
+        tl.store(out_ptrs, total.to(out_dtype), mask=mask)
+        tl.store(sum_ptrs, tl.zeros_like(total), mask=mask)
+        tl.atomic_xchg(counter, 0, sem="relaxed")
+
+@triton.jit
 def _mma_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    ws_ptr, count_ptr, splits,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SELF_CLEAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Tensor-core decode: dequantize a weight tile in registers, tl.dot with x."""
@@ -70,7 +90,8 @@ def _mma_kernel(
         w = _dequant_tile(w_ptr, s_ptr, offs_n, k0, N, K, 1.0, BLOCK_N, BLOCK_K).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc)
     first = (tl.program_id(2) == 0).to(tl.float32)
-    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, HAS_BIAS, ATOMIC)
+    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, ws_ptr, count_ptr, splits,
+              HAS_BIAS, ATOMIC, SELF_CLEAN)
 
 @triton.jit
 def _code_f16(words, J: tl.constexpr):
@@ -146,7 +167,8 @@ def _tile_pointers(
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+    ws_ptr, count_ptr, splits,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SELF_CLEAN: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """CUDA-core decode for tiny M: fp32 FMA of each code with its x column, the scale once per word."""
@@ -178,7 +200,8 @@ def _gemv_kernel(
         acc += part * scale.to(tl.float32)[None, :, :]
     acc = tl.sum(acc, axis=2) * 4194304.0  # 2^14 (codes) * 2^8 (scales)
     first = (tl.program_id(2) == 0).to(tl.float32)
-    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, HAS_BIAS, ATOMIC)
+    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, ws_ptr, count_ptr, splits,
+              HAS_BIAS, ATOMIC, SELF_CLEAN)
 
 # Eight E2M1 codes of one uint32 word -> eight fp32 (value * 2^-14): codes j and j+4 sit 16 bits apart, so
 # one shift/and/or pass lays both into an fp16x2 (magnitude to bits 9-11, sign to 15), then two cvt.
@@ -289,7 +312,8 @@ def _unscaled(acc, BF16_PAIRS: tl.constexpr):
 @triton.jit
 def _dot_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+    ws_ptr, count_ptr, splits,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SELF_CLEAN: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN: tl.constexpr, MUL16: tl.constexpr,
     ASM: tl.constexpr, SWAP: tl.constexpr = False, BF16_PAIRS: tl.constexpr = False,
 ):  # fmt: skip
@@ -342,12 +366,14 @@ def _dot_kernel(
     first = (tl.program_id(2) == 0).to(tl.float32)
     if SWAP:
         acc = tl.trans(acc)
-    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, HAS_BIAS, ATOMIC)
+    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, ws_ptr, count_ptr, splits,
+              HAS_BIAS, ATOMIC, SELF_CLEAN)
 
 @triton.jit
 def _pipelined_dot_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+    ws_ptr, count_ptr, splits,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SELF_CLEAN: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
     SWAP: tl.constexpr = False, BF16_PAIRS: tl.constexpr = False,
 ):  # fmt: skip
@@ -384,7 +410,8 @@ def _pipelined_dot_kernel(
     first = (tl.program_id(2) == 0).to(tl.float32)
     if SWAP:
         acc = tl.trans(acc)
-    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, HAS_BIAS, ATOMIC)
+    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, ws_ptr, count_ptr, splits,
+              HAS_BIAS, ATOMIC, SELF_CLEAN)
 
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

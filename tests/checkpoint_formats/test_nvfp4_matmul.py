@@ -152,3 +152,33 @@ def test_swap_is_refused_where_no_kernel_computes_it(config: KernelConfig) -> No
     x, packed, scale, scale_2 = _args()
     with pytest.raises(ValueError, match="swap=True needs"):
         nvfp4_matmul.fused_matmul(x, packed, scale, scale_2, None, config)
+
+
+@pytest.mark.parametrize("config", [KernelConfig(16, 32, 64, split_k=3), KernelConfig(32, 32, 64, split_k=3, kernel="dot", join=True, swap=True)])
+def test_split_k_finishes_in_its_launch_and_leaves_the_workspace_clean(interpreted, config: KernelConfig) -> None:
+    """The last split to arrive writes the output dtype and zeroes sums and counters for the next launch."""
+    from checkpoint_formats import split_k_workspace
+
+    n, k = 40, 208
+    q = _weight(n, k, seed=3)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    ref_weight = nvfp4.dequantize_weight(q, torch.float32)
+    for m in (5, 33, 5):  # a second, larger launch and a repeat reuse the same workspace
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.float16)
+        out = interpreted.fused_matmul(x, q.packed, q.weight_scale, q.weight_scale_2, bias, config)
+        assert out.dtype == torch.float16
+        assert _relative_error(out, x.float() @ ref_weight.T + bias) < 1e-3
+        workspace = split_k_workspace.workspace_for(x.device, m * n, 1)
+        assert not workspace.sums.any() and not workspace.arrivals.any()
+
+
+def test_split_k_without_a_workspace_adds_into_a_zeroed_fp32_output(interpreted, monkeypatch) -> None:
+    from checkpoint_formats import split_k_workspace
+
+    monkeypatch.setattr(split_k_workspace, "workspace_for", lambda *args: None)
+    n, k = 40, 208
+    q = _weight(n, k, seed=5)
+    x = torch.randn(17, k, generator=torch.Generator().manual_seed(6)).to(torch.float16)
+    out = interpreted.fused_matmul(x, q.packed, q.weight_scale, q.weight_scale_2, None, KernelConfig(16, 32, 64, split_k=3))
+    assert out.dtype == torch.float16
+    assert _relative_error(out, x.float() @ nvfp4.dequantize_weight(q, torch.float32).T) < 1e-3
