@@ -6,6 +6,9 @@ block whose every position the additive mask closes (left padding, or positions 
 reached yet) is skipped before its keys and values are loaded. Online softmax in fp32, q.k and p.v on tensor cores with fp32 accumulation, as flash attention does.
 
 ``_rms_norm_kernel`` (behind ``fused_norm``): one program per row, transformers' Llama RMSNorm in one pass.
+
+``_rotary_kernel`` (behind ``fused_rotary``): one program per (token, head) of q and k together, transformers'
+Llama rotary embedding with its roundings.
 """
 
 import triton
@@ -66,3 +69,40 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, stride_x, stride_out, BLOCK:
     w = tl.load(w_ptr + offs, mask=inside, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _rotate_row(x_ptr, out_ptr, cos_ptr, sin_ptr, HALF: tl.constexpr):
+    """One head's row: x * cos + rotate_half(x) * sin, each product and the sum rounded to x's dtype as
+    transformers' eager ops round them (so fp32 products are never contracted into an FMA across a rounding)."""
+    dtype = out_ptr.dtype.element_ty
+    offs = tl.arange(0, HALF)
+    x1 = tl.load(x_ptr + offs).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF + offs).to(tl.float32)
+    cos1 = tl.load(cos_ptr + offs).to(tl.float32)
+    cos2 = tl.load(cos_ptr + HALF + offs).to(tl.float32)
+    sin1 = tl.load(sin_ptr + offs).to(tl.float32)
+    sin2 = tl.load(sin_ptr + HALF + offs).to(tl.float32)
+    first = (x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)
+    second = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
+    tl.store(out_ptr + offs, first.to(dtype))
+    tl.store(out_ptr + HALF + offs, second.to(dtype))
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, T, HQ,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_cb, stride_ct, stride_sb, stride_st, HALF: tl.constexpr,
+):  # fmt: skip
+    """Program (token b * T + t, head): heads below HQ are q's, the rest k's; outputs share the inputs' strides."""
+    token, head = tl.program_id(0), tl.program_id(1)
+    b, t = token // T, token % T
+    cos = cos_ptr + b * stride_cb + t * stride_ct
+    sin = sin_ptr + b * stride_sb + t * stride_st
+    if head < HQ:
+        offset = b * stride_qb + head * stride_qh + t * stride_qt
+        _rotate_row(q_ptr + offset, q_out_ptr + offset, cos, sin, HALF)
+    else:
+        offset = b * stride_kb + (head - HQ) * stride_kh + t * stride_kt
+        _rotate_row(k_ptr + offset, k_out_ptr + offset, cos, sin, HALF)

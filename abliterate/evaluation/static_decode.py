@@ -29,7 +29,7 @@ from transformers import AttentionInterface, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from abliterate.evaluation import decode_attention, fused_norm
+from abliterate.evaluation import decode_attention, fused_norm, fused_rotary
 
 _KEPT_DECODERS = 4  # per model, one per batch size: the full batches, a remainder batch, spares
 
@@ -217,7 +217,7 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _step(self) -> None:
-        with _grouped_attention(self.model), fused_norm.fused_rms_norms(self.model):
+        with _grouped_attention(self.model), fused_norm.fused_rms_norms(self.model), fused_rotary.fused_rotary(self.model):
             logits = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.cache_position,
                                 attention_mask=self.step_mask, past_key_values=self.cache, use_cache=True,
                                 logits_to_keep=1).logits
