@@ -17,13 +17,13 @@ heuristics in the module.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import itertools
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 from checkpoint_formats import nvfp4
 from checkpoint_formats import nvfp4_matmul as mm
+from checkpoint_formats import split_k_workspace
 
-SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (768, 2048), (2048, 768)]  # (N=out, K=in)
-TOKENS = [1, 4, 16, 64, 128, 2048, 4096]
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (768, 2048), (2048, 768)]  # (N=out, K=in)
+TOKENS = [1, 4, 16, 64, 100, 128, 2048, 4096]
 SWEEP_TOKENS = [1, 4, 16, 64, 128]
 PREFILL_CONFIG = mm.KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
@@ -105,9 +106,12 @@ def measure_shape(n: int, k: int) -> list[dict]:
             config = mm.decode_config(m, n, k, mm._sm_count(x.device))
             row["config"] = config.__dict__
             row["err_fp32_out"] = _error(mm.fused_matmul(x, *args, None, config, torch.float32), ref)
-            if config.kernel != "gemv":  # A/B in this run: the same launch shape with the fp32-trip decode
-                before = dataclasses.replace(config, bf16_pairs=False)
-                row["ours_fp32_trip_decode_ms"] = _gpu_ms(lambda x=x: mm.fused_matmul(x, *args, None, before))
+            if config.split_k > 1:  # A/B in this run: the same launch shape with zero fill + cast kernels
+                with mock.patch.object(split_k_workspace, "workspace_for", lambda *unused: None):
+                    row["ours_fill_and_cast_ms"] = _gpu_ms(lambda x=x: mm.fused_matmul(x, *args, None, config))
+        row["err_after_replays"] = _error(mm.nvfp4_linear(x, *args), ref)  # a dirty split-K workspace would show
+        row["split_k_workspaces_clean"] = all(
+            not (w.sums.any() or w.arrivals.any()) for w in split_k_workspace._current.values())
         row["speedup"] = row["bf16_ms"] / row["ours_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
