@@ -30,9 +30,9 @@ Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.
   (Hopper's wgmma reads it from registers), see ``_swap_config``.
   MEASURED (H200, bench JSON): 1.1-1.4x bf16 at M=1, 1.0-1.2x at M=4-16 (swap), 0.5-0.8x at M=64-128;
   latency bound (too few bytes in flight), not at the ~0.5625 B/weight bandwidth floor.
-- prefill, larger M: a Triton kernel dequantizes W to x's dtype and cuBLAS
-  (``F.linear``) multiplies; at these sizes the matmul is compute bound and
-  cuBLAS beats a fused Triton kernel with in-register dequantization.
+- prefill, larger M: a Triton kernel dequantizes W to x's dtype (a slice of output rows at a time, at most
+  ``PREFILL_SLICE_BYTES``) and cuBLAS multiplies; at these sizes the matmul is compute bound and cuBLAS beats
+  a fused Triton kernel with in-register dequantization.
 
 No ``prepare`` step is needed: the kernels read the checkpoint layout directly
 (``weight_scale`` through a free uint8 view, ``weight_scale_2`` by pointer, so
@@ -60,6 +60,7 @@ except ImportError:  # CPU installs: callers use nvfp4.dequantize_weight instead
     triton = kernels = None
 
 DECODE_MAX_M = 128
+PREFILL_SLICE_BYTES = 32 << 20  # the largest dequantized weight slice a prefill holds at once
 KERNEL_BLOCK_SIZE = 16  # codes per E4M3 scale the kernels decode (NVFP4); other block sizes dequantize first
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # no inline PTX in the interpreter
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -117,8 +118,40 @@ def nvfp4_linear(
             config = decode_config(m, n, k, _sm_count(x.device), x.element_size())
             out = fused_matmul(x2d, packed, weight_scale, weight_scale_2, bias, config)
         else:
-            out = F.linear(x2d, dequantize(packed, weight_scale, weight_scale_2, x.dtype), bias)
+            out = prefill_matmul(x2d, packed, weight_scale, weight_scale_2, bias)
     return out.reshape(*x.shape[:-1], n)
+
+
+def prefill_matmul(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_scale_2: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The prefill path: W dequantized to x's dtype a slice of output rows at a time, each slice through cuBLAS
+    straight into its columns of the output.
+
+    Why slices: a whole 14336 x 4096 weight in bf16 is 117 MB, live beside a forward's activations at the peak
+    of a trial's prefill and KL pass; slices of at most ``PREFILL_SLICE_BYTES`` bound that transient and cost
+    one more dequantize + matmul launch each (the products are compute bound at prefill sizes).
+    """
+    n, k = packed.shape[0], packed.shape[1] * 2
+    slices = triton.cdiv(n * k * x2d.element_size(), PREFILL_SLICE_BYTES)
+    if slices <= 1:
+        return F.linear(x2d, dequantize(packed, weight_scale, weight_scale_2, x2d.dtype), bias)
+    rows = triton.cdiv(triton.cdiv(n, slices), 64) * 64
+    out = torch.empty(x2d.shape[0], n, device=x2d.device, dtype=x2d.dtype)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        weight = dequantize(packed[start:stop], weight_scale[start:stop], weight_scale_2, x2d.dtype)
+        block = out[:, start:stop]  # a column block: cuBLAS writes it in place (leading dimension N)
+        if bias is None:
+            torch.mm(x2d, weight.t(), out=block)
+        else:
+            torch.addmm(bias[start:stop], x2d, weight.t(), out=block)  # as F.linear adds it
+        del weight
+    return out
 
 
 def _check_arguments(

@@ -182,3 +182,21 @@ def test_split_k_without_a_workspace_adds_into_a_zeroed_fp32_output(interpreted,
     out = interpreted.fused_matmul(x, q.packed, q.weight_scale, q.weight_scale_2, None, KernelConfig(16, 32, 64, split_k=3))
     assert out.dtype == torch.float16
     assert _relative_error(out, x.float() @ nvfp4.dequantize_weight(q, torch.float32).T) < 1e-3
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_prefill_dequantizes_a_slice_of_rows_at_a_time(interpreted, monkeypatch, bias: bool) -> None:
+    """Above the slice size the prefill holds one slice of W at a time; the product is the unsliced one's."""
+    n, k = 200, 64
+    q = _weight(n, k, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(150, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    whole = interpreted.nvfp4_linear(x, q.packed, q.weight_scale, q.weight_scale_2, b)
+    shapes = []
+    dequantize = interpreted.dequantize
+    monkeypatch.setattr(interpreted, "dequantize", lambda p, *rest: shapes.append(p.shape[0]) or dequantize(p, *rest))
+    monkeypatch.setattr(interpreted, "PREFILL_SLICE_BYTES", 64 * k * 4)  # 64 fp32 rows
+    sliced = interpreted.nvfp4_linear(x, q.packed, q.weight_scale, q.weight_scale_2, b)
+    assert shapes == [64, 64, 64, 8]
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
