@@ -20,6 +20,7 @@ from rich.progress import Progress
 from torch import nn
 
 from abliterate.evaluation.chunked_mlp import sliced_mlps
+from abliterate.evaluation.static_decode import grouped_attention
 from abliterate.evaluation.generation import (
     batches_by_length,
     format_chat_prompts,
@@ -82,7 +83,8 @@ def capture_last_token_residuals(
     rows: list[torch.Tensor | None] = [None] * len(token_ids)
     task = progress.add_task(description, total=len(token_ids)) if progress else None
     try:
-        with sliced_mlps(model):  # a batch of long prompts: the MLPs a slice of tokens at a time on a GPU (memory)
+        # a batch of long prompts on a GPU: the MLPs a slice of tokens at a time, no per-head K/V copies (memory)
+        with sliced_mlps(model), grouped_attention(model, gpu_only=True):
             for indices in batches_by_length([len(ids) for ids in token_ids], batch_size):
                 batch = left_pad([token_ids[index] for index in indices], pad_id, device)
                 extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}

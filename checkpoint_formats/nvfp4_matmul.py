@@ -60,7 +60,7 @@ except ImportError:  # CPU installs: callers use nvfp4.dequantize_weight instead
     triton = kernels = None
 
 DECODE_MAX_M = 128
-PREFILL_SLICE_BYTES = 32 << 20  # the largest dequantized weight slice a prefill holds at once
+PREFILL_SLICE_BYTES = 64 << 20  # the largest dequantized weight slice a prefill holds at once
 KERNEL_BLOCK_SIZE = 16  # codes per E4M3 scale the kernels decode (NVFP4); other block sizes dequantize first
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # no inline PTX in the interpreter
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

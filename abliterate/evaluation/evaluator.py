@@ -202,7 +202,7 @@ class Evaluator:
         self.skill_ids = format_chat_prompts(tokenizer, self.skill_prompts, self.config.system_prompt) \
             if self.skill_prompts else []
         model.eval()
-        with sliced_mlps(model):
+        with sliced_mlps(model), static_decode.grouped_attention(model, gpu_only=True):
             self.batch_size = self.config.batch_size or self._find_batch_size(model)
             static_decode.forget_decoders(model)  # the probe's shapes never come back; their KV caches would stay
             continuations = generate_greedy(
@@ -219,7 +219,8 @@ class Evaluator:
         return self.base.refusals
 
     def evaluate(self, model, *, with_perplexity: bool = False) -> EvalResult:
-        with sliced_mlps(model):  # long forwards' MLPs a slice of tokens at a time on a GPU (memory)
+        # long forwards on a GPU: the MLPs a slice of tokens at a time, attention without per-head K/V copies (memory)
+        with sliced_mlps(model), static_decode.grouped_attention(model, gpu_only=True):
             return self._evaluate(model, with_perplexity)
 
     def _evaluate(self, model, with_perplexity: bool) -> EvalResult:

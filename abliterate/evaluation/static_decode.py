@@ -152,11 +152,16 @@ AttentionMaskInterface.register(GROUPED_DECODE_ATTENTION, sdpa_mask)  # the step
 
 
 @contextmanager
-def _grouped_attention(model) -> Iterator[None]:
-    """The prefill and the decode step (captured) run ``grouped_decode_attention`` where the model uses sdpa."""
+def grouped_attention(model, *, gpu_only: bool = False) -> Iterator[None]:
+    """Within the block, a model that uses sdpa runs ``grouped_decode_attention``: the static decoder's prefill
+    and captured step, and every long forward of a trial on a GPU (the KL pass, the residual capture), whose
+    masked sdpa would otherwise copy K and V once per query head (at a 5,500-token forward of the 8B-shaped
+    model, 90 MB standing at the process peak: bench/stage2_trial_profile.py --memory_history, 2026-12-03).
+    ``gpu_only``: leave a model on the CPU as it is (those forwards keep transformers' sdpa and its results)."""
     config = model.config
     previous = config._attn_implementation
-    if previous != "sdpa":
+    first = next(model.parameters(), None)
+    if previous != "sdpa" or (gpu_only and (first is None or first.device.type != "cuda")):
         yield
         return
     config._attn_implementation = GROUPED_DECODE_ATTENTION
@@ -217,7 +222,7 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _step(self) -> None:
-        with _grouped_attention(self.model), fused_norm.fused_rms_norms(self.model), fused_rotary.fused_rotary(self.model):
+        with grouped_attention(self.model), fused_norm.fused_rms_norms(self.model), fused_rotary.fused_rotary(self.model):
             logits = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.cache_position,
                                 attention_mask=self.step_mask, past_key_values=self.cache, use_cache=True,
                                 logits_to_keep=1).logits
@@ -233,6 +238,9 @@ class StaticDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=stream):
             self._step()
+        # The warm-up's transients lie freed in the capture stream's own pages, which the default stream cannot
+        # allocate from: handed back, they do not stand beside the next forward's at the process's peak.
+        torch.cuda.empty_cache()
 
     def fits(self, batch: int, prompt_len: int, max_new_tokens: int) -> bool:
         return batch == self.batch and prompt_len + max_new_tokens <= self.cache_len
@@ -249,7 +257,7 @@ class StaticDecoder:
         self.cache.reset()
         prompt_mask = _additive_mask(batch.attention_mask, self.cache_len, self.dtype)
         cache_position = torch.arange(prompt_len, device=self.device)
-        with _grouped_attention(self.model):
+        with grouped_attention(self.model):
             logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                 cache_position=cache_position, attention_mask=prompt_mask, past_key_values=self.cache,
                                 use_cache=True, logits_to_keep=1).logits
@@ -300,5 +308,10 @@ def decoder_for(model, batch: int, prompt_len: int, max_new_tokens: int) -> Stat
 
 
 def forget_decoders(model) -> None:
-    """Drop captured graphs and caches (after the model's modules were replaced, e.g. an adapter injected)."""
-    model.__dict__.pop("_static_decoders", None)
+    """Drop captured graphs and caches (after the model's modules were replaced, e.g. an adapter injected, or
+    once a batch size is done with) and hand their memory back to the device, so a later, larger allocation
+    finds it mapped for whichever stream asks instead of beside it."""
+    decoders = model.__dict__.pop("_static_decoders", None)
+    if decoders and any(decoder.device.type == "cuda" for decoder in decoders.values()):
+        decoders.clear()
+        torch.cuda.empty_cache()

@@ -135,3 +135,19 @@ def test_stacked_heads_prefill_attention_equals_transformers_sdpa():
     reference, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     torch.testing.assert_close(static_decode.stacked_heads_attention(query, key, value, mask, 0.25), reference,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_long_forwards_take_grouped_attention_only_on_a_gpu():
+    """``gpu_only`` leaves a CPU model on transformers' sdpa (CPU results unchanged); without it the model
+    switches for the block and back."""
+    from tests.tiny_models import dense_llama
+
+    model = dense_llama(layers=1)
+    model.config._attn_implementation = "sdpa"
+    with static_decode.grouped_attention(model, gpu_only=True):
+        assert model.config._attn_implementation == "sdpa"
+    with static_decode.grouped_attention(model):
+        assert model.config._attn_implementation == static_decode.GROUPED_DECODE_ATTENTION
+        with static_decode.grouped_attention(model):  # nested (the decoder inside an evaluation): unchanged
+            assert model.config._attn_implementation == static_decode.GROUPED_DECODE_ATTENTION
+    assert model.config._attn_implementation == "sdpa"
