@@ -5,9 +5,8 @@ their product) at once: on the 8B-shaped model 0.47 GB, the largest transient of
 (bench/stage2_trial_profile.py --memory_history, 2026-12-02: the process peak was a 128-prompt forward of the
 residual capture for the directions, with the harmful answers' KV cache already allocated). The MLP is per
 token, so slicing the tokens changes nothing but which tensors exist at once; a packed NVFP4 weight is
-dequantized once more per extra slice (~28 us each on the H200). The slice was 32 MiB; once the residual capture
-ran without K/V copies, a trial's own prefill (100 x 41 tokens) and KL pass were the highest forwards left
-(bench/stage2_trial_profile_splitk_rotary_gpu.json: 6.15-6.17 GB allocated), and 16 MiB holds ~50 MB less there.
+dequantized once more per extra slice (~28 us each on the H200). The slice was 32 MiB until the trial's own
+prefill (100 x 41 tokens) became the process peak (2026-12-03); at 16 MiB it holds ~50 MB less there.
 
 Only modules whose ``forward`` is Llama's MLP code (Mistral, Qwen2/3 and others copy it; compared by bytecode)
 on a CUDA device are sliced; CPU runs keep transformers' code and their results.
