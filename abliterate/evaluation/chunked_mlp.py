@@ -5,8 +5,7 @@ their product) at once: on the 8B-shaped model 0.47 GB, the largest transient of
 (bench/stage2_trial_profile.py --memory_history, 2026-12-02: the process peak was a 128-prompt forward of the
 residual capture for the directions, with the harmful answers' KV cache already allocated). The MLP is per
 token, so slicing the tokens changes nothing but which tensors exist at once; a packed NVFP4 weight is
-dequantized once more per extra slice (~28 us each on the H200). The slice was 32 MiB until the trial's own
-prefill (100 x 41 tokens) became the process peak (2026-12-03); at 16 MiB it holds ~50 MB less there.
+dequantized once more per extra slice (~28 us each on the H200).
 
 Only modules whose ``forward`` is Llama's MLP code (Mistral, Qwen2/3 and others copy it; compared by bytecode)
 on a CUDA device are sliced; CPU runs keep transformers' code and their results.
@@ -22,7 +21,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from abliterate.evaluation.forward_swaps import runs_code_of, swapped_forwards
 
-SLICE_BYTES = 2**24  # one [tokens, intermediate] tensor of a slice: 16 MiB (585 tokens at 14336 x bf16)
+SLICE_BYTES = 2**25  # one [tokens, intermediate] tensor of a slice: 32 MiB (1,170 tokens at 14336 x bf16)
 MIN_SLICE_TOKENS = 256
 
 

@@ -31,7 +31,7 @@ def test_slices_give_the_unsliced_output_and_shape():
 
 
 def test_slice_size_follows_the_intermediate_width():
-    assert chunked_mlp.slice_tokens(14336, 2) == 2**24 // (14336 * 2) == 585
+    assert chunked_mlp.slice_tokens(14336, 2) == 2**25 // (14336 * 2) == 1170
     assert chunked_mlp.slice_tokens(10**7, 2) == chunked_mlp.MIN_SLICE_TOKENS
 
 
