@@ -20,7 +20,6 @@ from rich.progress import Progress
 from torch import nn
 
 from abliterate.evaluation.chunked_mlp import sliced_mlps
-from abliterate.evaluation.static_decode import grouped_attention
 from abliterate.evaluation.generation import (
     batches_by_length,
     format_chat_prompts,
@@ -28,6 +27,7 @@ from abliterate.evaluation.generation import (
     model_device,
     pad_token_id,
 )
+from abliterate.evaluation.static_decode import grouped_attention
 
 
 @dataclass(frozen=True)
