@@ -15,12 +15,17 @@ from types import FunctionType
 import torch
 
 
-def runs_code_of(module: torch.nn.Module, function: FunctionType) -> bool:
-    """True when the module's class ``forward`` is ``function``'s code (bytecode, constants and names), so copies
-    of it in other model families (transformers' "Copied from") qualify and variants do not."""
-    code, reference = getattr(type(module).forward, "__code__", None), function.__code__
+def same_code(function: object, reference: FunctionType) -> bool:
+    """True when ``function`` is ``reference``'s code (bytecode, constants and names), so copies of it in other
+    model families (transformers' "Copied from") qualify and variants do not."""
+    code, expected = getattr(function, "__code__", None), reference.__code__
     return code is not None and (code.co_code, code.co_consts, code.co_names) == (
-        reference.co_code, reference.co_consts, reference.co_names)
+        expected.co_code, expected.co_consts, expected.co_names)
+
+
+def runs_code_of(module: torch.nn.Module, function: FunctionType) -> bool:
+    """True when the module's class ``forward`` is ``function``'s code (see ``same_code``)."""
+    return same_code(type(module).forward, function)
 
 
 @contextmanager

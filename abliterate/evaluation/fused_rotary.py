@@ -14,12 +14,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import FunctionType
 
 import torch
 from transformers.models.llama import modeling_llama
 
 from abliterate.evaluation import decode_attention
+from abliterate.evaluation.forward_swaps import same_code
 
 try:
     from abliterate.evaluation import decode_kernels as kernel
@@ -29,15 +29,9 @@ except ImportError:
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _same_code(function: object, reference: FunctionType) -> bool:
-    code = getattr(function, "__code__", None)
-    ref = reference.__code__
-    return code is not None and (code.co_code, code.co_consts, code.co_names) == (ref.co_code, ref.co_consts, ref.co_names)
-
-
 def runs_llama_rotary(module_globals: dict) -> bool:
     """True when a modeling module's ``apply_rotary_pos_emb`` and ``rotate_half`` are Llama's code."""
-    return _same_code(module_globals.get("apply_rotary_pos_emb"), modeling_llama.apply_rotary_pos_emb) and _same_code(
+    return same_code(module_globals.get("apply_rotary_pos_emb"), modeling_llama.apply_rotary_pos_emb) and same_code(
         module_globals.get("rotate_half"), modeling_llama.rotate_half)
 
 
