@@ -13,7 +13,8 @@ Everything that would break a capture stays outside the step: the padding
 mask is a prebuilt 4-D additive mask (transformers uses a 4-D mask as given),
 positions and the cache index are device tensors advanced in place, and the
 early-stop test (EOS or a decided answer) reads the tokens back only every
-``check_every`` steps. On a CPU the same loop runs eagerly; it gives the
+``check_every`` steps (on a GPU judged one check later, so the GPU does not
+wait on the judge). On a CPU the same loop runs eagerly; it gives the
 tokens ``generate`` gives (tested), so both devices share one code path.
 """
 
@@ -245,10 +246,13 @@ class StaticDecoder:
     def fits(self, batch: int, prompt_len: int, max_new_tokens: int) -> bool:
         return batch == self.batch and prompt_len + max_new_tokens <= self.cache_len
 
-    def run(self, batch, max_new_tokens: int, judge: RowJudge, check_every: int) -> torch.Tensor:
+    def run(self, batch, max_new_tokens: int, judge: RowJudge, check_every: int,
+            lagged: bool | None = None) -> torch.Tensor:
         """Generated tokens [batch, <= max_new_tokens] for a left-padded ``batch`` (``generation.PaddedBatch``).
 
-        Rows keep going after they end; ``judge`` says where each one ends.
+        Rows keep going after they end; ``judge`` says where each one ends, so the tokens a row keeps do not
+        depend on the step the loop stops at. ``lagged`` (default: on a GPU) judges each check's tokens one
+        check later (``TokenReadback``); else each check reads the tokens back and judges them at once.
         """
         prompt_len = batch.input_ids.shape[1]
         if not self.fits(batch.input_ids.shape[0], prompt_len, max_new_tokens):
@@ -267,9 +271,16 @@ class StaticDecoder:
         self.positions.copy_(batch.position_ids[:, -1:])
         self.cache_position.fill_(prompt_len - 1)
         steps = 1
+        readback = TokenReadback(generated) if (self.device.type == "cuda" if lagged is None else lagged) else None
         while steps < max_new_tokens:
-            if steps % check_every == 0 and judge.update(generated[:, :steps]):
-                break
+            if steps % check_every == 0:
+                if readback is None:
+                    if judge.update(generated[:, :steps]):
+                        break
+                else:
+                    if readback.pending and judge.update(readback.result()):
+                        break
+                    readback.start(steps)
             self.ids.copy_(generated[:, steps - 1 : steps])
             self.positions.add_(1)
             self.cache_position.add_(1)
@@ -285,6 +296,41 @@ class StaticDecoder:
         tokens = generated[:, :steps]
         judge.update(tokens)
         return tokens
+
+
+class TokenReadback:
+    """The generated tokens of one check, copied to the host behind the steps queued after it.
+
+    Why: reading the tokens back at a check waits for the GPU to finish that step, and the GPU then idles while
+    the judge decodes 100 rows of text (a decode step of an 8B model is ~10 ms; a check with its drained queue
+    cost more). Judged one check later instead, the copy has long landed and the GPU works through the steps
+    queued since; the price is up to one check interval of steps decoded after every row has ended, which only
+    a call whose rows all end early pays.
+    """
+
+    def __init__(self, generated: torch.Tensor) -> None:
+        self.generated = generated
+        pinned = generated.device.type == "cuda"
+        self.host = torch.empty(generated.shape, dtype=generated.dtype, pin_memory=pinned)
+        self.event = torch.cuda.Event() if pinned else None
+        self.steps = 0
+
+    @property
+    def pending(self) -> bool:
+        return self.steps > 0
+
+    def start(self, steps: int) -> None:
+        """Copy the first ``steps`` tokens of every row (asynchronously on a GPU)."""
+        self.host[:, :steps].copy_(self.generated[:, :steps], non_blocking=self.event is not None)
+        if self.event is not None:
+            self.event.record()
+        self.steps = steps
+
+    def result(self) -> torch.Tensor:
+        """The tokens of the last ``start``, once they are on the host."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host[:, : self.steps]
 
 
 def decoder_for(model, batch: int, prompt_len: int, max_new_tokens: int) -> StaticDecoder:

@@ -151,3 +151,35 @@ def test_long_forwards_take_grouped_attention_only_on_a_gpu():
         with static_decode.grouped_attention(model):  # nested (the decoder inside an evaluation): unchanged
             assert model.config._attn_implementation == static_decode.GROUPED_DECODE_ATTENTION
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.usefixtures("one_cpu_thread")
+def test_lagged_checks_keep_every_answer_and_stop_at_most_one_check_later(testbed):
+    """The GPU's way of checking (each check judged one check later) run on the CPU: the same kept tokens and stop
+    reasons as checking at once, and the loop ends at most one check interval of steps after it."""
+    model, tokenizer = testbed
+    ids = _prompts(tokenizer, 3)[:3]  # harmful prompts only: the testbed refuses them, so every row ends early
+    from abliterate.evaluation.generation import left_pad, pad_token_id
+
+    batch = left_pad(ids, pad_token_id(tokenizer), "cpu", max(len(prompt) for prompt in ids))
+    decoder = static_decode.StaticDecoder(model, len(ids), batch.input_ids.shape[1] + 64, torch.float32)
+    eos = {tokenizer.eos_token_id}
+    results = {}
+    for lagged in (False, True):
+        judge = static_decode.RowJudge(tokenizer, eos, _decided)
+        tokens = decoder.run(batch, 64, judge, check_every=4, lagged=lagged)
+        kept = [tokens[row, : judge.end_of(row, tokens.shape[1])[0]].tolist() for row in range(len(ids))]
+        results[lagged] = (tokens.shape[1], kept, [judge.end_of(row, tokens.shape[1])[1] for row in range(len(ids))])
+    (steps_now, kept_now, reasons_now), (steps_lagged, kept_lagged, reasons_lagged) = results[False], results[True]
+    assert steps_now < 64, "the test needs a call whose rows all end before the length limit"
+    assert kept_lagged == kept_now and reasons_lagged == reasons_now
+    assert steps_now < steps_lagged <= steps_now + 4
+
+
+def test_token_readback_returns_the_tokens_of_its_check():
+    generated = torch.arange(12).reshape(2, 6)
+    readback = static_decode.TokenReadback(generated)
+    assert not readback.pending
+    readback.start(3)
+    generated[:, :3] += 100  # written after the check: the readback keeps what the check saw
+    assert readback.pending and readback.result().tolist() == [[0, 1, 2], [6, 7, 8]]
