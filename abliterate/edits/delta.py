@@ -19,7 +19,8 @@ Methods:
   feature) rescaled to its original norm, so the edit changes directions, not
   magnitudes; the resulting delta is replaced by its best rank-``rank``
   approximation (randomized SVD with a fixed CPU seed, so every device and the
-  merge compute the same factors up to float rounding).
+  merge compute the same factors up to float rounding; its small factorizations
+  in ``thin_linalg``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from abliterate.edits.thin_linalg import range_basis, small_svd, wide_svd
 
 Method = Literal["rank1", "norm_preserving"]
 METHODS: tuple[str, ...] = ("rank1", "norm_preserving")
@@ -50,14 +53,14 @@ def _low_rank(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor,
     rows, columns = matrix.shape
     sketch_size = min(rank + _OVERSAMPLE, rows, columns)
     if sketch_size == min(rows, columns):
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = small_svd(matrix)
     else:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         probe = torch.randn(columns, sketch_size, generator=generator).to(matrix)
-        basis = torch.linalg.qr(matrix @ probe).Q
+        basis = range_basis(matrix @ probe)
         for _ in range(_POWER_ITERATIONS):
-            basis = torch.linalg.qr(matrix @ (matrix.T @ basis)).Q
-        u_small, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+            basis = range_basis(matrix @ (matrix.T @ basis))
+        u_small, s, vh = wide_svd(basis.T @ matrix)
         u = basis @ u_small
     rank = min(rank, s.shape[0])
     return u[:, :rank] * s[:rank], vh[:rank]
@@ -147,10 +150,10 @@ def _large_factors(
         return _low_rank(row_factor * canonical + scaled_left @ projection, rank, seed)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     probe = torch.randn(columns, sketch_size, generator=generator).to(projection)
-    sketch = torch.linalg.qr(times(probe)).Q
+    sketch = range_basis(times(probe))
     for _ in range(_POWER_ITERATIONS):
-        sketch = torch.linalg.qr(times(transposed_times(sketch))).Q
-    u_small, s, vh = torch.linalg.svd(transposed_times(sketch).T, full_matrices=False)
+        sketch = range_basis(times(transposed_times(sketch)))
+    u_small, s, vh = wide_svd(transposed_times(sketch).T)
     u = sketch @ u_small
     rank = min(rank, s.shape[0])
     return u[:, :rank] * s[:rank], vh[:rank]
