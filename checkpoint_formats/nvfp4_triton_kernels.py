@@ -68,6 +68,10 @@ def _reduce_splits(out_ptrs, y, mask, sum_ptrs, count_ptr, splits, out_dtype: tl
     if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
         total = tl.load(sum_ptrs, mask=mask, cache_modifier=".cg")  # from L2, where the adds were made
         tl.store(out_ptrs, total.to(out_dtype), mask=mask)
+        # Every thread has read its totals before any thread zeroes them: the compiler may give the load and the
+        # zeroing different thread layouts, and without this barrier a zero overtook a read (14336 x 4096 at M = 4:
+        # 137 of 1,000 calls wrong on an H200, bench/split_k_race_check.py, 2026-12-03).
+        tl.debug_barrier()
         tl.store(sum_ptrs, tl.zeros_like(total), mask=mask)
         tl.atomic_xchg(counter, 0, sem="relaxed")
 
