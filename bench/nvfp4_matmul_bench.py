@@ -50,13 +50,27 @@ def _eager_ms(fn) -> float:
 _FLUSH: list[torch.Tensor] = []
 
 
+_CAPTURE: list[torch.cuda.Stream] = []
+
+
 def _gpu_ms(fn, reps: int = 50) -> float:
-    """GPU time of ``fn`` replayed from a CUDA graph, L2 flushed before each replay, median."""
+    """GPU time of ``fn`` replayed from a CUDA graph, L2 flushed before each replay, median.
+
+    The warm-up runs on the capture stream, as the static decoder's does: a split-K launch finds that stream's
+    self-cleaning workspace there (``split_k_workspace`` hands none out during a capture), so the graph holds the
+    one-launch path. Until 2026-12-03 the warm-up ran on the default stream and every split-K row timed the
+    zero-fill-and-cast fallback instead.
+    """
     if not _FLUSH:
         _FLUSH.append(torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
-    fn()
+        _CAPTURE.append(torch.cuda.Stream())
+    stream = _CAPTURE[0]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         fn()
     events = []
     for _ in range(reps + 5):
