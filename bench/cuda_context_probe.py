@@ -4,7 +4,8 @@ Why: nvidia-smi counted ~0.9 GB more for our stage-2 process than torch's reserv
 (bench/stage2_gpu_vs_heretic.json), about 12% of the process, and the issue's memory target counts it. This
 process loads the same pieces one at a time and reads its own GPU memory from nvidia-smi after each (with
 torch's reserved memory subtracted): the bare context, cuBLAS (a bf16 matmul), cuDNN (a masked bf16 SDPA, as
-transformers' sdpa runs the prefill), torch's flash SDPA, and one Triton kernel.
+transformers' sdpa runs the prefill), torch's flash SDPA, one Triton kernel, cuBLAS on a second stream and in a
+CUDA graph, cuSOLVER (the edit's randomized SVD) and the NVFP4 matmul kernels.
 
 Device: `python bench/cuda_context_probe.py --out $OUT/cuda_context_probe_gpu.json`
 """
@@ -70,6 +71,32 @@ def main() -> int:
     grouped = torch.randn(100, 8, 4, 128, device="cuda", dtype=torch.bfloat16)
     decode_attention.decode_attention(grouped, kv, kv, mask[:, :, :1], 128**-0.5)
     record("one Triton kernel (decode attention)")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        (a @ a).sum().item()
+    torch.cuda.current_stream().wait_stream(side)
+    record("cuBLAS on a second stream (as the capture stream)")
+    graph, static_in = torch.cuda.CUDAGraph(), torch.randn(100, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.cuda.stream(side):
+        static_in @ a  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph, stream=side):
+        static_out = static_in @ a
+    graph.replay()
+    del static_out
+    record("a CUDA graph of one matmul, captured and replayed")
+    thin = torch.randn(14336, 11, device="cuda")
+    torch.linalg.qr(thin)
+    record("cuSOLVER QR of a thin fp32 matrix (the edit's randomized SVD)")
+    torch.linalg.svd(thin.T.contiguous(), full_matrices=False)
+    record("cuSOLVER SVD of an 11 x 14336 fp32 matrix")
+    from checkpoint_formats import nvfp4, nvfp4_matmul
+
+    weight = nvfp4.quantize_weight(torch.randn(14336, 4096, device="cuda") * 0.02)
+    stored = (weight.packed, weight.weight_scale, weight.weight_scale_2)
+    for rows in (1, 4, 16, 100, 2048):
+        nvfp4_matmul.nvfp4_linear(torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16), *stored)
+    record("the NVFP4 matmul kernels (GEMV, decode tiles, dequantize + cuBLAS)")
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "cuda_module_loading": os.environ.get("CUDA_MODULE_LOADING"),
               "command": " ".join(["python"] + sys.argv), "steps": steps}  # fmt: skip
