@@ -2,12 +2,13 @@
 
 Why not ``torch.linalg.qr`` / ``svd`` on a GPU: their first call there loads cuSOLVER, which maps 105 MB into the
 process outside torch's allocator (bench/cuda_context_probe.py, H200, 2026-12-03), 1.4% of a stage-2 run on an
-8B-shaped model whose memory target it crossed; and at 11 columns each call is latency, 0.14-0.22 ms per QR and
-0.54-0.62 ms per SVD (bench/edit_factors_bench.py), 64 components x 4 calls a trial. Both need only the
+8B-shaped model whose memory target it crossed. Both need only the
 k x k Gram matrix of the k = rank + 8 columns: formed in float64 on the device (cuBLAS), decomposed on the host
 (a 11 x 11 ``eigh``), applied back on the device. Gram matrices square the condition number, so the float64 Gram
 keeps every singular value above ~1e-7 of the largest (the edit keeps the top 3); directions below that are
-dropped from the basis (a zero edit gives an empty one, and zero factors).
+dropped from the basis (a zero edit gives an empty one, and zero factors). The price is time: four host round
+trips per component, so an 8B trial's factors took 0.246 s instead of cuSOLVER's 0.152 s
+(bench/edit_factors_bench.py, H200, 2026-12-03).
 
 On the CPU both stay LAPACK's QR and SVD, exactly as before: CPU results do not move.
 """

@@ -5,8 +5,8 @@ left padding closed by the additive mask. SDPA's kernels take such a mask as a d
 read every position's keys and values anyway: on an H200 at batch 100, 8 KV heads and a 141-position cache,
 cuDNN's took 88 us per layer and step, 16% of a trial (bench/stage2_trial_profile_kernels_swap.txt). The kernel
 reads the query heads of one KV head as one tile (no copies of K and V per query head) and skips each block of
-positions the mask closes entirely. Measured there (bench/decode_kernels_gpu_2026-12-02_1550.json): 28-37 us against SDPA's 93,
-the error of SDPA's own; the skipped blocks do not show in the time (three serial block loads per program bound
+positions the mask closes entirely. Measured there (bench/decode_kernels_gpu_2026-12-02_1550.json): 28-37 us
+against SDPA's 93, the error of SDPA's own; the skipped blocks do not show in the time (three serial block loads per program bound
 it, not bytes), 20.7 us per call inside a trial.
 
 Used where Triton runs on a CUDA device of sm_80+; anything else, or a shape the kernel does not take, goes to
