@@ -271,16 +271,17 @@ class StaticDecoder:
         self.positions.copy_(batch.position_ids[:, -1:])
         self.cache_position.fill_(prompt_len - 1)
         steps = 1
-        readback = TokenReadback(generated) if (self.device.type == "cuda" if lagged is None else lagged) else None
+        lagged = self.device.type == "cuda" if lagged is None else lagged
+        readback = TokenReadback(generated) if lagged else None
         while steps < max_new_tokens:
             if steps % check_every == 0:
                 if readback is None:
-                    if judge.update(generated[:, :steps]):
-                        break
+                    ended = judge.update(generated[:, :steps])
                 else:
-                    if readback.pending and judge.update(readback.result()):
-                        break
+                    ended = readback.pending and judge.update(readback.result())
                     readback.start(steps)
+                if ended:
+                    break
             self.ids.copy_(generated[:, steps - 1 : steps])
             self.positions.add_(1)
             self.cache_position.add_(1)
