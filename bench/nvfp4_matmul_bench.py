@@ -166,6 +166,15 @@ def _decode_candidates(m: int, k: int, kinds: frozenset[str]):
         yield from _swap_candidates(m)
     if "wide_swap" in kinds:
         yield from _wide_swap_candidates(m)
+    if "wgmma" in kinds:
+        yield from _wgmma_candidates(m)
+
+
+def _wgmma_candidates(m: int):
+    """The Gluon tile (codes loaded into the wgmma fragment, the MMA left in flight): BLOCK_N 64 or 128, split K."""
+    bm = max(16, 1 << max(m - 1, 0).bit_length())
+    for bn, split in itertools.product((128, 64), (1, 2, 4, 8)):
+        yield mm.KernelConfig(bm, bn, 64, split, bn // 16, kernel="wgmma")
 
 
 def _swap_candidates(m: int):
@@ -270,7 +279,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time candidate launch shapes (tuning)")
     parser.add_argument("--sweep-budget-s", type=float, default=150.0)
     parser.add_argument("--skip-main", action="store_true")
-    parser.add_argument("--sweep-kernels", default="dot,pipelined", help="comma list of dot (hand-prefetched, GEMV), pipelined, swap (W as the MMA's first operand) and wide_swap")
+    parser.add_argument("--sweep-kernels", default="dot,pipelined", help="comma list of dot (hand-prefetched, GEMV), pipelined, swap (W as the MMA's first operand), wide_swap and wgmma")
     parser.add_argument("--sweep-first", action="store_true", help="run the sweep before the main table")
     parser.add_argument("--sweep-cells", default="",
                         help="M:NxK,... swept in this order instead of every shape at SWEEP_TOKENS (e.g. 100:14336x4096)")

@@ -54,10 +54,21 @@ from checkpoint_formats import split_k_workspace
 
 try:
     import triton
-
-    from checkpoint_formats import nvfp4_triton_kernels as kernels
 except ImportError:  # CPU installs: callers use nvfp4.dequantize_weight instead
-    triton = kernels = None
+    triton = None
+try:
+    import triton.experimental.gluon  # noqa: F401  (Triton 3.5+)
+except ImportError:  # no Triton, or one without Gluon: kernel="wgmma" runs as the swapped Triton tile
+    gluon_available = False
+else:
+    gluon_available = True
+# Only Triton itself is optional: an error in our kernel modules must surface, not turn every matmul into the
+# slow pure-torch path (a half-written kernel module once did that silently: 12.5 s per trial instead of 1.7).
+kernels = gluon_decode = None
+if triton is not None:
+    from checkpoint_formats import nvfp4_triton_kernels as kernels
+if gluon_available:
+    from checkpoint_formats import nvfp4_gluon_decode as gluon_decode
 
 DECODE_MAX_M = 128
 PREFILL_SLICE_BYTES = 64 << 20  # the largest dequantized weight slice a prefill holds at once
@@ -76,7 +87,8 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" (tensor cores), "pipelined" (dot, compiler-pipelined) or "legacy"
+    kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" (tensor cores), "pipelined" (dot, compiler-pipelined),
+    # "wgmma" (Gluon, Hopper, bf16 x: always swapped, block_k 64, num_warps = block_n / 16) or "legacy"
     join: bool = False  # dot: rebuild K order in registers (one dot) instead of eight dots on strided x
     mul16: bool = True  # dot: code * scale in fp16 (exact) instead of fp32
     asm: bool = True  # decode 8 codes of a word with inline PTX (GPU only; the interpreter takes the portable path)
@@ -282,10 +294,16 @@ def fused_matmul(
     """The decode path: [M, K] x packed [N, K/2] -> [M, N] with in-kernel dequantization."""
     if config.swap and not (config.kernel == "pipelined" or (config.kernel == "dot" and config.join)):
         raise ValueError(f"swap=True needs the joined dot tile or the pipelined one, got {config}")
+    if config.kernel == "wgmma":
+        if not (config.block_k == 64 and config.block_n in (64, 128) and config.block_m in (16, 32, 64, 128)):
+            raise ValueError(f"kernel='wgmma' needs block_k 64, block_n 64 or 128 and block_m 16-128, got {config}")
+        if not _wgmma_runs(x2d, packed.shape[1] * 2):
+            config = dataclasses.replace(config, kernel="dot", join=True, swap=True, num_warps=config.block_n // 16)
     m, k = x2d.shape
     n = packed.shape[0]
     out_dtype = out_dtype or x2d.dtype
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    k_step = config.block_k * (2 if config.kernel == "wgmma" else 1)  # wgmma: an even number of K tiles per split
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), k_step) * k_step
     split = triton.cdiv(k, k_per_split)
     atomic = split > 1
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split)
@@ -307,6 +325,10 @@ def fused_matmul(
     if packed.data_ptr() % 4:  # the kernels read the codes as int32 words (8 codes each)
         packed = packed.clone()
     words = packed.view(torch.int32)
+    if config.kernel == "wgmma":
+        gluon_decode.launch(x2d, words, weight_scale.view(torch.uint8), weight_scale_2, bias, out, sums, arrivals, m, n,
+                            k, k_per_split, grid, config, atomic, workspace is not None)  # fmt: skip
+        return out.to(out_dtype) if cast else out
     meta.update(EVEN_K=k % config.block_k == 0, ASM=config.asm and not _INTERPRET)
     bf16_pairs = config.bf16_pairs and meta["ASM"] and x2d.dtype == torch.bfloat16
     if config.kernel == "gemv":
@@ -319,6 +341,12 @@ def fused_matmul(
         kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, SWAP=config.swap,
                                    BF16_PAIRS=bf16_pairs, **meta)
     return out.to(out_dtype) if cast else out
+
+
+def _wgmma_runs(x2d: torch.Tensor, k: int) -> bool:
+    """Where the Gluon tile can run: compiled Triton with Gluon, bf16 x on a Hopper GPU, K in whole tile pairs."""
+    return (gluon_decode is not None and not _INTERPRET and x2d.dtype == torch.bfloat16 and x2d.is_cuda
+            and torch.cuda.get_device_capability(x2d.device)[0] == 9 and k % 128 == 0)  # fmt: skip
 
 
 def dequantize(

@@ -88,6 +88,7 @@ def test_dequantize_kernel_matches_codec_bit_for_bit(interpreted, dtype: torch.d
         (KernelConfig(block_m=16, block_n=16, block_k=32, kernel="dot", join=True, swap=True), torch.float16),
         (KernelConfig(block_m=32, block_n=32, block_k=64, split_k=3, kernel="dot", join=True, swap=True), torch.float16),
         (KernelConfig(block_m=16, block_n=32, block_k=64, split_k=3, kernel="pipelined", swap=True), torch.float16),
+        (KernelConfig(block_m=32, block_n=64, block_k=64, split_k=3, kernel="wgmma"), torch.float16),  # as dot, swap
     ],
 )
 @pytest.mark.parametrize("m", [1, 5, 17, 33])
@@ -154,7 +155,8 @@ def test_swap_is_refused_where_no_kernel_computes_it(config: KernelConfig) -> No
         nvfp4_matmul.fused_matmul(x, packed, scale, scale_2, None, config)
 
 
-@pytest.mark.parametrize("config", [KernelConfig(16, 32, 64, split_k=3), KernelConfig(32, 32, 64, split_k=3, kernel="dot", join=True, swap=True)])
+@pytest.mark.parametrize("config", [KernelConfig(16, 32, 64, split_k=3), KernelConfig(32, 32, 64, split_k=3, kernel="dot", join=True, swap=True),
+                                    KernelConfig(32, 64, 64, split_k=3, kernel="wgmma")])  # fmt: skip
 def test_split_k_finishes_in_its_launch_and_leaves_the_workspace_clean(interpreted, config: KernelConfig) -> None:
     """The last split to arrive writes the output dtype and zeroes sums and counters for the next launch."""
     from checkpoint_formats import split_k_workspace

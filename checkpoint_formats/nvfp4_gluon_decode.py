@@ -1,0 +1,207 @@
+"""The decode matmul for Hopper written in Gluon: each thread loads exactly the code bytes its wgmma fragment needs.
+
+Why: ``_dot_kernel``'s swapped tile (plain Triton) decodes whole uint32 words, 8 consecutive k per thread,
+while Hopper's wgmma wants its register operand spread across lanes (lane bits hold k bits 1-2), so every K
+tile of decoded weights went through shared memory and back, and each wgmma was waited for before the next
+tile was decoded: the tile ran at ~1 us per K step where the decode's instructions and the MMA's tensor
+work take ~0.2 us each (SASS, H200, 2026-12-03). Gluon states layouts explicitly, so here
+
+- a thread loads single code bytes: byte ``b`` of a 16-k group holds k = 2b, 2b+1, exactly the k pair
+  a wgmma fragment register holds, and lane bits 0-1 pick ``b`` mod 4 as the fragment's lane bits do: the
+  decoded pairs are the fragment (``byte_layout``), no shuffle, no shared memory;
+- x goes to a 3-deep ring of shared-memory tiles (the MMA's second operand must be there), and the wgmma
+  is left in flight while the next tile is loaded and decoded (``warpgroup_mma_wait(1)``).
+
+The arithmetic is ``_dot_kernel``'s BF16_PAIRS decode (exact codes * scale in bf16, fp32 accumulation in K
+order); K must be a multiple of BLOCK_K and x bf16. GPU only: Gluon has no interpreter, so CPU tests check the
+layouts' bases (``fragment_coordinates``) and the dispatch falls back to ``_dot_kernel`` there.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.runtime.jit import constexpr_function
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from checkpoint_formats.nvfp4_layouts import byte_layout_bases, word_layout_bases
+
+ROWS_PER_WARP = 16  # a wgmma fragment's rows per warp: BLOCK_N = 16 * num_warps
+_byte_layout_bases = constexpr_function(byte_layout_bases)  # callable while a kernel is compiled
+_word_layout_bases = constexpr_function(word_layout_bases)
+X_STAGES = gl.constexpr(3)  # x tiles in shared memory: the one being written, the one in flight, the one before it (other warpgroup)
+
+
+@constexpr_function
+def _mma_layout(block_m, num_warps):
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, block_m, 16])
+
+
+@constexpr_function
+def _byte_layout(block_n, block_k):
+    reg, lane, warp = _byte_layout_bases(block_n, block_k)
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, block_k // 16, 2, 4])
+
+
+@constexpr_function
+def _word_layout(block_n, block_k):
+    reg, lane, warp = _word_layout_bases(block_n, block_k)
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, block_k // 8])
+
+
+@constexpr_function
+def _x_layout(block_m, block_k, num_warps):
+    return gl.BlockedLayout([1, 8], [32 * 8 // block_k, block_k // 8], [num_warps, 1], [1, 0])
+
+
+# Byte c of a code word and its scale (bf16 E4M3 value * 2^119) -> the byte's two scaled codes as a bf16x2,
+# W * 2^-7 exactly. One prmt (selector $3, made per lane by ``_decoded_fragment``) lays byte c of the word at
+# bit 0 and byte c of word >> 4 at bit 16: the low code sits at bits 0-3 and the high one at bits 16-19; then as
+# in _BF16_PAIR magnitude bits go to 6-8 / 22-24 and signs to 15 / 31 (the other bytes fall outside the masks),
+# and one fma by the scale with a -0 addend.
+_BYTE_ASM = gl.constexpr(
+    "{ .reg .b32 r, a, b, s, z; mov.b32 s, {$4, $4}; mov.b32 z, 0x80008000; "
+    "shr.b32 b, $2, 4; prmt.b32 r, $2, b, $3; "
+    "shl.b32 a, r, 6; and.b32 a, a, 0x01C001C0; shl.b32 b, r, 12; and.b32 b, b, 0x80008000; or.b32 a, a, b; "
+    "fma.rn.bf16x2 a, a, s, z; mov.b32 {$0, $1}, a; }"
+)
+
+
+@gluon.jit
+def _decoded_fragment(words, scale_bytes, byte_layout: gl.constexpr, a_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                      BLOCK_K: gl.constexpr):  # fmt: skip
+    """Code words [BLOCK_N, BLOCK_K/8] and their E4M3 scales [BLOCK_N, BLOCK_K/16] -> W * 2^-7 [BLOCK_N,
+    BLOCK_K] in bf16, already in the wgmma register-operand layout (each lane decodes its own byte of a word)."""
+    GROUPS: gl.constexpr = BLOCK_K // 16
+    shape: gl.constexpr = [BLOCK_N, GROUPS, 2, 4]
+    words = gl.convert_layout(gl.reshape(words, [BLOCK_N, GROUPS, 2]), gl.SliceLayout(3, byte_layout), assert_trivial=True)
+    words = gl.expand_dims(words, 3).broadcast_to(shape)
+    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, byte_layout))))
+    select = (c | (c << 4) | ((c + 4) << 8) | ((c + 4) << 12)).to(gl.uint32)  # bytes c, c, c of >> 4, c of >> 4
+    select = gl.expand_dims(gl.expand_dims(gl.expand_dims(select, 0), 0), 0).broadcast_to(shape)
+    bits = scale_bytes.to(gl.uint16)
+    bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)  # E4M3 -> fp16 of value * 2^-8, exact
+    scale = (bits.to(gl.float16, bitcast=True).to(gl.float32) * 1.7014118346046923e38).to(gl.bfloat16)
+    scale = gl.expand_dims(gl.expand_dims(scale, 2), 3).broadcast_to(shape).to(gl.int16, bitcast=True)
+    low, high = gl.inline_asm_elementwise(_BYTE_ASM, "=h,=h,r,r,h", [words.to(gl.uint32, bitcast=True), select, scale],
+                                          dtype=(gl.int16, gl.int16), is_pure=True, pack=1)  # fmt: skip
+    pairs = gl.join(low.to(gl.bfloat16, bitcast=True), high.to(gl.bfloat16, bitcast=True))  # [n, g, h, c, nibble]
+    return gl.convert_layout(gl.reshape(pairs, [BLOCK_N, BLOCK_K]), a_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _k_step(i, tiles, w_base, s_base, x_base, w_offs, s_offs, x_offs, codes, scales, x, acc, w_previous, x_ring,
+            byte_layout: gl.constexpr, a_layout: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):  # fmt: skip
+    """Tile i: prefetch tile i+1, stage x, decode, start the MMA, then wait for tile i-1's MMA (``w_previous``)."""
+    step = gl.where(i + 1 < tiles, BLOCK_K, 0)  # the last tile prefetches itself
+    w_base += step // 8
+    s_base += step // 16
+    x_base += step
+    codes_next = gl.load(w_base + w_offs)
+    scales_next = gl.load(s_base + s_offs)
+    x_next = gl.load(x_base + x_offs)
+    x_tile = x_ring.index(i % X_STAGES)
+    x_tile.store(x)
+    w = _decoded_fragment(codes, scales, byte_layout, a_layout, BLOCK_N, BLOCK_K)
+    fence_async_shared()
+    gl.thread_barrier()  # every warp's part of the x tile is written before either warpgroup's MMA reads it
+    acc = warpgroup_mma(w, x_tile.permute((1, 0)), acc, is_async=True)
+    acc, w_previous = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_previous))
+    return w_base, s_base, x_base, codes_next, scales_next, x_next, acc, w
+
+
+@gluon.jit
+def _wgmma_decode_kernel(
+    x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
+    ws_ptr, count_ptr, splits,
+    HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, SELF_CLEAN: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr,
+):  # fmt: skip
+    """out^T[n, m] = sum_k W[n, k] x[m, k] for one [BLOCK_N, BLOCK_M] tile and one K split (``_dot_kernel``'s
+    contract: rows past M or N read row M-1 / N-1 and are never stored; split K adds into sums as there)."""
+    mma_layout: gl.constexpr = _mma_layout(BLOCK_M, num_warps)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    byte_layout: gl.constexpr = _byte_layout(BLOCK_N, BLOCK_K)
+    word_layout: gl.constexpr = _word_layout(BLOCK_N, BLOCK_K)
+    scale_layout: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, byte_layout))  # one scale per 16-k group
+    x_layout: gl.constexpr = _x_layout(BLOCK_M, BLOCK_K, num_warps)
+    x_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
+
+    row0 = gl.program_id(0) * BLOCK_N
+    k_start = gl.program_id(2) * k_per_split
+    k_end = gl.minimum(k_start + k_per_split, K)
+    # code words (uint32, 8 codes each): [n, w] -> row n, word w of the tile; each thread reads its rows' words
+    rows = gl.minimum(row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, word_layout)), N - 1)
+    w_offs = gl.expand_dims(rows, 1) * (K // 8) + gl.expand_dims(gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, word_layout)), 0)
+    s_rows = gl.minimum(row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, scale_layout)), N - 1)
+    s_groups = gl.arange(0, BLOCK_K // 16, layout=gl.SliceLayout(0, scale_layout))
+    s_offs = gl.expand_dims(s_rows, 1) * (K // 16) + gl.expand_dims(s_groups, 0)
+    x_rows = gl.minimum(gl.program_id(1) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout)), M - 1)
+    x_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
+    x_offs = gl.expand_dims(x_rows, 1) * stride_xm + gl.expand_dims(x_cols, 0)
+    # int32 offsets, fixed for the whole loop, beside scalar bases that walk K: far fewer live registers than
+    # tensors of 64-bit pointers
+    w_base = w_ptr + k_start // 8
+    s_base = s_ptr + k_start // 16
+    x_base = x_ptr + k_start
+
+    x_ring = gl.allocate_shared_memory(gl.bfloat16, [X_STAGES, BLOCK_M, BLOCK_K], x_shared)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma_layout)
+    codes_next = gl.load(w_base + w_offs)
+    scales_next = gl.load(s_base + s_offs)
+    x_next = gl.load(x_base + x_offs)
+    # Two tiles per iteration, decoded into two register sets: a set stays in use by its MMA while the other tile
+    # is decoded, and is named as the wait's dependency after it, so the compiler cannot reuse its registers early.
+    w_odd = gl.zeros([BLOCK_N, BLOCK_K], gl.bfloat16, layout=a_layout)
+    tiles = (k_end - k_start) // BLOCK_K  # even: see ``launch``
+    gl.assume(tiles >= 2)  # no zero-trip path: its zeroed accumulator would make ptxas serialize every MMA
+    for pair in range(tiles // 2):
+        w_base, s_base, x_base, codes_next, scales_next, x_next, acc, w_even = _k_step(
+            2 * pair, tiles, w_base, s_base, x_base, w_offs, s_offs, x_offs, codes_next, scales_next, x_next, acc, w_odd,
+            x_ring, byte_layout, a_layout, BLOCK_N, BLOCK_K)  # fmt: skip
+        w_base, s_base, x_base, codes_next, scales_next, x_next, acc, w_odd = _k_step(
+            2 * pair + 1, tiles, w_base, s_base, x_base, w_offs, s_offs, x_offs, codes_next, scales_next, x_next, acc,
+            w_even, x_ring, byte_layout, a_layout, BLOCK_N, BLOCK_K)  # fmt: skip
+    acc, w_odd = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_odd))
+
+    offs_n = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
+    offs_m = gl.program_id(1) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
+    y = acc * (128.0 * gl.load(gs_ptr))  # the decode's 2^-7 and the global scale
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
+        y += gl.expand_dims(bias, 1) * (gl.program_id(2) == 0).to(gl.float32)
+    mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
+    ptrs = out_ptr + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1)
+    if ATOMIC and SELF_CLEAN:
+        _reduce_splits(ptrs, y, mask, ws_ptr + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1), count_ptr,
+                       splits, out_ptr.dtype.element_ty)  # fmt: skip
+    elif ATOMIC:
+        gl.atomic_add(ptrs, y, mask=mask, sem="relaxed")
+    else:
+        gl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _reduce_splits(out_ptrs, y, mask, sum_ptrs, count_ptr, splits, out_dtype: gl.constexpr):
+    """``nvfp4_triton_kernels._reduce_splits`` in Gluon: the last split to arrive writes the total and cleans up."""
+    gl.atomic_add(sum_ptrs, y, mask=mask, sem="relaxed")
+    gl.thread_barrier()
+    counter = count_ptr + gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
+    if gl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+        total = gl.load(sum_ptrs, mask=mask, cache_modifier=".cg")
+        gl.store(out_ptrs, total.to(out_dtype), mask=mask)
+        gl.thread_barrier()  # every read of the totals before any zeroing (see the Triton kernel's race note)
+        gl.store(sum_ptrs, gl.zeros_like(total), mask=mask)
+        gl.atomic_xchg(counter, 0, sem="relaxed")
+
+
+def launch(x2d, codes, scale_bytes, global_scale, bias, out, sums, arrivals, m, n, k, k_per_split, grid, config,
+           atomic: bool, self_clean: bool) -> None:  # fmt: skip
+    """Launch the kernel for a ``KernelConfig(kernel="wgmma")`` (num_warps = block_n / 16)."""
+    _wgmma_decode_kernel[grid](
+        x2d, codes, scale_bytes, global_scale, bias if bias is not None else out, out, m, n, k, x2d.stride(0),
+        out.stride(0), k_per_split, sums, arrivals, triton.cdiv(k, k_per_split),
+        HAS_BIAS=bias is not None, ATOMIC=atomic, SELF_CLEAN=self_clean, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.block_n // ROWS_PER_WARP,
+    )  # fmt: skip

@@ -1,0 +1,64 @@
+"""Where each code byte of an NVFP4 weight tile lives in a Hopper wgmma's register operand (pure functions).
+
+Why: ``nvfp4_gluon_decode`` loads code bytes straight into the threads whose wgmma fragment holds their two
+weights, so no decoded tile moves between threads. The layout is a list of linear-layout bases (Gluon's
+``DistributedLinearLayout``): these functions build them, and ``fragment_coordinates`` / ``wgmma_a_fragment``
+let a CPU test check them against the fragment layout of PTX's ``wgmma.mma_async`` (16-bit A in registers).
+
+Tile coordinates: a [BLOCK_N, BLOCK_K] weight tile, as code bytes: byte b (0-7) of a 16-k group holds
+k = 16 * group + 2b (low nibble) and 2b + 1 (high nibble), as ModelOpt packs them; as uint32 words, word
+w = 2 * group + h holds bytes 4h..4h+3 of the group.
+"""
+
+from __future__ import annotations
+
+
+
+
+def byte_layout_bases(block_n: int, block_k: int) -> tuple:
+    """(register, lane, warp) bases of the code bytes as [block_n, block_k / 16, 2, 4] (row, 16-k group, word
+    half h, byte c of the word: byte b = 4h + c of the group), block_n / 16 warps.
+
+    A fragment register pair holds k = 2b, 2b + 1 of one row, so a register holds one byte; lanes' low two bits
+    pick c and their high three bits the row mod 8; registers pick h (k + 8), the group and row bit 3, in that
+    order, so that a thread's words of one row (w = 2 * group + h) are consecutive registers (one wide load);
+    warps pick rows in steps of 16.
+    """
+    for name, size in (("block_n", block_n), ("block_k", block_k)):  # no helpers: Triton compiles this in a kernel
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name} must be a power of two of at least 16, got {size}")
+    registers = ([[0, 0, 1, 0]] + [[0, 1 << bit, 0, 0] for bit in range((block_k // 16).bit_length() - 1)]
+                 + [[8, 0, 0, 0]])  # fmt: skip
+    lanes = [[0, 0, 0, 1], [0, 0, 0, 2], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]]
+    warps = [[16 << bit, 0, 0, 0] for bit in range((block_n // 16).bit_length() - 1)]
+    return registers, lanes, warps
+
+
+def word_layout_bases(block_n: int, block_k: int) -> tuple:
+    """The same threads' view of the code words [block_n, block_k / 8]: each thread holds all of its rows' words
+    (the four lanes that share a row read the same words: their bytes differ), consecutive words in consecutive
+    registers."""
+    words = (block_k // 8).bit_length() - 1  # self-contained (no calls): Triton compiles this in a kernel
+    registers = [[0, 1 << bit] for bit in range(words)] + [[8, 0]]
+    lanes = [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]]
+    return registers, lanes, [[16 << bit, 0] for bit in range((block_n // 16).bit_length() - 1)]
+
+
+def fragment_coordinates(bases: tuple, register: int, lane: int, warp: int) -> tuple[int, ...]:
+    """The tensor coordinate that (register, lane, warp) holds: the XOR of the bases of its set bits."""
+    coordinate = None
+    for level, index in zip(bases, (register, lane, warp)):
+        for bit, basis in enumerate(level):
+            if coordinate is None:
+                coordinate = [0] * len(basis)
+            if index >> bit & 1:
+                coordinate = [c ^ b for c, b in zip(coordinate, basis)]
+    return tuple(coordinate or ())
+
+
+def wgmma_a_fragment(value: int, lane: int, warp: int) -> tuple[int, int]:
+    """(row, k) of element ``value`` (0-7) of a 16-bit wgmma A fragment in one m64 x k16 step (PTX ISA,
+    "Register fragment for matrix A"): rows 16 * warp + lane / 4 (+ 8), k 2 * (lane % 4) + (0, 1) (+ 8)."""
+    row = 16 * warp + lane // 4 + 8 * (value >> 1 & 1)
+    k = 2 * (lane % 4) + (value & 1) + 8 * (value >> 2 & 1)
+    return row, k
