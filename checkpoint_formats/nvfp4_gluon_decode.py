@@ -6,11 +6,17 @@ tile of decoded weights went through shared memory and back, and each wgmma was 
 tile was decoded: the tile ran at ~1 us per K step where the decode's instructions and the MMA's tensor
 work take ~0.2 us each (SASS, H200, 2026-12-03). Gluon states layouts explicitly, so here
 
-- a thread loads single code bytes: byte ``b`` of a 16-k group holds k = 2b, 2b+1, exactly the k pair
-  a wgmma fragment register holds, and lane bits 0-1 pick ``b`` mod 4 as the fragment's lane bits do: the
-  decoded pairs are the fragment (``byte_layout``), no shuffle, no shared memory;
+- each thread reads the code words of its rows (two 16-byte loads a row) and decodes the one byte of each
+  word that its fragment holds: byte ``b`` of a 16-k group holds k = 2b, 2b+1, exactly a fragment register's
+  k pair, and lane bits 0-1 pick ``b`` mod 4 as the fragment's lane bits do (``nvfp4_layouts``): the decoded
+  pairs are the fragment, no shuffle, no shared memory;
 - x goes to a 3-deep ring of shared-memory tiles (the MMA's second operand must be there), and the wgmma
   is left in flight while the next tile is loaded and decoded (``warpgroup_mma_wait(1)``).
+
+MEASURED (H200, 2026-12-03, bench/nvfp4_matmul_wgmma_sweep_gpu.json): correct, but 73.6 us against the Triton
+tile's 65.2 us at M = 100 on 14336 x 4096 (and 1.1-1.3x slower on the other 8B shapes), so it is selectable,
+not the default: the tile is bound by the latency of its loads (one K tile, 4 KB of codes per SM, in flight),
+not by its instructions or its MMA. Deeper asynchronous loads are the next step (bench/RESULTS.md).
 
 The arithmetic is ``_dot_kernel``'s BF16_PAIRS decode (exact codes * scale in bf16, fp32 accumulation in K
 order); K must be a multiple of BLOCK_K and x bf16. GPU only: Gluon has no interpreter, so CPU tests check the

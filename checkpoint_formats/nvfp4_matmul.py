@@ -28,6 +28,9 @@ Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.
   3-5 K tiles deep (see ``pipelined_config``: faster in isolation, not yet in a whole trial).
   ``swap`` (large weights, 16-bit x, M = 2-128): out^T = W x^T, the decoded tile as the MMA's first operand
   (Hopper's wgmma reads it from registers), see ``_swap_config``.
+  ``kernel="wgmma"`` (selectable, not the default): the same contract in Gluon (``nvfp4_gluon_decode``), codes
+  read straight into the wgmma's register layout, MMA kept in flight; correct, 1.1-1.3x slower at M = 100
+  (2026-12-03); runs as the swapped Triton tile where Gluon or Hopper is missing.
   MEASURED (H200, bench JSON): 1.1-1.4x bf16 at M=1, 1.0-1.2x at M=4-16 (swap), 0.5-0.8x at M=64-128;
   latency bound (too few bytes in flight), not at the ~0.5625 B/weight bandwidth floor.
 - prefill, larger M: a Triton kernel dequantizes W to x's dtype (a slice of output rows at a time, at most
