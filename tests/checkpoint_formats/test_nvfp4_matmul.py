@@ -202,3 +202,20 @@ def test_prefill_dequantizes_a_slice_of_rows_at_a_time(interpreted, monkeypatch,
     sliced = interpreted.nvfp4_linear(x, q.packed, q.weight_scale, q.weight_scale_2, b)
     assert shapes == [64, 64, 64, 8]
     torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_a_broken_kernel_module_fails_the_import_instead_of_falling_back(tmp_path) -> None:
+    """Only a missing Triton selects the pure-torch path: a Triton whose kernels cannot be imported is an error
+    (swallowing it once made every packed matmul silently 7x slower on a GPU)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("")  # a Triton without triton.language
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", "from checkpoint_formats import nvfp4_matmul"],
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{repo}"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0 and "triton.language" in result.stderr
