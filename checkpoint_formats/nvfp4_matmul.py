@@ -67,8 +67,10 @@ else:
     gluon_available = True
 # Only Triton itself is optional: an error in our kernel modules must surface, not turn every matmul into the
 # slow pure-torch path (a half-written kernel module once did that silently: 12.5 s per trial instead of 1.7).
-kernels = gluon_decode = None
+kernels = gemv = dequant_kernels = gluon_decode = None
 if triton is not None:
+    from checkpoint_formats import nvfp4_triton_dequant as dequant_kernels
+    from checkpoint_formats import nvfp4_triton_gemv as gemv
     from checkpoint_formats import nvfp4_triton_kernels as kernels
 if gluon_available:
     from checkpoint_formats import nvfp4_gluon_decode as gluon_decode
@@ -91,7 +93,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" (tensor cores), "pipelined" (dot, compiler-pipelined),
-    # "wgmma" (Gluon, Hopper, bf16 x: always swapped, block_k 64, num_warps = block_n / 16) or "legacy"
+    # or "wgmma" (Gluon, Hopper, bf16 x: always swapped, block_k 64, num_warps = block_n / 16)
     join: bool = False  # dot: rebuild K order in registers (one dot) instead of eight dots on strided x
     mul16: bool = True  # dot: code * scale in fp16 (exact) instead of fp32
     asm: bool = True  # decode 8 codes of a word with inline PTX (GPU only; the interpreter takes the portable path)
@@ -295,6 +297,8 @@ def fused_matmul(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The decode path: [M, K] x packed [N, K/2] -> [M, N] with in-kernel dequantization."""
+    if config.kernel not in ("gemv", "dot", "pipelined", "wgmma"):
+        raise ValueError(f"kernel must be 'gemv', 'dot', 'pipelined' or 'wgmma', got {config.kernel!r}")
     if config.swap and not (config.kernel == "pipelined" or (config.kernel == "dot" and config.join)):
         raise ValueError(f"swap=True needs the joined dot tile or the pipelined one, got {config}")
     if config.kernel == "wgmma":
@@ -322,9 +326,6 @@ def fused_matmul(
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
                 num_stages=config.num_stages)  # fmt: skip
     cast = out.dtype != out_dtype
-    if config.kernel == "legacy":
-        kernels._mma_kernel[grid](x2d, packed, *common, **meta)
-        return out.to(out_dtype) if cast else out
     if packed.data_ptr() % 4:  # the kernels read the codes as int32 words (8 codes each)
         packed = packed.clone()
     words = packed.view(torch.int32)
@@ -335,7 +336,7 @@ def fused_matmul(
     meta.update(EVEN_K=k % config.block_k == 0, ASM=config.asm and not _INTERPRET)
     bf16_pairs = config.bf16_pairs and meta["ASM"] and x2d.dtype == torch.bfloat16
     if config.kernel == "gemv":
-        kernels._gemv_kernel[grid](x2d, words, *common, **meta)
+        gemv._gemv_kernel[grid](x2d, words, *common, **meta)
     elif config.kernel == "pipelined":
         stages = meta.pop("num_stages")
         kernels._pipelined_dot_kernel[grid](x2d, words, *common, STAGES=stages, num_stages=stages, SWAP=config.swap,
@@ -360,7 +361,7 @@ def dequantize(
     out = torch.empty(n, k, device=packed.device, dtype=dtype)
     block_n, block_k = 32, 256
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    kernels._dequant_kernel[grid](
+    dequant_kernels._dequant_kernel[grid](
         packed, weight_scale.view(torch.uint8), weight_scale_2, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4
     )
     return out

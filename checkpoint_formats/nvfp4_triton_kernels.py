@@ -2,41 +2,15 @@
 
 Kept apart from the dispatch so the math of one tile reads top to bottom:
 decoding E2M1 codes and E4M3 scales exactly (bit tricks, or inline PTX that
-turns 8 codes of a uint32 into fp16 pairs), the CUDA-core GEMV for M = 1-4,
-the tensor-core tile for larger decode batches, and the dequantize kernel of
-the prefill path. ``nvfp4_matmul`` picks the kernel and launch shape.
+turns 8 codes of a uint32 into fp16 pairs), the shared tile pointers, loads and
+split-K epilogue, and the tensor-core tiles for decode batches. The CUDA-core
+GEMV (M = 1-4) is in ``nvfp4_triton_gemv``, the prefill path's dequantize kernel
+in ``nvfp4_triton_dequant``. ``nvfp4_matmul`` picks the kernel and launch shape.
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _e2m1_to_f32(code):
-    """4-bit code -> its E2M1 value * 2^-14: the code's bits laid into an fp16 (exact)."""
-    bits = code.to(tl.uint16)
-    bits = ((bits & 7) << 9) | ((bits & 8) << 12)
-    return bits.to(tl.float16, bitcast=True).to(tl.float32)
-
-@triton.jit
-def _e4m3_to_f32(byte):
-    """E4M3 byte -> its value * 2^14: as an fp16 it reads value * 2^-8, normals and subnormals alike."""
-    bits = byte.to(tl.uint16)
-    bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
-    return bits.to(tl.float16, bitcast=True).to(tl.float32) * 4194304.0  # 2^22
-
-@triton.jit
-def _dequant_tile(w_ptr, s_ptr, offs_n, k0, N, K, global_scale, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W[offs_n, k0:k0+BLOCK_K] in fp32 as e2m1 * (e4m3 * global_scale); exact for global_scale 1."""
-    GROUPS: tl.constexpr = BLOCK_K // 16
-    offs_g = k0 // 16 + tl.arange(0, GROUPS)
-    mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // 16)
-    scale = _e4m3_to_f32(tl.load(s_ptr + offs_n[:, None] * (K // 16) + offs_g[None, :], mask=mask, other=0))
-    scale = scale * global_scale
-    byte_ptrs = w_ptr + offs_n[:, None, None] * (K // 2) + offs_g[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-    packed = tl.load(byte_ptrs, mask=mask[:, :, None], other=0)
-    values = tl.interleave(_e2m1_to_f32(packed & 15), _e2m1_to_f32(packed >> 4)) * scale[:, :, None]
-    return tl.reshape(values, (BLOCK_N, BLOCK_K))
 
 @triton.jit
 def _epilogue(
@@ -74,28 +48,6 @@ def _reduce_splits(out_ptrs, y, mask, sum_ptrs, count_ptr, splits, out_dtype: tl
         tl.debug_barrier()
         tl.store(sum_ptrs, tl.zeros_like(total), mask=mask)
         tl.atomic_xchg(counter, 0, sem="relaxed")
-
-@triton.jit
-def _mma_kernel(
-    x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
-    ws_ptr, count_ptr, splits,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SELF_CLEAN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Tensor-core decode: dequantize a weight tile in registers, tl.dot with x."""
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = tl.program_id(2) * k_per_split
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, offs_n, k0, N, K, 1.0, BLOCK_N, BLOCK_K).to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc)
-    first = (tl.program_id(2) == 0).to(tl.float32)
-    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, ws_ptr, count_ptr, splits,
-              HAS_BIAS, ATOMIC, SELF_CLEAN)
 
 @triton.jit
 def _code_f16(words, J: tl.constexpr):
@@ -167,45 +119,6 @@ def _tile_pointers(
     s_ptrs = s_ptr + rows_n[:, None] * (K // 16) + (k_start // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k_start + tl.arange(0, BLOCK_K))[None, :]
     return offs_m, offs_n, w_ptrs, s_ptrs, x_ptrs
-
-@triton.jit
-def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
-    ws_ptr, count_ptr, splits,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SELF_CLEAN: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
-):  # fmt: skip
-    """CUDA-core decode for tiny M: fp32 FMA of each code with its x column, the scale once per word."""
-    k_start = tl.program_id(2) * k_per_split
-    offs_m, offs_n, w_ptrs, s_ptrs, x_ptrs = _tile_pointers(
-        x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, k_start, BLOCK_M, BLOCK_N, BLOCK_K
-    )
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-    k_end = tl.minimum(k_start + k_per_split, K)
-    words_next, scale_next, x_next = _load_tile(w_ptrs, s_ptrs, x_ptrs, k_start, K, EVEN_K, BLOCK_K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        words, scale, x = words_next, scale_next, x_next
-        step = tl.where(k0 + BLOCK_K < k_end, BLOCK_K, 0)  # prefetch the next tile (the last one: itself)
-        w_ptrs += step // 8
-        s_ptrs += step // 16
-        x_ptrs += step
-        words_next, scale_next, x_next = _load_tile(w_ptrs, s_ptrs, x_ptrs, k0 + step, K, EVEN_K, BLOCK_K)
-        scale = _word_scale(scale)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), BLOCK_M, BLOCK_K)
-        c0, c1, c2, c3, c4, c5, c6, c7 = _codes_f32(words.to(tl.uint32, bitcast=True), ASM)
-        part = c0[None, :, :] * x0[:, None, :]
-        part += c1[None, :, :] * x1[:, None, :]
-        part += c2[None, :, :] * x2[:, None, :]
-        part += c3[None, :, :] * x3[:, None, :]
-        part += c4[None, :, :] * x4[:, None, :]
-        part += c5[None, :, :] * x5[:, None, :]
-        part += c6[None, :, :] * x6[:, None, :]
-        part += c7[None, :, :] * x7[:, None, :]
-        acc += part * scale.to(tl.float32)[None, :, :]
-    acc = tl.sum(acc, axis=2) * 4194304.0  # 2^14 (codes) * 2^8 (scales)
-    first = (tl.program_id(2) == 0).to(tl.float32)
-    _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, ws_ptr, count_ptr, splits,
-              HAS_BIAS, ATOMIC, SELF_CLEAN)
 
 # Eight E2M1 codes of one uint32 word -> eight fp32 (value * 2^-14): codes j and j+4 sit 16 bits apart, so
 # one shift/and/or pass lays both into an fp16x2 (magnitude to bits 9-11, sign to 15), then two cvt.
@@ -417,11 +330,3 @@ def _pipelined_dot_kernel(
     _epilogue(out_ptr, acc, gs_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, first, ws_ptr, count_ptr, splits,
               HAS_BIAS, ATOMIC, SELF_CLEAN)
 
-@triton.jit
-def _dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One [BLOCK_N, BLOCK_K] tile of W, in the reference codec's float32 order, rounded once to out's dtype."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = _dequant_tile(w_ptr, s_ptr, offs_n, tl.program_id(1) * BLOCK_K, N, K, tl.load(gs_ptr), BLOCK_N, BLOCK_K)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)

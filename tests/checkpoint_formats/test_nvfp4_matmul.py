@@ -155,6 +155,13 @@ def test_swap_is_refused_where_no_kernel_computes_it(config: KernelConfig) -> No
         nvfp4_matmul.fused_matmul(x, packed, scale, scale_2, None, config)
 
 
+@pytest.mark.parametrize("config", [KernelConfig(16, 16, 32, kernel="legacy"), KernelConfig(64, 64, 64, kernel="wgmma ")])
+def test_unknown_kernels_are_refused(config: KernelConfig) -> None:
+    x, packed, scale, scale_2 = _args()
+    with pytest.raises(ValueError, match="kernel must be"):
+        nvfp4_matmul.fused_matmul(x, packed, scale, scale_2, None, config)
+
+
 @pytest.mark.parametrize("config", [KernelConfig(16, 32, 64, split_k=3), KernelConfig(32, 32, 64, split_k=3, kernel="dot", join=True, swap=True),
                                     KernelConfig(32, 64, 64, split_k=3, kernel="wgmma")])  # fmt: skip
 def test_split_k_finishes_in_its_launch_and_leaves_the_workspace_clean(interpreted, config: KernelConfig) -> None:
