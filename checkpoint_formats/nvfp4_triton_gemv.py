@@ -8,7 +8,15 @@ epilogue of ``nvfp4_triton_kernels``.
 import triton
 import triton.language as tl
 
-from checkpoint_formats.nvfp4_triton_kernels import _codes_f32, _epilogue, _load_tile, _split8, _tile_pointers, _word_scale
+from checkpoint_formats.nvfp4_triton_kernels import (
+    _codes_f32,
+    _epilogue,
+    _load_tile,
+    _prefetch,
+    _split8,
+    _tile_pointers,
+    _word_scale,
+)
 
 
 @triton.jit
@@ -28,11 +36,8 @@ def _gemv_kernel(
     words_next, scale_next, x_next = _load_tile(w_ptrs, s_ptrs, x_ptrs, k_start, K, EVEN_K, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         words, scale, x = words_next, scale_next, x_next
-        step = tl.where(k0 + BLOCK_K < k_end, BLOCK_K, 0)  # prefetch the next tile (the last one: itself)
-        w_ptrs += step // 8
-        s_ptrs += step // 16
-        x_ptrs += step
-        words_next, scale_next, x_next = _load_tile(w_ptrs, s_ptrs, x_ptrs, k0 + step, K, EVEN_K, BLOCK_K)
+        w_ptrs, s_ptrs, x_ptrs, words_next, scale_next, x_next = _prefetch(w_ptrs, s_ptrs, x_ptrs, k0, k_end, K,
+                                                                           EVEN_K, BLOCK_K)  # fmt: skip
         scale = _word_scale(scale)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), BLOCK_M, BLOCK_K)
         c0, c1, c2, c3, c4, c5, c6, c7 = _codes_f32(words.to(tl.uint32, bitcast=True), ASM)

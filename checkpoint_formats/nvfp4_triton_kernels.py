@@ -88,6 +88,18 @@ def _load_tile(w_ptrs, s_ptrs, x_ptrs, k0, K, EVEN_K: tl.constexpr, BLOCK_K: tl.
     return words, scale, x
 
 @triton.jit
+def _prefetch(w_ptrs, s_ptrs, x_ptrs, k0, k_end, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The pointers advanced to the K tile after k0 and that tile's loads started (the last tile: itself again),
+    so that they are in flight while tile k0 is decoded."""
+    step = tl.where(k0 + BLOCK_K < k_end, BLOCK_K, 0)
+    w_ptrs += step // 8
+    s_ptrs += step // 16
+    x_ptrs += step
+    words, scale, x = _load_tile(w_ptrs, s_ptrs, x_ptrs, k0 + step, K, EVEN_K, BLOCK_K)
+    return w_ptrs, s_ptrs, x_ptrs, words, scale, x
+
+
+@triton.jit
 def _word_scale(scale):
     """E4M3 bytes [BLOCK_N, G] -> fp16 scale (value * 2^-8) per word [BLOCK_N, 2G]."""
     scale = _e4m3_f16(scale)
@@ -254,11 +266,8 @@ def _dot_kernel(
     words_next, scale_next, x_next = _load_tile(w_ptrs, s_ptrs, x_ptrs, k_start, K, EVEN_K, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         words, scale, x = words_next, scale_next, x_next
-        step = tl.where(k0 + BLOCK_K < k_end, BLOCK_K, 0)  # prefetch the next tile (the last one: itself)
-        w_ptrs += step // 8
-        s_ptrs += step // 16
-        x_ptrs += step
-        words_next, scale_next, x_next = _load_tile(w_ptrs, s_ptrs, x_ptrs, k0 + step, K, EVEN_K, BLOCK_K)
+        w_ptrs, s_ptrs, x_ptrs, words_next, scale_next, x_next = _prefetch(w_ptrs, s_ptrs, x_ptrs, k0, k_end, K,
+                                                                           EVEN_K, BLOCK_K)  # fmt: skip
         words = words.to(tl.uint32, bitcast=True)
         c0, c1, c2, c3, c4, c5, c6, c7 = _tile_codes(words, scale, MUL16, ASM, BF16_PAIRS, dtype)
         if JOIN:
