@@ -157,7 +157,7 @@ def _decode_candidates(m: int, k: int, kinds: frozenset[str]):
     if "dot" in kinds:
         yield from _hand_prefetched_candidates(m)
     if "pipelined" in kinds:
-        bm = max(16, 1 << max(m - 1, 0).bit_length())
+        bm = max(16, mm._next_pow2(m))
         tiles = [(16, 256), (32, 128), (32, 256), (64, 128), (64, 64)] if bm == 16 else [(32, 128), (64, 64), (64, 128), (128, 64)]
         for (bn, bk), stages, split in itertools.product(tiles, (3, 4, 5), (1, 2, 4)):
             warps = 8 if bm * bn >= 128 * 64 else 4
@@ -172,7 +172,7 @@ def _decode_candidates(m: int, k: int, kinds: frozenset[str]):
 
 def _wgmma_candidates(m: int):
     """The Gluon tile (codes loaded into the wgmma fragment, the MMA left in flight): BLOCK_N 64 or 128, split K."""
-    bm = max(16, 1 << max(m - 1, 0).bit_length())
+    bm = max(16, mm._next_pow2(m))
     for bn, split in itertools.product((128, 64), (1, 2, 4, 8)):
         yield mm.KernelConfig(bm, bn, 64, split, bn // 16, kernel="wgmma")
 
@@ -180,7 +180,7 @@ def _wgmma_candidates(m: int):
 def _swap_candidates(m: int):
     """out^T = W x^T (the decoded weight as the MMA's register operand), hand-prefetched and pipelined."""
     C = mm.KernelConfig
-    bm = max(16, 1 << max(m - 1, 0).bit_length())
+    bm = max(16, mm._next_pow2(m))
     for bn, bk, split in itertools.product((64, 128), (64, 128), (1, 2, 4)):
         warps = 4 if bn == 64 else 8
         yield C(bm, bn, bk, split, warps, 3, kernel="dot", join=True, swap=True)
@@ -190,7 +190,7 @@ def _swap_candidates(m: int):
 def _wide_swap_candidates(m: int):
     """A wider swap space around the first sweep's winners (BLOCK_N to 256, BLOCK_K down to 32, 4 or 8 warps)."""
     C = mm.KernelConfig
-    bm = max(16, 1 << max(m - 1, 0).bit_length())
+    bm = max(16, mm._next_pow2(m))
     for (bn, warps), bk, split in itertools.product(((64, 4), (128, 4), (128, 8), (256, 8)), (32, 64, 128), (1, 2, 4)):
         yield C(bm, bn, bk, split, warps, 3, kernel="dot", join=True, swap=True)
     for bn, bk, split, stages in itertools.product((128, 256), (64, 128), (1, 2, 4), (3, 5)):
@@ -201,7 +201,7 @@ def _hand_prefetched_candidates(m: int):
     """The hand-prefetched kernels' launch shapes (the sweep that tuned ``decode_config``)."""
     C = mm.KernelConfig
     if m <= 4:
-        bm = 1 << max(m - 1, 0).bit_length()
+        bm = mm._next_pow2(m)
         for bn, bk, split in [(16, 1024, 1), (16, 1024, 2), (16, 1024, 4), (16, 512, 4), (16, 256, 1),
                               (32, 512, 2), (32, 512, 4), (8, 1024, 1), (8, 512, 2)]:  # fmt: skip
             yield C(bm, bn, bk, split, kernel="gemv")

@@ -19,13 +19,12 @@ not the default: the tile is bound by the latency of its loads (one K tile, 4 KB
 not by its instructions or its MMA. Deeper asynchronous loads are the next step (bench/RESULTS.md).
 
 The arithmetic is ``_dot_kernel``'s BF16_PAIRS decode (exact codes * scale in bf16, fp32 accumulation in K
-order); K must be a multiple of BLOCK_K and x bf16. GPU only: Gluon has no interpreter, so CPU tests check the
+order); K must be a multiple of 2 * BLOCK_K and x bf16. GPU only: Gluon has no interpreter, so CPU tests check the
 layouts' bases (``fragment_coordinates``) and the dispatch falls back to ``_dot_kernel`` there.
 """
 
 from __future__ import annotations
 
-import triton
 from triton.experimental import gluon
 from triton.runtime.jit import constexpr_function
 from triton.experimental.gluon import language as gl
@@ -160,7 +159,7 @@ def _wgmma_decode_kernel(
     # Two tiles per iteration, decoded into two register sets: a set stays in use by its MMA while the other tile
     # is decoded, and is named as the wait's dependency after it, so the compiler cannot reuse its registers early.
     w_odd = gl.zeros([BLOCK_N, BLOCK_K], gl.bfloat16, layout=a_layout)
-    tiles = (k_end - k_start) // BLOCK_K  # even: see ``launch``
+    tiles = (k_end - k_start) // BLOCK_K  # even: fused_matmul splits K in multiples of 2 * BLOCK_K
     gl.assume(tiles >= 2)  # no zero-trip path: its zeroed accumulator would make ptxas serialize every MMA
     for pair in range(tiles // 2):
         w_base, s_base, x_base, codes_next, scales_next, x_next, acc, w_even = _k_step(
@@ -202,12 +201,12 @@ def _reduce_splits(out_ptrs, y, mask, sum_ptrs, count_ptr, splits, out_dtype: gl
         gl.atomic_xchg(counter, 0, sem="relaxed")
 
 
-def launch(x2d, codes, scale_bytes, global_scale, bias, out, sums, arrivals, m, n, k, k_per_split, grid, config,
-           atomic: bool, self_clean: bool) -> None:  # fmt: skip
+def launch(x2d, codes, scale_bytes, global_scale, bias, out, sums, arrivals, m, n, k, k_per_split, splits, grid,
+           config, atomic: bool, self_clean: bool) -> None:  # fmt: skip
     """Launch the kernel for a ``KernelConfig(kernel="wgmma")`` (num_warps = block_n / 16)."""
     _wgmma_decode_kernel[grid](
         x2d, codes, scale_bytes, global_scale, bias if bias is not None else out, out, m, n, k, x2d.stride(0),
-        out.stride(0), k_per_split, sums, arrivals, triton.cdiv(k, k_per_split),
+        out.stride(0), k_per_split, sums, arrivals, splits,
         HAS_BIAS=bias is not None, ATOMIC=atomic, SELF_CLEAN=self_clean, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.block_n // ROWS_PER_WARP,
     )  # fmt: skip

@@ -331,7 +331,7 @@ def fused_matmul(
     words = packed.view(torch.int32)
     if config.kernel == "wgmma":
         gluon_decode.launch(x2d, words, weight_scale.view(torch.uint8), weight_scale_2, bias, out, sums, arrivals, m, n,
-                            k, k_per_split, grid, config, atomic, workspace is not None)  # fmt: skip
+                            k, k_per_split, split, grid, config, atomic, workspace is not None)  # fmt: skip
         return out.to(out_dtype) if cast else out
     meta.update(EVEN_K=k % config.block_k == 0, ASM=config.asm and not _INTERPRET)
     bf16_pairs = config.bf16_pairs and meta["ASM"] and x2d.dtype == torch.bfloat16
@@ -349,8 +349,14 @@ def fused_matmul(
 
 def _wgmma_runs(x2d: torch.Tensor, k: int) -> bool:
     """Where the Gluon tile can run: compiled Triton with Gluon, bf16 x on a Hopper GPU, K in whole tile pairs."""
-    return (gluon_decode is not None and not _INTERPRET and x2d.dtype == torch.bfloat16 and x2d.is_cuda
-            and torch.cuda.get_device_capability(x2d.device)[0] == 9 and k % 128 == 0)  # fmt: skip
+    return (gluon_decode is not None and not _INTERPRET and x2d.dtype == torch.bfloat16 and k % 128 == 0
+            and _is_hopper(x2d.device))  # fmt: skip
+
+
+@functools.cache
+def _is_hopper(device: torch.device) -> bool:
+    """Decided once per device, not per call (as ``_available_on``)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def dequantize(
