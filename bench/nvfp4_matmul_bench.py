@@ -171,10 +171,13 @@ def _decode_candidates(m: int, k: int, kinds: frozenset[str]):
 
 
 def _wgmma_candidates(m: int):
-    """The Gluon tile (codes loaded into the wgmma fragment, the MMA left in flight): BLOCK_N 64 or 128, split K."""
+    """The Gluon tile (codes decoded into the wgmma fragment, copies in a ring STAGES deep, the MMA left in flight):
+    BLOCK_N and BLOCK_K 64 or 128, ring depths that fit in shared memory, split K."""
     bm = max(16, mm._next_pow2(m))
-    for bn, split in itertools.product((128, 64), (1, 2, 4, 8)):
-        yield mm.KernelConfig(bm, bn, 64, split, bn // 16, kernel="wgmma")
+    for bn, bk, stages, split in itertools.product((128, 64), (64, 128), (3, 4, 6), (1, 2, 4)):
+        stage_bytes = bn * bk * 9 // 16 + bm * bk * 2
+        if stages * stage_bytes <= mm.WGMMA_SHARED_BYTES:
+            yield mm.KernelConfig(bm, bn, bk, split, bn // 16, stages, kernel="wgmma")
 
 
 def _swap_candidates(m: int):

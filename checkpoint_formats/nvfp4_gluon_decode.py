@@ -6,21 +6,23 @@ tile of decoded weights went through shared memory and back, and each wgmma was 
 tile was decoded: the tile ran at ~1 us per K step where the decode's instructions and the MMA's tensor
 work take ~0.2 us each (SASS, H200, 2026-12-03). Gluon states layouts explicitly, so here
 
-- each thread reads the code words of its rows (two 16-byte loads a row) and decodes the one byte of each
+- each thread reads the code words of its rows from shared memory (16-byte loads) and decodes the one byte of each
   word that its fragment holds: byte ``b`` of a 16-k group holds k = 2b, 2b+1, exactly a fragment register's
   k pair, and lane bits 0-1 pick ``b`` mod 4 as the fragment's lane bits do (``nvfp4_layouts``): the decoded
   pairs are the fragment, no shuffle, no shared memory;
-- x goes to a 3-deep ring of shared-memory tiles (the MMA's second operand must be there), and the wgmma
-  is left in flight while the next tile is loaded and decoded (``warpgroup_mma_wait(1)``).
+- codes, their scales and x stream through a ring of ``STAGES`` shared-memory stages filled by asynchronous
+  copies (``cp.async``, 16 bytes a thread; 4 for the scales), ``STAGES - 1`` K tiles in flight, and the wgmma
+  is left in flight while the next tile is decoded (``warpgroup_mma_wait(1)``).
 
-MEASURED (H200, 2026-12-03, bench/nvfp4_matmul_wgmma_sweep_gpu.json): correct, but 73.6 us against the Triton
-tile's 65.2 us at M = 100 on 14336 x 4096 (and 1.1-1.3x slower on the other 8B shapes), so it is selectable,
-not the default: the tile is bound by the latency of its loads (one K tile, 4 KB of codes per SM, in flight),
-not by its instructions or its MMA. Deeper asynchronous loads are the next step (bench/RESULTS.md).
+MEASURED (H200, 2026-12-03, bench/nvfp4_matmul_wgmma_sweep_gpu.json): the first version, which loaded the next
+tile into registers (one K tile, 4 KB of codes per SM, in flight), was correct but 73.6 us against the Triton
+tile's 65.2 us at M = 100 on 14336 x 4096: bound by the latency of its loads, not by its instructions or its
+MMA. The copy ring is the answer to that (bench/RESULTS.md has its numbers).
 
 The arithmetic is ``_dot_kernel``'s BF16_PAIRS decode (exact codes * scale in bf16, fp32 accumulation in K
-order); K must be a multiple of 2 * BLOCK_K and x bf16. GPU only: Gluon has no interpreter, so CPU tests check the
-layouts' bases (``fragment_coordinates``) and the dispatch falls back to ``_dot_kernel`` there.
+order); K must be a multiple of 256 and of 2 * BLOCK_K, x bf16, rows 16-byte aligned (``_wgmma_runs``). GPU
+only: Gluon has no interpreter, so CPU tests check the layouts' bases (``fragment_coordinates``) and the dispatch
+falls back to ``_dot_kernel`` there.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.runtime.jit import constexpr_function
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from checkpoint_formats.nvfp4_layouts import byte_layout_bases, word_layout_bases
@@ -35,7 +38,6 @@ from checkpoint_formats.nvfp4_layouts import byte_layout_bases, word_layout_base
 ROWS_PER_WARP = 16  # a wgmma fragment's rows per warp: BLOCK_N = 16 * num_warps
 _byte_layout_bases = constexpr_function(byte_layout_bases)  # callable while a kernel is compiled
 _word_layout_bases = constexpr_function(word_layout_bases)
-X_STAGES = gl.constexpr(3)  # x tiles in shared memory: the one being written, the one in flight, the one before it (other warpgroup)
 
 
 @constexpr_function
@@ -56,8 +58,11 @@ def _word_layout(block_n, block_k):
 
 
 @constexpr_function
-def _x_layout(block_m, block_k, num_warps):
-    return gl.BlockedLayout([1, 8], [32 * 8 // block_k, block_k // 8], [num_warps, 1], [1, 0])
+def _copy_layout(columns, vector, num_warps):
+    """Rows of ``columns`` elements copied ``vector`` consecutive elements per thread, a warp's lanes along a row
+    first (whole rows where a row needs fewer than 32 copies)."""
+    across = columns // vector if columns // vector < 32 else 32
+    return gl.BlockedLayout([1, vector], [32 // across, across], [num_warps, 1], [1, 0])
 
 
 # Byte c of a code word and its scale (bf16 E4M3 value * 2^119) -> the byte's two scaled codes as a bf16x2,
@@ -96,24 +101,39 @@ def _decoded_fragment(words, scale_bytes, byte_layout: gl.constexpr, a_layout: g
 
 
 @gluon.jit
-def _k_step(i, tiles, w_base, s_base, x_base, w_offs, s_offs, x_offs, codes, scales, x, acc, w_previous, x_ring,
-            byte_layout: gl.constexpr, a_layout: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):  # fmt: skip
-    """Tile i: prefetch tile i+1, stage x, decode, start the MMA, then wait for tile i-1's MMA (``w_previous``)."""
-    step = gl.where(i + 1 < tiles, BLOCK_K, 0)  # the last tile prefetches itself
-    w_base += step // 8
-    s_base += step // 16
-    x_base += step
-    codes_next = gl.load(w_base + w_offs)
-    scales_next = gl.load(s_base + s_offs)
-    x_next = gl.load(x_base + x_offs)
-    x_tile = x_ring.index(i % X_STAGES)
-    x_tile.store(x)
-    w = _decoded_fragment(codes, scales, byte_layout, a_layout, BLOCK_N, BLOCK_K)
-    fence_async_shared()
-    gl.thread_barrier()  # every warp's part of the x tile is written before either warpgroup's MMA reads it
-    acc = warpgroup_mma(w, x_tile.permute((1, 0)), acc, is_async=True)
+def _issue(t, tiles, w_ring, s_ring, x_ring, w_base, s_base, x_base, w_offs, s_offs, x_offs, BLOCK_K: gl.constexpr,
+           STAGES: gl.constexpr):  # fmt: skip
+    """Start the copies of K tile t (codes, scales, x) into ring stage t % STAGES; one commit group per call, empty
+    past the last tile, so that the wait's count of outstanding groups stays the same in every step."""
+    if t < tiles:
+        stage = t % STAGES
+        async_copy.async_copy_global_to_shared(w_ring.index(stage), w_base + t * (BLOCK_K // 8) + w_offs)
+        async_copy.async_copy_global_to_shared(s_ring.index(stage), s_base + t * (BLOCK_K // 16) + s_offs)
+        async_copy.async_copy_global_to_shared(x_ring.index(stage), x_base + t * BLOCK_K + x_offs)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _k_step(i, tiles, w_ring, s_ring, x_ring, w_base, s_base, x_base, w_offs, s_offs, x_offs, acc, w_previous,
+            word_layout: gl.constexpr, scale_layout: gl.constexpr, byte_layout: gl.constexpr, a_layout: gl.constexpr,
+            BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """Tile i: wait for its copies, decode, start the MMA, wait for tile i-1's MMA (``w_previous``), then refill
+    tile i-1's stage with tile i + STAGES - 1.
+
+    Two barriers a step: Triton's shared-memory analysis cannot tell ring stages apart and would add one before
+    every copy and after every wait anyway; these two are the ones the ring needs."""
+    stage = i % STAGES
+    async_copy.wait_group(STAGES - 2)  # this thread's copies of tile i have landed
+    gl.thread_barrier()  # ... and so have every other thread's
+    fence_async_shared()  # ... and the MMA's (async proxy) reads of x see them
+    words = w_ring.index(stage).load(word_layout)
+    scales = s_ring.index(stage).load(scale_layout)
+    w = _decoded_fragment(words, scales, byte_layout, a_layout, BLOCK_N, BLOCK_K)
+    acc = warpgroup_mma(w, x_ring.index(stage).permute((1, 0)), acc, is_async=True)
     acc, w_previous = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_previous))
-    return w_base, s_base, x_base, codes_next, scales_next, x_next, acc, w
+    gl.thread_barrier()  # both warpgroups' MMA of tile i-1 has retired: nothing reads its stage any more
+    _issue(i + STAGES - 1, tiles, w_ring, s_ring, x_ring, w_base, s_base, x_base, w_offs, s_offs, x_offs, BLOCK_K, STAGES)
+    return acc, w
 
 
 @gluon.jit
@@ -121,54 +141,59 @@ def _wgmma_decode_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
     ws_ptr, count_ptr, splits,
     HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, SELF_CLEAN: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     """out^T[n, m] = sum_k W[n, k] x[m, k] for one [BLOCK_N, BLOCK_M] tile and one K split (``_dot_kernel``'s
-    contract: rows past M or N read row M-1 / N-1 and are never stored; split K adds into sums as there)."""
+    contract: rows past M or N read row M-1 / N-1 and are never stored; split K adds into sums as there).
+
+    K, k_per_split and stride_xm are multiples of 256, 256 and 16 (``launch`` checks): Triton then knows every
+    row start is 16-byte aligned (codes, x) or 4-byte aligned (scales) and issues whole-vector copies."""
     mma_layout: gl.constexpr = _mma_layout(BLOCK_M, num_warps)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
     byte_layout: gl.constexpr = _byte_layout(BLOCK_N, BLOCK_K)
     word_layout: gl.constexpr = _word_layout(BLOCK_N, BLOCK_K)
     scale_layout: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, byte_layout))  # one scale per 16-k group
-    x_layout: gl.constexpr = _x_layout(BLOCK_M, BLOCK_K, num_warps)
+    w_copy: gl.constexpr = _copy_layout(BLOCK_K // 8, 4, num_warps)  # 16-byte copies
+    s_copy: gl.constexpr = _copy_layout(BLOCK_K // 16, 4, num_warps)  # 4-byte copies (cp.async's smallest)
+    x_copy: gl.constexpr = _copy_layout(BLOCK_K, 8, num_warps)  # 16-byte copies
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
     x_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
 
     row0 = gl.program_id(0) * BLOCK_N
     k_start = gl.program_id(2) * k_per_split
-    k_end = gl.minimum(k_start + k_per_split, K)
-    # code words (uint32, 8 codes each): [n, w] -> row n, word w of the tile; each thread reads its rows' words
-    rows = gl.minimum(row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, word_layout)), N - 1)
-    w_offs = gl.expand_dims(rows, 1) * (K // 8) + gl.expand_dims(gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, word_layout)), 0)
-    s_rows = gl.minimum(row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, scale_layout)), N - 1)
-    s_groups = gl.arange(0, BLOCK_K // 16, layout=gl.SliceLayout(0, scale_layout))
-    s_offs = gl.expand_dims(s_rows, 1) * (K // 16) + gl.expand_dims(s_groups, 0)
-    x_rows = gl.minimum(gl.program_id(1) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout)), M - 1)
-    x_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
-    x_offs = gl.expand_dims(x_rows, 1) * stride_xm + gl.expand_dims(x_cols, 0)
+    groups = gl.multiple_of(K // 16, 16)  # E4M3 scales per row (K % 256 == 0: Triton cannot infer it from K's)
+    split_groups = gl.multiple_of(k_per_split // 16, 16)
     # int32 offsets, fixed for the whole loop, beside scalar bases that walk K: far fewer live registers than
     # tensors of 64-bit pointers
-    w_base = w_ptr + k_start // 8
-    s_base = s_ptr + k_start // 16
+    rows = gl.minimum(row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy)), N - 1)
+    w_offs = gl.expand_dims(rows * (groups * 2), 1) + gl.expand_dims(gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, w_copy)), 0)
+    s_rows = gl.minimum(row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_copy)), N - 1)
+    s_offs = gl.expand_dims(s_rows * groups, 1) + gl.expand_dims(gl.arange(0, BLOCK_K // 16, layout=gl.SliceLayout(0, s_copy)), 0)
+    x_rows = gl.minimum(gl.program_id(1) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_copy)), M - 1)
+    x_offs = gl.expand_dims(x_rows * stride_xm, 1) + gl.expand_dims(gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_copy)), 0)
+    w_base = w_ptr + gl.program_id(2) * split_groups * 2
+    s_base = s_ptr + gl.program_id(2) * split_groups
     x_base = x_ptr + k_start
 
-    x_ring = gl.allocate_shared_memory(gl.bfloat16, [X_STAGES, BLOCK_M, BLOCK_K], x_shared)
+    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8], plain)
+    s_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // 16], plain)
+    x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_shared)
+    tiles = (gl.minimum(k_start + k_per_split, K) - k_start) // BLOCK_K  # even: fused_matmul splits K in tile pairs
+    gl.assume(tiles >= 2)  # no zero-trip path: its zeroed accumulator would make ptxas serialize every MMA
+    for t in gl.static_range(STAGES - 1):  # tiles 0 .. STAGES - 2 in flight before the first step
+        _issue(t, tiles, w_ring, s_ring, x_ring, w_base, s_base, x_base, w_offs, s_offs, x_offs, BLOCK_K, STAGES)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma_layout)
-    codes_next = gl.load(w_base + w_offs)
-    scales_next = gl.load(s_base + s_offs)
-    x_next = gl.load(x_base + x_offs)
     # Two tiles per iteration, decoded into two register sets: a set stays in use by its MMA while the other tile
     # is decoded, and is named as the wait's dependency after it, so the compiler cannot reuse its registers early.
     w_odd = gl.zeros([BLOCK_N, BLOCK_K], gl.bfloat16, layout=a_layout)
-    tiles = (k_end - k_start) // BLOCK_K  # even: fused_matmul splits K in multiples of 2 * BLOCK_K
-    gl.assume(tiles >= 2)  # no zero-trip path: its zeroed accumulator would make ptxas serialize every MMA
     for pair in range(tiles // 2):
-        w_base, s_base, x_base, codes_next, scales_next, x_next, acc, w_even = _k_step(
-            2 * pair, tiles, w_base, s_base, x_base, w_offs, s_offs, x_offs, codes_next, scales_next, x_next, acc, w_odd,
-            x_ring, byte_layout, a_layout, BLOCK_N, BLOCK_K)  # fmt: skip
-        w_base, s_base, x_base, codes_next, scales_next, x_next, acc, w_odd = _k_step(
-            2 * pair + 1, tiles, w_base, s_base, x_base, w_offs, s_offs, x_offs, codes_next, scales_next, x_next, acc,
-            w_even, x_ring, byte_layout, a_layout, BLOCK_N, BLOCK_K)  # fmt: skip
+        acc, w_even = _k_step(2 * pair, tiles, w_ring, s_ring, x_ring, w_base, s_base, x_base, w_offs, s_offs, x_offs,
+                              acc, w_odd, word_layout, scale_layout, byte_layout, a_layout, BLOCK_N, BLOCK_K, STAGES)  # fmt: skip
+        acc, w_odd = _k_step(2 * pair + 1, tiles, w_ring, s_ring, x_ring, w_base, s_base, x_base, w_offs, s_offs,
+                             x_offs, acc, w_even, word_layout, scale_layout, byte_layout, a_layout, BLOCK_N, BLOCK_K,
+                             STAGES)  # fmt: skip
     acc, w_odd = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_odd))
+    async_copy.wait_group(0)  # the empty groups past the last tile
 
     offs_n = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     offs_m = gl.program_id(1) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
@@ -208,5 +233,6 @@ def launch(x2d, codes, scale_bytes, global_scale, bias, out, sums, arrivals, m, 
         x2d, codes, scale_bytes, global_scale, bias if bias is not None else out, out, m, n, k, x2d.stride(0),
         out.stride(0), k_per_split, sums, arrivals, splits,
         HAS_BIAS=bias is not None, ATOMIC=atomic, SELF_CLEAN=self_clean, BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.block_n // ROWS_PER_WARP,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
+        num_warps=config.block_n // ROWS_PER_WARP,
     )  # fmt: skip

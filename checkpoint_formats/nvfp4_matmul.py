@@ -26,13 +26,14 @@ Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.
   accumulator.
   ``kernel="pipelined"``: the same tile in a plain ``tl.range`` loop that Triton's software pipeliner keeps
   3-5 K tiles deep (see ``pipelined_config``: faster in isolation, not yet in a whole trial).
-  ``swap`` (large weights, 16-bit x, M = 2-128): out^T = W x^T, the decoded tile as the MMA's first operand
-  (Hopper's wgmma reads it from registers), see ``_swap_config``.
-  ``kernel="wgmma"`` (selectable, not the default): the same contract in Gluon (``nvfp4_gluon_decode``), codes
-  read straight into the wgmma's register layout, MMA kept in flight; correct, 1.1-1.3x slower at M = 100
-  (2026-12-03); runs as the swapped Triton tile where Gluon or Hopper is missing.
-  MEASURED (H200, bench JSON): 1.1-1.4x bf16 at M=1, 1.0-1.2x at M=4-16 (swap), 0.5-0.8x at M=64-128;
-  latency bound (too few bytes in flight), not at the ~0.5625 B/weight bandwidth floor.
+  ``kernel="wgmma"`` (the default for large weights, bf16 x, M = 2-128 on Hopper, ``_wgmma_config``): out^T =
+  W x^T in Gluon (``nvfp4_gluon_decode``), codes decoded straight into the wgmma's register operand, codes,
+  scales and x streamed through a ring of asynchronous copies, the MMA kept in flight.
+  ``swap``: the same product in plain Triton (the decoded tile as the MMA's first operand, ``_swap_config``),
+  where the Gluon tile cannot run (fp16 x, no Hopper or Gluon, misaligned rows).
+  MEASURED (H200, the sweeps' best shapes, 2026-12-03): the Gluon tile 1.3-1.4x bf16's speed at M = 4-16,
+  1.0-1.2x at M = 32-64, 0.8-1.0x at M = 100-128 (there the bf16 MMA alone, padded to 128 rows, is estimated
+  at ~28 us of the 46-48 on 14336 x 4096); the Triton tiles 1.0-1.2x at M = 4-16 and 0.6-0.8x at M = 64-128.
 - prefill, larger M: a Triton kernel dequantizes W to x's dtype (a slice of output rows at a time, at most
   ``PREFILL_SLICE_BYTES``) and cuBLAS multiplies; at these sizes the matmul is compute bound and cuBLAS beats
   a fused Triton kernel with in-register dequantization.
@@ -93,7 +94,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     kernel: str = "dot"  # "gemv" (CUDA-core FMA), "dot" (tensor cores), "pipelined" (dot, compiler-pipelined),
-    # or "wgmma" (Gluon, Hopper, bf16 x: always swapped, block_k 64, num_warps = block_n / 16)
+    # or "wgmma" (Gluon, Hopper, bf16 x: always swapped, num_warps = block_n / 16, num_stages = its ring's depth)
     join: bool = False  # dot: rebuild K order in registers (one dot) instead of eight dots on strided x
     mul16: bool = True  # dot: code * scale in fp16 (exact) instead of fp32
     asm: bool = True  # decode 8 codes of a word with inline PTX (GPU only; the interpreter takes the portable path)
@@ -221,7 +222,7 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
     if m == 1 or (m <= 4 and small):
         config = KernelConfig(block_m=_next_pow2(m), block_n=16 if m == 1 and n == 4096 else 8, block_k=1024, kernel="gemv")
     elif n * k >= 4096 * 4096 and x_bytes == 2:
-        return _swap_config(m, n, k)
+        return _wgmma_config(m, n, k)  # fused_matmul runs _swap_config's Triton tile where this cannot run
     elif m <= 16:
         if n * k < 4096 * 4096:
             config = KernelConfig(block_m=16, block_n=16, block_k=512, kernel="dot", join=True)
@@ -246,8 +247,30 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
     return dataclasses.replace(config, split_k=split)
 
 
+def _wgmma_config(m: int, n: int, k: int) -> KernelConfig:
+    """Large weights, bf16 x, M = 2-128 on Hopper: the Gluon tile with its copy ring (``nvfp4_gluon_decode``).
+
+    Measured on an H200 (bench/nvfp4_matmul_ring_sweep_gpu.json, ..._ring_sweep2_gpu.json, 19 cells, 34-37
+    launch shapes each): 1.1-1.45x faster than the Triton tile on 4096 x 4096, 14336 x 4096 and 4096 x 14336 at
+    every M swept (4-128). K tiles of 128 and a 4-stage ring won nearly everywhere, 64-row W tiles except for
+    M > 64 on non-square weights; tall weights (N > K) fill the GPU with little or no K split.
+    Smaller weights (K/V projections, MoE experts) stay with the x-first Triton tile, which won on two of three.
+    """
+    square, tall = n == k, n > k
+    block_m = max(16, _next_pow2(m))
+    if m <= 16:
+        split = 2 if tall else 4
+    elif m <= 64:
+        split = 1 if tall else 4
+    else:
+        split = 1 if tall else 2 if square else 4
+    block_n = 128 if m > 64 and not square else 64
+    return KernelConfig(block_m, block_n, 128, split, block_n // 16, 4, kernel="wgmma")
+
+
 def _swap_config(m: int, n: int, k: int) -> KernelConfig:
-    """Large weights, 16-bit x, M = 2-128: the decoded tile as the MMA's first operand (``swap``).
+    """The Triton tile for ``_wgmma_config``'s weights where the Gluon tile cannot run (no Hopper or Gluon, x
+    misaligned, K off 256): the decoded tile as the MMA's first operand (``swap``).
 
     Measured on an H200 (bench/nvfp4_matmul_swap_sweep_gpu.json, ..._wide_swap_sweep_gpu.json): 0.98-1.4x the
     x-first tile's speed on 4096 x 4096, 14336 x 4096 and 4096 x 14336 at every M swept; smaller
@@ -302,14 +325,14 @@ def fused_matmul(
     if config.swap and not (config.kernel == "pipelined" or (config.kernel == "dot" and config.join)):
         raise ValueError(f"swap=True needs the joined dot tile or the pipelined one, got {config}")
     if config.kernel == "wgmma":
-        if not (config.block_k == 64 and config.block_n in (64, 128) and config.block_m in (16, 32, 64, 128)):
-            raise ValueError(f"kernel='wgmma' needs block_k 64, block_n 64 or 128 and block_m 16-128, got {config}")
-        if not _wgmma_runs(x2d, packed.shape[1] * 2):
-            config = dataclasses.replace(config, kernel="dot", join=True, swap=True, num_warps=config.block_n // 16)
+        _check_wgmma_config(config)
+        if not _wgmma_runs(x2d, packed, weight_scale):
+            config = _swap_config(x2d.shape[0], packed.shape[0], packed.shape[1] * 2)
     m, k = x2d.shape
     n = packed.shape[0]
     out_dtype = out_dtype or x2d.dtype
-    k_step = config.block_k * (2 if config.kernel == "wgmma" else 1)  # wgmma: an even number of K tiles per split
+    # wgmma: an even number of K tiles per split, and whole 256-k blocks (the kernel's alignment hints)
+    k_step = max(2 * config.block_k, 256) if config.kernel == "wgmma" else config.block_k
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), k_step) * k_step
     split = triton.cdiv(k, k_per_split)
     atomic = split > 1
@@ -347,10 +370,26 @@ def fused_matmul(
     return out.to(out_dtype) if cast else out
 
 
-def _wgmma_runs(x2d: torch.Tensor, k: int) -> bool:
-    """Where the Gluon tile can run: compiled Triton with Gluon, bf16 x on a Hopper GPU, K in whole tile pairs."""
-    return (gluon_decode is not None and not _INTERPRET and x2d.dtype == torch.bfloat16 and k % 128 == 0
-            and _is_hopper(x2d.device))  # fmt: skip
+WGMMA_SHARED_BYTES = 227 << 10  # an H100/H200 block's shared memory
+
+
+def _check_wgmma_config(config: KernelConfig) -> None:
+    if not (config.block_k in (64, 128) and config.block_n in (64, 128) and config.block_m in (16, 32, 64, 128)):
+        raise ValueError(f"kernel='wgmma' needs block_k 64 or 128, block_n 64 or 128 and block_m 16-128, got {config}")
+    if config.num_stages < 3:
+        raise ValueError(f"kernel='wgmma' needs num_stages (its copy ring's depth) >= 3, got {config}")
+    stage_bytes = config.block_n * config.block_k * 9 // 16 + config.block_m * config.block_k * 2
+    if config.num_stages * stage_bytes > WGMMA_SHARED_BYTES:
+        raise ValueError(f"kernel='wgmma': {config.num_stages} stages of {stage_bytes} bytes exceed the "
+                         f"{WGMMA_SHARED_BYTES} bytes of shared memory a block has; lower num_stages or block_m")  # fmt: skip
+
+
+def _wgmma_runs(x2d: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """Where the Gluon tile can run: compiled Triton with Gluon, bf16 x on a Hopper GPU, K in whole 256-k blocks,
+    and the 16-byte alignment its whole-vector copies assume (rows of x, codes and scales start on 16 bytes)."""
+    aligned = all(t.data_ptr() % 16 == 0 for t in (x2d, packed, weight_scale)) and x2d.stride(0) % 16 == 0
+    return (gluon_decode is not None and not _INTERPRET and x2d.dtype == torch.bfloat16
+            and packed.shape[1] * 2 % 256 == 0 and aligned and _is_hopper(x2d.device))  # fmt: skip
 
 
 @functools.cache

@@ -134,11 +134,16 @@ def test_pipelined_candidate_shapes_compute_the_product(interpreted, m: int, n: 
 
 @pytest.mark.parametrize("m", [5, 16, 17, 64, 100, 128])
 @pytest.mark.parametrize(("n", "k"), [(4096, 4096), (14336, 4096), (4096, 14336)])
-def test_large_weights_at_16_bit_x_take_the_swapped_tile(m: int, n: int, k: int) -> None:
-    """The measured winner on large weights at M = 5-128 (M <= 4 on 4096 x 4096: the GEMV)."""
+def test_large_weights_at_16_bit_x_take_the_wgmma_tile_or_the_swapped_one(m: int, n: int, k: int) -> None:
+    """The measured winner on large weights at M = 5-128 (M <= 4 on 4096 x 4096: the GEMV): the Gluon tile, a
+    launch shape it accepts; where it cannot run, the swapped Triton tile."""
     config = nvfp4_matmul.decode_config(m, n, k, 132, 2)
-    assert config.kernel == "dot" and config.join and config.swap
+    assert config.kernel == "wgmma"
+    nvfp4_matmul._check_wgmma_config(config)
     assert config.block_m >= m and k % (config.block_k * config.split_k) == 0
+    fallback = nvfp4_matmul._swap_config(m, n, k)
+    assert fallback.kernel == "dot" and fallback.join and fallback.swap
+    assert fallback.block_m >= m and k % (fallback.block_k * fallback.split_k) == 0
 
 
 @pytest.mark.parametrize("m", [5, 100])
@@ -160,6 +165,38 @@ def test_unknown_kernels_are_refused(config: KernelConfig) -> None:
     x, packed, scale, scale_2 = _args()
     with pytest.raises(ValueError, match="kernel must be"):
         nvfp4_matmul.fused_matmul(x, packed, scale, scale_2, None, config)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (KernelConfig(64, 64, 64, num_stages=2, kernel="wgmma"), "num_stages"),
+        (KernelConfig(128, 128, 128, num_stages=6, kernel="wgmma"), "shared memory"),  # 6 x 41,984 bytes
+        (KernelConfig(64, 64, 32, kernel="wgmma"), "block_k 64 or 128"),
+    ],
+)
+def test_wgmma_configs_that_cannot_launch_are_refused(config: KernelConfig, message: str) -> None:
+    x, packed, scale, scale_2 = _args()
+    with pytest.raises(ValueError, match=message):
+        nvfp4_matmul.fused_matmul(x, packed, scale, scale_2, None, config)
+
+
+def test_the_wgmma_tile_runs_only_on_16_byte_aligned_rows(monkeypatch) -> None:
+    """Its copies are whole 16-byte vectors: a misaligned x, code or scale tensor, or K off 256, takes the Triton tile."""
+    monkeypatch.setattr(nvfp4_matmul, "gluon_decode", object())
+    monkeypatch.setattr(nvfp4_matmul, "_INTERPRET", False)
+    monkeypatch.setattr(nvfp4_matmul, "_is_hopper", lambda device: True)
+    q = _weight(64, 512, seed=1)
+    x = torch.randn(8, 520, dtype=torch.bfloat16)
+    assert nvfp4_matmul._wgmma_runs(x[:, :512].contiguous(), q.packed, q.weight_scale)
+    assert not nvfp4_matmul._wgmma_runs(x[:, :512], q.packed, q.weight_scale)  # rows 520 apart: every other off 16
+    assert not nvfp4_matmul._wgmma_runs(x.flatten()[1:4097].view(8, 512), q.packed, q.weight_scale)  # 2 bytes off
+    assert not nvfp4_matmul._wgmma_runs(x[:, :512].float(), q.packed, q.weight_scale)
+    shifted = torch.empty(q.packed.numel() + 16, dtype=torch.uint8)[4:4 + q.packed.numel()].view_as(q.packed)
+    shifted.copy_(q.packed)
+    assert not nvfp4_matmul._wgmma_runs(x[:, :512].contiguous(), shifted, q.weight_scale)  # codes 4 bytes off
+    q_short = _weight(64, 384, seed=2)  # K = 384: not whole 256-k blocks
+    assert not nvfp4_matmul._wgmma_runs(x[:, :384].contiguous(), q_short.packed, q_short.weight_scale)
 
 
 @pytest.mark.parametrize("config", [KernelConfig(16, 32, 64, split_k=3), KernelConfig(32, 32, 64, split_k=3, kernel="dot", join=True, swap=True),
