@@ -32,8 +32,10 @@ Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.
   ``swap``: the same product in plain Triton (the decoded tile as the MMA's first operand, ``_swap_config``),
   where the Gluon tile cannot run (fp16 x, no Hopper or Gluon, misaligned rows).
   MEASURED (H200, the sweeps' best shapes, 2026-12-03): the Gluon tile 1.3-1.4x bf16's speed at M = 4-16,
-  1.0-1.2x at M = 32-64, 0.8-1.0x at M = 100-128 (there the bf16 MMA alone, padded to 128 rows, is estimated
-  at ~28 us of the 46-48 on 14336 x 4096); the Triton tiles 1.0-1.2x at M = 4-16 and 0.6-0.8x at M = 64-128.
+  1.0-1.2x at M = 32-64, 0.8-1.0x at M = 100-128; the Triton tiles 1.0-1.2x at M = 4-16 and 0.6-0.8x at
+  M = 64-128. At M = 128 on 14336 x 4096 the tile takes 46-48 us where its MMA (padded to 128 rows, ~790 TFLOP/s)
+  needs ~19 us and its bytes ~8 us: an estimate points at the decode's instruction issue (255 registers a
+  thread leave two warps per scheduler to hide its latencies), not yet measured.
 - prefill, larger M: a Triton kernel dequantizes W to x's dtype (a slice of output rows at a time, at most
   ``PREFILL_SLICE_BYTES``) and cuBLAS multiplies; at these sizes the matmul is compute bound and cuBLAS beats
   a fused Triton kernel with in-register dequantization.
