@@ -88,7 +88,13 @@ class _QuantizedLinear(nn.Module):
 
 class NVFP4Linear(_QuantizedLinear):
     """Buffers: ``weight`` uint8 [out, in/2], ``weight_scale`` e4m3 [out, in/block],
-    ``weight_scale_2`` float32 [], ``input_scale`` float32 [] or None."""
+    ``weight_scale_2`` float32 [], ``input_scale`` float32 [] or None.
+
+    ``shared_product``: set by ``sibling_fusion`` when this Linear's rows live in one buffer with its siblings'
+    (q/k/v, gate/up), which are then multiplied in one launch."""
+
+    shared_product = None  # a sibling_fusion.SharedProduct
+    shared_index = 0  # its place in the group: which columns of the product are its output
 
     def __init__(
         self,
@@ -130,6 +136,8 @@ class NVFP4Linear(_QuantizedLinear):
         return self.block_size == nvfp4_matmul.KERNEL_BLOCK_SIZE
 
     def _kernel_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if self.shared_product is not None:  # fused only where the kernel runs (sibling_fusion.fusable)
+            return self.shared_product.columns_of(self, x)
         if not self.kernel_block_size_ok or x.device.type != "cuda" or not nvfp4_matmul.available(x.device):
             return None
         return nvfp4_matmul.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, bias)

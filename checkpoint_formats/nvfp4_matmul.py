@@ -224,7 +224,7 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
     if m == 1 or (m <= 4 and small):
         config = KernelConfig(block_m=_next_pow2(m), block_n=16 if m == 1 and n == 4096 else 8, block_k=1024, kernel="gemv")
     elif n * k >= 4096 * 4096 and x_bytes == 2:
-        return _wgmma_config(m, n, k)  # fused_matmul runs _swap_config's Triton tile where this cannot run
+        return _wgmma_config(m, n, k, sm_count)  # fused_matmul runs _swap_config's Triton tile where this cannot run
     elif m <= 16:
         if n * k < 4096 * 4096:
             config = KernelConfig(block_m=16, block_n=16, block_k=512, kernel="dot", join=True)
@@ -249,25 +249,23 @@ def decode_config(m: int, n: int, k: int, sm_count: int, x_bytes: int = 2) -> Ke
     return dataclasses.replace(config, split_k=split)
 
 
-def _wgmma_config(m: int, n: int, k: int) -> KernelConfig:
+def _wgmma_config(m: int, n: int, k: int, sm_count: int) -> KernelConfig:
     """Large weights, bf16 x, M = 2-128 on Hopper: the Gluon tile with its copy ring (``nvfp4_gluon_decode``).
 
     Measured on an H200 (bench/nvfp4_matmul_ring_sweep_gpu.json, ..._ring_sweep2_gpu.json, 19 cells, 34-37
     launch shapes each): 1.1-1.45x faster than the Triton tile on 4096 x 4096, 14336 x 4096 and 4096 x 14336 at
     every M swept (4-128). K tiles of 128 and a 4-stage ring won nearly everywhere, 64-row W tiles except for
-    M > 64 on non-square weights; tall weights (N > K) fill the GPU with little or no K split.
+    M > 64 on non-square weights. K is split until the grid has about 1.5 programs per SM up to M = 64 (more
+    bytes in flight) and 0.75 above (the MMA is the larger share): that rule picks the measured winner's split
+    on all three shapes at every M, and gives shapes not swept (fused q/k/v, gate/up) the same treatment.
     Smaller weights (K/V projections, MoE experts) stay with the x-first Triton tile, which won on two of three.
     """
-    square, tall = n == k, n > k
-    block_m = max(16, _next_pow2(m))
-    if m <= 16:
-        split = 2 if tall else 4
-    elif m <= 64:
-        split = 1 if tall else 4
-    else:
-        split = 1 if tall else 2 if square else 4
-    block_n = 128 if m > 64 and not square else 64
-    return KernelConfig(block_m, block_n, 128, split, block_n // 16, 4, kernel="wgmma")
+    block_n = 128 if m > 64 and n != k else 64
+    wanted = sm_count * (3 / 2 if m <= 64 else 3 / 4)
+    split = 1
+    while -(-n // block_n) * split < wanted and split < 4 and k // (split * 2) >= 256:
+        split *= 2
+    return KernelConfig(max(16, _next_pow2(m)), block_n, 128, split, block_n // 16, 4, kernel="wgmma")
 
 
 def _swap_config(m: int, n: int, k: int) -> KernelConfig:

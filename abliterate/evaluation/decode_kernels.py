@@ -93,16 +93,19 @@ def _rotate_row(x_ptr, out_ptr, cos_ptr, sin_ptr, HALF: tl.constexpr):
 def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, T, HQ,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_qob, stride_qoh, stride_qot, stride_kob, stride_koh, stride_kot,
     stride_cb, stride_ct, stride_sb, stride_st, HALF: tl.constexpr,
 ):  # fmt: skip
-    """Program (token b * T + t, head): heads below HQ are q's, the rest k's; outputs share the inputs' strides."""
+    """Program (token b * T + t, head): heads below HQ are q's, the rest k's. Outputs have strides of their own:
+    q and k may be columns of one fused q/k/v product (``sibling_fusion``), the outputs dense."""
     token, head = tl.program_id(0), tl.program_id(1)
     b, t = token // T, token % T
     cos = cos_ptr + b * stride_cb + t * stride_ct
     sin = sin_ptr + b * stride_sb + t * stride_st
     if head < HQ:
-        offset = b * stride_qb + head * stride_qh + t * stride_qt
-        _rotate_row(q_ptr + offset, q_out_ptr + offset, cos, sin, HALF)
+        source = q_ptr + b * stride_qb + head * stride_qh + t * stride_qt
+        _rotate_row(source, q_out_ptr + b * stride_qob + head * stride_qoh + t * stride_qot, cos, sin, HALF)
     else:
-        offset = b * stride_kb + (head - HQ) * stride_kh + t * stride_kt
-        _rotate_row(k_ptr + offset, k_out_ptr + offset, cos, sin, HALF)
+        head -= HQ
+        source = k_ptr + b * stride_kb + head * stride_kh + t * stride_kt
+        _rotate_row(source, k_out_ptr + b * stride_kob + head * stride_koh + t * stride_kot, cos, sin, HALF)

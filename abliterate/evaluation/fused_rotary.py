@@ -48,31 +48,22 @@ def kernel_takes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         return False
     tensors = (q, k, cos, sin)
     return (len({t.dtype for t in tensors}) == 1 and q.dtype in _DTYPES and all(t.stride(-1) == 1 for t in tensors)
-            and len({t.device for t in tensors}) == 1 and _dense(q) and _dense(k))  # fmt: skip
+            and len({t.device for t in tensors}) == 1)  # fmt: skip
 
 
 def _row_stride(table: torch.Tensor) -> int:
     return table.stride(0) if table.shape[0] > 1 else 0
 
 
-def _dense(tensor: torch.Tensor) -> bool:
-    """A permutation of a contiguous layout (``empty_like`` then keeps its strides, so outputs mirror inputs)."""
-    expected = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride(), strict=True), key=lambda pair: pair[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``apply_rotary_pos_emb(q, k, cos, sin)`` for q/k [B, H, T, D] and cos/sin [B or 1, T, D], bit for bit."""
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)  # the inputs' strides, as eager elementwise ops keep
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)  # dense, in the inputs' dimension order, as eager's
     batch, q_heads, tokens, dim = q.shape
     grid = (batch * tokens, q_heads + k.shape[1])
     kernel._rotary_kernel[grid](
         q, k, q_out, k_out, cos, sin, tokens, q_heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
         _row_stride(cos), cos.stride(1), _row_stride(sin), sin.stride(1), HALF=dim // 2, num_warps=1,
         enable_fp_fusion=False,  # fp32: q * cos + rot * sin rounded twice, as eager computes it
     )  # fmt: skip

@@ -45,6 +45,24 @@ def test_kernel_equals_transformers_bit_for_bit(dtype):
     assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_q_and_k_as_columns_of_one_fused_projection(dtype):
+    """sibling_fusion hands the attention q and k as column slices of one q/k/v product (rows 3x wider than q):
+    the kernel reads them through their strides and writes the dense outputs eager would, bit for bit."""
+    pytest.importorskip("triton")
+    batch, heads, kv_heads, tokens, dim = 3, 4, 2, 2, 16
+    gen = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(batch, tokens, (heads + 2 * kv_heads) * dim, generator=gen) * 4).to(dtype)
+    q = qkv[..., : heads * dim].view(batch, tokens, heads, dim).transpose(1, 2)
+    k = qkv[..., heads * dim : (heads + kv_heads) * dim].view(batch, tokens, kv_heads, dim).transpose(1, 2)
+    _, _, cos, sin = _inputs(dtype, batch, heads, kv_heads, tokens, dim)
+    assert fused_rotary.kernel_takes(q, k, cos, sin)
+    q_ref, k_ref = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    q_out, k_out = fused_rotary.rotary(q, k, cos, sin)
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+    assert q_out.stride() == q_ref.stride() and k_out.stride() == k_ref.stride()
+
+
 def test_kernel_refuses_what_it_does_not_compute():
     q, k, cos, sin = _inputs(torch.float16)
     assert not fused_rotary.kernel_takes(q, k, cos.float(), sin.float())  # mixed dtypes

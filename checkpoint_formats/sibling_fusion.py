@@ -1,0 +1,89 @@
+"""One matmul for the sibling projections that read the same input (q/k/v, gate/up) of a packed NVFP4 model.
+
+Why: in a stage-2 trial on a GPU the decode steps are matmuls at M = 100 tokens, where each launch is bound by
+latency more than by bytes. Llama-style attention reads one input three times (q, k, v: 4096, 1024 and 1024
+outputs on an 8B model, the last two small enough to leave most of an H200's SMs idle), the MLP twice (gate,
+up). vLLM and TensorRT-LLM fuse these at load; transformers does not. Here the members' packed codes and scales
+are moved into one buffer per group (each member keeps a view of its rows: no second copy of any weight), and
+the first member called on an input computes the whole group's output; the others return their columns of it.
+
+A group is fused only where that is exact: every member an ``NVFP4Linear`` on the same CUDA device with the
+matmul kernel available, 16-blocks, the same input size and the same ``weight_scale_2`` (ModelOpt shares it
+across q/k/v and gate/up), no input rounding or AWQ pre-scale, no accelerate hook (offloaded weights move), all
+or none with a bias. The product is then the same sums as the members' own: one kernel computes each output
+column from its own row of codes, whatever the other rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from checkpoint_formats import nvfp4_matmul
+from checkpoint_formats.modules import NVFP4Linear
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class SharedProduct:
+    """The fused weights of one sibling group and its product for the last input it was called on."""
+
+    def __init__(self, members: list[NVFP4Linear]) -> None:
+        self.weight = torch.cat([m.weight for m in members])
+        # through uint8: no float8 kernel needed for the concatenation
+        self.weight_scale = torch.cat([m.weight_scale.view(torch.uint8) for m in members]).view(members[0].weight_scale.dtype)
+        self.weight_scale_2 = members[0].weight_scale_2
+        has_bias = members[0].bias is not None
+        self.bias = torch.cat([m.bias.detach() for m in members]).to(members[0].compute_dtype) if has_bias else None
+        bounds = torch.tensor([0] + [m.out_features for m in members]).cumsum(0).tolist()
+        self.columns = [slice(start, end) for start, end in zip(bounds, bounds[1:])]
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._output: torch.Tensor | None = None
+        self._unserved: set[int] = set()
+        for index, (member, rows) in enumerate(zip(members, self.columns)):  # members' buffers: views of the fused ones
+            member.weight = self.weight[rows]
+            member.weight_scale = self.weight_scale[rows]
+            member.shared_product, member.shared_index = self, index
+
+    def columns_of(self, member: NVFP4Linear, x: torch.Tensor) -> torch.Tensor:
+        """``member``'s output on ``x``: the whole group's product, computed once per input (the same tensor,
+        unchanged since) and let go as soon as every member has its columns, so that no [tokens, width] product
+        outlives its layer (a long prefill's gate/up product is hundreds of MB per layer)."""
+        index = member.shared_index
+        if x is not self._input or x._version != self._version or index not in self._unserved:
+            self._output = nvfp4_matmul.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias)
+            self._input, self._version, self._unserved = x, x._version, set(range(len(self.columns)))
+        columns = self._output[..., self.columns[index]]
+        self._unserved.discard(index)
+        if not self._unserved:
+            self._input = self._output = None
+        return columns
+
+
+def fusable(members: list[nn.Module]) -> bool:
+    """Whether the group's fused product equals its members' own (see the module docstring)."""
+    if not all(type(m) is NVFP4Linear for m in members):
+        return False
+    first = members[0]
+    device = first.weight.device
+    return (nvfp4_matmul.available(device)  # a CUDA device of sm_80+ with Triton
+            and all(m.weight.device == device and m.kernel_block_size_ok and m.in_features == first.in_features
+                    and m.pre_quant_scale is None and not m.simulate_activations and not hasattr(m, "_hf_hook")
+                    and (m.bias is None) == (first.bias is None) and m.weight_scale_2.dtype == first.weight_scale_2.dtype
+                    and m.shared_product is None for m in members)
+            and all(torch.equal(m.weight_scale_2, first.weight_scale_2) for m in members))  # fmt: skip
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """Fuse every sibling group of ``model`` that ``fusable`` allows; returns how many groups were fused."""
+    fused = 0
+    for module in model.modules():
+        if hasattr(module, "_hf_hook"):
+            continue
+        for names in SIBLINGS:
+            members = [getattr(module, name, None) for name in names]
+            if all(m is not None for m in members) and fusable(members):
+                SharedProduct(members)
+                fused += 1
+    return fused
