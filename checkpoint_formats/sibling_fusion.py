@@ -7,11 +7,21 @@ up). vLLM and TensorRT-LLM fuse these at load; transformers does not. Here the m
 are moved into one buffer per group (each member keeps a view of its rows: no second copy of any weight), and
 the first member called on an input computes the whole group's output; the others return their columns of it.
 
-A group is fused only where that is exact: every member an ``NVFP4Linear`` on the same CUDA device with the
-matmul kernel available, 16-blocks, the same input size and the same ``weight_scale_2`` (ModelOpt shares it
-across q/k/v and gate/up), no input rounding or AWQ pre-scale, no accelerate hook (offloaded weights move), all
-or none with a bias. The product is then the same sums as the members' own: one kernel computes each output
-column from its own row of codes, whatever the other rows.
+Under ``torch.inference_mode`` torch keeps no version counter, so an in-place change of the input between two
+members' calls would go unseen there; transformers' modeling code hands every member the same unchanged input.
+
+NOT YET APPLIED BY THE LOADER: its first GPU run (H200, 2026-12-03 15:02 UTC, stage 2 through the CLI) failed
+at the first forward, which runs under inference mode (the version counter; fixed since and tested on the CPU),
+and the session's device time ran out before a run of the fix. ``bench/sibling_fusion_bench.py`` measured the
+fused launches themselves: q/k/v 48.3 -> 40.0 us at M = 100 (32.7 -> 16.8 at M = 16), gate/up unchanged at
+M = 100 (92.9 -> 93.0 us).
+
+A group is fused only where its product is the members' products side by side: every member an ``NVFP4Linear``
+on the same CUDA device with the matmul kernel available, 16-blocks, the same input size and the same
+``weight_scale_2`` (ModelOpt shares it across q/k/v and gate/up), no input rounding or AWQ pre-scale, no
+accelerate hook (offloaded weights move), all or none with a bias. Each output column still comes from its own
+row of codes; only the launch shape (split K included) follows the group's width, so the fp32 sums may be added
+in another order: differences at bf16 rounding (at most 2.6e-3 of the largest output in the bench).
 """
 
 from __future__ import annotations
@@ -51,9 +61,10 @@ class SharedProduct:
         unchanged since) and let go as soon as every member has its columns, so that no [tokens, width] product
         outlives its layer (a long prefill's gate/up product is hundreds of MB per layer)."""
         index = member.shared_index
-        if x is not self._input or x._version != self._version or index not in self._unserved:
+        version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+        if x is not self._input or version != self._version or index not in self._unserved:
             self._output = nvfp4_matmul.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias)
-            self._input, self._version, self._unserved = x, x._version, set(range(len(self.columns)))
+            self._input, self._version, self._unserved = x, version, set(range(len(self.columns)))
         columns = self._output[..., self.columns[index]]
         self._unserved.discard(index)
         if not self._unserved:
@@ -62,7 +73,7 @@ class SharedProduct:
 
 
 def fusable(members: list[nn.Module]) -> bool:
-    """Whether the group's fused product equals its members' own (see the module docstring)."""
+    """Whether the group's fused product is its members' own side by side (see the module docstring)."""
     if not all(type(m) is NVFP4Linear for m in members):
         return False
     first = members[0]

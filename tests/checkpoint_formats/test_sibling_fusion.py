@@ -76,6 +76,9 @@ def test_fused_groups_give_the_members_logits_with_one_matmul_per_group(kernel_o
     widths = {q.out_features + k.out_features + v.out_features, model.model.layers[0].mlp.gate_proj.out_features * 2}
     assert {shape[0] for shape in kernel_on_cpu} == widths  # one launch per group, none per member
     assert len(kernel_on_cpu) == 4
+    with torch.inference_mode():  # as generate and the trials run: inference tensors keep no version counter
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert len(kernel_on_cpu) == 8
 
 
 def test_members_hold_views_of_one_buffer_not_copies(kernel_on_cpu) -> None:
