@@ -245,7 +245,8 @@ def test_prefill_dequantizes_a_slice_of_rows_at_a_time(interpreted, monkeypatch,
     monkeypatch.setattr(interpreted, "PREFILL_SLICE_BYTES", 64 * k * 4)  # 64 fp32 rows
     sliced = interpreted.nvfp4_linear(x, q.packed, q.weight_scale, q.weight_scale_2, b)
     assert shapes == [64, 64, 64, 8]
-    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+    # the same fp32 dot products; CPU BLAS may block an 8-column slice differently (seen: 2.5e-5 absolute, torch 2.13)
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
 
 
 def test_a_broken_kernel_module_fails_the_import_instead_of_falling_back(tmp_path) -> None:
