@@ -6,10 +6,10 @@ tile of decoded weights went through shared memory and back, and each wgmma was 
 tile was decoded: the tile ran at ~1 us per K step where the decode's instructions and the MMA's tensor
 work take ~0.2 us each (SASS, H200, 2026-12-03). Gluon states layouts explicitly, so here
 
-- each thread reads the code words of its rows from shared memory (16-byte loads) and decodes the one byte of each
-  word that its fragment holds: byte ``b`` of a 16-k group holds k = 2b, 2b+1, exactly a fragment register's
-  k pair, and lane bits 0-1 pick ``b`` mod 4 as the fragment's lane bits do (``nvfp4_layouts``): the decoded
-  pairs are the fragment, no shuffle, no shared memory;
+- each thread reads the code words of its rows from shared memory (16-byte loads) and decodes the one byte
+  of each word that its fragment holds: byte ``b`` of a 16-k group holds k = 2b, 2b+1, exactly a fragment
+  register's k pair, and lane bits 0-1 pick ``b`` mod 4 as the fragment's lane bits do (``nvfp4_layouts``): the
+  decoded pairs are the fragment, with no shuffle and no trip of the decoded tile through shared memory;
 - codes, their scales and x stream through a ring of ``STAGES`` shared-memory stages filled by asynchronous
   copies (``cp.async``, 16 bytes a thread; 4 for the scales), ``STAGES - 1`` K tiles in flight, and the wgmma
   is left in flight while the next tile is decoded (``warpgroup_mma_wait(1)``).
@@ -146,8 +146,9 @@ def _wgmma_decode_kernel(
     """out^T[n, m] = sum_k W[n, k] x[m, k] for one [BLOCK_N, BLOCK_M] tile and one K split (``_dot_kernel``'s
     contract: rows past M or N read row M-1 / N-1 and are never stored; split K adds into sums as there).
 
-    K, k_per_split and stride_xm are multiples of 256, 256 and 16 (``launch`` checks): Triton then knows every
-    row start is 16-byte aligned (codes, x) or 4-byte aligned (scales) and issues whole-vector copies."""
+    K, k_per_split and stride_xm are multiples of 256, 256 and 16 (``nvfp4_matmul._wgmma_runs`` and
+    ``fused_matmul`` make sure): every row start is then 16-byte aligned (codes, x) or 4-byte aligned (scales),
+    which the ``gl.multiple_of`` hints below tell Triton, so that it issues whole-vector copies."""
     mma_layout: gl.constexpr = _mma_layout(BLOCK_M, num_warps)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
     byte_layout: gl.constexpr = _byte_layout(BLOCK_N, BLOCK_K)

@@ -253,11 +253,12 @@ def _wgmma_config(m: int, n: int, k: int, sm_count: int) -> KernelConfig:
     """Large weights, bf16 x, M = 2-128 on Hopper: the Gluon tile with its copy ring (``nvfp4_gluon_decode``).
 
     Measured on an H200 (bench/nvfp4_matmul_ring_sweep_gpu.json, ..._ring_sweep2_gpu.json, 19 cells, 34-37
-    launch shapes each): 1.1-1.45x faster than the Triton tile on 4096 x 4096, 14336 x 4096 and 4096 x 14336 at
-    every M swept (4-128). K tiles of 128 and a 4-stage ring won nearly everywhere, 64-row W tiles except for
+    launch shapes each): 1.05-1.45x faster than the Triton tiles on 4096 x 4096, 14336 x 4096 and 4096 x 14336
+    at every M swept (4-128). K tiles of 128 and a 4-stage ring won nearly everywhere, 64-row W tiles except for
     M > 64 on non-square weights. K is split until the grid has about 1.5 programs per SM up to M = 64 (more
-    bytes in flight) and 0.75 above (the MMA is the larger share): that rule picks the measured winner's split
-    on all three shapes at every M, and gives shapes not swept (fused q/k/v, gate/up) the same treatment.
+    bytes in flight) and 0.75 above (the MMA is the larger share): on the three shapes that rule picks the
+    winner's split or one timed within 2% of it at every M swept, and it gives widths not swept (fused q/k/v,
+    gate/up: bench/sibling_fusion_gpu.json) the same treatment.
     Smaller weights (K/V projections, MoE experts) stay with the x-first Triton tile, which won on two of three.
     """
     block_n = 128 if m > 64 and n != k else 64
