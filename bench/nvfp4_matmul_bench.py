@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint_formats import nvfp4
+from checkpoint_formats import nvfp4_launch_shapes as shapes
 from checkpoint_formats import nvfp4_matmul as mm
 from checkpoint_formats import split_k_workspace
 
@@ -157,7 +158,7 @@ def _decode_candidates(m: int, k: int, kinds: frozenset[str]):
     if "dot" in kinds:
         yield from _hand_prefetched_candidates(m)
     if "pipelined" in kinds:
-        bm = max(16, mm._next_pow2(m))
+        bm = max(16, shapes.next_pow2(m))
         tiles = [(16, 256), (32, 128), (32, 256), (64, 128), (64, 64)] if bm == 16 else [(32, 128), (64, 64), (64, 128), (128, 64)]
         for (bn, bk), stages, split in itertools.product(tiles, (3, 4, 5), (1, 2, 4)):
             warps = 8 if bm * bn >= 128 * 64 else 4
@@ -173,17 +174,17 @@ def _decode_candidates(m: int, k: int, kinds: frozenset[str]):
 def _wgmma_candidates(m: int):
     """The Gluon tile (codes decoded into the wgmma fragment, copies in a ring STAGES deep, the MMA left in flight):
     BLOCK_N and BLOCK_K 64 or 128, ring depths that fit in shared memory, split K."""
-    bm = max(16, mm._next_pow2(m))
+    bm = max(16, shapes.next_pow2(m))
     for bn, bk, stages, split in itertools.product((128, 64), (64, 128), (3, 4, 6), (1, 2, 4)):
         stage_bytes = bn * bk * 9 // 16 + bm * bk * 2
-        if stages * stage_bytes <= mm.WGMMA_SHARED_BYTES:
+        if stages * stage_bytes <= shapes.WGMMA_SHARED_BYTES:
             yield mm.KernelConfig(bm, bn, bk, split, bn // 16, stages, kernel="wgmma")
 
 
 def _swap_candidates(m: int):
     """out^T = W x^T (the decoded weight as the MMA's register operand), hand-prefetched and pipelined."""
     C = mm.KernelConfig
-    bm = max(16, mm._next_pow2(m))
+    bm = max(16, shapes.next_pow2(m))
     for bn, bk, split in itertools.product((64, 128), (64, 128), (1, 2, 4)):
         warps = 4 if bn == 64 else 8
         yield C(bm, bn, bk, split, warps, 3, kernel="dot", join=True, swap=True)
@@ -193,7 +194,7 @@ def _swap_candidates(m: int):
 def _wide_swap_candidates(m: int):
     """A wider swap space around the first sweep's winners (BLOCK_N to 256, BLOCK_K down to 32, 4 or 8 warps)."""
     C = mm.KernelConfig
-    bm = max(16, mm._next_pow2(m))
+    bm = max(16, shapes.next_pow2(m))
     for (bn, warps), bk, split in itertools.product(((64, 4), (128, 4), (128, 8), (256, 8)), (32, 64, 128), (1, 2, 4)):
         yield C(bm, bn, bk, split, warps, 3, kernel="dot", join=True, swap=True)
     for bn, bk, split, stages in itertools.product((128, 256), (64, 128), (1, 2, 4), (3, 5)):
@@ -204,7 +205,7 @@ def _hand_prefetched_candidates(m: int):
     """The hand-prefetched kernels' launch shapes (the sweep that tuned ``decode_config``)."""
     C = mm.KernelConfig
     if m <= 4:
-        bm = mm._next_pow2(m)
+        bm = shapes.next_pow2(m)
         for bn, bk, split in [(16, 1024, 1), (16, 1024, 2), (16, 1024, 4), (16, 512, 4), (16, 256, 1),
                               (32, 512, 2), (32, 512, 4), (8, 1024, 1), (8, 512, 2)]:  # fmt: skip
             yield C(bm, bn, bk, split, kernel="gemv")

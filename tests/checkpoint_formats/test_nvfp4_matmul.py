@@ -17,7 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # read when nvfp4_matmul defines
 import pytest
 import torch
 
-from checkpoint_formats import nvfp4, nvfp4_matmul
+from checkpoint_formats import nvfp4, nvfp4_launch_shapes, nvfp4_matmul
 from checkpoint_formats.nvfp4_matmul import KernelConfig
 
 
@@ -139,9 +139,9 @@ def test_large_weights_at_16_bit_x_take_the_wgmma_tile_or_the_swapped_one(m: int
     launch shape it accepts; where it cannot run, the swapped Triton tile."""
     config = nvfp4_matmul.decode_config(m, n, k, 132, 2)
     assert config.kernel == "wgmma"
-    nvfp4_matmul._check_wgmma_config(config)
+    nvfp4_launch_shapes.check_wgmma_config(config)
     assert config.block_m >= m and k % (config.block_k * config.split_k) == 0
-    fallback = nvfp4_matmul._swap_config(m, n, k)
+    fallback = nvfp4_launch_shapes.swap_config(m, n, k)
     assert fallback.kernel == "dot" and fallback.join and fallback.swap
     assert fallback.block_m >= m and k % (fallback.block_k * fallback.split_k) == 0
 
