@@ -64,7 +64,7 @@ def test_directions_file_is_never_left_truncated(tmp_path, monkeypatch):
     """A kill while the study's directions file is written must not leave a file every resume fails to load."""
     from safetensors.torch import load_file, save_file
 
-    import abliterate.run as run
+    from abliterate import direction_store
 
     path = tmp_path / "study" / "x.directions.safetensors"
     directions = torch.randn(7, 64)
@@ -74,12 +74,12 @@ def test_directions_file_is_never_left_truncated(tmp_path, monkeypatch):
             handle.write(b"\x08\x00\x00")  # the first bytes of a header, then the kill
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run, "save_file", killed_mid_write)
+    monkeypatch.setattr(direction_store, "save_file", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        run.save_directions_atomically(directions, path)
+        direction_store.save_directions_atomically(directions, path)
     assert list(path.parent.iterdir()) == [], "neither the final nor the temporary file may remain"
 
-    monkeypatch.setattr(run, "save_file", save_file)
-    run.save_directions_atomically(directions, path)
+    monkeypatch.setattr(direction_store, "save_file", save_file)
+    direction_store.save_directions_atomically(directions, path)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     torch.testing.assert_close(load_file(str(path))["refusal_directions"], directions)
