@@ -137,7 +137,7 @@ class NVFP4Linear(_QuantizedLinear):
 
     def _kernel_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         if self.shared_product is not None:  # fused only where the kernel runs (sibling_fusion.fusable)
-            return self.shared_product.columns_of(self, x)
+            return self.shared_product.columns_of(self, x, bias)
         if not self.kernel_block_size_ok or x.device.type != "cuda" or not nvfp4_matmul.available(x.device):
             return None
         return nvfp4_matmul.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, bias)

@@ -125,7 +125,9 @@ def _k_step(i, tiles, w_ring, s_ring, x_ring, w_base, s_base, x_base, w_offs, s_
     stage = i % STAGES
     async_copy.wait_group(STAGES - 2)  # this thread's copies of tile i have landed
     gl.thread_barrier()  # ... and so have every other thread's
-    fence_async_shared()  # ... and the MMA's (async proxy) reads of x see them
+    # ... and the MMA's (async proxy) reads of x see them. After the barrier, as Triton orders its own pipelines:
+    # its shared-memory analysis puts a barrier right after every wait anyway, so a fence before it would cost one
+    fence_async_shared()
     words = w_ring.index(stage).load(word_layout)
     scales = s_ring.index(stage).load(scale_layout)
     w = _decoded_fragment(words, scales, byte_layout, a_layout, BLOCK_N, BLOCK_K)

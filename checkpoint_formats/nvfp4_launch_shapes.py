@@ -80,11 +80,14 @@ def wgmma_config(m: int, n: int, k: int, sm_count: int) -> KernelConfig:
 
     Measured on an H200 (bench/nvfp4_matmul_ring_sweep_gpu.json, ..._ring_sweep2_gpu.json, 19 cells, 34-37
     launch shapes each): 1.05-1.45x faster than the Triton tiles on 4096 x 4096, 14336 x 4096 and 4096 x 14336
-    at every M swept (4-128). K tiles of 128 and a 4-stage ring won nearly everywhere, 64-row W tiles except for
-    M > 64 on non-square weights. K is split until the grid has about 1.5 programs per SM up to M = 64 (more
-    bytes in flight) and 0.75 above (the MMA is the larger share): on the three shapes that rule picks the
-    winner's split or one timed within 2% of it at every M swept, and it gives widths not swept (fused q/k/v,
-    gate/up: bench/sibling_fusion_gpu.json) the same treatment.
+    at every M swept (4-128). K tiles of 128 won in all 19 cells; a 4-stage ring was best or within 3% of the
+    best in 18 (4096 x 4096 at M = 100: 6 stages, 9% faster); 128-row W tiles won at M = 100 on the non-square
+    weights and 64-row ones everywhere else, M = 128 included (by 3% and 9%: not yet followed here, pending a
+    whole-trial A/B). K is split until the grid has about 1.5 programs per SM up to M = 64 (more bytes in flight)
+    and 0.75 above (the MMA is the larger share): on the three shapes that rule picks the winner's split or one
+    timed within 2% of it at every M swept, and it gives widths not swept (fused q/k/v, gate/up:
+    bench/sibling_fusion_gpu.json) the same treatment. (The stage-2 run of 14:44 UTC used the rule before it,
+    commit 912a63f, which differs in two cells, both within 2%.)
     Smaller weights (K/V projections, MoE experts) stay with the x-first Triton tile, which won on two of three.
     """
     block_n = 128 if m > 64 and n != k else 64
@@ -143,10 +146,11 @@ WGMMA_SHARED_BYTES = 227 << 10  # an H100/H200 block's shared memory
 def check_wgmma_config(config: KernelConfig) -> None:
     """Refuse a wgmma launch shape the Gluon tile cannot take (a ValueError naming the field)."""
     if not (config.block_k in (64, 128) and config.block_n in (64, 128) and config.block_m in (16, 32, 64, 128)):
-        raise ValueError(f"kernel='wgmma' needs block_k 64 or 128, block_n 64 or 128 and block_m 16-128, got {config}")
+        raise ValueError(f"kernel='wgmma' needs block_k 64 or 128, block_n 64 or 128 and block_m 16, 32, 64 or 128, "
+                         f"got {config}")  # fmt: skip
     if config.num_stages < 3:
         raise ValueError(f"kernel='wgmma' needs num_stages (its copy ring's depth) >= 3, got {config}")
     stage_bytes = config.block_n * config.block_k * 9 // 16 + config.block_m * config.block_k * 2
     if config.num_stages * stage_bytes > WGMMA_SHARED_BYTES:
         raise ValueError(f"kernel='wgmma': {config.num_stages} stages of {stage_bytes} bytes exceed the "
-                         f"{WGMMA_SHARED_BYTES} bytes of shared memory a block has; lower num_stages or block_m")  # fmt: skip
+                         f"{WGMMA_SHARED_BYTES} bytes of shared memory a block has; lower num_stages, block_m, block_n or block_k")  # fmt: skip

@@ -257,7 +257,8 @@ def fused_matmul(
 
 def _wgmma_runs(x2d: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor) -> bool:
     """Where the Gluon tile can run: compiled Triton with Gluon, bf16 x on a Hopper GPU, K in whole 256-k blocks,
-    and the 16-byte alignment its whole-vector copies assume (rows of x, codes and scales start on 16 bytes)."""
+    and the alignment its whole-vector copies assume: x, codes and scales start on 16 bytes, and x's row stride is
+    a multiple of 16 elements (Triton's divisibility specialization, which tells the kernel its rows are aligned)."""
     aligned = all(t.data_ptr() % 16 == 0 for t in (x2d, packed, weight_scale)) and x2d.stride(0) % 16 == 0
     return (gluon_decode is not None and not _INTERPRET and x2d.dtype == torch.bfloat16
             and packed.shape[1] * 2 % 256 == 0 and aligned and _is_hopper(x2d.device))  # fmt: skip

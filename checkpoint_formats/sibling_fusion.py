@@ -18,7 +18,7 @@ M = 100 (92.9 -> 93.0 us).
 
 A group is fused only where its product is the members' products side by side: every member an ``NVFP4Linear``
 on the same CUDA device with the matmul kernel available, 16-blocks, the same input size and the same
-``weight_scale_2`` (ModelOpt shares it across q/k/v and gate/up), no input rounding or AWQ pre-scale, no
+``weight_scale_2`` (ModelOpt shares it across q/k/v and gate/up), no input rounding (not even one that can be switched on) or AWQ pre-scale, no
 accelerate hook (offloaded weights move), all or none with a bias. Each output column still comes from its own
 row of codes; only the launch shape (split K included) follows the group's width, so the fp32 sums may be added
 in another order: differences at bf16 rounding (at most 2.6e-3 of the largest output in the bench).
@@ -39,12 +39,13 @@ class SharedProduct:
     """The fused weights of one sibling group and its product for the last input it was called on."""
 
     def __init__(self, members: list[NVFP4Linear]) -> None:
+        self.members = members
         self.weight = torch.cat([m.weight for m in members])
         # through uint8: no float8 kernel needed for the concatenation
         self.weight_scale = torch.cat([m.weight_scale.view(torch.uint8) for m in members]).view(members[0].weight_scale.dtype)
         self.weight_scale_2 = members[0].weight_scale_2
         has_bias = members[0].bias is not None
-        self.bias = torch.cat([m.bias.detach() for m in members]).to(members[0].compute_dtype) if has_bias else None
+        self.bias = torch.cat([m.bias.detach() for m in members]) if has_bias else None
         bounds = torch.tensor([0] + [m.out_features for m in members]).cumsum(0).tolist()
         self.columns = [slice(start, end) for start, end in zip(bounds, bounds[1:])]
         self._input: torch.Tensor | None = None
@@ -56,20 +57,34 @@ class SharedProduct:
             member.weight_scale = self.weight_scale[rows]
             member.shared_product, member.shared_index = self, index
 
-    def columns_of(self, member: NVFP4Linear, x: torch.Tensor) -> torch.Tensor:
+    def columns_of(self, member: NVFP4Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """``member``'s output on ``x``: the whole group's product, computed once per input (the same tensor,
         unchanged since) and let go as soon as every member has its columns, so that no [tokens, width] product
-        outlives its layer (a long prefill's gate/up product is hundreds of MB per layer)."""
+        outlives its layer (a long prefill's gate/up product is hundreds of MB per layer).
+
+        Where the members turn out not to share their inputs (a new input arrives before every member had the
+        last product: cross-attention, say) or the model was moved off the fused buffers' device, the group is
+        dissolved and each member multiplies on its own again (its rows stay views of the fused buffers)."""
         index = member.shared_index
         version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
         if x is not self._input or version != self._version or index not in self._unserved:
-            self._output = nvfp4_matmul.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias)
+            if self._unserved or member.weight.device != self.weight.device:
+                self.dissolve()
+                return member._kernel_linear(x, bias)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            self._output = nvfp4_matmul.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, bias)
             self._input, self._version, self._unserved = x, version, set(range(len(self.columns)))
         columns = self._output[..., self.columns[index]]
         self._unserved.discard(index)
         if not self._unserved:
             self._input = self._output = None
         return columns
+
+    def dissolve(self) -> None:
+        for member in self.members:
+            member.shared_product = None
+        self._input = self._output = None
+        self._unserved = set()
 
 
 def fusable(members: list[nn.Module]) -> bool:
@@ -80,7 +95,7 @@ def fusable(members: list[nn.Module]) -> bool:
     device = first.weight.device
     return (nvfp4_matmul.available(device)  # a CUDA device of sm_80+ with Triton
             and all(m.weight.device == device and m.kernel_block_size_ok and m.in_features == first.in_features
-                    and m.pre_quant_scale is None and not m.simulate_activations and not hasattr(m, "_hf_hook")
+                    and m.pre_quant_scale is None and m.activation_mode is None and not hasattr(m, "_hf_hook")
                     and (m.bias is None) == (first.bias is None) and m.weight_scale_2.dtype == first.weight_scale_2.dtype
                     and m.shared_product is None for m in members)
             and all(torch.equal(m.weight_scale_2, first.weight_scale_2) for m in members))  # fmt: skip

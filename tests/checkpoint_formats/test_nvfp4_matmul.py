@@ -170,7 +170,7 @@ def test_unknown_kernels_are_refused(config: KernelConfig) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        (KernelConfig(64, 64, 64, num_stages=2, kernel="wgmma"), "num_stages"),
+        (KernelConfig(64, 64, 64, num_stages=2, kernel="wgmma"), "num_stages .* >= 3"),
         (KernelConfig(128, 128, 128, num_stages=6, kernel="wgmma"), "shared memory"),  # 6 x 41,984 bytes
         (KernelConfig(64, 64, 32, kernel="wgmma"), "block_k 64 or 128"),
     ],
@@ -189,12 +189,16 @@ def test_the_wgmma_tile_runs_only_on_16_byte_aligned_rows(monkeypatch) -> None:
     q = _weight(64, 512, seed=1)
     x = torch.randn(8, 520, dtype=torch.bfloat16)
     assert nvfp4_matmul._wgmma_runs(x[:, :512].contiguous(), q.packed, q.weight_scale)
-    assert not nvfp4_matmul._wgmma_runs(x[:, :512], q.packed, q.weight_scale)  # rows 520 apart: every other off 16
+    assert not nvfp4_matmul._wgmma_runs(x[:, :512], q.packed, q.weight_scale)  # a row stride of 520, not 16k elements
     assert not nvfp4_matmul._wgmma_runs(x.flatten()[1:4097].view(8, 512), q.packed, q.weight_scale)  # 2 bytes off
     assert not nvfp4_matmul._wgmma_runs(x[:, :512].float(), q.packed, q.weight_scale)
     shifted = torch.empty(q.packed.numel() + 16, dtype=torch.uint8)[4:4 + q.packed.numel()].view_as(q.packed)
     shifted.copy_(q.packed)
     assert not nvfp4_matmul._wgmma_runs(x[:, :512].contiguous(), shifted, q.weight_scale)  # codes 4 bytes off
+    scales = torch.empty(q.weight_scale.numel() + 16, dtype=torch.uint8)[4:4 + q.weight_scale.numel()]
+    scales = scales.view(torch.float8_e4m3fn).view_as(q.weight_scale)
+    scales.copy_(q.weight_scale)
+    assert not nvfp4_matmul._wgmma_runs(x[:, :512].contiguous(), q.packed, scales)  # scales 4 bytes off
     q_short = _weight(64, 384, seed=2)  # K = 384: not whole 256-k blocks
     assert not nvfp4_matmul._wgmma_runs(x[:, :384].contiguous(), q_short.packed, q_short.weight_scale)
 
