@@ -173,9 +173,11 @@ def _decode_candidates(m: int, k: int, kinds: frozenset[str]):
 
 def _wgmma_candidates(m: int):
     """The Gluon tile (codes decoded into the wgmma fragment, copies in a ring STAGES deep, the MMA left in flight):
-    BLOCK_N and BLOCK_K 64 or 128, ring depths that fit in shared memory, split K."""
+    BLOCK_N and BLOCK_K 64 or 128, ring depths that fit in shared memory, split K (8 too at M <= 16, where the
+    2026-12-03 sweeps' winners on square and wide weights took the largest split offered, 4)."""
     bm = max(16, shapes.next_pow2(m))
-    for bn, bk, stages, split in itertools.product((128, 64), (64, 128), (3, 4, 6), (1, 2, 4)):
+    splits = (1, 2, 4, 8) if m <= 16 else (1, 2, 4)
+    for bn, bk, stages, split in itertools.product((128, 64), (64, 128), (3, 4, 6), splits):
         stage_bytes = bn * bk * 9 // 16 + bm * bk * 2
         if stages * stage_bytes <= shapes.WGMMA_SHARED_BYTES:
             yield mm.KernelConfig(bm, bn, bk, split, bn // 16, stages, kernel="wgmma")
