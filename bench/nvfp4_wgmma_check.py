@@ -6,7 +6,7 @@ shows up as a call that is wrong now and then, not in a single call. So each cas
 inputs and reports the worst call: the bf16 output's error against an fp32 reference, the fp32 output's largest
 difference from the Triton tile's (both sum in K order: rounding only), and whether the split-K workspace was left
 clean. Cases cover the ring depths, both tile widths and depths, split K 1-8 (unequal last split), partial
-M and N tiles, and a bias.
+M and N tiles, a bias, and x rows further apart than K.
 
 Device: `python bench/nvfp4_wgmma_check.py --out $OUT/nvfp4_wgmma_check_gpu.json`
 """
@@ -27,26 +27,27 @@ sys.path.insert(0, str(REPO))
 from checkpoint_formats import nvfp4, split_k_workspace  # noqa: E402
 from checkpoint_formats import nvfp4_matmul as mm  # noqa: E402
 
-# (N, K, M, block_m, block_n, block_k, stages, split_k, bias)
+# (N, K, M, block_m, block_n, block_k, stages, split_k, bias, extra x columns: rows of x further apart than K)
 CASES = [
-    (4096, 4096, 100, 128, 128, 64, 4, 4, False),
-    (14336, 4096, 100, 128, 128, 64, 6, 1, False),
-    (14336, 4096, 128, 128, 64, 128, 3, 2, True),
-    (4096, 14336, 100, 128, 64, 64, 4, 3, False),  # unequal splits: 4864, 4864, 4608
-    (1024, 4096, 64, 64, 64, 128, 4, 8, False),
-    (4096, 4096, 16, 16, 64, 64, 6, 4, True),
-    (14336, 4096, 5, 16, 128, 128, 4, 2, False),
-    (1000, 4096, 33, 64, 128, 64, 3, 1, True),  # partial N and M tiles
+    (4096, 4096, 100, 128, 128, 64, 4, 4, False, 0),
+    (14336, 4096, 100, 128, 128, 64, 6, 1, False, 0),
+    (14336, 4096, 128, 128, 64, 128, 3, 2, True, 0),
+    (4096, 14336, 100, 128, 64, 64, 4, 3, False, 0),  # unequal splits: 4864, 4864, 4608
+    (1024, 4096, 64, 64, 64, 128, 4, 8, False, 0),
+    (4096, 4096, 16, 16, 64, 64, 6, 4, True, 0),
+    (14336, 4096, 5, 16, 128, 128, 4, 2, False, 0),
+    (1000, 4096, 33, 64, 128, 64, 3, 1, True, 0),  # partial N and M tiles
+    (4096, 4096, 100, 128, 64, 128, 4, 2, False, 256),  # x a column slice of a wider tensor (stride 4352)
 ]
 
 
 def check(case: tuple, calls: int) -> dict:
-    n, k, m, bm, bn, bk, stages, split, with_bias = case
+    n, k, m, bm, bn, bk, stages, split, with_bias, extra = case
     config = mm.KernelConfig(bm, bn, bk, split, bn // 16, stages, kernel="wgmma")
     generator = torch.Generator(device="cuda").manual_seed(n + k + m)
     weight = nvfp4.quantize_weight(torch.randn(n, k, device="cuda", generator=generator) * 0.02)
     args = (weight.packed, weight.weight_scale, weight.weight_scale_2)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=generator)
+    x = torch.randn(m, k + extra, device="cuda", dtype=torch.bfloat16, generator=generator)[:, :k]
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=generator) if with_bias else None
     reference = x.float() @ nvfp4.dequantize_weight(weight, torch.float32).T + (bias.float() if with_bias else 0)
     scale = reference.abs().max()
@@ -60,7 +61,8 @@ def check(case: tuple, calls: int) -> dict:
     workspace = split_k_workspace.workspace_for(x.device, m * n, 1)
     clean = workspace is None or not (workspace.sums.any() or workspace.arrivals.any())
     errors, fp32_diff = errors.cpu(), fp32_diff.cpu()
-    return {"n": n, "k": k, "m": m, "config": config.__dict__, "bias": with_bias, "calls": calls,
+    return {"n": n, "k": k, "m": m, "config": config.__dict__, "bias": with_bias, "x_stride": x.stride(0),
+            "calls": calls,
             "ran_wgmma": mm._wgmma_runs(x, weight.packed, weight.weight_scale),
             "max_error": float(errors.max()), "wrong_calls": int((errors > 0.05).sum()),
             "max_fp32_diff_vs_triton_tile": float(fp32_diff.max()), "workspace_clean": bool(clean)}  # fmt: skip
