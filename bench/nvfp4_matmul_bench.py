@@ -178,8 +178,7 @@ def _wgmma_candidates(m: int):
     bm = max(16, shapes.next_pow2(m))
     splits = (1, 2, 4, 8) if m <= 16 else (1, 2, 4)
     for bn, bk, stages, split in itertools.product((128, 64), (64, 128), (3, 4, 6), splits):
-        stage_bytes = bn * bk * 9 // 16 + bm * bk * 2
-        if stages * stage_bytes <= shapes.WGMMA_SHARED_BYTES:
+        if stages * shapes.wgmma_stage_bytes(bm, bn, bk) <= shapes.WGMMA_SHARED_BYTES:
             yield mm.KernelConfig(bm, bn, bk, split, bn // 16, stages, kernel="wgmma")
 
 

@@ -143,6 +143,12 @@ def pipelined_config(m: int, n: int, k: int) -> KernelConfig:
 WGMMA_SHARED_BYTES = 227 << 10  # an H100/H200 block's shared memory
 
 
+def wgmma_stage_bytes(block_m: int, block_n: int, block_k: int) -> int:
+    """Shared memory of one stage of the Gluon tile's copy ring: codes (1/2 byte each), E4M3 scales (1/16) and
+    bf16 x (2 bytes each)."""
+    return block_n * block_k * 9 // 16 + block_m * block_k * 2
+
+
 def check_wgmma_config(config: KernelConfig) -> None:
     """Refuse a wgmma launch shape the Gluon tile cannot take (a ValueError naming the field)."""
     if not (config.block_k in (64, 128) and config.block_n in (64, 128) and config.block_m in (16, 32, 64, 128)):
@@ -150,7 +156,7 @@ def check_wgmma_config(config: KernelConfig) -> None:
                          f"got {config}")  # fmt: skip
     if config.num_stages < 3:
         raise ValueError(f"kernel='wgmma' needs num_stages (its copy ring's depth) >= 3, got {config}")
-    stage_bytes = config.block_n * config.block_k * 9 // 16 + config.block_m * config.block_k * 2
+    stage_bytes = wgmma_stage_bytes(config.block_m, config.block_n, config.block_k)
     if config.num_stages * stage_bytes > WGMMA_SHARED_BYTES:
         raise ValueError(f"kernel='wgmma': {config.num_stages} stages of {stage_bytes} bytes exceed the "
                          f"{WGMMA_SHARED_BYTES} bytes of shared memory a block has; lower num_stages, block_m, block_n or block_k")  # fmt: skip
