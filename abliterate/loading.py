@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from abliterate.quantization.options import NVFP4, QuantizationRequest
 from checkpoint_formats.integrity import check_safetensors_folder
 from checkpoint_formats.placement import input_device
+from checkpoint_formats.sibling_fusion import fuse_siblings
 from foundation.devices import require_visible_device
 from foundation.dtypes import TORCH_DTYPES as _DTYPES
 from foundation.errors import UserError
@@ -50,6 +51,7 @@ class LoadedModel:
     source_format: str  # "plain" or the formats loader's name for the checkpoint
     dtype: str
     held_as: str = "plain"  # "packed", "dequantized" or "plain"
+    fused_groups: int = 0  # packed q/k/v and gate/up groups multiplied in one launch (checkpoint_formats.sibling_fusion)
 
     @property
     def resident_bytes(self) -> int:
@@ -233,6 +235,7 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
             model = _load_once(path, dtype_name, quantized, device_map, memory, trust_remote_code, quantization, held_as,
                                offload_folder)
             model.eval()
+            fused_groups = fuse_siblings(model) if held_as == "packed" else 0
         except UserError:
             raise
         except (ValueError, RuntimeError, TypeError, OSError, SafetensorError) as error:
@@ -257,7 +260,7 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
         if quantization is not None and quantization.enabled:
             source_format = f"plain, quantized on load: {quantization.describe()}"
             held_as = f"quantized on load ({quantization.option})"
-        return LoadedModel(model, tokenizer, source_format, dtype_name, held_as)
+        return LoadedModel(model, tokenizer, source_format, dtype_name, held_as, fused_groups)
     reasons = {error.split(": ", 1)[1] for error in errors}
     if len(errors) > 1 and len(reasons) == 1:  # the same failure whatever the dtype: another --dtypes list cannot help
         raise UserError("--model", f"{path} did not load (the same error with every dtype of --dtypes): {reasons.pop()}",

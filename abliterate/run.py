@@ -199,7 +199,8 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                         max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code,
                         offload_folder=settings.offload_folder, quantization=settings.quantization_request(), load_as=settings.load_as)
     model, tokenizer = loaded.model, loaded.tokenizer
-    console.print(f"model: {settings.model} ({loaded.source_format}, dtype {loaded.dtype}, held {loaded.held_as}, "
+    fused = f", {loaded.fused_groups} q/k/v and gate/up groups in one matmul each" if loaded.fused_groups else ""
+    console.print(f"model: {settings.model} ({loaded.source_format}, dtype {loaded.dtype}, held {loaded.held_as}{fused}, "
                   f"resident {loaded.resident_bytes / 2**30:.2f} GiB)")
     architecture = discover(model)
     print_architecture(architecture, console)

@@ -10,15 +10,18 @@ the first member called on an input computes the whole group's output; the other
 Under ``torch.inference_mode`` torch keeps no version counter, so an in-place change of the input between two
 members' calls would go unseen there; transformers' modeling code hands every member the same unchanged input.
 
-NOT YET APPLIED BY THE LOADER: its first GPU run (H200, 2026-12-03 15:02 UTC, stage 2 through the CLI) failed
-at the first forward, which runs under inference mode (the version counter; fixed since and tested on the CPU),
-and the session's device time ran out before a run of the fix. ``bench/sibling_fusion_bench.py`` measured the
-fused launches themselves: q/k/v 48.3 -> 40.0 us at M = 100 (32.7 -> 16.8 at M = 16), gate/up unchanged at
-M = 100 (92.9 -> 93.0 us).
+Applied by ``abliterate.loading`` to every packed load (the run's header says how many groups). Its first GPU
+run (H200, 2026-12-03 15:02 UTC) failed at the first forward, which runs under inference mode (the version
+counter; fixed and tested on the CPU since); the next one fused nothing, because every ModelOpt NVFP4
+checkpoint is W4A4 and members whose inputs *could* be rounded were left apart (now: only members whose rounding
+is on). ``bench/sibling_fusion_bench.py`` measured the fused launches themselves: q/k/v 48.3 -> 40.0 us at
+M = 100 (32.7 -> 16.8 at M = 16), gate/up unchanged at M = 100 (92.9 -> 93.0 us).
 
 A group is fused only where its product is the members' products side by side: every member an ``NVFP4Linear``
 on the same CUDA device with the matmul kernel available, 16-blocks, the same input size and the same
-``weight_scale_2`` (ModelOpt shares it across q/k/v and gate/up), no input rounding (not even one that can be switched on) or AWQ pre-scale, no
+``weight_scale_2`` (ModelOpt shares it across q/k/v and gate/up), no AWQ pre-scale, no input rounding (a W4A4
+checkpoint's members are fused while its simulation is off, as stage 2 loads it; a member whose simulation is
+switched on later multiplies its own rounded input, and the group dissolves at the first mismatch), no
 accelerate hook (offloaded weights move), all or none with a bias. Each output column still comes from its own
 row of codes; only the launch shape (split K included) follows the group's width, so the fp32 sums may be added
 in another order: differences at bf16 rounding (at most 2.6e-3 of the largest output in the bench).
@@ -95,7 +98,7 @@ def fusable(members: list[nn.Module]) -> bool:
     device = first.weight.device
     return (nvfp4_matmul.available(device)  # a CUDA device of sm_80+ with Triton
             and all(m.weight.device == device and m.kernel_block_size_ok and m.in_features == first.in_features
-                    and m.pre_quant_scale is None and m.activation_mode is None and not hasattr(m, "_hf_hook")
+                    and m.pre_quant_scale is None and not m.simulate_activations and not hasattr(m, "_hf_hook")
                     and (m.bias is None) == (first.bias is None) and m.weight_scale_2.dtype == first.weight_scale_2.dtype
                     and m.shared_product is None for m in members)
             and all(torch.equal(m.weight_scale_2, first.weight_scale_2) for m in members))  # fmt: skip

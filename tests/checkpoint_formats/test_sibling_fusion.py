@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint_formats import nvfp4, nvfp4_matmul, sibling_fusion
-from checkpoint_formats.modules import NVFP4Linear
+from checkpoint_formats.modules import NVFP4Linear, set_activation_simulation
 from tests.tiny_models import dense_llama
 
 
@@ -163,7 +163,8 @@ def test_groups_whose_product_would_differ_stay_apart(kernel_on_cpu, monkeypatch
     model = _model()
     model.model.layers[0].self_attn.k_proj.pre_quant_scale = torch.ones(model.config.hidden_size)  # AWQ pre-scale
     model.model.layers[1].mlp.up_proj._hf_hook = object()  # an accelerate hook moves its weights
-    model.model.layers[1].self_attn.v_proj.activation_mode = "fp8"  # input rounding can be switched on later
+    model.model.layers[1].self_attn.v_proj.activation_mode = "fp8"
+    model.model.layers[1].self_attn.v_proj.simulate_activations = True  # its input is rounded
     assert sibling_fusion.fuse_siblings(model) == 1
     assert model.model.layers[0].self_attn.q_proj.shared_product is None
     assert model.model.layers[1].mlp.gate_proj.shared_product is None
@@ -175,3 +176,23 @@ def test_groups_whose_product_would_differ_stay_apart(kernel_on_cpu, monkeypatch
 def test_nothing_is_fused_where_the_kernel_does_not_run() -> None:
     """A plain CPU: the packed model keeps transformers' three calls (and its CPU numerics)."""
     assert sibling_fusion.fuse_siblings(_model()) == 0
+
+
+def test_a_w4a4_model_is_fused_while_its_rounding_is_off_and_exact_once_switched_on(kernel_on_cpu) -> None:
+    """Stage 2 loads W4A4 checkpoints with input rounding off: fused. Switched on later (checkpoint verify does),
+    each member rounds and multiplies its own input again, so the logits are the unfused model's with rounding."""
+    models = [_model(), _model()]
+    ids = torch.randint(0, models[0].config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, NVFP4Linear):
+                module.activation_mode, module.input_scale = "nvfp4", torch.tensor(0.05)
+    assert sibling_fusion.fuse_siblings(models[1]) == 2 * len(models[1].model.layers)
+    with torch.no_grad():
+        unrounded = models[0](ids).logits
+        torch.testing.assert_close(models[1](ids).logits, unrounded, rtol=1e-5, atol=1e-5)
+        for model in models:
+            assert set_activation_simulation(model, True) > 0
+        rounded = models[0](ids).logits
+        assert (rounded - unrounded).abs().max() > 1e-3  # the rounding is switched on and shows
+        torch.testing.assert_close(models[1](ids).logits, rounded, rtol=1e-5, atol=1e-5)
