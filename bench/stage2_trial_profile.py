@@ -99,6 +99,30 @@ def _prompt_count(args, kwargs, result) -> dict:
     return {"prompts": len(result) if isinstance(result, list) else None, "max_new_tokens": kwargs.get("max_new_tokens")}
 
 
+def _profile_nth_apply(owner, call: int, recorder: Recorder, out_dir: Path) -> None:
+    """The ``call``-th edit.apply (the one before the profiled evaluate) under torch.profiler, sorted by host time:
+    the edit's factors are many small launches and host round trips, so its cost is where the host waits."""
+    original, calls = owner.apply, [0]
+
+    def apply(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] != call - 1:
+            return original(self, *args, **kwargs)
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if recorder.cuda else [])
+        with profile(activities=activities) as prof:
+            result = original(self, *args, **kwargs)
+            recorder.sync()
+        (out_dir / "stage2_trial_profile_apply.txt").write_text(
+            prof.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=70)
+            + "\n" + prof.key_averages().table(sort_by="cuda_time_total" if recorder.cuda else "self_cpu_time_total",
+                                                row_limit=25, max_name_column_width=70))
+        return result
+
+    owner.apply = apply
+
+
 def install(recorder: Recorder, profile_call: int, out_dir: Path) -> None:
     """Timers around the trial's parts; the ``profile_call``-th evaluate() runs under torch.profiler."""
     torch = recorder.torch
@@ -106,6 +130,7 @@ def install(recorder: Recorder, profile_call: int, out_dir: Path) -> None:
     from abliterate.evaluation import evaluator, static_decode
 
     recorder.wrap(lora.LoraAbliterator, "apply", "edit.apply")
+    _profile_nth_apply(lora.LoraAbliterator, profile_call, recorder, out_dir)
     recorder.wrap(lora.LoraAbliterator, "reset", "edit.reset")
     recorder.wrap(evaluator, "generate_greedy", "generate_greedy", _prompt_count)
     recorder.wrap(evaluator, "continuation_log_probs", "kl.continuation_log_probs")

@@ -25,6 +25,8 @@ Methods:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Generator
 from typing import Literal
 
 import torch
@@ -55,9 +57,7 @@ def _low_rank(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor,
     if sketch_size == min(rows, columns):
         u, s, vh = small_svd(matrix)
     else:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        probe = torch.randn(columns, sketch_size, generator=generator).to(matrix)
-        basis = range_basis(matrix @ probe)
+        basis = range_basis(matrix @ random_probe(seed, columns, sketch_size, matrix.device).to(matrix.dtype))
         for _ in range(_POWER_ITERATIONS):
             basis = range_basis(matrix @ (matrix.T @ basis))
         u_small, s, vh = wide_svd(basis.T @ matrix)
@@ -117,14 +117,41 @@ def _large_factors(
     weight: torch.Tensor, direction: torch.Tensor, strength: float, *, method: Method, rank: int, transposed: bool,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``abliteration_factors`` of a large 2-D weight, with no temporary the size of the weight.
+    """``abliteration_factors`` of a large 2-D weight, with no temporary the size of the weight: its steps
+    (``large_factor_steps``), each small factorization answered as soon as it is asked for."""
+    steps = large_factor_steps(weight, lambda: weight, direction, strength, method=method, rank=rank,
+                               transposed=transposed, seed=seed)
+    try:
+        request = next(steps)
+        while True:
+            kind, matrix = request
+            request = steps.send(range_basis(matrix) if kind == "basis" else wide_svd(matrix))
+    except StopIteration as done:
+        return done.value
+
+
+FactorRequest = tuple[str, torch.Tensor]  # ("basis", tall [n, k]) -> range_basis; ("svd", wide [k, n]) -> wide_svd
+
+
+def large_factor_steps(
+    weight: torch.Tensor, reload: Callable[[], torch.Tensor], direction: torch.Tensor, strength: float, *,
+    method: Method, rank: int, transposed: bool, seed: int,
+) -> Generator[FactorRequest, object, tuple[torch.Tensor, torch.Tensor]]:
+    """The large-weight factors as steps that yield each small factorization they need and return the factors.
 
     With ``E = W + L P`` (L = -lambda V^T, P = V W) and per-row scales ``s = |W_h| / |E_h|``, the norm-preserving
     delta is ``diag(s - 1) W + diag(s) L P``: the row norms of E follow from |W_h|, ``W P^T`` and ``P P^T``, and
     the randomized SVD only needs the delta's products with thin matrices, which are products of W. The same
     math as the one-shot path, in a few matmuls.
+
+    Why steps: on a GPU each small factorization is a round trip to the host (``thin_linalg``), and a trial's
+    edit is dozens of components; ``batched_factors`` advances all of them together, one round trip per step for
+    all. No reference to the weight is kept across a yield: each later step takes it again from ``reload()``
+    (a packed weight is dequantized again, bit for bit the same), so components in lockstep never hold more than
+    one full-size weight.
     """
     canonical = _canonical(weight, transposed)  # [hidden, in] fp32 (a view when the weight is fp32 already)
+    del weight
     basis = direction.to(device=canonical.device, dtype=torch.float32).reshape(-1, canonical.shape[0])  # [k, hidden]
     projection = basis @ canonical  # [k, in]
     left = (-strength * basis.T).contiguous()  # [hidden, k]
@@ -133,14 +160,15 @@ def _large_factors(
     norms = torch.linalg.vector_norm(canonical, dim=-1)
     cross = canonical @ projection.T  # [hidden, k]
     edited_squares = norms.square() + 2 * (left * cross).sum(-1) + ((left @ (projection @ projection.T)) * left).sum(-1)
+    del cross
     scale = norms / edited_squares.clamp_min(0).sqrt().clamp_min(1e-12)
     row_factor = (scale - 1).unsqueeze(-1)  # [hidden, 1]
     scaled_left = scale.unsqueeze(-1) * left  # [hidden, k]
 
-    def times(x: torch.Tensor) -> torch.Tensor:  # delta @ x
+    def times(canonical: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # delta @ x
         return row_factor * (canonical @ x) + scaled_left @ (projection @ x)
 
-    def transposed_times(y: torch.Tensor) -> torch.Tensor:  # delta^T @ y
+    def transposed_times(canonical: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # delta^T @ y
         return canonical.T @ (row_factor * y) + projection.T @ (scaled_left.T @ y)
 
     rank = max(rank, basis.shape[0])
@@ -148,15 +176,30 @@ def _large_factors(
     sketch_size = min(rank + _OVERSAMPLE, rows, columns)
     if sketch_size == min(rows, columns):  # nothing to sketch: the exact SVD of the (then thin) delta
         return _low_rank(row_factor * canonical + scaled_left @ projection, rank, seed)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    probe = torch.randn(columns, sketch_size, generator=generator).to(projection)
-    sketch = range_basis(times(probe))
+    tall = times(canonical, random_probe(seed, columns, sketch_size, projection.device))
+    del canonical
+    sketch = yield ("basis", tall)
     for _ in range(_POWER_ITERATIONS):
-        sketch = range_basis(times(transposed_times(sketch)))
-    u_small, s, vh = wide_svd(transposed_times(sketch).T)
+        canonical = _canonical(reload(), transposed)
+        tall = times(canonical, transposed_times(canonical, sketch))
+        del canonical
+        sketch = yield ("basis", tall)
+    canonical = _canonical(reload(), transposed)
+    wide = transposed_times(canonical, sketch).T
+    del canonical
+    u_small, s, vh = yield ("svd", wide)
     u = sketch @ u_small
     rank = min(rank, s.shape[0])
     return u[:, :rank] * s[:rank], vh[:rank]
+
+
+@functools.lru_cache(maxsize=8)
+def random_probe(seed: int, columns: int, sketch_size: int, device: torch.device) -> torch.Tensor:
+    """The randomized SVD's fp32 Gaussian probe [columns, sketch_size], drawn on the CPU from ``seed`` (so every
+    device draws the same one) and kept: drawing it took 0.7 ms of host time per component, 15% of an 8B
+    trial's edit (bench/stage2_trial_profile.py, H200, 2026-12-03). Read only: callers multiply by it."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(columns, sketch_size, generator=generator).to(device)
 
 
 def abliteration_delta(

@@ -11,6 +11,7 @@ formats loader with ``dequantize=True``), because PEFT only needs a Linear.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from abliterate.architectures import Component
+from abliterate.edits.batched_factors import FactorJob, factors_in_lockstep
 from abliterate.edits.delta import Method, abliteration_factors
 from abliterate.edits.offloaded import (
     OffloadedEditSlot,
@@ -334,7 +336,15 @@ class LoraAbliterator:
         self.reset()
         vectors = edit_directions(parameters, directions)
         edits = plan_edits(parameters, self.components)
-        for edit in edits:
+        on_gpu = [edit for edit in edits if self._in_place_on_gpu(edit.component)]
+        elsewhere = [edit for edit in edits if not self._in_place_on_gpu(edit.component)]
+        if on_gpu:  # every component's small factorizations in one host round trip per step (batched_factors)
+            jobs = [FactorJob(functools.partial(self._fp32_base_weight, edit.component), vectors[edit.direction_key],
+                              edit.strength, edit.component.transposed) for edit in on_gpu]
+            for edit, (left, right) in zip(on_gpu, factors_in_lockstep(jobs, method=self.method, rank=self.rank,
+                                                                      seed=self.seed)):
+                self._write(edit.component, left, right)
+        for edit in elsewhere:
             component = edit.component
             # fp32 here (the factors' own first step) so a bf16 dequantized copy does not stand beside it, and
             # each weight freed before the next one is dequantized: the edit was a trial's GPU memory peak
@@ -347,6 +357,14 @@ class LoraAbliterator:
             self._write(component, left, right)
             del left, right
         return len(edits)
+
+    def _in_place_on_gpu(self, component: Component) -> bool:
+        """A component whose weight is resident on a GPU: it can be taken again at each factorization step."""
+        return (not isinstance(self._layers[component.parameter_path], OffloadedEditSlot)
+                and self._factor_tensors(component)[1].device.type == "cuda")
+
+    def _fp32_base_weight(self, component: Component) -> torch.Tensor:
+        return self._base_weight(component).float()
 
     def _write(self, component: Component, left: torch.Tensor, right: torch.Tensor) -> None:
         layer = self._layers[component.parameter_path]

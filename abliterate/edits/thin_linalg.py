@@ -42,18 +42,28 @@ def small_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return uh.T, s, v.T
 
 
-def _host_eigh(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending, float64, on the host) and eigenvectors of ``columns^T columns`` (float64 Gram)."""
+def gram_matrix(columns: torch.Tensor) -> torch.Tensor:
+    """``columns^T columns`` in float64, on ``columns``' device."""
     wide = columns.double()
-    values, vectors = torch.linalg.eigh((wide.T @ wide).cpu())
-    return values.flip(0), vectors.flip(1)
+    return wide.T @ wide
+
+
+def host_eigh(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, float64, on the host) and eigenvectors of Gram matrices [..., k, k]: one copy to
+    the host for the whole batch (``batched_factors`` sends every edited component's at once)."""
+    values, vectors = torch.linalg.eigh(grams.cpu())
+    return values.flip(-1), vectors.flip(-1)
 
 
 def gram_range_basis(tall: torch.Tensor) -> torch.Tensor:
     """``range_basis`` through the float64 Gram matrix, on any device (the GPU's path)."""
     if tall.shape[1] == 0:
         return tall
-    values, vectors = _host_eigh(tall)
+    return basis_from_eigh(tall, *host_eigh(gram_matrix(tall)))
+
+
+def basis_from_eigh(tall: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``gram_range_basis`` given the host eigendecomposition of ``tall``'s Gram matrix."""
     kept = values > values[0].clamp_min(0) * _RELATIVE_FLOOR
     if not bool(kept.any()):
         return tall.new_zeros(tall.shape[0], 0)
@@ -69,7 +79,11 @@ def gram_svd(wide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """
     if wide.shape[0] == 0:
         return wide.new_zeros(0, 0), wide.new_zeros(0), wide
-    values, vectors = _host_eigh(wide.T)  # wide wide^T = U S^2 U^T
+    return svd_from_eigh(wide, *host_eigh(gram_matrix(wide.T)))  # wide wide^T = U S^2 U^T
+
+
+def svd_from_eigh(wide: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gram_svd`` given the host eigendecomposition of ``wide wide^T``."""
     kept = values > values[0].clamp_min(0) * _RELATIVE_FLOOR
     singular = values.clamp_min(0).sqrt() * kept
     inverse = torch.where(kept, 1.0 / singular.clamp_min(torch.finfo(torch.float64).tiny), 0.0)

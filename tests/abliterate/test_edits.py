@@ -172,3 +172,26 @@ def test_the_finiteness_check_reads_every_block_of_rows(monkeypatch):
         model.model.layers[1].mlp.down_proj.weight[-1, 3] = float("inf")  # the last row, far past the first block
     abliterator = LoraAbliterator(model, architecture.components, method="rank1")
     assert [s.component.module_name for s in abliterator.skipped] == ["model.layers.1.mlp.down_proj"]
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_the_gpus_lockstep_edit_writes_the_adapter_the_one_by_one_edit_writes(name, monkeypatch):
+    """On a GPU a trial's in-place components go through batched_factors together; forced here on the CPU
+    (with the large-weight steps for every 2-D weight), the adapter holds the same factors, bit for bit."""
+    from abliterate.edits import delta as delta_module
+
+    monkeypatch.setattr(delta_module, "_LARGE_ABOVE", 100)
+    adapters = []
+    for lockstep in (False, True):
+        model = ALL_MODELS[name]()
+        architecture = discover(model)
+        directions = torch.nn.functional.normalize(torch.randn(architecture.num_layers + 1, 64,
+                                                               generator=torch.Generator().manual_seed(3)), dim=-1)
+        abliterator = LoraAbliterator(model, architecture.components, method="norm_preserving", rank=3)
+        monkeypatch.setattr(LoraAbliterator, "_in_place_on_gpu", lambda self, component, on=lockstep: on)
+        abliterator.apply(PARAMETERS, directions)
+        adapters.append({key: value.clone() for key, value in model.state_dict().items() if "lora" in key})
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    assert any(value.abs().max() > 0 for value in adapters[0].values())
+    for key, value in adapters[0].items():
+        assert torch.equal(adapters[1][key], value), key
