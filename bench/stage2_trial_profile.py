@@ -283,6 +283,8 @@ def main() -> int:
                         help="torch: the decode step's attention and RMSNorm as before the Triton kernels (an A/B arm)")
     parser.add_argument("--memory_history", type=int, default=0, metavar="ENTRIES",
                         help="record the allocator's trace (up to ENTRIES events) and name the allocations at the peak")
+    parser.add_argument("--no_sibling_fusion", action="store_true",
+                        help="load without checkpoint_formats.sibling_fusion (q/k/v and gate/up as separate matmuls)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more abliterate flags")
     args = parser.parse_args()
     if args.kernel_table and not args.kernel_table.is_file():
@@ -308,6 +310,10 @@ def main() -> int:
         from abliterate.evaluation import decode_attention
 
         decode_attention.available = lambda device: False  # SDPA and transformers' RMSNorm in the decode step
+    if args.no_sibling_fusion:
+        from abliterate import loading
+
+        loading.fuse_siblings = lambda model: 0
     install(recorder, args.profile_trial + 1 if args.profile_trial else 0, args.out.parent)
     command = ["abliterate", "--model", str(checkpoint), "--prompts", prompts["spec"], "--n_trials", str(args.trials),
                "--n_startup_trials", str(args.trials), "--max_response_length", str(args.max_new_tokens),
@@ -328,7 +334,7 @@ def main() -> int:
         "command": "python bench/stage2_trial_profile.py " + " ".join(sys.argv[1:]), "cli": command, "exit_code": code,
         "cli_seconds": time.perf_counter() - started, "checkpoint": written, "per_evaluate_call": summarize(recorder.events),
         "peak_gb_per_evaluate_call": peaks(recorder.events), "kernel": args.kernel, "step_kernels": args.step_kernels,
-        "kernel_table": kernel_table, "events": recorder.events,
+        "kernel_table": kernel_table, "sibling_fusion": not args.no_sibling_fusion, "events": recorder.events,
     }
     if device == "cuda":
         result["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
