@@ -2,15 +2,18 @@
 
 Why: on a GPU each small factorization of a component's randomized SVD is a round trip to the host (a float64
 Gram matrix copied there and decomposed, ``thin_linalg``): four per component, so an 8B trial that edits 64
-components made 256 of them, each draining the GPU's queue and leaving it idle while the host caught up. The
-edit took 0.19-0.32 s of host time against 48 ms of GPU time (bench/stage2_trial_profile.py, H200, 2026-12-03).
+components made 256 of them, each draining the GPU's queue and leaving it idle while the host caught up: a
+profiled edit took 257 ms of host time for 48 ms of GPU time (bench/stage2_trial_profile.py, H200, 2026-12-03).
 Here every component runs to its next factorization (``delta.large_factor_steps``), all their Gram matrices go
 to the host in one copy and are decomposed in one batched call, and the answers go back: four round trips per
 trial. Each component's factors are the ones ``delta.abliteration_factors`` computes alone, bit for bit (the same
 operations on the same values; only their order across components changes).
 
 The price: each step takes its weight again (a packed NVFP4 weight is dequantized four times instead of once,
-~50 us of GPU time each on an 8B down_proj), never more than one at a time.
+50-70 us of GPU time each on the 8B shapes), never more than one at a time. Measured in stage 2 on the same
+three trials (H200, 2026-12-03 16:00 and 16:55): 0.188 / 0.086 / 0.324 s one by one, 0.091 / 0.048 / 0.149 s in
+lockstep; the profiled edit's host time 257 -> 109 ms, its GPU time 48 -> 54 ms. Where a dequantization is
+many kernels (``bench/edit_factors_bench.py``'s pure-torch one) lockstep is slower: 0.237 s against 0.193 s.
 """
 
 from __future__ import annotations
