@@ -235,7 +235,6 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
             model = _load_once(path, dtype_name, quantized, device_map, memory, trust_remote_code, quantization, held_as,
                                offload_folder)
             model.eval()
-            fused_groups = fuse_siblings(model) if held_as == "packed" else 0
         except UserError:
             raise
         except (ValueError, RuntimeError, TypeError, OSError, SafetensorError) as error:
@@ -245,6 +244,9 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
                                 "or give the GPUs / CPU more room (--max_memory)") from None
             errors.append(f"{dtype_name}: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}")
             continue
+        # outside the load's try: a failure here (out of memory in the concatenation) is no reason to try another
+        # dtype; before the test generation, so that the fused model is the one checked
+        fused_groups = fuse_siblings(model) if held_as == "packed" else 0
         try:
             check_generates_finite(model, tokenizer)
         except ValueError as error:

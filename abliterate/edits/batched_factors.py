@@ -1,20 +1,26 @@
-"""A trial's edit factors on a GPU, every component's randomized SVD advanced in lockstep.
+"""A trial's edit factors on a GPU, the large components' randomized SVDs advanced in lockstep.
 
 Why: on a GPU each small factorization of a component's randomized SVD is a round trip to the host (a float64
 Gram matrix copied there and decomposed, ``thin_linalg``): four per component, so an 8B trial that edits 64
 components made 256 of them, each draining the GPU's queue and leaving it idle while the host caught up: a
 profiled edit took 257 ms of host time for 48 ms of GPU time (bench/stage2_trial_profile.py, H200, 2026-12-03).
-Here every component runs to its next factorization (``delta.large_factor_steps``), all their Gram matrices go
-to the host in one copy and are decomposed in one batched call, and the answers go back: four round trips per
-trial. Each component's factors are the ones ``delta.abliteration_factors`` computes alone, bit for bit (the same
-operations on the same values; only their order across components changes).
+
+Here every component above ``delta._LARGE_ABOVE`` values (every o_proj and down_proj of an 8B model) runs to its
+next factorization (``delta.large_factor_steps``); their Gram matrices go to the host in one copy per device and
+are decomposed in one batched call, four times per trial (each answer still goes back to its device in a copy
+or three of its own). Smaller weights and fused experts keep their own round trips. Each component's factors
+are the ones ``delta.abliteration_factors`` computes alone, bit for bit (the same operations on the same values;
+only their order across components changes).
 
 The price: each step takes its weight again (a packed NVFP4 weight is dequantized four times instead of once,
-50-70 us of GPU time each on the 8B shapes), never more than one at a time. Measured in stage 2 on the same
-three trials (H200, 2026-12-03 16:00 and 16:55): 0.188 / 0.086 / 0.324 s one by one, 0.091 / 0.048 / 0.149 s in
-lockstep; the profiled edit's host time 257 -> 109 ms, its GPU time 48 -> 54 ms. Where a dequantization is
-many kernels (``bench/edit_factors_bench.py``'s pure-torch one) lockstep is slower: 0.237 s against 0.193 s.
-"""
+50-70 us of GPU time each on the 8B shapes), never more than one at a time.
+
+Measured in stage 2 on the same three trials (H200, 2026-12-03 16:00 and 16:55), when only the down_projs
+(above 2**24 values then) went in lockstep: 0.188 / 0.086 / 0.324 s one by one, 0.091 / 0.048 / 0.149 s in
+lockstep; the profiled edit's host time 257 -> 109 ms, its GPU time 48 -> 54 ms. Where a dequantization is many
+kernels (``bench/edit_factors_bench.py``'s pure-torch one) lockstep was slower: 0.237 s against 0.193 s, with a
+peak 56 MB higher (848,224,256 against 791,781,376 B above the resting allocation; a weight of the one-shot path
+was then still held while the next one loaded, fixed since)."""
 
 from __future__ import annotations
 
@@ -37,49 +43,54 @@ class FactorJob:
     transposed: bool = False
 
 
-def factors_in_lockstep(jobs: Sequence[FactorJob], *, method: delta.Method, rank: int,
-                        seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``delta.abliteration_factors`` of every job, in the jobs' order."""
-    results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(jobs)
+Deliver = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def factors_in_lockstep(jobs: Sequence[FactorJob], deliver: Deliver, *, method: delta.Method, rank: int,
+                        seed: int) -> None:
+    """``delta.abliteration_factors`` of every job, handed to ``deliver(index, left, right)`` as soon as each is
+    done (a weight of the one-shot path, small or fused experts, at once: its factors are not held for the
+    batch); the large 2-D weights advance in lockstep."""
     running: dict[int, Generator] = {}
     requests: dict[int, delta.FactorRequest] = {}
     for index, job in enumerate(jobs):
         weight = job.load()
-        if weight.ndim != 2 or weight.numel() <= delta._LARGE_ABOVE:  # the one-shot path: no round trips to share
-            results[index] = delta.abliteration_factors(weight, job.direction.to(weight.device), job.strength,
-                                                        method=method, rank=rank, transposed=job.transposed, seed=seed)
+        direction = job.direction.to(weight.device)
+        if not delta.takes_large_path(weight):  # its small factorizations are its own (per expert, say)
+            left, right = delta.abliteration_factors(weight, direction, job.strength, method=method, rank=rank,
+                                                     transposed=job.transposed, seed=seed)
+            del weight
+            deliver(index, left, right)
             continue
-        steps = delta.large_factor_steps(weight, job.load, job.direction.to(weight.device), job.strength,
-                                         method=method, rank=rank, transposed=job.transposed, seed=seed)
+        steps = delta.large_factor_steps(weight, job.load, direction, job.strength, method=method, rank=rank,
+                                         transposed=job.transposed, seed=seed)
         del weight
-        _advance(index, steps, None, running, requests, results)
+        _advance(index, steps, None, running, requests, deliver)
     while requests:
         answers = answer_together(list(requests.values()))
         for (index, _), answer in zip(list(requests.items()), answers):
-            _advance(index, running[index], answer, running, requests, results)
-    return results  # type: ignore[return-value]
+            _advance(index, running[index], answer, running, requests, deliver)
 
 
-def _advance(index: int, steps: Generator, answer, running: dict, requests: dict, results: list) -> None:
+def _advance(index: int, steps: Generator, answer, running: dict, requests: dict, deliver: Deliver) -> None:
     try:
         requests[index] = next(steps) if answer is None else steps.send(answer)
         running[index] = steps
     except StopIteration as done:
-        results[index] = done.value
         requests.pop(index, None)
         running.pop(index, None)
+        deliver(index, *done.value)
 
 
 def answer_together(requests: Sequence[delta.FactorRequest]) -> list:
     """``range_basis`` / ``wide_svd`` of each request; the CUDA ones through one host copy and one batched
-    eigendecomposition per Gram size (CPU ones and empty ones as alone: LAPACK's QR and SVD)."""
+    eigendecomposition per device and Gram size (CPU ones and empty ones as alone: LAPACK's QR and SVD)."""
     answers: list = [None] * len(requests)
-    groups: dict[int, list[int]] = {}
+    groups = _groups(requests, _host_round_trip)
+    batched = {index for members in groups.values() for index in members}
     for index, (kind, matrix) in enumerate(requests):
-        if not _host_round_trip(matrix) or _columns(requests[index]).shape[1] == 0:
+        if index not in batched:
             answers[index] = thin_linalg.range_basis(matrix) if kind == "basis" else thin_linalg.wide_svd(matrix)
-        else:
-            groups.setdefault(_columns(requests[index]).shape[1], []).append(index)
     for members in groups.values():
         grams = torch.stack([thin_linalg.gram_matrix(_columns(requests[i])) for i in members])
         values, vectors = thin_linalg.host_eigh(grams)  # the one round trip
@@ -88,6 +99,18 @@ def answer_together(requests: Sequence[delta.FactorRequest]) -> list:
             finish = thin_linalg.basis_from_eigh if kind == "basis" else thin_linalg.svd_from_eigh
             answers[index] = finish(matrix, values[row], vectors[row])
     return answers
+
+
+def _groups(requests: Sequence[delta.FactorRequest],
+            round_trip: Callable[[torch.Tensor], bool]) -> dict[tuple[torch.device, int], list[int]]:
+    """Indices of the requests answered through a host round trip, by device (a model spread over GPUs: one
+    stack each) and Gram size; empty ones are answered alone."""
+    groups: dict[tuple[torch.device, int], list[int]] = {}
+    for index, request in enumerate(requests):
+        columns = _columns(request)
+        if round_trip(request[1]) and columns.shape[1] > 0:
+            groups.setdefault((columns.device, columns.shape[1]), []).append(index)
+    return groups
 
 
 def _host_round_trip(matrix: torch.Tensor) -> bool:

@@ -40,8 +40,10 @@ _POWER_ITERATIONS = 2
 # Above this many values a 2-D weight's factors are computed without full-size temporaries (``_large_factors``):
 # the one-shot norm-preserving delta holds ~4 fp32 copies of the weight, which were the largest GPU allocation
 # of a trial on an 8B model (+1.0 GB over the resting 6.8 GB, bench/stage2_trial_profile.py). Smaller weights
-# keep the one-shot computation (the same factors up to float rounding either way).
-_LARGE_ABOVE = 1 << 24
+# keep the one-shot computation (the same factors up to float rounding either way). 2**23, not 2**24: an 8B
+# o_proj (4096 x 4096 = 2**24 values) takes the steps too, so that on a GPU its small factorizations join the
+# trial's batched ones (``batched_factors``) instead of four host round trips of its own.
+_LARGE_ABOVE = 1 << 23
 
 
 def _canonical(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -83,14 +85,8 @@ def abliteration_factors(
     subspace (``--directions subspace``: the whole subspace is projected out, a rank-k delta; the
     norm-preserving approximation then uses ``max(rank, k)``); ``strength`` is lambda.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if direction.ndim not in (1, 2):
-        raise ValueError(f"direction must be [hidden] or a basis [k, hidden], got shape {tuple(direction.shape)}")
-    residual = weight.shape[-1] if transposed else weight.shape[-2]
-    if residual != direction.shape[-1]:
-        raise ValueError(f"direction has {direction.shape[-1]} features, weight's residual axis has {residual}")
-    if weight.ndim == 2 and weight.numel() > _LARGE_ABOVE:
+    _check_inputs(weight, direction, method, transposed)
+    if takes_large_path(weight):
         return _large_factors(weight, direction, strength, method=method, rank=rank, transposed=transposed, seed=seed)
     canonical = _canonical(weight, transposed)
     v = direction.to(device=canonical.device, dtype=torch.float32)
@@ -111,6 +107,21 @@ def abliteration_factors(
         return _low_rank(full_delta, rank, seed)
     pairs = [_low_rank(matrix, rank, seed + index) for index, matrix in enumerate(full_delta)]
     return torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])
+
+
+def _check_inputs(weight: torch.Tensor, direction: torch.Tensor, method: str, transposed: bool) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if direction.ndim not in (1, 2):
+        raise ValueError(f"direction must be [hidden] or a basis [k, hidden], got shape {tuple(direction.shape)}")
+    residual = weight.shape[-1] if transposed else weight.shape[-2]
+    if residual != direction.shape[-1]:
+        raise ValueError(f"direction has {direction.shape[-1]} features, weight's residual axis has {residual}")
+
+
+def takes_large_path(weight: torch.Tensor) -> bool:
+    """Whether ``abliteration_factors`` computes ``weight``'s factors through ``large_factor_steps``."""
+    return weight.ndim == 2 and weight.numel() > _LARGE_ABOVE
 
 
 def _large_factors(
@@ -150,6 +161,7 @@ def large_factor_steps(
     (a packed weight is dequantized again, bit for bit the same), so components in lockstep never hold more than
     one full-size weight.
     """
+    _check_inputs(weight, direction, method, transposed)
     canonical = _canonical(weight, transposed)  # [hidden, in] fp32 (a view when the weight is fp32 already)
     del weight
     basis = direction.to(device=canonical.device, dtype=torch.float32).reshape(-1, canonical.shape[0])  # [k, hidden]

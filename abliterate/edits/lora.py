@@ -341,9 +341,8 @@ class LoraAbliterator:
         if on_gpu:  # every component's small factorizations in one host round trip per step (batched_factors)
             jobs = [FactorJob(functools.partial(self._fp32_base_weight, edit.component), vectors[edit.direction_key],
                               edit.strength, edit.component.transposed) for edit in on_gpu]
-            for edit, (left, right) in zip(on_gpu, factors_in_lockstep(jobs, method=self.method, rank=self.rank,
-                                                                      seed=self.seed)):
-                self._write(edit.component, left, right)
+            factors_in_lockstep(jobs, lambda index, left, right: self._write(on_gpu[index].component, left, right),
+                                method=self.method, rank=self.rank, seed=self.seed)
         for edit in elsewhere:
             component = edit.component
             # fp32 here (the factors' own first step) so a bf16 dequantized copy does not stand beside it, and

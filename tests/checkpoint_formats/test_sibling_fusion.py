@@ -179,8 +179,9 @@ def test_nothing_is_fused_where_the_kernel_does_not_run() -> None:
 
 
 def test_a_w4a4_model_is_fused_while_its_rounding_is_off_and_exact_once_switched_on(kernel_on_cpu) -> None:
-    """Stage 2 loads W4A4 checkpoints with input rounding off: fused. Switched on later (checkpoint verify does),
-    each member rounds and multiplies its own input again, so the logits are the unfused model's with rounding."""
+    """Stage 2 loads W4A4 checkpoints with input rounding off: fused. Switched on later
+    (``set_activation_simulation``), each member rounds its own input, the group dissolves at the first mismatch,
+    and the logits are the unfused model's with rounding."""
     models = [_model(), _model()]
     ids = torch.randint(0, models[0].config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
     for model in models:
@@ -196,3 +197,4 @@ def test_a_w4a4_model_is_fused_while_its_rounding_is_off_and_exact_once_switched
         rounded = models[0](ids).logits
         assert (rounded - unrounded).abs().max() > 1e-3  # the rounding is switched on and shows
         torch.testing.assert_close(models[1](ids).logits, rounded, rtol=1e-5, atol=1e-5)
+        assert all(m.shared_product is None for m in models[1].modules() if isinstance(m, NVFP4Linear))
