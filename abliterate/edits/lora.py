@@ -338,7 +338,7 @@ class LoraAbliterator:
         edits = plan_edits(parameters, self.components)
         on_gpu = [edit for edit in edits if self._in_place_on_gpu(edit.component)]
         elsewhere = [edit for edit in edits if not self._in_place_on_gpu(edit.component)]
-        if on_gpu:  # every component's small factorizations in one host round trip per step (batched_factors)
+        if on_gpu:  # the large components' small factorizations in one host round trip per step (batched_factors)
             jobs = [FactorJob(functools.partial(self._fp32_base_weight, edit.component), vectors[edit.direction_key],
                               edit.strength, edit.component.transposed) for edit in on_gpu]
             factors_in_lockstep(jobs, lambda index, left, right: self._write(on_gpu[index].component, left, right),
