@@ -93,7 +93,7 @@ def wgmma_config(m: int, n: int, k: int, sm_count: int) -> KernelConfig:
     block_n = 128 if m > 64 and n != k else 64
     wanted = sm_count * (3 / 2 if m <= 64 else 3 / 4)
     split = 1
-    while -(-n // block_n) * split < wanted and split < 4 and k // (split * 2) >= 256:
+    while _cdiv(n, block_n) * split < wanted and split < 4 and k // (split * 2) >= 256:
         split *= 2
     return KernelConfig(max(16, next_pow2(m)), block_n, 128, split, block_n // 16, 4, kernel="wgmma")
 

@@ -336,8 +336,9 @@ class LoraAbliterator:
         self.reset()
         vectors = edit_directions(parameters, directions)
         edits = plan_edits(parameters, self.components)
-        on_gpu = [edit for edit in edits if self._in_place_on_gpu(edit.component)]
-        elsewhere = [edit for edit in edits if not self._in_place_on_gpu(edit.component)]
+        on_gpu, elsewhere = [], []
+        for edit in edits:
+            (on_gpu if self._in_place_on_gpu(edit.component) else elsewhere).append(edit)
         if on_gpu:  # the large components' small factorizations in one host round trip per step (batched_factors)
             jobs = [FactorJob(functools.partial(self._fp32_base_weight, edit.component), vectors[edit.direction_key],
                               edit.strength, edit.component.transposed) for edit in on_gpu]
@@ -347,7 +348,7 @@ class LoraAbliterator:
             component = edit.component
             # fp32 here (the factors' own first step) so a bf16 dequantized copy does not stand beside it, and
             # each weight freed before the next one is dequantized: the edit was a trial's GPU memory peak
-            weight = self._base_weight(component).float()
+            weight = self._fp32_base_weight(component)
             left, right = abliteration_factors(
                 weight, vectors[edit.direction_key].to(weight.device), edit.strength,
                 method=self.method, rank=self.rank, transposed=component.transposed, seed=self.seed,
