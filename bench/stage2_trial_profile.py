@@ -63,6 +63,7 @@ class Recorder:
             if self.open_peaks:
                 self.open_peaks[-1] = max(self.open_peaks[-1], peak)
             event["gpu_allocated_bytes"] = self.torch.cuda.memory_allocated()
+            event["gpu_reserved_bytes"] = self.torch.cuda.memory_reserved()  # where the reserved memory grows
             event["peak_gpu_allocated_bytes"] = peak
 
     def sync(self) -> None:
@@ -238,6 +239,24 @@ def _site(frames: list[dict]) -> str:
     return "(no project frame)"
 
 
+def reserved_by_pool(snapshot: dict) -> list[dict]:
+    """Reserved and allocated bytes per memory pool at the end of the run (the default pool is (0, 0); CUDA
+    graphs' private pools have their own ids).
+
+    Why: reserved memory above the allocated is either free blocks the default pool cannot hand out (holes) or
+    memory kept by a captured graph's pool; the summary does not say which."""
+    pools: dict[str, dict] = {}
+    for segment in snapshot["segments"]:
+        pool = pools.setdefault(str(tuple(segment.get("segment_pool_id", (0, 0)))), {
+            "segments": 0, "reserved_bytes": 0, "allocated_bytes": 0, "largest_free_block_bytes": 0})
+        pool["segments"] += 1
+        pool["reserved_bytes"] += segment["total_size"]
+        pool["allocated_bytes"] += segment["allocated_size"]
+        free = [block["size"] for block in segment["blocks"] if block["state"] == "inactive"]
+        pool["largest_free_block_bytes"] = max([pool["largest_free_block_bytes"], *free])
+    return [{"pool": pool, **facts} for pool, facts in sorted(pools.items(), key=lambda item: -item[1]["reserved_bytes"])]
+
+
 def memory_at_peak(snapshot: dict, max_entries: int, top: int = 25) -> dict:
     """Replay the allocator's trace: the live allocations at the highest allocated total, grouped by site (GB).
 
@@ -285,6 +304,8 @@ def main() -> int:
                         help="record the allocator's trace (up to ENTRIES events) and name the allocations at the peak")
     parser.add_argument("--no_sibling_fusion", action="store_true",
                         help="load without checkpoint_formats.sibling_fusion (q/k/v and gate/up as separate matmuls)")
+    parser.add_argument("--no_lockstep", action="store_true",
+                        help="compute each component's edit factors on its own (batched_factors' lockstep off)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more abliterate flags")
     args = parser.parse_args()
     if args.kernel_table and not args.kernel_table.is_file():
@@ -314,6 +335,10 @@ def main() -> int:
         from abliterate import loading
 
         loading.fuse_siblings = lambda model: 0
+    if args.no_lockstep:
+        from abliterate.edits import lora
+
+        lora.LoraAbliterator._in_place_on_gpu = lambda self, component: False
     install(recorder, args.profile_trial + 1 if args.profile_trial else 0, args.out.parent)
     command = ["abliterate", "--model", str(checkpoint), "--prompts", prompts["spec"], "--n_trials", str(args.trials),
                "--n_startup_trials", str(args.trials), "--max_response_length", str(args.max_new_tokens),
@@ -334,10 +359,12 @@ def main() -> int:
         "command": "python bench/stage2_trial_profile.py " + " ".join(sys.argv[1:]), "cli": command, "exit_code": code,
         "cli_seconds": time.perf_counter() - started, "checkpoint": written, "per_evaluate_call": summarize(recorder.events),
         "peak_gb_per_evaluate_call": peaks(recorder.events), "kernel": args.kernel, "step_kernels": args.step_kernels,
-        "kernel_table": kernel_table, "sibling_fusion": not args.no_sibling_fusion, "events": recorder.events,
+        "kernel_table": kernel_table, "sibling_fusion": not args.no_sibling_fusion, "lockstep": not args.no_lockstep,
+        "events": recorder.events,
     }
     if device == "cuda":
         result["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        result["reserved_by_pool"] = reserved_by_pool(torch.cuda.memory._snapshot())
         (args.out.parent / "stage2_trial_profile_memory.txt").write_text(torch.cuda.memory_summary())
         if args.memory_history:
             result["memory_at_peak"] = memory_at_peak(torch.cuda.memory._snapshot(), args.memory_history)
