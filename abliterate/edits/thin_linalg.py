@@ -68,7 +68,7 @@ def basis_from_eigh(tall: torch.Tensor, values: torch.Tensor, vectors: torch.Ten
     if not bool(kept.any()):
         return tall.new_zeros(tall.shape[0], 0)
     transform = vectors[:, kept] / values[kept].sqrt()  # Q = T V L^-1/2: orthonormal in exact arithmetic
-    return (tall.double() @ transform.to(tall.device)).to(tall.dtype)
+    return (tall.double() @ to_device(transform, tall.device)).to(tall.dtype)
 
 
 def gram_svd(wide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,6 +87,18 @@ def svd_from_eigh(wide: torch.Tensor, values: torch.Tensor, vectors: torch.Tenso
     kept = values > values[0].clamp_min(0) * _RELATIVE_FLOOR
     singular = values.clamp_min(0).sqrt() * kept
     inverse = torch.where(kept, 1.0 / singular.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    u = vectors.to(device=wide.device)
-    vh = (u.T @ wide.double()) * inverse.to(wide.device)[:, None]  # S^-1 U^T W
-    return u.to(wide.dtype), singular.to(device=wide.device, dtype=wide.dtype), vh.to(wide.dtype)
+    k = vectors.shape[0]
+    packed = to_device(torch.cat([vectors, inverse[:, None], singular[:, None]], dim=1), wide.device)  # one copy
+    u, inverse, singular = packed[:, :k], packed[:, k], packed[:, k + 1]
+    vh = (u.T @ wide.double()) * inverse[:, None]  # S^-1 U^T W
+    return u.to(wide.dtype), singular.to(wide.dtype), vh.to(wide.dtype)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device``; to a GPU through pinned memory without waiting: a copy from pageable memory makes
+    the host wait for the GPU's whole queue, and a trial's edit made ~450 such copies (one to three per answer;
+    bench/stage2_trial_profile.py, H200, 2026-12-03). The pinned block is not reused before its copy is done
+    (torch's host allocator records the copy's stream)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
