@@ -208,7 +208,7 @@ def check_generates_finite(model, tokenizer) -> None:
 
 def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "auto", max_memory: dict | None = None,
                trust_remote_code: bool = False, quantization: QuantizationRequest | None = None,
-               load_as: str = "auto", offload_folder: str | None = None) -> LoadedModel:
+               load_as: str = "auto", offload_folder: str | None = None, sibling_fusion: bool = False) -> LoadedModel:
     if not Path(path).exists() and looks_like_local_path(path):
         raise UserError("--model", f"{path} does not exist", "give a local model folder or a Hub id (org/name)")
     if Path(path).is_file():  # else transformers reads it as a config and reports invalid JSON
@@ -246,7 +246,7 @@ def load_model(path: str, *, dtypes: Sequence[str], device_map: str | None = "au
             continue
         # outside the load's try: a failure here (out of memory in the concatenation) is no reason to try another
         # dtype; before the test generation, so that the fused model is the one checked
-        fused_groups = fuse_siblings(model) if held_as == "packed" else 0
+        fused_groups = fuse_siblings(model) if held_as == "packed" and sibling_fusion else 0
         try:
             check_generates_finite(model, tokenizer)
         except ValueError as error:

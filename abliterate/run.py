@@ -197,7 +197,8 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                   f"{len(prompts.harmful_test)}+{len(prompts.harmless_test)} test (harmful+harmless)")
     loaded = load_model(settings.model, dtypes=settings.dtypes, device_map=settings.device_map,
                         max_memory=settings.max_memory, trust_remote_code=settings.trust_remote_code,
-                        offload_folder=settings.offload_folder, quantization=settings.quantization_request(), load_as=settings.load_as)
+                        offload_folder=settings.offload_folder, quantization=settings.quantization_request(), load_as=settings.load_as,
+                        sibling_fusion=settings.sibling_fusion)
     model, tokenizer = loaded.model, loaded.tokenizer
     fused = f", {loaded.fused_groups} q/k/v and gate/up groups in one matmul each" if loaded.fused_groups else ""
     console.print(f"model: {settings.model} ({loaded.source_format}, dtype {loaded.dtype}, held {loaded.held_as}{fused}, "

@@ -10,7 +10,12 @@ the first member called on an input computes the whole group's output; the other
 Under ``torch.inference_mode`` torch keeps no version counter, so an in-place change of the input between two
 members' calls would go unseen there; transformers' modeling code hands every member the same unchanged input.
 
-Applied by ``abliterate.loading`` to every packed load (the run's header says how many groups). Its first GPU
+Applied by ``abliterate.loading`` to a packed load when asked for (``--sibling_fusion``; the run's header says
+how many groups). Off by default: on the 8B-shaped bench it saved under 1% of a trial and raised the reserved
+GPU memory by 206 MB (the fused buffers and products leave blocks the allocator cannot reuse; three profiled
+trials ended at 6,692,012,032 B reserved fused, 6,486,491,136 unfused; bench/stage2_trial_profile.py, H200,
+2026-12-03 17:55). Concatenating through the host (members freed first) cut 42 MB right after the load and
+ended 188 MB higher (19:12): the placement that follows is not ours to steer. Its first GPU
 run (H200, 2026-12-03 15:02 UTC) failed at the first forward, which runs under inference mode (the version
 counter; fixed and tested on the CPU since); the next one fused nothing, because every ModelOpt NVFP4
 checkpoint is W4A4 and members whose inputs *could* be rounded were left apart (now: only members whose rounding

@@ -81,3 +81,20 @@ def test_directions_do_not_depend_on_how_the_model_is_held(nvfp4_moe_checkpoint)
         harmless = prompt_residuals(loaded.model, layers, loaded.tokenizer, ["bake a cake", "plant a tree"], batch_size=2)
         results.append(refusal_directions(harmful.values, harmless.values))
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+def test_sibling_fusion_is_asked_for_not_default(nvfp4_moe_checkpoint, monkeypatch):  # noqa: F811
+    """q/k/v and gate/up fusion costs reserved GPU memory for under 1% of a trial (settings.sibling_fusion): a packed
+    load fuses only with --sibling_fusion, a dequantized one never."""
+    from abliterate import loading
+    from abliterate.settings import AbliterateSettings
+
+    calls = []
+    monkeypatch.setattr(loading, "fuse_siblings", lambda model: calls.append(model) or 3)
+    assert AbliterateSettings.model_fields["sibling_fusion"].default is False
+    assert _load(nvfp4_moe_checkpoint, "packed").fused_groups == 0 and not calls
+    fused = load_model(str(nvfp4_moe_checkpoint), dtypes=["float32"], device_map=None, load_as="packed", sibling_fusion=True)
+    assert fused.fused_groups == 3 and calls == [fused.model]
+    assert load_model(str(nvfp4_moe_checkpoint), dtypes=["float32"], device_map=None, load_as="dequantized",
+                      sibling_fusion=True).fused_groups == 0
+    assert len(calls) == 1
