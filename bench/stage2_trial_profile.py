@@ -64,6 +64,8 @@ class Recorder:
                 self.open_peaks[-1] = max(self.open_peaks[-1], peak)
             event["gpu_allocated_bytes"] = self.torch.cuda.memory_allocated()
             event["gpu_reserved_bytes"] = self.torch.cuda.memory_reserved()  # where the reserved memory grows
+            free, total = self.torch.cuda.mem_get_info()  # the device's whole use: minus reserved, what torch does not see
+            event["device_used_bytes"] = total - free
             event["peak_gpu_allocated_bytes"] = peak
 
     def sync(self) -> None:
@@ -302,8 +304,8 @@ def main() -> int:
                         help="torch: the decode step's attention and RMSNorm as before the Triton kernels (an A/B arm)")
     parser.add_argument("--memory_history", type=int, default=0, metavar="ENTRIES",
                         help="record the allocator's trace (up to ENTRIES events) and name the allocations at the peak")
-    parser.add_argument("--no_sibling_fusion", action="store_true",
-                        help="load without checkpoint_formats.sibling_fusion (q/k/v and gate/up as separate matmuls)")
+    parser.add_argument("--sibling_fusion", action="store_true",
+                        help="load with checkpoint_formats.sibling_fusion (q/k/v and gate/up in one matmul each)")
     parser.add_argument("--no_lockstep", action="store_true",
                         help="compute each component's edit factors on its own (batched_factors' lockstep off)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more abliterate flags")
@@ -331,10 +333,6 @@ def main() -> int:
         from abliterate.evaluation import decode_attention
 
         decode_attention.available = lambda device: False  # SDPA and transformers' RMSNorm in the decode step
-    if args.no_sibling_fusion:
-        from abliterate import loading
-
-        loading.fuse_siblings = lambda model: 0
     if args.no_lockstep:
         from abliterate.edits import lora
 
@@ -344,7 +342,8 @@ def main() -> int:
                "--n_startup_trials", str(args.trials), "--max_response_length", str(args.max_new_tokens),
                "--device_map", "auto" if device == "cuda" else "cpu", "--out", str(args.work / "out"),
                "--study_dir", str(args.work / "study"), "--overwrite", "--select", "best_kl_under 0.05", "--no-plot",
-               *(["--load_as", "packed"] if device == "cuda" else []), *args.extra]
+               *(["--load_as", "packed"] if device == "cuda" else []), *(["--sibling_fusion"] if args.sibling_fusion else []),
+               *args.extra]
     from pipelines.cli import main as cli
 
     if args.memory_history and device == "cuda":
@@ -359,7 +358,7 @@ def main() -> int:
         "command": "python bench/stage2_trial_profile.py " + " ".join(sys.argv[1:]), "cli": command, "exit_code": code,
         "cli_seconds": time.perf_counter() - started, "checkpoint": written, "per_evaluate_call": summarize(recorder.events),
         "peak_gb_per_evaluate_call": peaks(recorder.events), "kernel": args.kernel, "step_kernels": args.step_kernels,
-        "kernel_table": kernel_table, "sibling_fusion": not args.no_sibling_fusion, "lockstep": not args.no_lockstep,
+        "kernel_table": kernel_table, "sibling_fusion": args.sibling_fusion, "lockstep": not args.no_lockstep,
         "events": recorder.events,
     }
     if device == "cuda":
