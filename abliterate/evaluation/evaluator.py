@@ -44,12 +44,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from abliterate.evaluation import static_decode
 from abliterate.evaluation.batch_size import find_fastest_batch_size
 from abliterate.evaluation.chunked_mlp import sliced_mlps
 from abliterate.evaluation.generation import (
     format_chat_prompts,
     generate_greedy,
+    model_device,
     pad_token_id,
     use_static_decode,
 )
@@ -154,6 +157,20 @@ class EvalResult:
         return self.harmless_refusals / self.n_harmless
 
 
+def release_free_device_memory(model) -> None:
+    """Hand the allocator's free GPU blocks back to the device before the next phase of a trial.
+
+    Why: each phase (the harmful answers' prefill and decode, the KL pass, the false-refusal answers, the edit
+    between trials) leaves its freed transients in blocks the next phase's shapes or stream cannot reuse, so the
+    reserved memory climbed ~290 MiB above the peak allocated over three trials of the 8B-shaped bench (6,186 MiB
+    reserved against 5,896 MiB allocated; bench/stage2_trial_profile.py, H200). Released between phases, the
+    reserved peak is the largest phase's own. Under expandable segments (the CLI's allocator setting) this unmaps
+    the free pages only; the phases end in a host read-back anyway, so the stream sync it costs waits for nothing.
+    """
+    if model_device(model).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class Evaluator:
     def __init__(
         self,
@@ -221,20 +238,26 @@ class Evaluator:
     def evaluate(self, model, *, with_perplexity: bool = False) -> EvalResult:
         # long forwards on a GPU: the MLPs a slice of tokens at a time, attention without per-head K/V copies (memory)
         with sliced_mlps(model), static_decode.grouped_attention(model, gpu_only=True):
-            return self._evaluate(model, with_perplexity)
+            try:
+                return self._evaluate(model, with_perplexity)
+            finally:
+                release_free_device_memory(model)  # the edit between trials starts from what the model holds
 
     def _evaluate(self, model, with_perplexity: bool) -> EvalResult:
         start = time.perf_counter()
         model.eval()
         config = self.config
         window = config.harmful_window(self.refusal_judge is not None)
+        release_free_device_memory(model)
         answers = [response.text for response in self._answers(model, self.harmful_ids, window)]
         marker_refused = [is_refusal(answer, config.refusal_markers) for answer in answers]
         judge_start = time.perf_counter()
         refused = self._judged(answers, marker_refused)
         judge_seconds = time.perf_counter() - judge_start
         compliance = self._count_compliant(answers, refused)
+        release_free_device_memory(model)
         log_probs = self._log_probs(model)
+        release_free_device_memory(model)
         harmless_refusals, lookalike_refusals = self._count_false_refusals(model, log_probs)
         skill_correct = self._count_skill(model) if self.skill_ids else None
         ppl = None

@@ -174,3 +174,24 @@ def test_lookalike_refusals_and_skill_accuracy_are_scored_only_where_given(model
     assert (base.refusals, base.harmless_refusals, base.kl) == (plain.refusals, plain.harmless_refusals, plain.kl)
     with pytest.raises(UserError, match="answer"):
         Evaluator(model, tokenizer, HARMFUL, HARMLESS, config, skill_prompts=skill, skill_answers=expected[:2])
+
+
+def test_free_gpu_blocks_are_released_between_phases_and_never_on_the_cpu(model, tokenizer, answers, monkeypatch):
+    """A trial on a GPU hands the allocator's free blocks back before its answers, its KL pass, its false-refusal
+    answers and after its last phase (so the edit between trials starts clean); a CPU model never touches CUDA."""
+    from abliterate.evaluation import evaluator as evaluator_module
+
+    config = EvaluationConfig(refusal_markers=(answers[0].split()[1],), max_new_tokens=6, kl_tokens=3, batch_size=4,
+                              count_harmless_refusals=True)
+    evaluator = Evaluator(model, tokenizer, HARMFUL, HARMLESS, config)
+    phases: list[str] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: phases.append("release"))
+    log_probs = evaluator._log_probs
+    monkeypatch.setattr(evaluator, "_log_probs", lambda m: phases.append("kl") or log_probs(m))
+    evaluator.evaluate(model)
+    assert phases == ["kl"]  # the CPU model: nothing released
+    phases.clear()
+    monkeypatch.setattr(evaluator_module, "model_device", lambda m: torch.device("cuda", 0))
+    result = evaluator.evaluate(model)  # the batches still run where the model is (generation's own lookup)
+    assert phases == ["release", "release", "kl", "release", "release"]
+    assert result.kl == 0.0 and result.responses == evaluator.base.responses
