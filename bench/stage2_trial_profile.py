@@ -129,9 +129,12 @@ def _profile_nth_apply(owner, call: int, recorder: Recorder, out_dir: Path) -> N
 def install(recorder: Recorder, profile_call: int, out_dir: Path) -> None:
     """Timers around the trial's parts; the ``profile_call``-th evaluate() runs under torch.profiler."""
     torch = recorder.torch
+    from abliterate import direction_store
     from abliterate.edits import lora
     from abliterate.evaluation import evaluator, static_decode
 
+    recorder.wrap(direction_store, "prompt_residuals", "residuals")  # before the trials: where the run's peak can be
+    recorder.wrap(lora.LoraAbliterator, "__init__", "edit.inject")
     recorder.wrap(lora.LoraAbliterator, "apply", "edit.apply")
     _profile_nth_apply(lora.LoraAbliterator, profile_call, recorder, out_dir)
     recorder.wrap(lora.LoraAbliterator, "reset", "edit.reset")
