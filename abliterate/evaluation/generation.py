@@ -147,13 +147,45 @@ def _static_responses(model, tokenizer, batch: PaddedBatch, max_new_tokens: int,
                       is_decided: Callable[[str], bool] | None) -> list[Response]:
     decoder = static_decode.decoder_for(model, batch.input_ids.shape[0], batch.input_ids.shape[1], max_new_tokens)
     judge = static_decode.RowJudge(tokenizer, eos_ids, is_decided)
-    generated = decoder.run(batch, max_new_tokens, judge, CHECK_EVERY).tolist()
+    return _judged_responses(tokenizer, decoder.run(batch, max_new_tokens, judge, CHECK_EVERY), judge)
+
+
+def _judged_responses(tokenizer, generated: torch.Tensor, judge: static_decode.RowJudge) -> list[Response]:
     responses = []
-    for row, tokens in enumerate(generated):
+    for row, tokens in enumerate(generated.tolist()):
         length, reason = judge.end_of(row, len(tokens))
         kept = tokens[:length]
         responses.append(Response(tokenizer.decode(kept, skip_special_tokens=True), tuple(kept), reason))
     return responses
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """Prompts a static decoder's cache already holds (``StaticDecoder.prefill``) and the tokens they predict."""
+
+    decoder: static_decode.StaticDecoder
+    prompts: PaddedBatch  # on the decoder's device: the first columns of what was prefilled
+    first_tokens: torch.Tensor  # [rows], on the decoder's device
+    indices: tuple[int, ...]  # the caller's index of each row's prompt
+
+
+@torch.inference_mode()
+def continue_greedy(model, tokenizer, prefilled: Prefilled, *, max_new_tokens: int,
+                    is_decided: Callable[[str], bool] | None = None) -> dict[int, Response]:
+    """Greedy answers of prompts already prefilled, by the caller's index: ``generate_greedy``'s answers
+    (same early stops) without a prefill of their own."""
+    judge = static_decode.RowJudge(tokenizer, eos_token_ids(model, tokenizer), is_decided)
+    generated = prefilled.decoder.run(prefilled.prompts, max_new_tokens, judge, CHECK_EVERY,
+                                      first_tokens=prefilled.first_tokens)
+    return dict(zip(prefilled.indices, _judged_responses(tokenizer, generated, judge), strict=True))
+
+
+def give_up_static_decode(model, error: BaseException) -> None:
+    """A model whose forward cannot take a static cache or be captured: transformers' generate from here on."""
+    static_decode.forget_decoders(model)
+    model.__dict__["_static_decode_failed"] = f"{type(error).__name__}: {error}"
+    logger.warning("static-cache decoding failed (%s); using transformers' generate from here on",
+                   model.__dict__["_static_decode_failed"][:300])
 
 
 @torch.inference_mode()
@@ -195,11 +227,7 @@ def generate_greedy(
             except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
                 if is_out_of_memory(error):  # the batch-size search needs to see it
                     raise
-                # A model whose forward cannot take a static cache or be captured: generate from here on.
-                static_decode.forget_decoders(model)
-                model.__dict__["_static_decode_failed"] = f"{type(error).__name__}: {error}"
-                logger.warning("static-cache decoding failed (%s); using transformers' generate from here on",
-                               model.__dict__["_static_decode_failed"][:300])
+                give_up_static_decode(model, error)
                 static = False
             else:
                 for row, index in enumerate(indices):

@@ -15,12 +15,15 @@ unchanged model scores exactly zero.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from abliterate.evaluation.generation import batches_by_length, left_pad, model_device
+from abliterate.evaluation.generation import PaddedBatch, batches_by_length, left_pad, model_device
+
+# (row indices, prompts, prompts + continuation tokens) -> logits of at least the last n_positions positions
+Forward = Callable[[Sequence[int], PaddedBatch, PaddedBatch], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,17 @@ def continuation_log_probs(
     n_positions: int,
     pad_id: int,
     batch_size: int,
+    forward: Forward | None = None,
 ) -> ContinuationLogProbs:
-    """Teacher-force prompt + continuation and keep the answer positions' log-probs."""
+    """Teacher-force prompt + continuation and keep the answer positions' log-probs.
+
+    ``forward`` runs the model on one batch (its tensors on the CPU); default ``plain_forward``. The evaluator's
+    keeps the prompts in a static decoder's cache, so that answers can decode on from them."""
     if len(prompt_token_ids) != len(continuations):
         raise ValueError("one continuation per prompt is needed")
-    device = model_device(model)
-    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    if forward is None:
+        def forward(indices, prompts, inputs):
+            return plain_forward(model, inputs, n_positions)
     per_prompt: list[torch.Tensor | None] = [None] * len(prompt_token_ids)
     mask = torch.zeros((len(prompt_token_ids), n_positions), dtype=torch.bool)
     for index, continuation in enumerate(continuations):
@@ -67,20 +75,27 @@ def continuation_log_probs(
         input_ids = torch.cat([prompts.input_ids, tail], dim=1)
         attention_mask = torch.cat([prompts.attention_mask, torch.ones_like(tail)], dim=1)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        # The scored positions are the last n_positions of the input: only they need the vocabulary projection
-        # (at a 128k vocabulary, all positions' logits of a batch of 100 are over a GB).
-        logits = model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            position_ids=position_ids.to(device),
-            use_cache=False,
-            **({"logits_to_keep": n_positions} if keeps_logits else {}),
-        ).logits
+        logits = forward(indices, prompts, PaddedBatch(input_ids, attention_mask, position_ids))
         answer_logits = logits[:, logits.shape[1] - n_positions :, :]
         log_probs = answer_logits.float().log_softmax(dim=-1).cpu()
         for row, index in enumerate(indices):
             per_prompt[index] = log_probs[row]
     return ContinuationLogProbs(torch.stack([item for item in per_prompt if item is not None]), mask)
+
+
+def plain_forward(model, inputs: PaddedBatch, n_positions: int) -> torch.Tensor:
+    """One forward without a cache; only the scored positions, the last ``n_positions``, get the vocabulary
+    projection where the model allows it (at a 128k vocabulary, all positions' logits of a batch of 100 are over
+    a GB)."""
+    device = model_device(model)
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return model(
+        input_ids=inputs.input_ids.to(device),
+        attention_mask=inputs.attention_mask.to(device),
+        position_ids=inputs.position_ids.to(device),
+        use_cache=False,
+        **({"logits_to_keep": n_positions} if keeps_logits else {}),
+    ).logits
 
 
 def mean_kl_divergence(reference: ContinuationLogProbs, candidate: ContinuationLogProbs) -> float:

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, StaticCache
+from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -246,27 +247,61 @@ class StaticDecoder:
     def fits(self, batch: int, prompt_len: int, max_new_tokens: int) -> bool:
         return batch == self.batch and prompt_len + max_new_tokens <= self.cache_len
 
+    def prefill(self, batch, logits_to_keep: int = 1) -> torch.Tensor:
+        """Forward a left-padded ``batch`` into the cache (column i to slot i); the last ``logits_to_keep``
+        positions' logits [batch, logits_to_keep, vocab].
+
+        ``run(..., first_tokens=...)`` decodes on from a prefill of the prompt alone or, where ``can_rewind``, of
+        the prompt followed by more columns (the KL pass's teacher-forced continuation): the steps overwrite those
+        slots one by one, and a slot stays masked until its step has written it, so the later columns are never
+        attended to."""
+        rows, length = batch.input_ids.shape
+        if not self.fits(rows, length, 0):
+            raise ValueError(f"a batch of {rows} x {length} does not fit this decoder ({self.batch} rows, cache of "
+                             f"{self.cache_len})")
+        self.cache.reset()
+        mask = _additive_mask(batch.attention_mask, self.cache_len, self.dtype)
+        cache_position = torch.arange(length, device=self.device)
+        with grouped_attention(self.model):
+            return self.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                              cache_position=cache_position, attention_mask=mask, past_key_values=self.cache,
+                              use_cache=True, logits_to_keep=logits_to_keep).logits
+
+    @property
+    def can_rewind(self) -> bool:
+        """Whether the next write position can be set back: every cache layer is transformers' full-attention
+        ``StaticLayer``, which writes at its own counter (``cumulative_length``, a device tensor the captured step
+        advances in place) and ignores the ``cache_position`` it is given. Sliding-window layers keep more state."""
+        return all(type(layer) is StaticLayer for layer in self.cache.layers)
+
+    def _rewind(self, length: int) -> None:
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(length)
+
     def run(self, batch, max_new_tokens: int, judge: RowJudge, check_every: int,
-            lagged: bool | None = None) -> torch.Tensor:
+            lagged: bool | None = None, first_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Generated tokens [batch, <= max_new_tokens] for a left-padded ``batch`` (``generation.PaddedBatch``).
 
         Rows keep going after they end; ``judge`` says where each one ends, so the tokens a row keeps do not
         depend on the step the loop stops at. ``lagged`` (default: on a GPU) judges each check's tokens one
         check later (``TokenReadback``); else each check reads the tokens back and judges them at once.
+        ``first_tokens`` [batch]: ``batch`` is already in the cache (a ``prefill`` of it, perhaps with more
+        columns after it: then only where ``can_rewind``) and these are the tokens its last column predicts; no
+        prefill here.
         """
         prompt_len = batch.input_ids.shape[1]
         if not self.fits(batch.input_ids.shape[0], prompt_len, max_new_tokens):
             raise ValueError(f"a batch of {batch.input_ids.shape[0]} x {prompt_len} + {max_new_tokens} new tokens "
                              f"does not fit this decoder ({self.batch} rows, cache of {self.cache_len})")
-        self.cache.reset()
         prompt_mask = _additive_mask(batch.attention_mask, self.cache_len, self.dtype)
-        cache_position = torch.arange(prompt_len, device=self.device)
-        with grouped_attention(self.model):
-            logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                cache_position=cache_position, attention_mask=prompt_mask, past_key_values=self.cache,
-                                use_cache=True, logits_to_keep=1).logits
         generated = torch.empty(self.batch, max_new_tokens, dtype=torch.long, device=self.device)
-        generated[:, 0] = logits[:, -1].argmax(-1)
+        if first_tokens is None:
+            generated[:, 0] = self.prefill(batch)[:, -1].argmax(-1)
+        else:
+            if not self.can_rewind:
+                raise ValueError("this decoder's cache cannot be rewound (sliding-window layers): prefill in run()")
+            self._rewind(prompt_len)
+            generated[:, 0] = first_tokens
         self.step_mask.copy_(prompt_mask[:, :, -1:, :])
         self.positions.copy_(batch.position_ids[:, -1:])
         self.cache_position.fill_(prompt_len - 1)
