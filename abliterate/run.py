@@ -33,7 +33,7 @@ from abliterate.artifacts import write_chosen_trial
 from abliterate.direction_store import compute_directions, load_or_compute_directions
 from abliterate.edits.lora import LoraAbliterator
 from abliterate.edits.plan import AbliterationParameters, edit_directions, plan_edits
-from abliterate.evaluation import Evaluator
+from abliterate.evaluation import Evaluator, static_decode
 from abliterate.evaluation.evaluator import SKILL_MAX_NEW_TOKENS, release_free_device_memory
 from abliterate.evaluation.judge import check_judge_source
 from abliterate.evaluation_inputs import (
@@ -223,6 +223,9 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
     evaluator = Evaluator(model, tokenizer, prompts.harmful_test, prompts.harmless_test, config, refusal_judge=judge,
                           **prompts.collateral_sets())
     base = TrialMetrics.from_eval_result(evaluator.base)
+    # the adapters injected below replace modules, so the base evaluation's decoders cannot serve a trial
+    # (static_decode.modules_key); dropped now, their KV caches do not stand beside the residual passes either
+    static_decode.forget_decoders(model)
     judged = f", judge {evaluator.base.judge_seconds:.1f}s of it" if judge is not None else ""
     console.print(f"unedited model: {describe_metrics(base)} ({base.seconds:.1f}s{judged}, batch size {evaluator.batch_size})")
     note = zero_base_refusals_note(base)

@@ -160,7 +160,7 @@ def install(recorder: Recorder, profile_call: int, out_dir: Path) -> None:
                 recorder.sync()
             sort = "cuda_time_total" if recorder.cuda else "cpu_time_total"
             (out_dir / "stage2_trial_profile_kernels.txt").write_text(
-                prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
+                prof.key_averages().table(sort_by=sort, row_limit=150, max_name_column_width=90))
         else:
             result = original(self, model, **kwargs)
         recorder.sync()

@@ -222,6 +222,7 @@ class StaticDecoder:
         self.step_mask = torch.zeros(batch, 1, 1, self.cache_len, dtype=dtype, device=device)
         self.next_token = torch.zeros(batch, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.modules_key = modules_key(model)
 
     def _step(self) -> None:
         with grouped_attention(self.model), fused_norm.fused_rms_norms(self.model), fused_rotary.fused_rotary(self.model):
@@ -369,13 +370,28 @@ class TokenReadback:
         return self.host[:, : self.steps]
 
 
+def modules_key(model) -> tuple[int, ...]:
+    """Which module objects make up ``model`` (by identity, in order).
+
+    Why: a captured step replays the kernels of the modules it was captured with. Stage 2 builds its evaluator,
+    and so the base evaluation's decoder, before it injects the LoRA adapters; a decoder kept from then replayed
+    every later trial's decode steps without the adapters' side path (the edit reached the prefills only; H200
+    profile of 2026-12-04 06:25: no LoRA kernel among a trial's 106 decode steps)."""
+    return tuple(id(module) for module in model.modules())
+
+
 def decoder_for(model, batch: int, prompt_len: int, max_new_tokens: int) -> StaticDecoder:
     """The model's decoder for this batch size, kept across trials (least recently used batch sizes dropped).
 
     A call that does not fit the kept decoder's cache replaces it with one sized for this call (the old cache
     and graph are freed), so the longest call of a batch size - the harmful answers - sets the size once.
+    Decoders made before a module of the model was replaced (``modules_key``) are all dropped first.
     """
-    decoders: OrderedDict = model.__dict__.setdefault("_static_decoders", OrderedDict())
+    decoders: OrderedDict = model.__dict__.get("_static_decoders") or OrderedDict()
+    if decoders and next(iter(decoders.values())).modules_key != modules_key(model):
+        forget_decoders(model)
+        decoders = OrderedDict()
+    model.__dict__["_static_decoders"] = decoders
     kept = decoders.get(batch)
     if kept is not None and kept.fits(batch, prompt_len, max_new_tokens):
         decoders.move_to_end(batch)

@@ -183,3 +183,24 @@ def test_token_readback_returns_the_tokens_of_its_check():
     readback.start(3)
     generated[:, :3] += 100  # written after the check: the readback keeps what the check saw
     assert readback.pending and readback.result().tolist() == [[0, 1, 2], [6, 7, 8]]
+
+
+@pytest.mark.usefixtures("one_cpu_thread")
+def test_a_decoder_is_not_reused_once_a_module_of_the_model_was_replaced(testbed):
+    """A captured step replays the modules it was captured with: an adapter injected later must get a new decoder
+    (on a GPU the kept graph would decode without it)."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model, tokenizer = testbed
+    model = copy.deepcopy(model)
+    static_decode.forget_decoders(model)
+    ids = _prompts(tokenizer, 2)
+    generate_greedy(model, tokenizer, ids, max_new_tokens=4, batch_size=4, decoding="static")
+    before = static_decode.decoder_for(model, 4, max(map(len, ids)), 4)
+    assert static_decode.decoder_for(model, 4, max(map(len, ids)), 4) is before  # kept while nothing changed
+    inject_adapter_in_model(LoraConfig(r=1, target_modules=["o_proj"]), model, adapter_name="edit")
+    after = static_decode.decoder_for(model, 4, max(map(len, ids)), 4)
+    assert after is not before and after.modules_key == static_decode.modules_key(model)
+    assert list(model.__dict__["_static_decoders"].values()) == [after]
