@@ -39,7 +39,7 @@ CASES = {
     "torchao_int8_dynamic": ("Int8Tensor", "TorchaoLoraLinear", 0.2),
     "torchao_float8_weight_only": ("Float8Tensor", "TorchaoLoraLinear", 0.2),
     "torchao_int4_weight_only": ("IntxUnpackedToInt8Tensor", "TorchaoLoraLinear", 0.4),  # the CPU layout
-    "nvfp4": ("Tensor", "Linear", 0.4),  # NVFP4Linear's packed uint8 buffer, wrapped by PEFT's lora.Linear
+    "nvfp4": ("Tensor", "PackedLoraLinear", 0.4),  # NVFP4Linear's packed uint8 buffer, in PEFT's lora.Linear subclass
     "bnb_4bit": ("Params4bit", "Linear4bit", 0.4),
 }
 
@@ -143,3 +143,33 @@ def test_quantized_mamba_out_proj_is_skipped_by_name_not_broken():
     assert [(s.component.parameter_path, s.reason.split(" (")[0]) for s in abliterator.skipped] == [
         ("model.layers.0.mixer.out_proj.weight", "quantized weight-level component")]
     assert len(abliterator.components) == 4  # attention o_proj, MLP and MoE down-projections still edited
+
+
+def test_packed_lora_side_path_is_peft_lora_in_one_multiply_add():
+    """``PackedLoraLinear``'s fused side path gives PEFT's own forward, and yields to it where it cannot serve."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from abliterate.quantization.lora_support import PackedLoraLinear, register_quantized_lora_layers
+    from checkpoint_formats import nvfp4
+
+    generator = torch.Generator().manual_seed(4)
+    quantized = nvfp4.quantize_weight(torch.randn(48, 64, generator=generator))
+    packed = NVFP4Linear(64, 48, dtype=torch.float32)
+    packed.weight, packed.weight_scale, packed.weight_scale_2 = (quantized.packed, quantized.weight_scale,
+                                                                 quantized.weight_scale_2)
+    holder = nn.ModuleDict({"proj": packed})
+    holder.hf_device_map = {"": torch.device("cpu")}
+    config = register_quantized_lora_layers(LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    inject_adapter_in_model(config, holder, adapter_name="edit")
+    layer = holder["proj"]
+    assert isinstance(layer, PackedLoraLinear)
+    with torch.no_grad():
+        layer.lora_B["edit"].weight.normal_(generator=generator)
+        x = torch.randn(3, 5, 64, generator=generator)
+        fused = layer(x)
+        expected = LoraLinear.forward(layer, x)  # PEFT's four-kernel side path
+        assert layer.scaling["edit"] == 2.0 and fused.shape == (3, 5, 48)
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+        assert (fused - layer.base_layer(x)).abs().max() > 0.1  # the side path is in it
+        layer.lora_dropout["edit"] = nn.Dropout(0.5)  # training-time dropout: PEFT's forward, not the fused one
+        assert layer._plain_adapter((), {}) is None
