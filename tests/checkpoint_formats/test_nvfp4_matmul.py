@@ -268,3 +268,44 @@ def test_a_broken_kernel_module_fails_the_import_instead_of_falling_back(tmp_pat
         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{repo}"}, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode != 0 and "triton.language" in result.stderr
+
+
+@pytest.mark.parametrize(("m", "k", "rank"), [(100, 1000, 1), (7, 512, 3), (33, 256, 16), (1, 128, 2)])
+def test_low_rank_down_projection_is_scaled_x_times_a_transposed(interpreted, m: int, k: int, rank: int) -> None:
+    from checkpoint_formats import low_rank_triton
+
+    gen = torch.Generator().manual_seed(m + k + rank)
+    x, lora_a = torch.randn(m, k, generator=gen, dtype=torch.float16), torch.randn(rank, k, generator=gen)
+    out = low_rank_triton.down_projection(x, lora_a, 0.5)
+    assert out.dtype == torch.float32 and out.shape == (m, rank) and out.is_contiguous()
+    assert _relative_error(out, 0.5 * x.float() @ lora_a.T) < 1e-5
+
+
+def _side(m: int = 2, n: int = 32, rank: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(m, rank), torch.zeros(n, rank)
+
+
+@pytest.mark.parametrize(
+    ("side", "config", "message"),
+    [
+        (_side(), KernelConfig(16, 32, 64, kernel="dot", join=True), "Gluon tile only"),
+        ((torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(32, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "down must"),
+        ((torch.zeros(3, 2), torch.zeros(32, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "down must"),
+        ((torch.zeros(2, 2), torch.zeros(31, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "up must"),
+        (_side(rank=17), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "rank must"),
+    ],
+)
+def test_a_side_path_the_epilogue_would_misread_is_refused(side, config: KernelConfig, message: str) -> None:
+    x, packed, scale, scale_2 = _args()
+    with pytest.raises(ValueError, match=message):
+        nvfp4_matmul.fused_matmul(x, packed, scale, scale_2, None, config, side=side)
+
+
+def test_the_side_path_is_left_to_the_caller_off_the_gluon_tile() -> None:
+    """CPU tensors, a rank past the epilogue's, and factors of the wrong shape: None, so PEFT's addmm adds it."""
+    x, packed, scale, scale_2 = _args()
+    a, b = torch.zeros(2, 64), torch.zeros(32, 2)
+    assert nvfp4_matmul.nvfp4_linear_with_side_path(x, packed, scale, scale_2, None, a, b, 1.0) is None
+    big_a, big_b = torch.zeros(17, 64), torch.zeros(32, 17)
+    assert nvfp4_matmul.nvfp4_linear_with_side_path(x, packed, scale, scale_2, None, big_a, big_b, 1.0) is None
+    assert nvfp4_matmul.nvfp4_linear_with_side_path(x, packed, scale, scale_2, None, b.T, a.T, 1.0) is None
