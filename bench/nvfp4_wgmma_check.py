@@ -109,7 +109,8 @@ def check_side(case: tuple, calls: int) -> dict:
             down = low_rank_triton.down_projection(x, lora_a, scaling)
             out = mm.fused_matmul(x, *args, bias, config, side=(down, lora_b.contiguous()))
         errors[call] = (out.float() - reference).abs().max() / scale
-    down_error = (low_rank_triton.down_projection(x, lora_a, scaling) - scaling * x.float() @ lora_a.float().T).abs().max()
+    down = low_rank_triton.down_projection(x, lora_a, scaling).sum(0)
+    down_error = (down - scaling * x.float() @ lora_a.float().T).abs().max()
     errors = errors.cpu()
     return {"n": n, "k": k, "m": m, "rank": rank, "config": config.__dict__, "bias": with_bias, "calls": calls,
             "dispatch": split is None, "max_error": float(errors.max()), "wrong_calls": int((errors > 0.05).sum()),

@@ -250,7 +250,7 @@ def fused_matmul(
 ) -> torch.Tensor:
     """The decode path: [M, K] x packed [N, K/2] -> [M, N] with in-kernel dequantization.
 
-    ``side``: (down fp32 [M, r], up [N, r]), both contiguous: ``down @ up^T`` added in the Gluon tile's epilogue
+    ``side``: (down fp32 [slices, M, r], up [N, r]), both contiguous: ``down.sum(0) @ up^T`` added in the Gluon tile's epilogue
     (``nvfp4_linear_with_side_path``); only that tile adds it."""
     if config.kernel not in ("gemv", "dot", "pipelined", "wgmma"):
         raise ValueError(f"kernel must be 'gemv', 'dot', 'pipelined' or 'wgmma', got {config.kernel!r}")
@@ -309,11 +309,14 @@ def fused_matmul(
 
 
 def _check_side(side: tuple[torch.Tensor, torch.Tensor], m: int, n: int) -> None:
-    """Refuse a side path the epilogue would misread: down fp32 [M, r] and up [N, r], contiguous, 1 <= r <= 16."""
+    """Refuse a side path the epilogue would misread: down fp32 [slices, M, r] (1-32 slices) and up [N, r],
+    contiguous, 1 <= r <= 16."""
     down, up = side
-    rank = down.shape[1] if down.dim() == 2 else 0
-    if down.dtype != torch.float32 or tuple(down.shape) != (m, rank) or not down.is_contiguous():
-        raise ValueError(f"side path: down must be a contiguous float32 [{m}, r] tensor, got {down.dtype} {tuple(down.shape)}")
+    rank = down.shape[2] if down.dim() == 3 else 0
+    if (down.dtype != torch.float32 or down.dim() != 3 or down.shape[1] != m or not 1 <= down.shape[0] <= 32
+            or not down.is_contiguous()):  # fmt: skip
+        raise ValueError(f"side path: down must be a contiguous float32 [slices <= 32, {m}, r] tensor, got {down.dtype} "
+                         f"{tuple(down.shape)}")  # fmt: skip
     if not 1 <= rank <= MAX_SIDE_RANK:
         raise ValueError(f"side path: rank must be 1-{MAX_SIDE_RANK}, got {rank}")
     if tuple(up.shape) != (n, rank) or not up.is_contiguous() or not up.is_floating_point():

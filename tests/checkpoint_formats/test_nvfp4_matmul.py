@@ -270,28 +270,43 @@ def test_a_broken_kernel_module_fails_the_import_instead_of_falling_back(tmp_pat
     assert result.returncode != 0 and "triton.language" in result.stderr
 
 
-@pytest.mark.parametrize(("m", "k", "rank"), [(100, 1000, 1), (7, 512, 3), (33, 256, 16), (1, 128, 2)])
-def test_low_rank_down_projection_is_scaled_x_times_a_transposed(interpreted, m: int, k: int, rank: int) -> None:
+@pytest.mark.parametrize(("m", "k", "rank", "slices"), [(100, 1000, 1, 1), (7, 5000, 3, 5), (33, 256, 16, 1),
+                                                      (1, 40000, 2, 20)])  # fmt: skip
+def test_low_rank_down_projection_is_scaled_x_times_a_transposed(interpreted, m: int, k: int, rank: int,
+                                                                 slices: int) -> None:  # fmt: skip
+    """Partial sums over slices of K (the last one short), which add up to the product."""
     from checkpoint_formats import low_rank_triton
 
     gen = torch.Generator().manual_seed(m + k + rank)
     x, lora_a = torch.randn(m, k, generator=gen, dtype=torch.float16), torch.randn(rank, k, generator=gen)
     out = low_rank_triton.down_projection(x, lora_a, 0.5)
-    assert out.dtype == torch.float32 and out.shape == (m, rank) and out.is_contiguous()
-    assert _relative_error(out, 0.5 * x.float() @ lora_a.T) < 1e-5
+    assert out.dtype == torch.float32 and out.shape == (slices, m, rank) and out.is_contiguous()
+    assert _relative_error(out.sum(0), 0.5 * x.float() @ lora_a.T) < 1e-5
+    first = 0.5 * x[:, : low_rank_triton.slices_of(k)[1]].float() @ lora_a[:, : low_rank_triton.slices_of(k)[1]].T
+    assert _relative_error(out[0], first) < 1e-5
+
+
+def test_down_projection_slices_cover_k_in_whole_tiles() -> None:
+    pytest.importorskip("triton")
+    from checkpoint_formats import low_rank_triton
+
+    assert low_rank_triton.slices_of(4096) == (4, 1024) and low_rank_triton.slices_of(14336) == (14, 1024)
+    assert low_rank_triton.slices_of(100) == (1, 1024) and low_rank_triton.slices_of(53248) == (26, 2048)
 
 
 def _side(m: int = 2, n: int = 32, rank: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(m, rank), torch.zeros(n, rank)
+    return torch.zeros(1, m, rank), torch.zeros(n, rank)
 
 
 @pytest.mark.parametrize(
     ("side", "config", "message"),
     [
         (_side(), KernelConfig(16, 32, 64, kernel="dot", join=True), "Gluon tile only"),
-        ((torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(32, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "down must"),
-        ((torch.zeros(3, 2), torch.zeros(32, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "down must"),
-        ((torch.zeros(2, 2), torch.zeros(31, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "up must"),
+        ((torch.zeros(1, 2, 2, dtype=torch.bfloat16), torch.zeros(32, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "down must"),
+        ((torch.zeros(1, 3, 2), torch.zeros(32, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "down must"),
+        ((torch.zeros(2, 2), torch.zeros(32, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "down must"),
+        ((torch.zeros(33, 2, 2), torch.zeros(32, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "down must"),
+        ((torch.zeros(1, 2, 2), torch.zeros(31, 2)), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "up must"),
         (_side(rank=17), KernelConfig(16, 64, 128, kernel="wgmma", num_stages=4), "rank must"),
     ],
 )
