@@ -270,8 +270,6 @@ def _abliterate(settings: AbliterateSettings, console: Console, settings_sources
                                   seed=SVD_SEED, direction_rank=directions.shape[1] if directions.ndim == 3 else 1)
     for skipped in abliterator.skipped:
         console.print(f"[yellow]skipped:[/] {skipped.component.parameter_path} ({skipped.reason})")
-    static_decode.compile_decode_kernels(model, static_decode.decode_batch_rows(len(prompts.harmful_test),
-                                                                                evaluator.batch_size))
     # the residual passes and the adapters' injection leave free blocks the trials' shapes do not reuse; handed
     # back, the first trial's edit no longer lands on top of them (8B-shaped bench, H200: reserved 6,114 -> 5,754
     # MiB before the first trial; the run's peak is now the residual passes' own, 7,214,202,880 B)

@@ -142,20 +142,6 @@ class NVFP4Linear(_QuantizedLinear):
             return None
         return nvfp4_matmul.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, bias)
 
-    def linear_with_side_path(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                              scaling: float) -> torch.Tensor | None:  # fmt: skip
-        """``forward(x) + scaling * (x @ lora_a^T) @ lora_b^T`` with the side path inside the decode kernel
-        (``nvfp4_matmul.nvfp4_linear_with_side_path``) where that kernel takes this call; None elsewhere.
-
-        Only where ``forward`` multiplies x as given: an AWQ pre-scale or simulated activation rounding changes the
-        base product's input but not the side path's, and a fused sibling's product is shared."""
-        if (self.shared_product is not None or self.pre_quant_scale is not None or self.simulate_activations
-                or not self.kernel_block_size_ok or x.device.type != "cuda"):  # fmt: skip
-            return None
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nvfp4_matmul.nvfp4_linear_with_side_path(x, self.weight, self.weight_scale, self.weight_scale_2, bias,
-                                                        lora_a, lora_b, scaling)  # fmt: skip
-
 
 class FP8Linear(_QuantizedLinear):
     """Buffers: ``weight`` float8_e4m3fn [out, in], ``weight_scale`` float32 [] (or [out, 1])."""

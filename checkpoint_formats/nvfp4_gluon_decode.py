@@ -141,18 +141,12 @@ def _k_step(i, tiles, w_ring, s_ring, x_ring, w_base, s_base, x_base, w_offs, s_
 @gluon.jit
 def _wgmma_decode_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
-    ws_ptr, count_ptr, splits, down_ptr, up_ptr,
+    ws_ptr, count_ptr, splits,
     HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, SELF_CLEAN: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SIDE_RANK: gl.constexpr,
-    SIDE_SLICES: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     """out^T[n, m] = sum_k W[n, k] x[m, k] for one [BLOCK_N, BLOCK_M] tile and one K split (``_dot_kernel``'s
     contract: rows past M or N read row M-1 / N-1 and are never stored; split K adds into sums as there).
-
-    SIDE_RANK > 0 adds a low-rank side path ``sum_r up[n, r] sum_s down[s, m, r]`` (a LoRA edit's ``B (A x) *
-    scaling``: down fp32 [SIDE_SLICES, M, SIDE_RANK], partial sums over slices of K from ``low_rank_triton``, up [N,
-    SIDE_RANK] contiguous) on the fp32 accumulator, in split 0 only, as the bias: one rounding for the product and
-    the edit, and no launches of its own.
 
     K, k_per_split and stride_xm are multiples of 256, 256 and 16 (``nvfp4_matmul._wgmma_runs`` and
     ``fused_matmul`` make sure): every row start is then 16-byte aligned (codes, x) or 4-byte aligned (scales),
@@ -210,14 +204,6 @@ def _wgmma_decode_kernel(
     if HAS_BIAS:
         bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
         y += gl.expand_dims(bias, 1) * (gl.program_id(2) == 0).to(gl.float32)
-    if SIDE_RANK > 0:
-        first = (gl.program_id(2) == 0).to(gl.float32)
-        for r in gl.static_range(SIDE_RANK):  # rank-1 updates on the CUDA cores: a few FMAs per output
-            up = gl.load(up_ptr + offs_n * SIDE_RANK + r, mask=offs_n < N, other=0.0).to(gl.float32)
-            down = gl.load(down_ptr + offs_m * SIDE_RANK + r, mask=offs_m < M, other=0.0)
-            for s in gl.static_range(1, SIDE_SLICES):
-                down += gl.load(down_ptr + (s * M + offs_m) * SIDE_RANK + r, mask=offs_m < M, other=0.0)
-            y += gl.expand_dims(up, 1) * gl.expand_dims(down * first, 0)
     mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
     ptrs = out_ptr + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1)
     if ATOMIC and SELF_CLEAN:
@@ -244,15 +230,12 @@ def _reduce_splits(out_ptrs, y, mask, sum_ptrs, count_ptr, splits, out_dtype: gl
 
 
 def launch(x2d, codes, scale_bytes, global_scale, bias, out, sums, arrivals, m, n, k, k_per_split, splits, grid,
-           config, atomic: bool, self_clean: bool, side=None) -> None:  # fmt: skip
-    """Launch the kernel for a ``KernelConfig(kernel="wgmma")`` (num_warps = block_n / 16); ``side``: (down fp32
-    [slices, M, r], up [N, r]), both contiguous, added in the epilogue."""
-    down, up = side if side is not None else (out.view(1, *out.shape), out)
+           config, atomic: bool, self_clean: bool) -> None:  # fmt: skip
+    """Launch the kernel for a ``KernelConfig(kernel="wgmma")`` (num_warps = block_n / 16)."""
     _wgmma_decode_kernel[grid](
         x2d, codes, scale_bytes, global_scale, bias if bias is not None else out, out, m, n, k, x2d.stride(0),
-        out.stride(0), k_per_split, sums, arrivals, splits, down, up,
+        out.stride(0), k_per_split, sums, arrivals, splits,
         HAS_BIAS=bias is not None, ATOMIC=atomic, SELF_CLEAN=self_clean, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
-        num_warps=config.block_n // ROWS_PER_WARP, SIDE_RANK=down.shape[2] if side is not None else 0,
-        SIDE_SLICES=down.shape[0],
+        num_warps=config.block_n // ROWS_PER_WARP,
     )  # fmt: skip

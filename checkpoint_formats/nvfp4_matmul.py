@@ -75,9 +75,8 @@ else:
     gluon_available = True
 # Only Triton itself is optional: an error in our kernel modules must surface, not turn every matmul into the
 # slow pure-torch path (a half-written kernel module once did that silently: 12.5 s per trial instead of 1.7).
-kernels = gemv = dequant_kernels = gluon_decode = low_rank = None
+kernels = gemv = dequant_kernels = gluon_decode = None
 if triton is not None:
-    from checkpoint_formats import low_rank_triton as low_rank
     from checkpoint_formats import nvfp4_triton_dequant as dequant_kernels
     from checkpoint_formats import nvfp4_triton_gemv as gemv
     from checkpoint_formats import nvfp4_triton_kernels as kernels
@@ -87,7 +86,6 @@ if gluon_available:
 DECODE_MAX_M = 128
 PREFILL_SLICE_BYTES = 64 << 20  # the largest dequantized weight slice a prefill holds at once
 KERNEL_BLOCK_SIZE = 16  # codes per E4M3 scale the kernels decode (NVFP4); other block sizes dequantize first
-MAX_SIDE_RANK = 16  # the largest low-rank side path the decode tile's epilogue adds (one FMA per rank and output)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # no inline PTX in the interpreter
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -127,47 +125,6 @@ def nvfp4_linear(
             out = fused_matmul(x2d, packed, weight_scale, weight_scale_2, bias, config)
         else:
             out = prefill_matmul(x2d, packed, weight_scale, weight_scale_2, bias)
-    return out.reshape(*x.shape[:-1], n)
-
-
-def nvfp4_linear_with_side_path(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    weight_scale: torch.Tensor,
-    weight_scale_2: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor | None:
-    """``nvfp4_linear(x, ...) + scaling * (x @ lora_a^T) @ lora_b^T`` in two launches where this call takes the
-    Gluon decode tile (a decode batch on Hopper): ``low_rank_triton``'s kernel for ``x @ lora_a^T`` and the tile,
-    which adds the rest in its epilogue. None anywhere else: the caller adds the side path itself.
-
-    Why: a LoRA edit on every o_proj and down_proj of an 8B model is 64 side paths a decode step; through cuBLAS each
-    was four kernels (two split-K GEMMs and their reductions, ~20 us at a batch of 100 on an H200), ~1.3 ms of a
-    ~9 ms step (bench/stage2_trial_profile.py, 2026-12-04 08:52 UTC).
-    """
-    n, k = _check_arguments(x, packed, weight_scale, weight_scale_2, bias)
-    rank = lora_a.shape[0] if lora_a.dim() == 2 else 0
-    if not (1 <= rank <= MAX_SIDE_RANK and tuple(lora_a.shape) == (rank, k) and tuple(lora_b.shape) == (n, rank)):
-        return None
-    if x.device.type != "cuda" or lora_a.device != x.device or lora_b.device != x.device or not available(x.device):
-        return None
-    if not (lora_a.is_floating_point() and lora_b.is_floating_point()):
-        return None
-    x2d = x.reshape(-1, k)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
-    m = x2d.shape[0]
-    if not 1 <= m <= DECODE_MAX_M:
-        return None
-    config = decode_config(m, n, k, _sm_count(x.device), x.element_size())
-    if config.kernel != "wgmma" or not _wgmma_runs(x2d, packed, weight_scale):
-        return None
-    with torch.cuda.device(x.device):
-        down = low_rank.down_projection(x2d, lora_a, scaling)
-        out = fused_matmul(x2d, packed, weight_scale, weight_scale_2, bias, config, side=(down, lora_b.contiguous()))
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -246,26 +203,16 @@ def fused_matmul(
     bias: torch.Tensor | None,
     config: KernelConfig,
     out_dtype: torch.dtype | None = None,
-    side: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The decode path: [M, K] x packed [N, K/2] -> [M, N] with in-kernel dequantization.
-
-    ``side``: (down fp32 [slices, M, r], up [N, r]), both contiguous: ``down.sum(0) @ up^T`` added in the Gluon tile's epilogue
-    (``nvfp4_linear_with_side_path``); only that tile adds it."""
+    """The decode path: [M, K] x packed [N, K/2] -> [M, N] with in-kernel dequantization."""
     if config.kernel not in ("gemv", "dot", "pipelined", "wgmma"):
         raise ValueError(f"kernel must be 'gemv', 'dot', 'pipelined' or 'wgmma', got {config.kernel!r}")
     if config.swap and not (config.kernel == "pipelined" or (config.kernel == "dot" and config.join)):
         raise ValueError(f"swap=True needs the joined dot tile or the pipelined one, got {config}")
-    if side is not None:
-        _check_side(side, x2d.shape[0], packed.shape[0])
     if config.kernel == "wgmma":
         check_wgmma_config(config)
         if not _wgmma_runs(x2d, packed, weight_scale):
-            if side is not None:
-                raise ValueError("a side path needs the Gluon tile, which cannot run this call (see _wgmma_runs)")
             config = swap_config(x2d.shape[0], packed.shape[0], packed.shape[1] * 2)
-    elif side is not None:
-        raise ValueError(f"a side path is added by the Gluon tile only (kernel='wgmma'), got {config}")
     m, k = x2d.shape
     n = packed.shape[0]
     out_dtype = out_dtype or x2d.dtype
@@ -292,7 +239,7 @@ def fused_matmul(
     words = packed.view(torch.int32)
     if config.kernel == "wgmma":
         gluon_decode.launch(x2d, words, weight_scale.view(torch.uint8), weight_scale_2, bias, out, sums, arrivals, m, n,
-                            k, k_per_split, split, grid, config, atomic, workspace is not None, side)  # fmt: skip
+                            k, k_per_split, split, grid, config, atomic, workspace is not None)  # fmt: skip
         return out.to(out_dtype) if cast else out
     meta.update(EVEN_K=k % config.block_k == 0, ASM=config.asm and not _INTERPRET)
     bf16_pairs = config.bf16_pairs and meta["ASM"] and x2d.dtype == torch.bfloat16
@@ -306,21 +253,6 @@ def fused_matmul(
         kernels._dot_kernel[grid](x2d, words, *common, JOIN=config.join, MUL16=config.mul16, SWAP=config.swap,
                                    BF16_PAIRS=bf16_pairs, **meta)
     return out.to(out_dtype) if cast else out
-
-
-def _check_side(side: tuple[torch.Tensor, torch.Tensor], m: int, n: int) -> None:
-    """Refuse a side path the epilogue would misread: down fp32 [slices, M, r] (1-32 slices) and up [N, r],
-    contiguous, 1 <= r <= 16."""
-    down, up = side
-    rank = down.shape[2] if down.dim() == 3 else 0
-    if (down.dtype != torch.float32 or down.dim() != 3 or down.shape[1] != m or not 1 <= down.shape[0] <= 32
-            or not down.is_contiguous()):  # fmt: skip
-        raise ValueError(f"side path: down must be a contiguous float32 [slices <= 32, {m}, r] tensor, got {down.dtype} "
-                         f"{tuple(down.shape)}")  # fmt: skip
-    if not 1 <= rank <= MAX_SIDE_RANK:
-        raise ValueError(f"side path: rank must be 1-{MAX_SIDE_RANK}, got {rank}")
-    if tuple(up.shape) != (n, rank) or not up.is_contiguous() or not up.is_floating_point():
-        raise ValueError(f"side path: up must be a contiguous float [{n}, {rank}] tensor, got {up.dtype} {tuple(up.shape)}")
 
 
 def _wgmma_runs(x2d: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor) -> bool:

@@ -413,30 +413,3 @@ def forget_decoders(model) -> None:
     if decoders and any(decoder.device.type == "cuda" for decoder in decoders.values()):
         decoders.clear()
         torch.cuda.empty_cache()
-
-
-def decode_batch_rows(prompts: int, batch_size: int) -> list[int]:
-    """The row counts of the batches ``generate_greedy`` cuts ``prompts`` prompts into: full ones and a remainder."""
-    rows = {min(batch_size, prompts)} if prompts else set()
-    if prompts > batch_size and prompts % batch_size:
-        rows.add(prompts % batch_size)
-    return sorted(rows)
-
-
-@torch.inference_mode()
-def compile_decode_kernels(model, batch_rows: Sequence[int]) -> None:
-    """One forward of one-token rows per batch size, on a GPU model, before the trials: Triton compiles the kernels
-    a decode step of that batch takes here instead of inside the first trial.
-
-    Why: the adapters injected after the base evaluation send every edited NVFP4 Linear through kernel variants
-    that evaluation never ran (the LoRA side path in the decode tile's epilogue); their compilation, ~2.5 s on an
-    H200, landed in the first trial's decode (bench/stage2_trial_profile.py, 2026-12-04 13:20 UTC). The tokens and
-    the output are thrown away; nothing is cached."""
-    embeddings = model.get_input_embeddings()
-    device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
-    if device.type != "cuda" or not supports_static_decode(model):
-        return
-    for rows in batch_rows:
-        ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        with fused_norm.fused_rms_norms(model), fused_rotary.fused_rotary(model):
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)

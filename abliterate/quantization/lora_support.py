@@ -22,25 +22,20 @@ from checkpoint_formats.modules import NVFP4Linear
 
 
 class PackedLoraLinear(LoraLinear):
-    """PEFT's LoRA Linear around an NVFP4Linear, whose side path ``B (A x) * scaling`` rides on the packed matmul.
+    """PEFT's LoRA Linear around an NVFP4Linear, whose side path ``B (A x) * scaling`` is added by one ``addmm``.
 
     Why: PEFT's forward adds it in four kernels (A, B, the scaling's multiply, the add); at a decode step of
     batch 100 each is a few microseconds, over the 64 edited modules of an 8B model and ~100 steps a trial.
-    Where the Gluon decode tile runs the base product (decode batches on Hopper) it adds ``B (A x) * scaling`` in
-    its epilogue after one small kernel for ``A x`` (``NVFP4Linear.linear_with_side_path``); elsewhere ``addmm``
-    does B, the scaling and the add in one cuBLAS call. Anything else (several active adapters, dropout, a LoRA
-    variant, merged or disabled adapters, mixed-adapter batches) takes PEFT's own forward.
+    ``addmm`` does B, the scaling and the add in one cuBLAS call. Anything else (several active adapters,
+    dropout, a LoRA variant, merged or disabled adapters, mixed-adapter batches) takes PEFT's own forward.
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._plain_adapter(args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        fused = self.base_layer.linear_with_side_path(x, lora_a, lora_b, self.scaling[name])
-        if fused is not None:
-            return fused
         result = self.base_layer(x)
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         down = F.linear(self._cast_input_dtype(x, lora_a.dtype), lora_a).to(result.dtype)
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
                            lora_b.to(result.dtype).T, alpha=self.scaling[name])

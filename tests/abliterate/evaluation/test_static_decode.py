@@ -204,11 +204,3 @@ def test_a_decoder_is_not_reused_once_a_module_of_the_model_was_replaced(testbed
     after = static_decode.decoder_for(model, 4, max(map(len, ids)), 4)
     assert after is not before and after.modules_key == static_decode.modules_key(model)
     assert list(model.__dict__["_static_decoders"].values()) == [after]
-
-
-@pytest.mark.parametrize(("prompts", "batch_size"), [(100, 128), (100, 100), (100, 32), (5, 1), (0, 8), (64, 16)])
-def test_decode_batch_rows_are_the_sizes_generation_cuts_the_prompts_into(prompts: int, batch_size: int):
-    from abliterate.evaluation.generation import batches_by_length
-
-    cut = {len(batch) for batch in batches_by_length([3] * prompts, batch_size)}
-    assert static_decode.decode_batch_rows(prompts, batch_size) == sorted(cut)

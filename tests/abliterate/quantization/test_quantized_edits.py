@@ -173,38 +173,3 @@ def test_packed_lora_side_path_is_peft_lora_in_one_multiply_add():
         assert (fused - layer.base_layer(x)).abs().max() > 0.1  # the side path is in it
         layer.lora_dropout["edit"] = nn.Dropout(0.5)  # training-time dropout: PEFT's forward, not the fused one
         assert layer._plain_adapter((), {}) is None
-
-
-def test_packed_lora_hands_its_factors_and_scaling_to_the_packed_kernels_side_path(monkeypatch):
-    """Where the packed kernel adds the side path itself, ``PackedLoraLinear`` returns that kernel's output, given
-    its own A, B and scaling; the contract's pure-torch stand-in then gives PEFT's own forward."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    from abliterate.quantization.lora_support import register_quantized_lora_layers
-    from checkpoint_formats import nvfp4
-
-    generator = torch.Generator().manual_seed(5)
-    quantized = nvfp4.quantize_weight(torch.randn(48, 64, generator=generator))
-    packed = NVFP4Linear(64, 48, dtype=torch.float32)
-    packed.weight, packed.weight_scale, packed.weight_scale_2 = (quantized.packed, quantized.weight_scale,
-                                                                 quantized.weight_scale_2)
-    holder = nn.ModuleDict({"proj": packed})
-    holder.hf_device_map = {"": torch.device("cpu")}
-    inject_adapter_in_model(register_quantized_lora_layers(LoraConfig(r=3, lora_alpha=6, target_modules=["proj"])),
-                            holder, adapter_name="edit")
-    layer = holder["proj"]
-    calls = []
-
-    def side_path(module, x, lora_a, lora_b, scaling):  # the kernel's contract, in plain torch
-        calls.append((lora_a, lora_b, scaling))
-        return module(x) + scaling * (x @ lora_a.T) @ lora_b.T
-
-    with torch.no_grad():
-        layer.lora_B["edit"].weight.normal_(generator=generator)
-        x = torch.randn(4, 64, generator=generator)
-        expected = LoraLinear.forward(layer, x)
-        assert packed.linear_with_side_path(x, layer.lora_A["edit"].weight, layer.lora_B["edit"].weight, 2.0) is None  # CPU
-        monkeypatch.setattr(NVFP4Linear, "linear_with_side_path", side_path)
-        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    (lora_a, lora_b, scaling), = calls
-    assert lora_a is layer.lora_A["edit"].weight and lora_b is layer.lora_B["edit"].weight and scaling == 2.0
