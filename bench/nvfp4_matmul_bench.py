@@ -96,13 +96,13 @@ def _weights(n: int, k: int) -> tuple[nvfp4.NVFP4Weight, torch.Tensor, torch.Ten
     return q, nvfp4.dequantize_weight(q, torch.float32), nvfp4.dequantize_weight(q, torch.bfloat16)
 
 
-def measure_shape(n: int, k: int) -> list[dict]:
-    """The public nvfp4_linear (its own dispatch) against bf16 F.linear, every M."""
+def measure_shape(n: int, k: int, tokens: list[int] = TOKENS) -> list[dict]:
+    """The public nvfp4_linear (its own dispatch) against bf16 F.linear, at each M of ``tokens``."""
     q, w32, w16 = _weights(n, k)
     args = (q.packed, q.weight_scale, q.weight_scale_2)
     exact = bool(torch.equal(mm.dequantize(*args, torch.bfloat16), w16))
     rows = []
-    for m in TOKENS:
+    for m in tokens:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w32.T
         ours = mm.nvfp4_linear(x, *args)
@@ -288,11 +288,20 @@ def main() -> None:
     parser.add_argument("--sweep-first", action="store_true", help="run the sweep before the main table")
     parser.add_argument("--sweep-cells", default="",
                         help="M:NxK,... swept in this order instead of every shape at SWEEP_TOKENS (e.g. 100:14336x4096)")
+    parser.add_argument("--shapes", default="", help="NxK,... of the main table (default: all of SHAPES)")
+    parser.add_argument("--tokens", default="", help="M,... of the main table (default: all of TOKENS)")
     args = parser.parse_args()
     try:
         cells = [_cell(text) for text in args.sweep_cells.split(",")] if args.sweep_cells else []
     except ValueError:
         parser.error(f"--sweep-cells {args.sweep_cells!r}: write M:NxK cells separated by commas, e.g. 100:14336x4096,16:4096x4096")
+    try:
+        shapes_main = [tuple(int(v) for v in text.split("x")) for text in args.shapes.split(",")] if args.shapes else SHAPES
+        tokens_main = [int(text) for text in args.tokens.split(",")] if args.tokens else TOKENS
+        if any(len(shape) != 2 for shape in shapes_main):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shapes {args.shapes!r} / --tokens {args.tokens!r}: write e.g. --shapes 4096x4096,14336x4096 --tokens 4,16,100")
     if not mm.available("cuda"):
         sys.exit("needs Triton and a CUDA GPU of sm_80+")
     import triton
@@ -331,8 +340,8 @@ def main() -> None:
     if not args.skip_main:
         report["dtype_checks"] = dtype_checks()
         save()
-        for n, k in SHAPES:
-            report["results"] += measure_shape(n, k)
+        for n, k in shapes_main:
+            report["results"] += measure_shape(n, k, tokens_main)
             save()
     if args.sweep and not args.sweep_first:
         sweep()

@@ -39,13 +39,18 @@ CASES = [
     (1000, 4096, 33, 64, 128, 64, 3, 1, True, 0),  # partial N and M tiles
     (4096, 4096, 100, 128, 64, 128, 4, 2, False, 256),  # x a column slice of a wider tensor (stride 4352)
 ]
+# Rows spread over six decades: small rows' block scales are E4M3 subnormals (below 2^-6) and must decode exactly
+SPREAD_CASE = (4096, 4096, 16, 16, 64, 128, 4, 1, False, 0)
 
 
-def check(case: tuple, calls: int) -> dict:
+def check(case: tuple, calls: int, spread: bool = False) -> dict:
     n, k, m, bm, bn, bk, stages, split, with_bias, extra = case
     config = mm.KernelConfig(bm, bn, bk, split, bn // 16, stages, kernel="wgmma")
     generator = torch.Generator(device="cuda").manual_seed(n + k + m)
-    weight = nvfp4.quantize_weight(torch.randn(n, k, device="cuda", generator=generator) * 0.02)
+    dense = torch.randn(n, k, device="cuda", generator=generator) * 0.02
+    if spread:
+        dense *= torch.logspace(-6, 0, n, device="cuda")[:, None]
+    weight = nvfp4.quantize_weight(dense)
     args = (weight.packed, weight.weight_scale, weight.weight_scale_2)
     x = torch.randn(m, k + extra, device="cuda", dtype=torch.bfloat16, generator=generator)[:, :k]
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=generator) if with_bias else None
@@ -61,8 +66,12 @@ def check(case: tuple, calls: int) -> dict:
     workspace = split_k_workspace.workspace_for(x.device, m * n, 1)
     clean = workspace is None or not (workspace.sums.any() or workspace.arrivals.any())
     errors, fp32_diff = errors.cpu(), fp32_diff.cpu()
+    out32 = mm.fused_matmul(x, *args, bias, config, torch.float32)
+    row_error = ((out32 - reference).abs().amax(0) / reference.abs().amax(0).clamp_min(1e-30)).max()
+    subnormal_scales = int((weight.weight_scale.float() < 2.0**-6).sum())
     return {"n": n, "k": k, "m": m, "config": config.__dict__, "bias": with_bias, "x_stride": x.stride(0),
-            "calls": calls,
+            "calls": calls, "rows_spread": spread, "subnormal_block_scales": subnormal_scales,
+            "max_row_relative_fp32_error": float(row_error),
             "ran_wgmma": mm._wgmma_runs(x, weight.packed, weight.weight_scale),
             "max_error": float(errors.max()), "wrong_calls": int((errors > 0.05).sum()),
             "max_fp32_diff_vs_triton_tile": float(fp32_diff.max()), "workspace_clean": bool(clean)}  # fmt: skip
@@ -76,10 +85,11 @@ def main() -> int:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         sys.exit("needs a Hopper GPU (sm_90)")
     rows = []
-    for case in CASES:
-        rows.append(check(case, args.calls))
+    for case, spread in [(case, False) for case in CASES] + [(SPREAD_CASE, True)]:
+        rows.append(check(case, args.calls, spread))
         print(json.dumps(rows[-1]), flush=True)
-    ok = all(r["ran_wgmma"] and r["wrong_calls"] == 0 and r["workspace_clean"] and r["max_error"] < 1e-2 for r in rows)
+    ok = all(r["ran_wgmma"] and r["wrong_calls"] == 0 and r["workspace_clean"] and r["max_error"] < 1e-2
+             and r["max_row_relative_fp32_error"] < 1e-4 for r in rows)  # fmt: skip
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "command": " ".join(["python"] + sys.argv),
               "wrong": "max|out - ref| / max|ref| > 0.05 (bf16 rounding is ~3e-3)", "all_right": ok, "rows": rows}

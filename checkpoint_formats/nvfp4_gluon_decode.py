@@ -33,7 +33,14 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from checkpoint_formats.nvfp4_layouts import byte_layout_bases, word_layout_bases
+from checkpoint_formats.nvfp4_layouts import (
+    PAIR_MASK,
+    PAIR_SELECT_BASE,
+    PAIR_SHIFT,
+    WORD_SHIFT,
+    byte_layout_bases,
+    word_layout_bases,
+)
 
 ROWS_PER_WARP = 16  # a wgmma fragment's rows per warp: BLOCK_N = 16 * num_warps
 _byte_layout_bases = constexpr_function(byte_layout_bases)  # callable while a kernel is compiled
@@ -66,16 +73,16 @@ def _copy_layout(columns, vector, num_warps):
 
 
 # Byte c of a code word and its scale (bf16 E4M3 value * 2^119) -> the byte's two scaled codes as a bf16x2,
-# W * 2^-7 exactly. One prmt (selector $3, made per lane by ``_decoded_fragment``) lays byte c of the word at
-# bit 0 and byte c of word >> 4 at bit 16: the low code sits at bits 0-3 and the high one at bits 16-19; then as
-# in _BF16_PAIR magnitude bits go to 6-8 / 22-24 and signs to 15 / 31 (the other bytes fall outside the masks),
-# and one fma by the scale with a -0 addend.
+# W * 2^-7 exactly: ``nvfp4_layouts.decoded_pair_bits`` (one shift, one prmt with selector $3, one shift, one
+# mask; checked on CPU), then one fma by the scale with a -0 addend. Five instructions a pair; seven before
+# (two shifts and two masks to put the signs in place).
 _BYTE_ASM = gl.constexpr(
-    "{ .reg .b32 r, a, b, s, z; mov.b32 s, {$4, $4}; mov.b32 z, 0x80008000; "
-    "shr.b32 b, $2, 4; prmt.b32 r, $2, b, $3; "
-    "shl.b32 a, r, 6; and.b32 a, a, 0x01C001C0; shl.b32 b, r, 12; and.b32 b, b, 0x80008000; or.b32 a, a, b; "
-    "fma.rn.bf16x2 a, a, s, z; mov.b32 {$0, $1}, a; }"
+    "{ .reg .b32 r, b, s, z; mov.b32 s, {$4, $4}; mov.b32 z, 0x80008000; "
+    f"shl.b32 b, $2, {WORD_SHIFT}; prmt.b32 r, $2, b, $3; shl.b32 r, r, {PAIR_SHIFT}; and.b32 r, r, {PAIR_MASK:#x}; "
+    "fma.rn.bf16x2 r, r, s, z; mov.b32 {$0, $1}, r; }"
 )
+_SELECT_BASE = gl.constexpr(PAIR_SELECT_BASE)
+_SCALE_BIAS = gl.constexpr(2.0**119)  # E4M3 * 2^119 in bf16: the decode's 2^-126 comes back to 2^-7
 
 
 @gluon.jit
@@ -88,11 +95,10 @@ def _decoded_fragment(words, scale_bytes, byte_layout: gl.constexpr, a_layout: g
     words = gl.convert_layout(gl.reshape(words, [BLOCK_N, GROUPS, 2]), gl.SliceLayout(3, byte_layout), assert_trivial=True)
     words = gl.expand_dims(words, 3).broadcast_to(shape)
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, byte_layout))))
-    select = (c | (c << 4) | ((c + 4) << 8) | ((c + 4) << 12)).to(gl.uint32)  # bytes c, c, c of >> 4, c of >> 4
+    select = (c * 0x1111 + _SELECT_BASE).to(gl.uint32)  # nvfp4_layouts.pair_selector
     select = gl.expand_dims(gl.expand_dims(gl.expand_dims(select, 0), 0), 0).broadcast_to(shape)
-    bits = scale_bytes.to(gl.uint16)
-    bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)  # E4M3 -> fp16 of value * 2^-8, exact
-    scale = (bits.to(gl.float16, bitcast=True).to(gl.float32) * 1.7014118346046923e38).to(gl.bfloat16)
+    # E4M3 -> fp32 (the hardware's two-at-a-time conversion), * 2^119, -> bf16: all exact
+    scale = (scale_bytes.to(gl.float8e4nv, bitcast=True).to(gl.float32) * _SCALE_BIAS).to(gl.bfloat16)
     scale = gl.expand_dims(gl.expand_dims(scale, 2), 3).broadcast_to(shape).to(gl.int16, bitcast=True)
     low, high = gl.inline_asm_elementwise(_BYTE_ASM, "=h,=h,r,r,h", [words.to(gl.uint32, bitcast=True), select, scale],
                                           dtype=(gl.int16, gl.int16), is_pure=True, pack=1)  # fmt: skip

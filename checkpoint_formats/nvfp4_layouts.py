@@ -62,3 +62,41 @@ def wgmma_a_fragment(value: int, lane: int, warp: int) -> tuple[int, int]:
     row = 16 * warp + lane // 4 + 8 * (value >> 1 & 1)
     k = 2 * (lane % 4) + (value & 1) + 8 * (value >> 2 & 1)
     return row, k
+
+
+# How a thread turns byte c of a code word into its bf16x2 fragment register (``nvfp4_gluon_decode._BYTE_ASM``,
+# five instructions a pair). prmt takes bytes from the word (selector nibbles 0-3) and from word << WORD_SHIFT
+# (4-7); a nibble's bit 3 replaces the byte by its sign bit, replicated. Selector nibble i is
+# PAIR_SELECT_BASE's nibble i + c: byte 0 = byte c of word << 4 (the low code in bits 4-7), byte 1 = its sign,
+# byte 2 = byte c of the word (the high code in bits 4-7), byte 3 = its sign. Shifted left by PAIR_SHIFT and
+# masked, each half has its code's three magnitude bits at 6-8 (a bf16's mantissa top bit and the exponent's
+# two low bits: the E2M1 value * 2^-126, subnormal codes included) and its sign at 15.
+WORD_SHIFT = 4
+PAIR_SELECT_BASE = 0x80C4
+PAIR_SHIFT = 2
+PAIR_MASK = 0x81C081C0
+
+
+def pair_selector(c: int) -> int:
+    """prmt's selector for byte c (0-3) of a word."""
+    return PAIR_SELECT_BASE + c * 0x1111
+
+
+def prmt(a: int, b: int, selector: int) -> int:
+    """PTX ``prmt.b32`` (default mode) on 32-bit ints: bytes 0-3 of a, 4-7 of b; selector bit 3 of a nibble
+    replicates the chosen byte's sign bit."""
+    source = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+    out = 0
+    for i in range(4):
+        nibble = (selector >> 4 * i) & 0xF
+        byte = source[nibble & 7]
+        if nibble & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << 8 * i
+    return out
+
+
+def decoded_pair_bits(word: int, c: int) -> int:
+    """The bf16x2 bits (low half: byte c's low code) that ``_BYTE_ASM`` makes before its multiply by the scale."""
+    shifted = (word << WORD_SHIFT) & 0xFFFFFFFF
+    return ((prmt(word, shifted, pair_selector(c)) << PAIR_SHIFT) & 0xFFFFFFFF) & PAIR_MASK

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import math
+import random
+import struct
 
 import pytest
 
-from checkpoint_formats.nvfp4_layouts import byte_layout_bases, fragment_coordinates, wgmma_a_fragment, word_layout_bases
+from checkpoint_formats.nvfp4 import E2M1_VALUES
+from checkpoint_formats.nvfp4_layouts import (
+    byte_layout_bases,
+    decoded_pair_bits,
+    fragment_coordinates,
+    prmt,
+    wgmma_a_fragment,
+    word_layout_bases,
+)
 
 
 @pytest.mark.parametrize(("block_n", "block_k"), [(64, 64), (128, 64), (128, 128), (16, 16)])
@@ -52,3 +63,29 @@ def test_fragment_reference_matches_the_ptx_table() -> None:
 def test_rejects_tiles_the_fragment_cannot_cover(block_n: int, block_k: int) -> None:
     with pytest.raises(ValueError, match="power of two of at least 16"):
         byte_layout_bases(block_n, block_k)
+
+
+def _bf16_bits(value: float) -> int:
+    """bf16 bits of a value that bf16 holds exactly (the top half of its fp32 bits)."""
+    return struct.unpack("<I", struct.pack("<f", value))[0] >> 16
+
+
+def test_prmt_follows_the_ptx_byte_rules() -> None:
+    a, b = 0x44332211, 0x88776655
+    assert prmt(a, b, 0x3210) == a and prmt(a, b, 0x7654) == b and prmt(a, b, 0x0415) == 0x11552266
+    assert prmt(a, b, 0x000F) == 0x111111FF  # bit 3: byte 7 (0x88) sign-replicated
+    assert prmt(a, b, 0x0008) == 0x11111100  # byte 0 (0x11) has no sign bit
+
+
+def test_each_byte_decodes_to_its_two_codes_as_bf16_times_2_to_the_minus_126() -> None:
+    """The Gluon tile's pair decode, every byte value at every position, with random neighbours (the shift by 4
+    pulls the neighbouring byte's bits in; the masks must drop them)."""
+    rng = random.Random(0)
+    signed = [math.copysign(abs(float(E2M1_VALUES[code])), -1.0 if code & 8 else 1.0) for code in range(16)]
+    expected = [_bf16_bits(value * 2.0**-126) for value in signed]
+    assert expected[1] == 0x0040 and expected[8] == 0x8000  # subnormal 0.5; code 8 is -0
+    for c, byte in itertools.product(range(4), range(256)):
+        for _ in range(4):
+            word = (rng.getrandbits(32) & ~(0xFF << 8 * c)) | byte << 8 * c
+            bits = decoded_pair_bits(word, c)
+            assert (bits & 0xFFFF, bits >> 16) == (expected[byte & 0xF], expected[byte >> 4]), (hex(word), c)
