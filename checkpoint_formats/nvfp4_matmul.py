@@ -31,11 +31,11 @@ Paths (measured on an H200, bench/nvfp4_matmul_bench.py, bench/nvfp4_matmul_gpu.
   scales and x streamed through a ring of asynchronous copies, the MMA kept in flight.
   ``swap``: the same product in plain Triton (the decoded tile as the MMA's first operand, ``nvfp4_launch_shapes.swap_config``),
   where the Gluon tile cannot run (fp16 x, no Hopper or Gluon, misaligned rows).
-  MEASURED (H200, the sweeps' best shapes, 2026-12-03): the Gluon tile 1.3-1.4x bf16's speed at M = 4-16,
-  1.0-1.2x at M = 32-64, 0.8-1.0x at M = 100-128; the Triton tiles 1.0-1.2x at M = 4-16 and 0.6-0.8x at
-  M = 64-128. At M = 128 on 14336 x 4096 the tile takes 46-48 us where its MMA (padded to 128 rows, ~790 TFLOP/s)
-  needs ~19 us and its bytes ~8 us: an estimate points at the decode's instruction issue (255 registers a
-  thread leave two warps per scheduler to hide its latencies), not yet measured.
+  MEASURED (H200, bench/nvfp4_matmul_gpu.json, 2026-12-04): the Gluon tile 1.3-1.6x bf16's speed at M = 4-16,
+  1.0-1.4x at M = 64, 0.7-1.0x at M = 100-128; the Triton tiles (smaller weights) 0.87-0.98x at M = 16 and
+  0.70-0.78x at M = 128. ncu (bench/nvfp4_wgmma_ncu_gpu.txt) finds neither bound by bytes (DRAM at 14-24% of
+  peak): at M = 16 under two warps a scheduler cannot hide the decode's latencies, at M = 128 one 8-warp block
+  an SM stalls mostly at its two barriers a step.
 - prefill, larger M: a Triton kernel dequantizes W to x's dtype (a slice of output rows at a time, at most
   ``PREFILL_SLICE_BYTES``) and cuBLAS multiplies; at these sizes the matmul is compute bound and cuBLAS beats
   a fused Triton kernel with in-register dequantization.
