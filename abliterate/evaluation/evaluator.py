@@ -19,7 +19,8 @@ window are generated (same early stop on a refusal marker). With a window no
 longer than ``kl_tokens`` a mild edit costs almost nothing extra; a longer one
 generates every harmless answer. On the static decoder (a GPU) those answers
 start from the KL pass itself: its forward writes the prompts into the
-decoder's KV cache, so they need no prefill of their own.
+decoder's KV cache, so they need no prefill of their own. (``false_refusals`` does
+the counting).
 
 **A refusal judge** (``refusal_judge``, see ``judge``): the markers' early stop
 still decides the obvious cases (an answer in which a marker appeared stays a
@@ -49,27 +50,12 @@ from dataclasses import dataclass, field
 import torch
 
 from abliterate.evaluation import static_decode
-from abliterate.evaluation.batch_size import find_fastest_batch_size, is_out_of_memory
+from abliterate.evaluation.batch_size import find_fastest_batch_size
 from abliterate.evaluation.chunked_mlp import sliced_mlps
-from abliterate.evaluation.generation import (
-    PaddedBatch,
-    Prefilled,
-    continue_greedy,
-    format_chat_prompts,
-    generate_greedy,
-    give_up_static_decode,
-    model_device,
-    pad_token_id,
-    use_static_decode,
-)
+from abliterate.evaluation.false_refusals import FalseRefusalCounter
+from abliterate.evaluation.generation import format_chat_prompts, generate_greedy, model_device, pad_token_id
 from abliterate.evaluation.judge import RefusalJudge
-from abliterate.evaluation.kl import (
-    ContinuationLogProbs,
-    continuation_log_probs,
-    first_position_kl,
-    mean_kl_divergence,
-    plain_forward,
-)
+from abliterate.evaluation.kl import ContinuationLogProbs, continuation_log_probs, first_position_kl, mean_kl_divergence
 from abliterate.evaluation.markers import (
     DEFAULT_REFUSAL_MARKERS,
     ComplianceRule,
@@ -238,7 +224,12 @@ class Evaluator:
             self.reference_continuations = [response.token_ids for response in continuations]
         # The KL reference is the base evaluation's own KL pass (the same forward every trial's takes)
         self.reference_log_probs: ContinuationLogProbs | None = None
-        self._prefilled: Prefilled | None = None  # the harmless prompts the last KL pass left in a decoder's cache
+        self.false_refusals = FalseRefusalCounter(
+            tokenizer, self.harmless_ids, self.lookalike_ids, self.reference_continuations,
+            window=self.config.false_refusal_window, kl_tokens=self.config.kl_tokens,
+            markers=self.config.refusal_markers, counted=self.config.count_harmless_refusals,
+            decoding=self.config.decoding, batch_size=self.batch_size,
+        )  # fmt: skip
         self.base = self.evaluate(model, with_perplexity=bool(self.perplexity_texts))
 
     @property
@@ -315,34 +306,8 @@ class Evaluator:
         return refused
 
     def _count_false_refusals(self, model, log_probs) -> tuple[int | None, int | None]:
-        """Refusals among the harmless answers and among the look-alikes (window ``false_refusal_window``), each
-        None where not counted; one generation call for both (see the module docstring)."""
-        window, markers = self.config.false_refusal_window, self.config.refusal_markers
-        counted = self.config.count_harmless_refusals
-        verdicts: list[bool | None] = [None] * len(self.harmless_ids) if counted else []
-        if counted and window <= self.config.kl_tokens:
-            greedy = log_probs.log_probs[:, :window].argmax(dim=-1).tolist()
-            for index, reference in enumerate(self.reference_continuations):
-                reference = list(reference[:window])  # shorter only where it ends in EOS: the answer ends there too
-                if greedy[index][: len(reference)] == reference:
-                    verdicts[index] = is_refusal(self.tokenizer.decode(reference, skip_special_tokens=True), markers)
-        departed = [index for index, verdict in enumerate(verdicts) if verdict is None]
-        lookalike_refused: list[bool] = []
-        prefilled, self._prefilled = self._prefilled, None
-        if departed and prefilled is not None:  # the KL pass left these prompts in the decoder's cache
-            answers = continue_greedy(model, self.tokenizer, prefilled, max_new_tokens=window,
-                                      is_decided=lambda text: contains_refusal_marker(text, markers))
-            for index in departed:
-                verdicts[index] = is_refusal(answers[index].text, markers)
-        elif departed or self.lookalike_ids:
-            asked = [self.harmless_ids[index] for index in departed] + self.lookalike_ids
-            answers = self._answers(model, self._fixed_shape(asked, model), window)
-            for index, answer in zip(departed, answers[: len(departed)], strict=True):
-                verdicts[index] = is_refusal(answer.text, markers)
-            lookalike_refused = [is_refusal(answer.text, markers) for answer in
-                                 answers[len(departed): len(departed) + len(self.lookalike_ids)]]
-        return (sum(bool(verdict) for verdict in verdicts) if counted else None,
-                sum(lookalike_refused) if self.lookalike_ids else None)
+        """Refusals among the harmless answers and among the look-alikes (``false_refusals``)."""
+        return self.false_refusals.count(model, log_probs, self._answers)
 
     def _count_skill(self, model) -> int:
         """Exact answers among the skill prompts' greedy answers (``skill_max_new_tokens`` each).
@@ -356,21 +321,6 @@ class Evaluator:
                                   decoding=self.config.decoding)
         return sum(is_exact_answer(answer.text, expected)
                    for answer, expected in zip(answers[: len(self.skill_ids)], self.skill_answers, strict=True))
-
-    def _fixed_shape(self, prompts: list[list[int]], model) -> list[list[int]]:
-        """For the captured static decoder: whole batches that include the longest harmless prompt.
-
-        How many answers depart from the reference changes with every trial; a batch shape per count
-        would capture a decoder (KV cache and CUDA graph) per trial and push the harmful prompts' decoder
-        out of the kept few. Padding with copies of the longest prompt gives every trial the same shape;
-        their answers are dropped. transformers' ``generate`` (the CPU path) needs no such padding.
-        """
-        if not use_static_decode(model, self.config.decoding):
-            return prompts
-        longest = max(self.harmless_ids + self.lookalike_ids, key=len)
-        size = min(self.batch_size, len(self.harmless_ids))
-        padded = prompts + ([longest] if max(map(len, prompts)) < len(longest) else [])
-        return padded + [longest] * (-len(padded) % size)
 
     def _answers(self, model, prompt_ids, max_new_tokens: int | None = None):
         markers = self.config.refusal_markers
@@ -393,7 +343,8 @@ class Evaluator:
         return sum(not refusal and self.compliance_rule.matches(a) for a, refusal in zip(answers, refused, strict=True))
 
     def _log_probs(self, model):
-        self._prefilled = None
+        counter = self.false_refusals
+        counter.forget_prefill()
         return continuation_log_probs(
             model,
             self.harmless_ids,
@@ -401,46 +352,8 @@ class Evaluator:
             n_positions=self.config.kl_tokens,
             pad_id=self.pad_id,
             batch_size=self.batch_size,
-            forward=self._prefilling_forward(model) if self._false_refusals_continue_from_kl(model) else None,
+            forward=counter.prefilling_forward(model) if counter.continues_from_kl(model) else None,
         )
-
-    def _false_refusals_continue_from_kl(self, model) -> bool:
-        """Whether the KL pass can leave the harmless prompts in the static decoder's cache for the false-refusal
-        answers: counted, decoded by the static decoder, all harmless prompts in one batch, no look-alikes (they
-        share the departed prompts' generation call otherwise).
-
-        Why: the KL pass's forward over prompt + reference continuation computes the prompts' keys and values
-        anyway; written into the decoder's cache, the departed prompts' answers start from it instead of from a
-        prefill of their own (~0.1 s of a 1.4 s trial on the 8B-shaped bench, H200)."""
-        return (self.config.count_harmless_refusals and not self.lookalike_ids
-                and len(self.harmless_ids) <= self.batch_size and use_static_decode(model, self.config.decoding))
-
-    def _prefilling_forward(self, model):
-        """The KL pass's forward through the static decoder's cache, leaving ``self._prefilled`` behind."""
-        device = model_device(model)
-        answer_tokens = max(self.config.false_refusal_window, self.config.kl_tokens - 1)
-
-        def forward(indices, prompts: PaddedBatch, inputs: PaddedBatch):
-            if not use_static_decode(model, self.config.decoding):  # given up on earlier in this pass
-                return plain_forward(model, inputs, self.config.kl_tokens)
-            prompts, inputs = (PaddedBatch(*(tensor.to(device) for tensor in (batch.input_ids, batch.attention_mask,
-                                                                             batch.position_ids)))
-                               for batch in (prompts, inputs))  # fmt: skip
-            decoder = static_decode.decoder_for(model, len(indices), prompts.input_ids.shape[1], answer_tokens)
-            if not decoder.can_rewind:
-                return plain_forward(model, inputs, self.config.kl_tokens)
-            try:
-                logits = decoder.prefill(inputs, self.config.kl_tokens)
-            except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
-                if is_out_of_memory(error):
-                    raise
-                give_up_static_decode(model, error)
-                return plain_forward(model, inputs, self.config.kl_tokens)
-            # the first scored position is the prompts' last: its argmax is each answer's first token
-            self._prefilled = Prefilled(decoder, prompts, logits[:, -self.config.kl_tokens].argmax(-1), tuple(indices))
-            return logits
-
-        return forward
 
     def _find_batch_size(self, model) -> int:
         prompts = self.harmful_ids + self.harmless_ids
