@@ -27,7 +27,7 @@ from abliterate.evaluation.generation import (
     model_device,
     pad_token_id,
 )
-from abliterate.evaluation.static_decode import grouped_attention
+from abliterate.evaluation.grouped_heads import grouped_attention
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from abliterate.evaluation.batch_size import find_fastest_batch_size
 from abliterate.evaluation.chunked_mlp import sliced_mlps
 from abliterate.evaluation.false_refusals import FalseRefusalCounter
 from abliterate.evaluation.generation import format_chat_prompts, generate_greedy, model_device, pad_token_id
+from abliterate.evaluation.grouped_heads import grouped_attention
 from abliterate.evaluation.judge import RefusalJudge
 from abliterate.evaluation.kl import ContinuationLogProbs, continuation_log_probs, first_position_kl, mean_kl_divergence
 from abliterate.evaluation.markers import (
@@ -213,7 +214,7 @@ class Evaluator:
         self.skill_ids = format_chat_prompts(tokenizer, self.skill_prompts, self.config.system_prompt) \
             if self.skill_prompts else []
         model.eval()
-        with sliced_mlps(model), static_decode.grouped_attention(model, gpu_only=True):
+        with sliced_mlps(model), grouped_attention(model, gpu_only=True):
             self.batch_size = self.config.batch_size or self._find_batch_size(model)
             static_decode.forget_decoders(model)  # the probe's shapes never come back; their KV caches would stay
             continuations = generate_greedy(
@@ -238,7 +239,7 @@ class Evaluator:
 
     def evaluate(self, model, *, with_perplexity: bool = False) -> EvalResult:
         # long forwards on a GPU: the MLPs a slice of tokens at a time, attention without per-head K/V copies (memory)
-        with sliced_mlps(model), static_decode.grouped_attention(model, gpu_only=True):
+        with sliced_mlps(model), grouped_attention(model, gpu_only=True):
             try:
                 return self._evaluate(model, with_perplexity)
             finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from abliterate.evaluation import static_decode
+from abliterate.evaluation import grouped_heads, static_decode
 from abliterate.evaluation.generation import (
     format_chat_prompts,
     generate_greedy,
@@ -110,13 +110,13 @@ def test_grouped_decode_attention_equals_transformers_sdpa():
     mask[0, ..., :4] = torch.finfo(mask.dtype).min  # row 0 left-padded by 4
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 4, True
-    ours, _ = static_decode.grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
+    ours, _ = grouped_heads.grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
     reference, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert ours.shape == reference.shape == (3, 1, 8, 16)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
     prefill = torch.randn(3, 8, 5, 16, generator=generator)  # anything but one query: transformers' own sdpa
     mask5 = torch.zeros(3, 1, 5, 11)
-    torch.testing.assert_close(static_decode.grouped_decode_attention(module, prefill, key, value, mask5)[0],
+    torch.testing.assert_close(grouped_heads.grouped_decode_attention(module, prefill, key, value, mask5)[0],
                                sdpa_attention_forward(module, prefill, key, value, mask5)[0])
 
 
@@ -133,7 +133,7 @@ def test_stacked_heads_prefill_attention_equals_transformers_sdpa():
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 4, True
     reference, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
-    torch.testing.assert_close(static_decode.stacked_heads_attention(query, key, value, mask, 0.25), reference,
+    torch.testing.assert_close(grouped_heads.stacked_heads_attention(query, key, value, mask, 0.25), reference,
                                rtol=1e-5, atol=1e-6)
 
 
@@ -144,12 +144,12 @@ def test_long_forwards_take_grouped_attention_only_on_a_gpu():
 
     model = dense_llama(layers=1)
     model.config._attn_implementation = "sdpa"
-    with static_decode.grouped_attention(model, gpu_only=True):
+    with grouped_heads.grouped_attention(model, gpu_only=True):
         assert model.config._attn_implementation == "sdpa"
-    with static_decode.grouped_attention(model):
-        assert model.config._attn_implementation == static_decode.GROUPED_DECODE_ATTENTION
-        with static_decode.grouped_attention(model):  # nested (the decoder inside an evaluation): unchanged
-            assert model.config._attn_implementation == static_decode.GROUPED_DECODE_ATTENTION
+    with grouped_heads.grouped_attention(model):
+        assert model.config._attn_implementation == grouped_heads.GROUPED_DECODE_ATTENTION
+        with grouped_heads.grouped_attention(model):  # nested (the decoder inside an evaluation): unchanged
+            assert model.config._attn_implementation == grouped_heads.GROUPED_DECODE_ATTENTION
     assert model.config._attn_implementation == "sdpa"
 
 
